@@ -1,0 +1,85 @@
+"""Typed command configs: dataclasses that generate their CLI and refuse unknown keys."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import types
+import typing
+from typing import Any, TypeVar
+
+from analysis.errors import ConfigError
+
+C = TypeVar("C")
+
+
+def option(default: Any, help: str, *, identity: bool = True, choices: tuple[Any, ...] | None = None) -> Any:
+    """A config field with CLI help; ``identity=False`` marks fields that don't change results."""
+    return dataclasses.field(default=default, metadata={"help": help, "identity": identity, "choices": choices})
+
+
+def _base_type(annotation: Any) -> tuple[type, bool]:
+    """The concrete type behind ``X | None`` and whether None is allowed."""
+    if isinstance(annotation, str):
+        annotation = eval(annotation, vars(typing), {})  # annotations are postponed strings
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        args = [arg for arg in typing.get_args(annotation) if arg is not type(None)]
+        return args[0], True
+    return annotation, False
+
+
+def add_arguments(parser: argparse.ArgumentParser, config_cls: type) -> None:
+    """Add one ``--flag`` per dataclass field, with its help text, type and default."""
+    for field in dataclasses.fields(config_cls):
+        base, optional = _base_type(field.type)
+        flag = "--" + field.name.replace("_", "-")
+        help_text = field.metadata.get("help", "")
+        choices = field.metadata.get("choices")
+        if base is bool:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=field.default, help=help_text)
+            continue
+        parser.add_argument(
+            flag,
+            type=base,
+            default=field.default,
+            choices=choices,
+            help=f"{help_text} (default: {field.default})",
+            metavar=field.name.upper() if choices is None else None,
+        )
+
+
+def from_namespace(config_cls: type[C], namespace: argparse.Namespace) -> C:
+    """Build a config from parsed CLI arguments."""
+    names = {field.name for field in dataclasses.fields(config_cls)}
+    return config_cls(**{name: getattr(namespace, name) for name in names})
+
+
+def from_dict(config_cls: type[C], values: dict[str, Any]) -> C:
+    """Build a config from a mapping; unknown keys are an error that lists the known ones."""
+    names = [field.name for field in dataclasses.fields(config_cls)]
+    unknown = sorted(set(values) - set(names))
+    if unknown:
+        raise ConfigError(f"unknown {config_cls.__name__} keys {unknown}; known keys: {names}")
+    return config_cls(**values)
+
+
+def to_dict(config: Any) -> dict[str, Any]:
+    """The config as a JSON-ready mapping."""
+    return dataclasses.asdict(config)
+
+
+def identity_dict(config: Any) -> dict[str, Any]:
+    """The fields that determine a run's results (two runs may share a folder only if these match)."""
+    return {
+        field.name: getattr(config, field.name)
+        for field in dataclasses.fields(config)
+        if field.metadata.get("identity", True)
+    }
+
+
+def config_hash(values: dict[str, Any]) -> str:
+    """A short stable hash of a JSON-ready mapping."""
+    return hashlib.sha256(json.dumps(values, sort_keys=True).encode()).hexdigest()[:16]

@@ -1,0 +1,1 @@
+"""Model registry, loading and per-family adapters."""

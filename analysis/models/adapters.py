@@ -1,0 +1,227 @@
+"""Family adapters: where each model family keeps its parts and how it lays out image tokens.
+
+An adapter is chosen by the HF ``model_type`` of the loaded model's config, never by its name.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from analysis.data.samples import IMAGE_PLACEHOLDER, Sample
+from analysis.errors import DataError, ModelError
+from analysis.layout import TokenLayout, compute_layouts
+
+# A private-use character never produced by a tokenizer; rendering a chat template around it
+# tells us where user content begins without knowing the template.
+_CONTENT_SENTINEL = "\ue000"
+
+
+@dataclass(frozen=True)
+class RenderedPrompt:
+    """A prompt string and the character offset where the user's content starts."""
+
+    text: str
+    content_start: int
+
+
+@dataclass
+class ModelInputs:
+    """Processor output for a batch plus what the layout needs from it."""
+
+    tensors: dict[str, torch.Tensor]
+    prompts: list[RenderedPrompt]
+    layouts: list[TokenLayout]
+
+    @property
+    def input_ids(self) -> torch.Tensor:
+        """The padded token ids, shape (batch, seq)."""
+        return self.tensors["input_ids"]
+
+    @property
+    def attention_mask(self) -> torch.Tensor:
+        """The padding mask, shape (batch, seq)."""
+        return self.tensors["attention_mask"]
+
+
+class FamilyAdapter(ABC):
+    """Maps the canonical parts of a vision-language model family onto HF module paths."""
+
+    model_type: ClassVar[str]
+    description: ClassVar[str]
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        self.config = model.config
+        self.text_config = self.config.get_text_config()
+        if getattr(self.config, "image_token_id", None) is None:
+            raise ModelError(
+                f"model of type {self.model_type!r} has no image_token_id in its config; "
+                "set config.image_token_id to the id of the image placeholder token"
+            )
+
+    # --- structure -------------------------------------------------------------------------
+    @abstractmethod
+    def decoder_layers(self, root: Any | None = None) -> Sequence[Any]:
+        """The language model's decoder layers in execution order (of ``root``, default the model)."""
+
+    def final_norm(self) -> nn.Module:
+        """The norm applied after the last decoder layer."""
+        return self.model.model.language_model.norm
+
+    def lm_head(self) -> nn.Module:
+        """The output projection to vocabulary logits."""
+        return self.model.lm_head
+
+    @property
+    def num_layers(self) -> int:
+        """Number of decoder layers."""
+        return int(self.text_config.num_hidden_layers)
+
+    @property
+    def num_heads(self) -> int:
+        """Number of query heads per layer."""
+        return int(self.text_config.num_attention_heads)
+
+    @property
+    def num_kv_heads(self) -> int:
+        """Number of key/value heads per layer (fewer than query heads under GQA)."""
+        return int(getattr(self.text_config, "num_key_value_heads", None) or self.num_heads)
+
+    @property
+    def head_dim(self) -> int:
+        """Per-head width of queries, keys and values."""
+        explicit = getattr(self.text_config, "head_dim", None)
+        return int(explicit or self.text_config.hidden_size // self.num_heads)
+
+    @property
+    def image_token_id(self) -> int:
+        """Id of the token that stands for one image embedding in ``input_ids``."""
+        return int(self.config.image_token_id)
+
+    # --- inputs ----------------------------------------------------------------------------
+    @abstractmethod
+    def render_prompt(self, processor: Any, sample: Sample) -> RenderedPrompt:
+        """The full prompt text for a sample, with one image token string per image."""
+
+    @abstractmethod
+    def image_token_counts(self, processor: Any, tensors: dict[str, torch.Tensor], n_images: list[int]) -> tuple[
+        list[list[int]], list[list[tuple[int, int]]]
+    ]:
+        """Per sample and image: how many image tokens it became and their (rows, cols) grid."""
+
+    def processor_kwargs(self) -> dict[str, Any]:
+        """Extra keyword arguments the family's processor needs."""
+        return {}
+
+    def build_inputs(self, processor: Any, samples: Sequence[Sample], device: torch.device | str = "cpu") -> ModelInputs:
+        """Tokenise a batch with left padding and return tensors plus per-image token counts."""
+        for sample in samples:
+            if not sample.images:
+                raise DataError(
+                    f"sample {sample.sample_id!r} has no image; the toolkit traces image-text samples only, "
+                    "drop text-only samples from the dataset"
+                )
+        prompts = [self.render_prompt(processor, sample) for sample in samples]
+        images = [image for sample in samples for image in sample.images]
+        tokenizer = processor.tokenizer
+        previous_side = tokenizer.padding_side
+        tokenizer.padding_side = "left"
+        try:
+            encoded = processor(
+                text=[prompt.text for prompt in prompts],
+                images=images,
+                padding=True,
+                return_tensors="pt",
+                **self.processor_kwargs(),
+            )
+        finally:
+            tokenizer.padding_side = previous_side
+        tensors = {key: value.to(device) if hasattr(value, "to") else value for key, value in encoded.items()}
+        counts, grids = self.image_token_counts(processor, tensors, [len(s.images) for s in samples])
+        system_ids = [tokenizer(prompt.text[: prompt.content_start])["input_ids"] for prompt in prompts]
+        layouts = compute_layouts(
+            tensors["input_ids"], tensors["attention_mask"], self.image_token_id, system_ids, counts, grids
+        )
+        return ModelInputs(tensors=tensors, prompts=prompts, layouts=layouts)
+
+    def render_with_template(self, processor: Any, sample: Sample) -> RenderedPrompt:
+        """Render the processor's chat template, keeping images where the prompt's markers put them."""
+        content = _content_parts(sample)
+        messages = [{"role": "user", "content": content}]
+        text = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        probe = [{"role": "user", "content": [{"type": "text", "text": _CONTENT_SENTINEL}]}]
+        rendered_probe = processor.apply_chat_template(probe, add_generation_prompt=True, tokenize=False)
+        prefix = rendered_probe[: rendered_probe.index(_CONTENT_SENTINEL)]
+        if not text.startswith(prefix):
+            raise ModelError("the chat template renders a different preamble per message; set a fixed template")
+        return RenderedPrompt(text=text, content_start=len(prefix))
+
+    # --- tests -----------------------------------------------------------------------------
+    @classmethod
+    @abstractmethod
+    def tiny_model(cls, seed: int = 0, num_layers: int = 4) -> nn.Module:
+        """A tiny randomly initialised model of this family for tests (eager attention)."""
+
+    @classmethod
+    @abstractmethod
+    def tiny_processor(cls) -> Any:
+        """A processor matching ``tiny_model``, built offline."""
+
+
+def _content_parts(sample: Sample) -> list[dict[str, str]]:
+    """Chat-message content items in prompt order; images first when the prompt has no markers."""
+    if IMAGE_PLACEHOLDER not in sample.prompt:
+        return [{"type": "image"} for _ in sample.images] + [{"type": "text", "text": sample.prompt}]
+    parts: list[dict[str, str]] = []
+    pieces = sample.prompt.split(IMAGE_PLACEHOLDER)
+    for index, piece in enumerate(pieces):
+        if piece:
+            parts.append({"type": "text", "text": piece})
+        if index < len(pieces) - 1:
+            parts.append({"type": "image"})
+    return parts
+
+
+_ADAPTERS: dict[str, type[FamilyAdapter]] = {}
+
+
+def register_adapter(cls: type[FamilyAdapter]) -> type[FamilyAdapter]:
+    """Class decorator adding an adapter to the ``model_type`` registry."""
+    _ADAPTERS[cls.model_type] = cls
+    return cls
+
+
+def adapter_class(model_type: str) -> type[FamilyAdapter]:
+    """The adapter class for an HF ``model_type``, or a ModelError naming the supported ones."""
+    _load_builtin_adapters()
+    if model_type not in _ADAPTERS:
+        raise ModelError(
+            f"no adapter for model_type {model_type!r}; supported: {', '.join(sorted(_ADAPTERS))}. "
+            "Add a FamilyAdapter subclass in analysis/models/ and decorate it with @register_adapter"
+        )
+    return _ADAPTERS[model_type]
+
+
+def get_adapter(model: nn.Module) -> FamilyAdapter:
+    """Instantiate the adapter that understands ``model`` (chosen by its config's ``model_type``)."""
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if model_type is None:
+        raise ModelError(f"{type(model).__name__} has no config.model_type; pass a Hugging Face model")
+    return adapter_class(model_type)(model)
+
+
+def supported_model_types() -> list[str]:
+    """The ``model_type`` values an adapter exists for."""
+    _load_builtin_adapters()
+    return sorted(_ADAPTERS)
+
+
+def _load_builtin_adapters() -> None:
+    """Import the built-in adapter modules so they register themselves."""
+    from analysis.models import llava, qwen2_5_vl  # noqa: F401

@@ -1,0 +1,122 @@
+"""Adapter for the ``qwen2_5_vl`` family (Qwen2.5-VL: dynamic image-token count, M-RoPE)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from analysis.data.samples import Sample
+from analysis.errors import ModelError
+from analysis.models.adapters import FamilyAdapter, RenderedPrompt, register_adapter
+
+# Written for the tiny test processor only; real checkpoints ship their own template.
+_TINY_CHAT_TEMPLATE = (
+    "{%- for message in messages %}"
+    "{%- if loop.first and message['role'] != 'system' %}"
+    "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"
+    "<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
+    "{%- for part in message['content'] %}"
+    "{%- if part['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>"
+    "{%- elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}"
+    "{%- endfor %}{% endif %}<|im_end|>\n"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+_TINY_SPECIALS = ["<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]
+
+
+@register_adapter
+class Qwen25VLAdapter(FamilyAdapter):
+    """Qwen2.5-VL: native-resolution ViT with 2x2 patch merging; image-token count depends on image size."""
+
+    model_type = "qwen2_5_vl"
+    description = "Qwen2.5-VL: dynamic image-token count from image size, multimodal RoPE"
+
+    def decoder_layers(self, root: Any | None = None) -> Sequence[Any]:
+        """The Qwen2 decoder layers of ``root`` (default: the wrapped model)."""
+        return (root if root is not None else self.model).model.language_model.layers
+
+    def render_prompt(self, processor: Any, sample: Sample) -> RenderedPrompt:
+        """The processor's chat template with images at their marker positions (or first)."""
+        return self.render_with_template(processor, sample)
+
+    def image_token_counts(
+        self, processor: Any, tensors: dict[str, torch.Tensor], n_images: list[int]
+    ) -> tuple[list[list[int]], list[list[tuple[int, int]]]]:
+        """Each image's (t, h, w) patch grid shrinks by the spatial merge factor in h and w."""
+        merge = int(self.config.vision_config.spatial_merge_size)
+        grid_thw = tensors["image_grid_thw"].tolist()
+        if len(grid_thw) != sum(n_images):
+            raise ModelError(f"processor returned {len(grid_thw)} image grids for {sum(n_images)} images")
+        counts: list[list[int]] = []
+        grids: list[list[tuple[int, int]]] = []
+        cursor = 0
+        for n in n_images:
+            sample_grids = grid_thw[cursor : cursor + n]
+            cursor += n
+            counts.append([t * h * w // (merge * merge) for t, h, w in sample_grids])
+            grids.append([(t * h // merge, w // merge) for t, h, w in sample_grids])
+        return counts, grids
+
+    @classmethod
+    def tiny_model(cls, seed: int = 0, num_layers: int = 4) -> nn.Module:
+        """A tiny random Qwen2.5-VL with M-RoPE and GQA; 4-16 image tokens depending on image size."""
+        from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+        tokenizer = cls.tiny_processor().tokenizer
+        ids = {token: tokenizer.convert_tokens_to_ids(token) for token in _TINY_SPECIALS}
+        config = Qwen2_5_VLConfig(
+            vision_config={
+                "depth": 2, "hidden_size": 32, "intermediate_size": 64, "num_heads": 2, "out_hidden_size": 64,
+                "patch_size": 14, "spatial_merge_size": 2, "temporal_patch_size": 2, "window_size": 56,
+                "fullatt_block_indexes": [1],
+            },
+            text_config={
+                "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": num_layers,
+                "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": len(tokenizer),
+                "max_position_embeddings": 1024,
+                "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]},
+                "pad_token_id": tokenizer.pad_token_id, "bos_token_id": tokenizer.bos_token_id,
+                "eos_token_id": tokenizer.eos_token_id,
+            },
+            image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
+            vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
+        )
+        config._attn_implementation = "eager"
+        torch.manual_seed(seed)
+        model = Qwen2_5_VLForConditionalGeneration(config).eval()
+        model.generation_config.pad_token_id = tokenizer.pad_token_id
+        return model
+
+    @classmethod
+    def tiny_processor(cls) -> Any:
+        """Qwen2_5_VLProcessor over a word-level tokenizer; images resized to 56-112 px per side."""
+        from transformers import Qwen2_5_VLProcessor
+        from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+        from analysis.models.tiny_vocab import tiny_words
+        from analysis.models.tokenizer import build_word_tokenizer
+
+        tokenizer = build_word_tokenizer(
+            tiny_words(), _TINY_SPECIALS, add_bos=False, chat_template=_TINY_CHAT_TEMPLATE,
+            extra_attributes={"image_token": "<|image_pad|>", "video_token": "<|video_pad|>"},
+        )
+        image_processor = Qwen2VLImageProcessorPil(
+            min_pixels=56 * 56, max_pixels=112 * 112, patch_size=14, merge_size=2, temporal_patch_size=2
+        )
+
+        class ImageOnlyQwenProcessor(Qwen2_5_VLProcessor):
+            """Accepts a missing video processor: its class lookup needs torchvision, which CPU CI lacks."""
+
+            def check_argument_for_proper_class(self, argument_name: str, argument: Any) -> Any:
+                if argument is None and argument_name == "video_processor":
+                    return None
+                return super().check_argument_for_proper_class(argument_name, argument)
+
+        return ImageOnlyQwenProcessor(
+            image_processor=image_processor, tokenizer=tokenizer, video_processor=None, chat_template=_TINY_CHAT_TEMPLATE
+        )

@@ -1,0 +1,153 @@
+"""Model aliases and loading: an alias, a hub id or a local path becomes (model, processor, adapter)."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from analysis.errors import ModelError
+from analysis.models.adapters import FamilyAdapter, adapter_class, get_adapter
+
+logger = logging.getLogger(__name__)
+
+TINY_PREFIX = "tiny-"
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A named model: where it comes from and which adapter family it belongs to."""
+
+    alias: str
+    source: str
+    model_type: str
+    description: str
+
+
+ALIASES: dict[str, ModelSpec] = {
+    spec.alias: spec
+    for spec in (
+        ModelSpec("llava-1.5-7b", "llava-hf/llava-1.5-7b-hf", "llava", "LLaVA-1.5 7B (Vicuna-7B, CLIP ViT-L/14-336)"),
+        ModelSpec("llava-1.5-13b", "llava-hf/llava-1.5-13b-hf", "llava", "LLaVA-1.5 13B (Vicuna-13B, CLIP ViT-L/14-336)"),
+        ModelSpec("qwen2.5-vl-3b", "Qwen/Qwen2.5-VL-3B-Instruct", "qwen2_5_vl", "Qwen2.5-VL 3B Instruct"),
+        ModelSpec("qwen2.5-vl-7b", "Qwen/Qwen2.5-VL-7B-Instruct", "qwen2_5_vl", "Qwen2.5-VL 7B Instruct"),
+        ModelSpec("qwen2.5-vl-32b", "Qwen/Qwen2.5-VL-32B-Instruct", "qwen2_5_vl", "Qwen2.5-VL 32B Instruct"),
+        ModelSpec("qwen2.5-vl-72b", "Qwen/Qwen2.5-VL-72B-Instruct", "qwen2_5_vl", "Qwen2.5-VL 72B Instruct"),
+        ModelSpec("tiny-llava", "builtin:llava", "llava", "tiny random LLaVA built in memory (tests, smoke runs)"),
+        ModelSpec("tiny-qwen2.5-vl", "builtin:qwen2_5_vl", "qwen2_5_vl", "tiny random Qwen2.5-VL built in memory"),
+    )
+}
+
+DTYPES = {"auto": "auto", "float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+@dataclass
+class LoadedModel:
+    """A model ready for analysis: the HF model, its processor, its family adapter and provenance."""
+
+    model: nn.Module
+    processor: Any
+    adapter: FamilyAdapter
+    name: str
+    source: str
+    revision: str | None
+
+
+def resolve(name: str) -> ModelSpec:
+    """Turn an alias, a local path or a hub id into a ModelSpec (model_type '' until loaded)."""
+    if name in ALIASES:
+        return ALIASES[name]
+    if Path(name).expanduser().exists():
+        return ModelSpec(name, str(Path(name).expanduser()), "", "local checkpoint")
+    parts = name.split("/")
+    if len(parts) == 2 and all(parts):
+        return ModelSpec(name, name, "", "hub checkpoint")
+    raise ModelError(
+        f"unknown model {name!r}: not an alias ({', '.join(sorted(ALIASES))}), not an existing path, "
+        "and not a hub id of the form owner/name; run `python -m analysis --list-models`"
+    )
+
+
+def load_model(
+    name: str,
+    *,
+    dtype: str = "auto",
+    device: str = "cpu",
+    attn_implementation: str = "sdpa",
+    revision: str | None = None,
+) -> LoadedModel:
+    """Load model, processor and adapter; ``attn_implementation='eager'`` when attention weights are needed.
+
+    ``device`` is a torch device ("cpu", "cuda:0") or "auto" to shard with accelerate's device_map.
+    """
+    if dtype not in DTYPES:
+        raise ModelError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
+    spec = resolve(name)
+    if spec.source.startswith("builtin:"):
+        return _load_tiny(spec, dtype=dtype, device=device, attn_implementation=attn_implementation)
+    from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
+
+    try:
+        config = AutoConfig.from_pretrained(spec.source, revision=revision)
+    except (OSError, ValueError) as error:
+        raise ModelError(
+            f"cannot load the config of {spec.source!r} ({_first_line(error)}); check the id or path, "
+            "or download the model first (HF_HUB_OFFLINE=1 uses the local cache only)"
+        ) from None
+    adapter_class(config.model_type)  # fails before the weights are read when no adapter fits
+    device_kwargs: dict[str, Any] = {"device_map": "auto"} if device == "auto" else {"device_map": device}
+    try:
+        model = AutoModelForImageTextToText.from_pretrained(
+            spec.source, revision=revision, dtype=DTYPES[dtype], attn_implementation=attn_implementation,
+            **device_kwargs,
+        )
+        processor = AutoProcessor.from_pretrained(spec.source, revision=revision)
+    except (OSError, ValueError) as error:
+        raise ModelError(f"cannot load {spec.source!r}: {_first_line(error)}") from None
+    model.eval()
+    adapter = get_adapter(model)
+    check_image_token(adapter, processor)
+    commit = getattr(config, "_commit_hash", None)
+    return LoadedModel(model, processor, adapter, name, spec.source, revision or commit)
+
+
+def check_image_token(adapter: FamilyAdapter, processor: Any) -> None:
+    """Fail if the model's image token id is not the processor's image token."""
+    tokenizer = getattr(processor, "tokenizer", None)
+    if tokenizer is None or not hasattr(processor, "image_token"):
+        raise ModelError("the processor has no tokenizer or image token; load the model's own multimodal processor")
+    processor_id = tokenizer.convert_tokens_to_ids(processor.image_token)
+    if processor_id != adapter.image_token_id:
+        raise ModelError(
+            f"the model's image_token_id {adapter.image_token_id} is not the processor's image token "
+            f"{processor.image_token!r} (id {processor_id}); fix config.image_token_id"
+        )
+
+
+def _load_tiny(spec: ModelSpec, *, dtype: str, device: str, attn_implementation: str) -> LoadedModel:
+    """Build a tiny random model of a family in memory (no files, no network)."""
+    family = adapter_class(spec.model_type)
+    model = family.tiny_model(seed=0)
+    model.set_attn_implementation(attn_implementation)
+    if dtype != "auto":
+        model = model.to(DTYPES[dtype])
+    model = model.to("cpu" if device == "auto" else device)
+    processor = family.tiny_processor()
+    adapter = get_adapter(model)
+    check_image_token(adapter, processor)
+    return LoadedModel(model, processor, adapter, spec.alias, spec.source, "seed-0")
+
+
+def _first_line(error: BaseException) -> str:
+    """The first line of an exception message, for one-line errors."""
+    text = str(error).strip().splitlines()
+    return text[0] if text else type(error).__name__
+
+
+def list_models() -> dict[str, str]:
+    """Alias -> 'source: description' for every registered model."""
+    return {alias: f"{spec.source} ({spec.model_type}): {spec.description}" for alias, spec in ALIASES.items()}

@@ -1,0 +1,1 @@
+"""Attention tracing: hooks that reduce attention per layer and a run writer."""

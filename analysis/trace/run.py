@@ -1,0 +1,272 @@
+"""The trace command's pure core: dataset + model -> run folder of parquet tables and a manifest."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+from analysis.config import identity_dict, option, to_dict
+from analysis.data.samples import Sample
+from analysis.errors import ConfigError, DataError
+from analysis.layout import REGION_NAMES, TokenLayout
+from analysis.models.adapters import ModelInputs
+from analysis.models.registry import DTYPES, LoadedModel, load_model
+from analysis.results import SAMPLES_TABLE, TRACE_SCHEMAS, RunFolder
+from analysis.trace.tracer import QUERY_GROUPS, LayerStats, trace_batch, wrap
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_MODEL = "tiny-llava"
+DEFAULT_DATASET = "shapes-vqa"
+
+
+@dataclass
+class TraceConfig:
+    """Everything that defines a trace run; written to the run's manifest."""
+
+    model: str = option(DEFAULT_MODEL, "model alias, hub id or local path (see `python -m analysis --list-models`)")
+    dataset: str = option(DEFAULT_DATASET, "dataset name or local path (see `python -m analysis --list-datasets`)")
+    split: str | None = option(None, "dataset split; default: the dataset's evaluation split")
+    limit: int | None = option(16, "trace the first N samples of the split; none = all")
+    batch_size: int = option(4, "samples per forward pass (results do not depend on it)", identity=False)
+    out: str | None = option(None, "output folder; default runs/trace/<model>/<dataset>-<split>", identity=False)
+    resume: bool = option(False, "continue an interrupted run in --out (same config required)", identity=False)
+    dtype: str = option("auto", "weights dtype; statistics are always computed in float32", choices=tuple(DTYPES))
+    device: str | None = option(None, "torch device (cpu, cuda, cuda:1) or auto (shard); default cuda if available", identity=False)
+    top_k: int = option(5, "sink statistics: share of image-directed attention on the top-k image tokens")
+    max_new_tokens: int = option(8, "greedy answer length for the model_answer column; 0 skips generation")
+    revision: str | None = option(None, "hub revision (branch, tag or commit) of the model")
+
+    def validate(self) -> None:
+        """Reject values that cannot work, before any model or data is loaded."""
+        problems = []
+        if self.limit is not None and self.limit < 1:
+            problems.append("--limit must be >= 1 (omit it for the whole split)")
+        if self.batch_size < 1:
+            problems.append("--batch-size must be >= 1")
+        if self.top_k < 1:
+            problems.append("--top-k must be >= 1")
+        if self.max_new_tokens < 0:
+            problems.append("--max-new-tokens must be >= 0")
+        if problems:
+            raise ConfigError("; ".join(problems))
+
+    def output_dir(self, split: str) -> Path:
+        """The run folder, defaulting to one derived from model, dataset and split."""
+        if self.out:
+            return Path(self.out)
+        safe = lambda text: text.replace("/", "_").strip("._") or "local"  # noqa: E731
+        return Path("runs") / "trace" / safe(self.model) / f"{safe(Path(self.dataset).name)}-{split}"
+
+
+@dataclass
+class TraceResult:
+    """Where a finished run lives and how many samples it holds."""
+
+    out_dir: Path
+    n_samples: int
+    n_new: int
+
+
+def _chunks(items: Sequence[Sample], size: int) -> list[Sequence[Sample]]:
+    """Consecutive slices of ``items`` of at most ``size``."""
+    return [items[start : start + size] for start in range(0, len(items), size)]
+
+
+def default_device() -> str:
+    """cuda when a GPU is visible, else cpu."""
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def run_trace(config: TraceConfig, *, loaded: LoadedModel | None = None, progress: bool = True) -> TraceResult:
+    """Trace a dataset and write (or extend, with ``resume``) a run folder."""
+    from analysis.data import load_samples
+
+    config.validate()
+    samples, split = load_samples(config.dataset, config.split, config.limit, return_split=True)
+    ids = [sample.sample_id for sample in samples]
+    if len(set(ids)) != len(ids):
+        duplicate = next(i for i in ids if ids.count(i) > 1)
+        raise DataError(f"dataset has duplicate sample id {duplicate!r}; sample ids must be unique")
+    identity = {**identity_dict(config), "split": split}
+    folder = RunFolder(config.output_dir(split), TRACE_SCHEMAS)
+    folder.check_compatible(identity, resume=config.resume)
+    if loaded is None:
+        loaded = load_model(
+            config.model, dtype=config.dtype, device=config.device or default_device(),
+            attn_implementation="eager", revision=config.revision,
+        )
+    if config.resume:
+        folder.clean_uncommitted()
+    done = set(folder.done_sample_ids())
+    pending = [sample for sample in samples if sample.sample_id not in done]
+    folder.start(
+        {
+            "command": "analysis.trace",
+            "config": {**to_dict(config), "split": split},
+            "model": {
+                "name": loaded.name, "source": loaded.source, "revision": loaded.revision,
+                "model_type": loaded.adapter.model_type, "num_layers": loaded.adapter.num_layers,
+                "num_heads": loaded.adapter.num_heads, "num_kv_heads": loaded.adapter.num_kv_heads,
+                "dtype": str(next(loaded.model.parameters()).dtype),
+            },
+            "dataset": {"name": config.dataset, "split": split, "n_samples": len(samples)},
+        },
+        identity,
+    )
+    traced = wrap(loaded.model)
+    device = next(loaded.model.parameters()).device
+    from tqdm.auto import tqdm
+
+    with tqdm(total=len(samples), initial=len(done), desc="trace", unit="sample", disable=not progress) as bar:
+        for batch in _chunks(pending, config.batch_size):
+            inputs = loaded.adapter.build_inputs(loaded.processor, batch, device=device)
+            stats, _ = trace_batch(traced, loaded.adapter, inputs, top_k=config.top_k)
+            answers = generate_answers(loaded, inputs, config.max_new_tokens)
+            folder.write_part(batch_tables(batch, inputs, stats, answers, config.top_k))
+            bar.update(len(batch))
+    folder.finish({"n_samples": len(samples)})
+    logger.info("wrote %d samples (%d new) to %s", len(samples), len(pending), folder.root)
+    return TraceResult(out_dir=folder.root, n_samples=len(samples), n_new=len(pending))
+
+
+def generate_answers(loaded: LoadedModel, inputs: ModelInputs, max_new_tokens: int) -> list[str | None]:
+    """Greedy answers of the unmodified model for a batch (None when generation is off)."""
+    if max_new_tokens == 0:
+        return [None] * inputs.input_ids.shape[0]
+    tokenizer = loaded.processor.tokenizer
+    with torch.inference_mode():
+        generated = loaded.model.generate(
+            **inputs.tensors, max_new_tokens=max_new_tokens, do_sample=False,
+            pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+        )
+    new_tokens = generated[:, inputs.input_ids.shape[1] :]
+    return [text.strip() for text in tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
+
+
+def batch_tables(
+    batch: Sequence[Sample],
+    inputs: ModelInputs,
+    stats: list[LayerStats],
+    answers: list[str | None],
+    top_k: int,
+) -> dict[str, pa.Table]:
+    """Turn one batch's layer reductions into the run's long-format tables."""
+    from analysis.data.scoring import is_correct
+
+    region_mass = torch.stack([s.region_mass for s in stats]).cpu().numpy()  # (L, B, H, 3, 3)
+    image_rows = torch.stack([s.image_rows for s in stats]).cpu().numpy()  # (L, B, H, 2, N)
+    value_l1 = torch.stack([s.value_l1 for s in stats]).cpu().numpy()  # (L, B, N)
+    n_layers, _, n_heads = region_mass.shape[:3]
+    columns: dict[str, dict[str, list[Any]]] = {name: {f: [] for f in TRACE_SCHEMAS[name].names} for name in TRACE_SCHEMAS}
+    layer_grid, head_grid = np.meshgrid(np.arange(n_layers), np.arange(n_heads), indexing="ij")
+    for row, (sample, layout) in enumerate(zip(batch, inputs.layouts)):
+        _attention_rows(columns["attention"], sample.sample_id, region_mass[:, row], layer_grid, head_grid)
+        n_image = layout.n_image_tokens
+        _sink_rows(columns["sinks"], sample.sample_id, image_rows[:, row, :, :, :n_image], top_k)
+        _image_token_rows(columns["image_tokens"], sample.sample_id, layout, image_rows[:, row, :, :, :n_image],
+                          value_l1[:, row, :n_image])
+        answer = answers[row]
+        correct = None if answer is None or sample.answer is None else bool(is_correct(answer, sample))
+        _sample_row(columns[SAMPLES_TABLE], sample, layout, answer, correct)
+    return {name: pa.table(cols, schema=TRACE_SCHEMAS[name]) for name, cols in columns.items()}
+
+
+def _attention_rows(
+    out: dict[str, list[Any]], sample_id: str, mass: np.ndarray, layers: np.ndarray, heads: np.ndarray
+) -> None:
+    """Append (layer, head, query group, key region) mass rows for one sample; ``mass`` is (L, H, 3, 3)."""
+    for g, query in enumerate(QUERY_GROUPS):
+        for r, region in enumerate(REGION_NAMES):
+            values = mass[:, :, g, r]
+            n = values.size
+            out["sample_id"].extend([sample_id] * n)
+            out["layer"].extend(layers.ravel().tolist())
+            out["head"].extend(heads.ravel().tolist())
+            out["query"].extend([query] * n)
+            out["key_region"].extend([region] * n)
+            out["mass"].extend(values.ravel().tolist())
+
+
+def _sink_rows(out: dict[str, list[Any]], sample_id: str, rows: np.ndarray, top_k: int) -> None:
+    """Append sink statistics for one sample; ``rows`` is (L, H, 2, n_image) attention on image tokens."""
+    n_layers, n_heads, _, n_image = rows.shape
+    k = min(top_k, n_image)
+    image_mass = rows.sum(-1)
+    safe_mass = np.where(image_mass > 0, image_mass, 1.0)
+    probabilities = rows / safe_mass[..., None]
+    order = np.argsort(-rows, axis=-1, kind="stable")[..., :k]
+    top_share = np.take_along_axis(probabilities, order, axis=-1).sum(-1)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        entropy = -np.where(probabilities > 0, probabilities * np.log(probabilities), 0.0).sum(-1)
+    normalized = entropy / np.log(n_image) if n_image > 1 else np.zeros_like(entropy)
+    for layer in range(n_layers):
+        for head in range(n_heads):
+            for g, query in enumerate(QUERY_GROUPS[:2]):
+                out["sample_id"].append(sample_id)
+                out["layer"].append(layer)
+                out["head"].append(head)
+                out["query"].append(query)
+                out["image_mass"].append(float(image_mass[layer, head, g]))
+                out["top_k"].append(k)
+                out["top_k_share"].append(float(top_share[layer, head, g]))
+                out["entropy"].append(float(entropy[layer, head, g]))
+                out["normalized_entropy"].append(float(normalized[layer, head, g]))
+                out["top_indices"].append(order[layer, head, g].tolist())
+
+
+def _image_token_rows(
+    out: dict[str, list[Any]], sample_id: str, layout: TokenLayout, rows: np.ndarray, value_l1: np.ndarray
+) -> None:
+    """Append per-image-token rows for one sample: value L1 and head-mean attention received."""
+    n_layers = rows.shape[0]
+    head_mean = rows.mean(axis=1)  # (L, 2, n_image)
+    image_index, token_index, grid_row, grid_col = [], [], [], []
+    for index, (span, (_, cols)) in enumerate(zip(layout.images, layout.image_grids)):
+        tokens = np.arange(len(span))
+        image_index.append(np.full(len(span), index))
+        token_index.append(tokens)
+        grid_row.append(tokens // cols)
+        grid_col.append(tokens % cols)
+    per_token = [np.concatenate(part).tolist() for part in (image_index, token_index, grid_row, grid_col)]
+    positions = layout.image_positions.tolist()
+    n_image = len(positions)
+    for layer in range(n_layers):
+        out["sample_id"].extend([sample_id] * n_image)
+        out["layer"].extend([layer] * n_image)
+        out["image_index"].extend(per_token[0])
+        out["token_index"].extend(per_token[1])
+        out["row"].extend(per_token[2])
+        out["col"].extend(per_token[3])
+        out["position"].extend(positions)
+        out["value_l1"].extend(value_l1[layer].tolist())
+        out["last_attention"].extend(head_mean[layer, 0].tolist())
+        out["instruction_attention"].extend(head_mean[layer, 1].tolist())
+
+
+def _sample_row(out: dict[str, list[Any]], sample: Sample, layout: TokenLayout, answer: str | None, correct: bool | None) -> None:
+    """Append one sample's text, answers and layout."""
+    out["sample_id"].append(sample.sample_id)
+    out["dataset"].append(sample.dataset)
+    out["family"].append(sample.family)
+    out["question"].append(sample.question)
+    out["prompt"].append(sample.prompt)
+    out["reference"].append(sample.answer)
+    out["model_answer"].append(answer)
+    out["correct"].append(correct)
+    out["n_tokens"].append(layout.length)
+    out["system_start"].append(layout.system.start)
+    out["system_end"].append(layout.system.end)
+    out["image_starts"].append([span.start for span in layout.images])
+    out["image_ends"].append([span.end for span in layout.images])
+    out["image_rows"].append([grid[0] for grid in layout.image_grids])
+    out["image_cols"].append([grid[1] for grid in layout.image_grids])
+    out["instruction_positions"].append(layout.instruction_positions.tolist())
+    out["last_position"].append(layout.last)

@@ -1,0 +1,107 @@
+"""Attention tracer: per-layer, per-head attention statistics reduced inside the forward pass (nnsight)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from analysis.layout import REGION_IMAGE, REGION_INSTRUCTION, REGION_NAMES, TokenLayout
+from analysis.models.adapters import FamilyAdapter, ModelInputs
+
+QUERY_GROUPS = ("last", "instruction", "image")
+
+
+@dataclass
+class _Plan:
+    """Batch-constant tensors that turn one layer's attention into region statistics."""
+
+    region_onehot: torch.Tensor  # (B, T, 3) float32, zero on padding
+    query_weights: torch.Tensor  # (B, 3, T) float32: averaging weights of last / instruction / image queries
+    image_index: torch.Tensor  # (B, N) long: padded positions of image tokens (0 where absent)
+    image_valid: torch.Tensor  # (B, N) bool
+    top_k: int
+
+
+@dataclass
+class LayerStats:
+    """One layer's reductions, still on the model's device."""
+
+    region_mass: torch.Tensor  # (B, H, 3 queries, 3 regions)
+    image_rows: torch.Tensor  # (B, H, 2, N): last / instruction attention on each image token
+    value_l1: torch.Tensor  # (B, N)
+
+
+def build_plan(layouts: list[TokenLayout], seq_len: int, top_k: int, device: torch.device) -> _Plan:
+    """Precompute the region and query-group weights of a padded batch."""
+    batch = len(layouts)
+    onehot = torch.zeros(batch, seq_len, len(REGION_NAMES))
+    query_weights = torch.zeros(batch, len(QUERY_GROUPS), seq_len)
+    n_max = max(layout.n_image_tokens for layout in layouts)
+    image_index = torch.zeros(batch, n_max, dtype=torch.long)
+    image_valid = torch.zeros(batch, n_max, dtype=torch.bool)
+    for row, layout in enumerate(layouts):
+        padded = layout.padded(np.arange(layout.length))
+        onehot[row, padded, torch.as_tensor(layout.regions, dtype=torch.long)] = 1.0
+        query_weights[row, 0, layout.padded(layout.last)] = 1.0
+        instruction = layout.padded(np.flatnonzero(layout.regions == REGION_INSTRUCTION))
+        query_weights[row, 1, instruction] = 1.0 / len(instruction)
+        images = layout.padded(np.flatnonzero(layout.regions == REGION_IMAGE))
+        query_weights[row, 2, images] = 1.0 / len(images)
+        image_index[row, : len(images)] = torch.as_tensor(images)
+        image_valid[row, : len(images)] = True
+    return _Plan(onehot.to(device), query_weights.to(device), image_index.to(device), image_valid.to(device), top_k)
+
+
+def reduce_layer(attention: torch.Tensor, values: torch.Tensor, plan: _Plan) -> LayerStats:
+    """Reduce one layer's attention (B, H, T, T) and value projections (B, T, D) to small tensors, in float32."""
+    weights = attention.float()
+    query_rows = torch.einsum("bgq,bhqk->bhgk", plan.query_weights[:, :2], weights)  # last, instruction rows
+    image_query_mass = torch.einsum("bq,bhqk->bhk", plan.query_weights[:, 2], weights)
+    rows = torch.cat([query_rows, image_query_mass.unsqueeze(2)], dim=2)  # (B, H, 3, T)
+    region_mass = torch.einsum("bhgk,bkr->bhgr", rows, plan.region_onehot)
+    gather_index = plan.image_index[:, None, None, :].expand(-1, rows.shape[1], 2, -1)
+    image_rows = torch.gather(query_rows, 3, gather_index) * plan.image_valid[:, None, None, :]
+    value_l1 = values.float().abs().sum(-1)
+    value_l1 = torch.gather(value_l1, 1, plan.image_index) * plan.image_valid
+    return LayerStats(region_mass=region_mass, image_rows=image_rows, value_l1=value_l1)
+
+
+def trace_batch(
+    traced_model: Any, adapter: FamilyAdapter, inputs: ModelInputs, *, top_k: int = 5, return_logits: bool = False
+) -> tuple[list[LayerStats], torch.Tensor | None]:
+    """Run one forward pass of an nnsight-wrapped model and reduce every layer's attention as it is produced.
+
+    Only one layer's attention matrix is alive at a time; what leaves the pass is O(layers x heads x
+    image tokens) per sample. The model must use eager attention so its attention modules return weights.
+    """
+    import nnsight
+
+    seq_len = inputs.input_ids.shape[1]
+    plan = build_plan(inputs.layouts, seq_len, top_k, inputs.input_ids.device)
+    stats: list[LayerStats] = []
+    logits: list[torch.Tensor] = []
+    layers = adapter.decoder_layers(traced_model)
+    with torch.inference_mode(), traced_model.trace(**inputs.tensors):
+        for layer in layers:
+            values = layer.self_attn.v_proj.output
+            attention = layer.self_attn.output[1]
+            stats.append(nnsight.save(reduce_layer(attention, values, plan)))
+        if return_logits:
+            logits.append(nnsight.save(traced_model.output.logits))
+    if any(stat is None for stat in stats):
+        raise RuntimeError("attention weights were not returned; load the model with attn_implementation='eager'")
+    return stats, (logits[0] if logits else None)
+
+
+def wrap(model: torch.nn.Module) -> Any:
+    """Wrap a loaded HF model for tracing with nnsight (imported lazily: nnsight patches torch on import)."""
+    from nnsight import NNsight
+
+    if getattr(model.config, "_attn_implementation", None) != "eager":
+        from analysis.errors import ModelError
+
+        raise ModelError("tracing needs attention weights; load the model with attn_implementation='eager'")
+    return NNsight(model)
