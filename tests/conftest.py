@@ -1,0 +1,46 @@
+"""Shared fixtures: tiny random models of each family and small synthetic images."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from analysis.data.samples import Sample
+from analysis.models.registry import LoadedModel, load_model
+
+FAMILIES = {"llava": "tiny-llava", "qwen2_5_vl": "tiny-qwen2.5-vl"}
+
+
+def noise_image(seed: int, height: int = 40, width: int = 50) -> Image.Image:
+    """A deterministic random RGB image."""
+    pixels = np.random.default_rng(seed).integers(0, 256, size=(height, width, 3), dtype=np.uint8)
+    return Image.fromarray(pixels)
+
+
+def make_samples() -> list[Sample]:
+    """Four samples with different prompt lengths, image sizes, image counts and image positions."""
+    return [
+        Sample("s0", [noise_image(0)], prompt="what is the colour of the circle ?", question="colour?", answer="red"),
+        Sample("s1", [noise_image(1, 80, 60)], prompt="how many", question="how many", answer="2"),
+        Sample(
+            "s2", [noise_image(2), noise_image(3, 60, 90)],
+            prompt="compare <image> and <image> which is red ?", question="which is red?", answer="first",
+        ),
+        Sample(
+            "s3", [noise_image(4, 56, 56)], prompt="is there a blue square left of the red circle in this image ?",
+            question="blue square left of red circle?", answer="yes", answer_type="yes_no",
+        ),
+    ]
+
+
+@pytest.fixture(scope="session", params=sorted(FAMILIES))
+def tiny_eager(request: pytest.FixtureRequest) -> LoadedModel:
+    """A tiny random model of each family with eager attention, in float32 on the CPU."""
+    return load_model(FAMILIES[request.param], attn_implementation="eager")
+
+
+@pytest.fixture()
+def samples() -> list[Sample]:
+    """Fresh copies of the standard test samples."""
+    return make_samples()

@@ -1,0 +1,82 @@
+"""Token layout from input_ids: spans of system prompt, each image, instruction and last position."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from analysis.errors import DataError
+from analysis.layout import REGION_IMAGE, REGION_INSTRUCTION, REGION_SYSTEM, compute_layouts
+from analysis.models.registry import LoadedModel
+
+
+def test_two_images_mid_prompt(tiny_eager: LoadedModel, samples) -> None:
+    """Two images placed inside the instruction get their own spans with the text between them as instruction."""
+    inputs = tiny_eager.adapter.build_inputs(tiny_eager.processor, samples)
+    layout = inputs.layouts[2]
+    ids = inputs.input_ids[2, layout.pad_offset :].tolist()
+    tokenizer = tiny_eager.processor.tokenizer
+    assert len(layout.images) == 2
+    first, second = layout.images
+    assert first.end < second.start, "text ('and') must separate the images"
+    assert all(ids[p] == tiny_eager.adapter.image_token_id for span in layout.images for p in range(span.start, span.end))
+    between = tokenizer.decode(ids[first.end : second.start], skip_special_tokens=True)
+    assert "and" in between
+    assert set(layout.regions[first.end : second.start]) == {REGION_INSTRUCTION}
+    # "compare" sits between the system prompt and the first image and belongs to the instruction.
+    assert "compare" in tokenizer.decode(ids[layout.system.end : first.start], skip_special_tokens=True)
+    # Grid sizes multiply to the token counts; the second image is larger in the qwen family.
+    for span, (rows, cols) in zip(layout.images, layout.image_grids):
+        assert rows * cols == len(span)
+    assert layout.last == len(ids) - 1
+    assert layout.regions[layout.last] == REGION_INSTRUCTION
+
+
+def test_system_span_is_the_template_preamble(tiny_eager: LoadedModel, samples) -> None:
+    """The system span ends where the user's content starts and precedes the first image."""
+    inputs = tiny_eager.adapter.build_inputs(tiny_eager.processor, samples)
+    tokenizer = tiny_eager.processor.tokenizer
+    for row, layout in enumerate(inputs.layouts):
+        ids = inputs.input_ids[row, layout.pad_offset :].tolist()
+        prompt = inputs.prompts[row]
+        preamble = tokenizer(prompt.text[: prompt.content_start])["input_ids"]
+        assert ids[: layout.system.end] == preamble, "system span is exactly the tokenised preamble"
+        assert layout.system.end <= layout.images[0].start
+        assert set(layout.regions[: layout.system.end]) == {REGION_SYSTEM}
+        assert (layout.regions == REGION_IMAGE).sum() == layout.n_image_tokens
+
+
+def test_layout_independent_of_padding(tiny_eager: LoadedModel, samples) -> None:
+    """A sample's layout in a left-padded batch equals its layout alone, up to the pad offset."""
+    batch = tiny_eager.adapter.build_inputs(tiny_eager.processor, samples).layouts
+    assert any(layout.pad_offset > 0 for layout in batch)
+    for sample, in_batch in zip(samples, batch):
+        alone = tiny_eager.adapter.build_inputs(tiny_eager.processor, [sample]).layouts[0]
+        assert alone.pad_offset == 0
+        assert (alone.system, alone.images, alone.image_grids, alone.length) == (
+            in_batch.system, in_batch.images, in_batch.image_grids, in_batch.length
+        )
+        assert np.array_equal(alone.regions, in_batch.regions)
+
+
+def test_adjacent_images_split_by_count() -> None:
+    """Two images with no text between them form one run that the per-image counts split."""
+    ids = torch.tensor([[0, 1, 2, 9, 9, 9, 9, 9, 9, 3, 4]])
+    mask = torch.tensor([[0, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1]])
+    layout = compute_layouts(ids, mask, 9, [[1, 2]], [[2, 4]], [[(1, 2), (2, 2)]])[0]
+    assert [(s.start, s.end) for s in layout.images] == [(2, 4), (4, 8)]
+    assert (layout.system.start, layout.system.end, layout.last, layout.pad_offset) == (0, 2, 9, 1)
+
+
+def test_layout_errors() -> None:
+    """Missing images, mismatched counts and a trailing image are reported, not mis-laid."""
+    mask = torch.ones(1, 5, dtype=torch.long)
+    with pytest.raises(DataError, match="no image tokens"):
+        compute_layouts(torch.tensor([[1, 2, 3, 4, 5]]), mask, 9, [[1]], [[1]], [[(1, 1)]])
+    with pytest.raises(DataError, match="need 3"):
+        compute_layouts(torch.tensor([[1, 9, 9, 4, 5]]), mask, 9, [[1]], [[3]], [[(1, 3)]])
+    with pytest.raises(DataError, match="ends with an image"):
+        compute_layouts(torch.tensor([[1, 2, 3, 9, 9]]), mask, 9, [[1]], [[2]], [[(1, 2)]])
+    with pytest.raises(DataError, match="padding inside"):
+        compute_layouts(torch.tensor([[1, 9, 0, 4, 5]]), torch.tensor([[1, 1, 0, 1, 1]]), 9, [[1]], [[1]], [[(1, 1)]])
