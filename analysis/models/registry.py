@@ -99,7 +99,8 @@ def load_model(
             "or download the model first (HF_HUB_OFFLINE=1 uses the local cache only)"
         ) from None
     adapter_class(config.model_type)  # fails before the weights are read when no adapter fits
-    device_kwargs: dict[str, Any] = {"device_map": "auto"} if device == "auto" else {"device_map": device}
+    # Sharding across devices needs accelerate; a single device is a plain .to() after loading.
+    device_kwargs: dict[str, Any] = {"device_map": "auto"} if device == "auto" else {}
     try:
         model = AutoModelForImageTextToText.from_pretrained(
             spec.source, revision=revision, dtype=DTYPES[dtype], attn_implementation=attn_implementation,
@@ -108,6 +109,8 @@ def load_model(
         processor = AutoProcessor.from_pretrained(spec.source, revision=revision)
     except (OSError, ValueError) as error:
         raise ModelError(f"cannot load {spec.source!r}: {_first_line(error)}") from None
+    if device != "auto":
+        model = model.to(device)
     model.eval()
     adapter = get_adapter(model)
     check_image_token(adapter, processor)

@@ -19,7 +19,7 @@ from analysis.layout import REGION_NAMES, TokenLayout
 from analysis.models.adapters import ModelInputs
 from analysis.models.registry import DTYPES, LoadedModel, load_model
 from analysis.results import SAMPLES_TABLE, TRACE_SCHEMAS, RunFolder
-from analysis.trace.tracer import QUERY_GROUPS, LayerStats, trace_batch, wrap
+from analysis.trace.tracer import QUERY_GROUPS, LayerStats, trace_batch, traced
 
 logger = logging.getLogger(__name__)
 
@@ -34,6 +34,9 @@ class TraceConfig:
     model: str = option(DEFAULT_MODEL, "model alias, hub id or local path (see `python -m analysis --list-models`)")
     dataset: str = option(DEFAULT_DATASET, "dataset name or local path (see `python -m analysis --list-datasets`)")
     split: str | None = option(None, "dataset split; default: the dataset's evaluation split")
+    data_dir: str | None = option(
+        None, "folder with a local copy of a hub benchmark's parquet files; default: load from the hub", identity=False
+    )
     limit: int | None = option(16, "trace the first N samples of the split; none = all")
     batch_size: int = option(4, "samples per forward pass (results do not depend on it)", identity=False)
     out: str | None = option(None, "output folder; default runs/trace/<model>/<dataset>-<split>", identity=False)
@@ -87,10 +90,11 @@ def default_device() -> str:
 
 def run_trace(config: TraceConfig, *, loaded: LoadedModel | None = None, progress: bool = True) -> TraceResult:
     """Trace a dataset and write (or extend, with ``resume``) a run folder."""
-    from analysis.data import load_samples
+    from analysis.data.loaders import load_samples, resolve_split
 
     config.validate()
-    samples, split = load_samples(config.dataset, config.split, config.limit, return_split=True)
+    samples = load_samples(config.dataset, config.split, config.limit, data_dir=config.data_dir)
+    split = resolve_split(config.dataset, config.split)
     ids = [sample.sample_id for sample in samples]
     if len(set(ids)) != len(ids):
         duplicate = next(i for i in ids if ids.count(i) > 1)
@@ -121,14 +125,14 @@ def run_trace(config: TraceConfig, *, loaded: LoadedModel | None = None, progres
         },
         identity,
     )
-    traced = wrap(loaded.model)
     device = next(loaded.model.parameters()).device
     from tqdm.auto import tqdm
 
-    with tqdm(total=len(samples), initial=len(done), desc="trace", unit="sample", disable=not progress) as bar:
+    bar = tqdm(total=len(samples), initial=len(done), desc="trace", unit="sample", disable=not progress)
+    with bar, traced(loaded.model) as traced_model:
         for batch in _chunks(pending, config.batch_size):
             inputs = loaded.adapter.build_inputs(loaded.processor, batch, device=device)
-            stats, _ = trace_batch(traced, loaded.adapter, inputs, top_k=config.top_k)
+            stats, _ = trace_batch(traced_model, loaded.adapter, inputs, top_k=config.top_k)
             answers = generate_answers(loaded, inputs, config.max_new_tokens)
             folder.write_part(batch_tables(batch, inputs, stats, answers, config.top_k))
             bar.update(len(batch))

@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 
+from analysis.errors import ModelError
 from analysis.layout import REGION_IMAGE, REGION_INSTRUCTION, REGION_NAMES, TokenLayout
 from analysis.models.adapters import FamilyAdapter, ModelInputs
 
 QUERY_GROUPS = ("last", "instruction", "image")
+# Instance attributes nnsight writes into every wrapped module (see nnsight.intervention.source).
+_NNSIGHT_SLOTS = ("forward", "__nnsight__", "__nnsight_body_forward__")
 
 
 @dataclass
@@ -96,12 +101,25 @@ def trace_batch(
     return stats, (logits[0] if logits else None)
 
 
-def wrap(model: torch.nn.Module) -> Any:
-    """Wrap a loaded HF model for tracing with nnsight (imported lazily: nnsight patches torch on import)."""
+@contextmanager
+def traced(model: torch.nn.Module) -> Iterator[Any]:
+    """Wrap an HF model with nnsight for the duration of the block, then restore every module as it was.
+
+    nnsight installs a controller in each module's instance ``forward`` and leaves it there; we put
+    back whatever was in those slots so the caller's model is untouched after tracing.
+    """
+    if getattr(model.config, "_attn_implementation", None) != "eager":
+        raise ModelError("tracing needs attention weights; load the model with attn_implementation='eager'")
     from nnsight import NNsight
 
-    if getattr(model.config, "_attn_implementation", None) != "eager":
-        from analysis.errors import ModelError
-
-        raise ModelError("tracing needs attention weights; load the model with attn_implementation='eager'")
-    return NNsight(model)
+    saved = {
+        module: {key: module.__dict__[key] for key in _NNSIGHT_SLOTS if key in module.__dict__}
+        for module in model.modules()
+    }
+    try:
+        yield NNsight(model)
+    finally:
+        for module, slots in saved.items():
+            for key in _NNSIGHT_SLOTS:
+                module.__dict__.pop(key, None)
+            module.__dict__.update(slots)
