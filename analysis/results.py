@@ -177,7 +177,10 @@ class RunFolder:
             raise ConfigError(f"{self.manifest_path} is not valid JSON; delete the folder or choose another --out") from None
 
     def check_compatible(self, identity: dict[str, Any], *, resume: bool) -> None:
-        """Refuse a folder that holds another config, or results that would be overwritten without --resume."""
+        """Refuse a folder holding another config, or an unfinished run of this one without --resume.
+
+        A complete run of the same config is accepted: re-running it finds nothing left to do.
+        """
         if self.root.exists() and not self.root.is_dir():
             raise ConfigError(f"--out {self.root} is a file; give a folder path")
         manifest = self.read_manifest()
@@ -197,8 +200,10 @@ class RunFolder:
             raise ConfigError(
                 f"{self.root} holds a run with a different config ({details}); choose a new --out or use the same config"
             )
-        if not resume:
-            raise ConfigError(f"{self.root} already holds this run; pass --resume to continue it or choose a new --out")
+        if not resume and manifest.get("status") != "complete":
+            raise ConfigError(
+                f"{self.root} holds an unfinished run of this config; pass --resume to continue it or choose a new --out"
+            )
 
     def part_indices(self, table: str) -> set[int]:
         """Indices of the committed part files of a table."""

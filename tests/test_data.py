@@ -51,7 +51,7 @@ def _sample(answer: str | None, answer_type: str = "open", choices: list[str] | 
 def test_list_datasets_names_every_benchmark() -> None:
     """Every registry key is listed with its hub id and config."""
     listing = list_datasets()
-    assert set(listing) == {"gqa", "pope", "mme", "textvqa", "scienceqa-img", "mmbench"}
+    assert set(listing) == {"shapes-vqa", "gqa", "pope", "mme", "textvqa", "scienceqa-img", "mmbench"}
     assert "lmms-lab/GQA" in listing["gqa"] and "testdev" in listing["gqa"]
     assert "ScienceQA-IMG" in listing["scienceqa-img"]
 
@@ -393,3 +393,14 @@ def test_scoring_without_reference_answer_is_an_error() -> None:
     """Scoring a sample without a reference answer raises DataError."""
     with pytest.raises(DataError, match="has no reference answer"):
         is_correct("yes", _sample(None, "yes_no"))
+
+
+def test_shapes_vqa_is_registered() -> None:
+    """The generated dataset loads by name, defaults to its test split and refuses unknown splits."""
+    from analysis.data.loaders import resolve_split
+
+    samples = load_samples("shapes-vqa", limit=3)
+    assert len(samples) == 3 and all(s.sample_id.startswith("shapes-test-") for s in samples)
+    assert resolve_split("shapes-vqa", None) == "test"
+    with pytest.raises(DataError, match="unknown ShapesVQA split"):
+        load_samples("shapes-vqa", split="dev", limit=1)

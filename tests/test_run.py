@@ -87,7 +87,7 @@ def test_resume_after_crash(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> 
     assert json.loads((run / "manifest.json").read_text())["status"] == "running"
     assert len(list((run / "attention").glob("part-*.parquet"))) == 2  # one orphan part
 
-    with pytest.raises(ConfigError, match="--resume"):
+    with pytest.raises(ConfigError, match="unfinished run.*--resume"):
         run_trace(_config(tmp_path), progress=False)
     result = run_trace(_config(tmp_path, resume=True, batch_size=2), progress=False)
     assert result.n_new == N_SAMPLES - 3
@@ -109,6 +109,9 @@ def test_different_config_refused(tmp_path: Path) -> None:
     before = sorted(p.name for p in (tmp_path / "run").rglob("*"))
     with pytest.raises(ConfigError, match="top_k: 5 -> 3"):
         run_trace(_config(tmp_path, top_k=3, resume=True), progress=False)
+    assert sorted(p.name for p in (tmp_path / "run").rglob("*")) == before
+    # The same config again finds the run complete and adds nothing.
+    assert run_trace(_config(tmp_path), progress=False).n_new == 0
     assert sorted(p.name for p in (tmp_path / "run").rglob("*")) == before
 
 
@@ -179,3 +182,21 @@ def test_cli_models_without_image_understanding(tmp_path: Path, capsys: pytest.C
     line = _cli_error(capsys, ["--model", str(tmp_path / "text_only"), "--dataset", data, "--out", str(out)])
     assert "model_type 'llama'" in line
     assert not out.exists()
+
+
+def test_sink_statistics_by_hand() -> None:
+    """Top-k share, entropy and top indices of a known image-attention row."""
+    import numpy as np
+
+    from analysis.trace.run import _sink_table
+
+    rows = np.zeros((1, 1, 2, 4))
+    rows[0, 0, 0] = [0.1, 0.4, 0.0, 0.3]  # last query: 0.8 of its mass on images
+    rows[0, 0, 1] = [0.25, 0.25, 0.25, 0.25]
+    table = _sink_table("x", rows, top_k=2).to_pylist()
+    last, instruction = table
+    p = np.array([0.125, 0.5, 0.0, 0.375])
+    assert last["query"] == "last" and abs(last["image_mass"] - 0.8) < 1e-6
+    assert abs(last["top_k_share"] - 0.875) < 1e-6 and last["top_indices"] == [1, 3]
+    assert abs(last["entropy"] - float(-(p[p > 0] * np.log(p[p > 0])).sum())) < 1e-6
+    assert abs(instruction["normalized_entropy"] - 1.0) < 1e-6 and instruction["top_k_share"] == pytest.approx(0.5)

@@ -162,97 +162,103 @@ def batch_tables(
     answers: list[str | None],
     top_k: int,
 ) -> dict[str, pa.Table]:
-    """Turn one batch's layer reductions into the run's long-format tables."""
+    """Turn one batch's layer reductions into the run's long-format tables (vectorised per sample)."""
     from analysis.data.scoring import is_correct
 
     region_mass = torch.stack([s.region_mass for s in stats]).cpu().numpy()  # (L, B, H, 3, 3)
     image_rows = torch.stack([s.image_rows for s in stats]).cpu().numpy()  # (L, B, H, 2, N)
     value_l1 = torch.stack([s.value_l1 for s in stats]).cpu().numpy()  # (L, B, N)
-    n_layers, _, n_heads = region_mass.shape[:3]
-    columns: dict[str, dict[str, list[Any]]] = {name: {f: [] for f in TRACE_SCHEMAS[name].names} for name in TRACE_SCHEMAS}
-    layer_grid, head_grid = np.meshgrid(np.arange(n_layers), np.arange(n_heads), indexing="ij")
+    parts: dict[str, list[pa.Table]] = {name: [] for name in TRACE_SCHEMAS}
+    sample_columns: dict[str, list[Any]] = {name: [] for name in TRACE_SCHEMAS[SAMPLES_TABLE].names}
     for row, (sample, layout) in enumerate(zip(batch, inputs.layouts)):
-        _attention_rows(columns["attention"], sample.sample_id, region_mass[:, row], layer_grid, head_grid)
         n_image = layout.n_image_tokens
-        _sink_rows(columns["sinks"], sample.sample_id, image_rows[:, row, :, :, :n_image], top_k)
-        _image_token_rows(columns["image_tokens"], sample.sample_id, layout, image_rows[:, row, :, :, :n_image],
-                          value_l1[:, row, :n_image])
+        parts["attention"].append(_attention_table(sample.sample_id, region_mass[:, row]))
+        parts["sinks"].append(_sink_table(sample.sample_id, image_rows[:, row, :, :, :n_image], top_k))
+        parts["image_tokens"].append(
+            _image_token_table(sample.sample_id, layout, image_rows[:, row, :, :, :n_image], value_l1[:, row, :n_image])
+        )
         answer = answers[row]
         correct = None if answer is None or sample.answer is None else bool(is_correct(answer, sample))
-        _sample_row(columns[SAMPLES_TABLE], sample, layout, answer, correct)
-    return {name: pa.table(cols, schema=TRACE_SCHEMAS[name]) for name, cols in columns.items()}
+        _sample_row(sample_columns, sample, layout, answer, correct)
+    tables = {name: pa.concat_tables(tables) for name, tables in parts.items() if name != SAMPLES_TABLE}
+    tables[SAMPLES_TABLE] = pa.table(sample_columns, schema=TRACE_SCHEMAS[SAMPLES_TABLE])
+    return tables
 
 
-def _attention_rows(
-    out: dict[str, list[Any]], sample_id: str, mass: np.ndarray, layers: np.ndarray, heads: np.ndarray
-) -> None:
-    """Append (layer, head, query group, key region) mass rows for one sample; ``mass`` is (L, H, 3, 3)."""
-    for g, query in enumerate(QUERY_GROUPS):
-        for r, region in enumerate(REGION_NAMES):
-            values = mass[:, :, g, r]
-            n = values.size
-            out["sample_id"].extend([sample_id] * n)
-            out["layer"].extend(layers.ravel().tolist())
-            out["head"].extend(heads.ravel().tolist())
-            out["query"].extend([query] * n)
-            out["key_region"].extend([region] * n)
-            out["mass"].extend(values.ravel().tolist())
+def _grid(*sizes: int) -> list[np.ndarray]:
+    """Flattened index arrays of a C-ordered grid of the given sizes (like numpy.indices, raveled)."""
+    return [axis.ravel() for axis in np.indices(sizes)]
 
 
-def _sink_rows(out: dict[str, list[Any]], sample_id: str, rows: np.ndarray, top_k: int) -> None:
-    """Append sink statistics for one sample; ``rows`` is (L, H, 2, n_image) attention on image tokens."""
-    n_layers, n_heads, _, n_image = rows.shape
+def _attention_table(sample_id: str, mass: np.ndarray) -> pa.Table:
+    """Rows of (layer, head, query group, key region) mass for one sample; ``mass`` is (L, H, 3, 3)."""
+    layer, head, group, region = _grid(*mass.shape)
+    return pa.table(
+        {
+            "sample_id": pa.array([sample_id] * mass.size, pa.string()),
+            "layer": layer, "head": head,
+            "query": np.asarray(QUERY_GROUPS, dtype=object)[group],
+            "key_region": np.asarray(REGION_NAMES, dtype=object)[region],
+            "mass": mass.ravel(),
+        },
+        schema=TRACE_SCHEMAS["attention"],
+    )
+
+
+def _sink_table(sample_id: str, rows: np.ndarray, top_k: int) -> pa.Table:
+    """Sink statistics for one sample; ``rows`` is (L, H, 2, n_image) attention on image tokens."""
+    n_image = rows.shape[-1]
     k = min(top_k, n_image)
     image_mass = rows.sum(-1)
-    safe_mass = np.where(image_mass > 0, image_mass, 1.0)
-    probabilities = rows / safe_mass[..., None]
+    probabilities = rows / np.where(image_mass > 0, image_mass, 1.0)[..., None]
     order = np.argsort(-rows, axis=-1, kind="stable")[..., :k]
     top_share = np.take_along_axis(probabilities, order, axis=-1).sum(-1)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        entropy = -np.where(probabilities > 0, probabilities * np.log(probabilities), 0.0).sum(-1)
+    safe = np.where(probabilities > 0, probabilities, 1.0)
+    entropy = -(probabilities * np.log(safe)).sum(-1)
     normalized = entropy / np.log(n_image) if n_image > 1 else np.zeros_like(entropy)
-    for layer in range(n_layers):
-        for head in range(n_heads):
-            for g, query in enumerate(QUERY_GROUPS[:2]):
-                out["sample_id"].append(sample_id)
-                out["layer"].append(layer)
-                out["head"].append(head)
-                out["query"].append(query)
-                out["image_mass"].append(float(image_mass[layer, head, g]))
-                out["top_k"].append(k)
-                out["top_k_share"].append(float(top_share[layer, head, g]))
-                out["entropy"].append(float(entropy[layer, head, g]))
-                out["normalized_entropy"].append(float(normalized[layer, head, g]))
-                out["top_indices"].append(order[layer, head, g].tolist())
+    layer, head, group = _grid(*image_mass.shape)
+    n_rows = image_mass.size
+    top_indices = pa.ListArray.from_arrays(
+        np.arange(0, n_rows * k + 1, k, dtype=np.int32), pa.array(order.reshape(-1).astype(np.int32))
+    )
+    return pa.table(
+        {
+            "sample_id": pa.array([sample_id] * n_rows, pa.string()),
+            "layer": layer, "head": head,
+            "query": np.asarray(QUERY_GROUPS[:2], dtype=object)[group],
+            "image_mass": image_mass.ravel(),
+            "top_k": np.full(n_rows, k),
+            "top_k_share": top_share.ravel(),
+            "entropy": entropy.ravel(),
+            "normalized_entropy": normalized.ravel(),
+            "top_indices": top_indices,
+        },
+        schema=TRACE_SCHEMAS["sinks"],
+    )
 
 
-def _image_token_rows(
-    out: dict[str, list[Any]], sample_id: str, layout: TokenLayout, rows: np.ndarray, value_l1: np.ndarray
-) -> None:
-    """Append per-image-token rows for one sample: value L1 and head-mean attention received."""
-    n_layers = rows.shape[0]
+def _image_token_table(sample_id: str, layout: TokenLayout, rows: np.ndarray, value_l1: np.ndarray) -> pa.Table:
+    """Per image token and layer for one sample: value L1 and head-mean attention received."""
+    n_layers, n_image = value_l1.shape
+    image_index = np.concatenate([np.full(len(span), i) for i, span in enumerate(layout.images)])
+    token_index = np.concatenate([np.arange(len(span)) for span in layout.images])
+    cols = np.asarray([grid[1] for grid in layout.image_grids])[image_index]
     head_mean = rows.mean(axis=1)  # (L, 2, n_image)
-    image_index, token_index, grid_row, grid_col = [], [], [], []
-    for index, (span, (_, cols)) in enumerate(zip(layout.images, layout.image_grids)):
-        tokens = np.arange(len(span))
-        image_index.append(np.full(len(span), index))
-        token_index.append(tokens)
-        grid_row.append(tokens // cols)
-        grid_col.append(tokens % cols)
-    per_token = [np.concatenate(part).tolist() for part in (image_index, token_index, grid_row, grid_col)]
-    positions = layout.image_positions.tolist()
-    n_image = len(positions)
-    for layer in range(n_layers):
-        out["sample_id"].extend([sample_id] * n_image)
-        out["layer"].extend([layer] * n_image)
-        out["image_index"].extend(per_token[0])
-        out["token_index"].extend(per_token[1])
-        out["row"].extend(per_token[2])
-        out["col"].extend(per_token[3])
-        out["position"].extend(positions)
-        out["value_l1"].extend(value_l1[layer].tolist())
-        out["last_attention"].extend(head_mean[layer, 0].tolist())
-        out["instruction_attention"].extend(head_mean[layer, 1].tolist())
+    return pa.table(
+        {
+            "sample_id": pa.array([sample_id] * (n_layers * n_image), pa.string()),
+            "layer": np.repeat(np.arange(n_layers), n_image),
+            "image_index": np.tile(image_index, n_layers),
+            "token_index": np.tile(token_index, n_layers),
+            "row": np.tile(token_index // cols, n_layers),
+            "col": np.tile(token_index % cols, n_layers),
+            "position": np.tile(layout.image_positions, n_layers),
+            "value_l1": value_l1.ravel(),
+            "last_attention": head_mean[:, 0].ravel(),
+            "instruction_attention": head_mean[:, 1].ravel(),
+        },
+        schema=TRACE_SCHEMAS["image_tokens"],
+    )
 
 
 def _sample_row(out: dict[str, list[Any]], sample: Sample, layout: TokenLayout, answer: str | None, correct: bool | None) -> None:

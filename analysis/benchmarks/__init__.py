@@ -1,0 +1,1 @@
+"""Benchmark scripts: each prints figures measured against a baseline taken in the same run."""

@@ -1,0 +1,25 @@
+"""The README's Quickstart is what CI runs."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _quickstart_commands() -> list[str]:
+    """The shell commands of the README's Quickstart code block."""
+    text = (ROOT / "README.md").read_text()
+    section = text.split("## Quickstart", 1)[1].split("\n## ", 1)[0]
+    block = re.search(r"```bash\n(.*?)```", section, re.S)
+    assert block, "Quickstart needs a ```bash block"
+    return [line for line in block.group(1).splitlines() if line.strip() and not line.startswith("#")]
+
+
+def test_quickstart_has_two_commands_and_ci_runs_the_second() -> None:
+    """Exactly two commands; .ci/run contains the test command verbatim."""
+    commands = _quickstart_commands()
+    assert len(commands) == 2
+    assert commands[1] in (ROOT / ".ci" / "run").read_text()
+    assert "analysis.trace" in commands[0] and "pytest" in commands[1]
