@@ -185,18 +185,25 @@ def test_cli_models_without_image_understanding(tmp_path: Path, capsys: pytest.C
 
 
 def test_sink_statistics_by_hand() -> None:
-    """Top-k share, entropy and top indices of a known image-attention row."""
+    """Top-k share, entropy and top indices of known image-attention rows, padding slots ignored."""
     import numpy as np
+    import torch
 
     from analysis.trace.run import _sink_table
+    from analysis.trace.tracer import sink_statistics
 
-    rows = np.zeros((1, 1, 2, 4))
-    rows[0, 0, 0] = [0.1, 0.4, 0.0, 0.3]  # last query: 0.8 of its mass on images
-    rows[0, 0, 1] = [0.25, 0.25, 0.25, 0.25]
-    table = _sink_table("x", rows, top_k=2).to_pylist()
+    rows = torch.zeros(1, 1, 2, 5)
+    rows[0, 0, 0, :4] = torch.tensor([0.1, 0.4, 0.0, 0.3])  # last query: 0.8 of its mass on images
+    rows[0, 0, 1, :4] = 0.25
+    valid = torch.tensor([[True, True, True, True, False]])  # a fifth slot of batch padding
+    top_values, top_indices, entropy = sink_statistics(rows, valid, top_k=2)
+    table = _sink_table(
+        "x", rows.sum(-1)[0:1].numpy(), top_values.numpy(), top_indices.numpy(), entropy.numpy(), k=2, n_image=4
+    ).to_pylist()
     last, instruction = table
-    p = np.array([0.125, 0.5, 0.0, 0.375])
+    p = np.array([0.125, 0.5, 0.375])
     assert last["query"] == "last" and abs(last["image_mass"] - 0.8) < 1e-6
     assert abs(last["top_k_share"] - 0.875) < 1e-6 and last["top_indices"] == [1, 3]
-    assert abs(last["entropy"] - float(-(p[p > 0] * np.log(p[p > 0])).sum())) < 1e-6
+    assert abs(last["entropy"] - float(-(p * np.log(p)).sum())) < 1e-6
     assert abs(instruction["normalized_entropy"] - 1.0) < 1e-6 and instruction["top_k_share"] == pytest.approx(0.5)
+    assert all(index < 4 for index in instruction["top_indices"])

@@ -165,15 +165,22 @@ def batch_tables(
     """Turn one batch's layer reductions into the run's long-format tables (vectorised per sample)."""
     from analysis.data.scoring import is_correct
 
-    region_mass = torch.stack([s.region_mass for s in stats]).cpu().numpy()  # (L, B, H, 3, 3)
-    image_rows = torch.stack([s.image_rows for s in stats]).cpu().numpy()  # (L, B, H, 2, N)
-    value_l1 = torch.stack([s.value_l1 for s in stats]).cpu().numpy()  # (L, B, N)
+    stacked = {
+        name: torch.stack([getattr(s, name) for s in stats]).cpu().numpy()  # leading layer axis
+        for name in ("region_mass", "image_rows", "value_l1", "top_values", "top_indices", "entropy")
+    }
+    region_mass, image_rows, value_l1 = stacked["region_mass"], stacked["image_rows"], stacked["value_l1"]
     parts: dict[str, list[pa.Table]] = {name: [] for name in TRACE_SCHEMAS}
     sample_columns: dict[str, list[Any]] = {name: [] for name in TRACE_SCHEMAS[SAMPLES_TABLE].names}
     for row, (sample, layout) in enumerate(zip(batch, inputs.layouts)):
         n_image = layout.n_image_tokens
         parts["attention"].append(_attention_table(sample.sample_id, region_mass[:, row]))
-        parts["sinks"].append(_sink_table(sample.sample_id, image_rows[:, row, :, :, :n_image], top_k))
+        parts["sinks"].append(
+            _sink_table(
+                sample.sample_id, image_rows[:, row].sum(-1), stacked["top_values"][:, row],
+                stacked["top_indices"][:, row], stacked["entropy"][:, row], min(top_k, n_image), n_image,
+            )
+        )
         parts["image_tokens"].append(
             _image_token_table(sample.sample_id, layout, image_rows[:, row, :, :, :n_image], value_l1[:, row, :n_image])
         )
@@ -205,21 +212,24 @@ def _attention_table(sample_id: str, mass: np.ndarray) -> pa.Table:
     )
 
 
-def _sink_table(sample_id: str, rows: np.ndarray, top_k: int) -> pa.Table:
-    """Sink statistics for one sample; ``rows`` is (L, H, 2, n_image) attention on image tokens."""
-    n_image = rows.shape[-1]
-    k = min(top_k, n_image)
-    image_mass = rows.sum(-1)
-    probabilities = rows / np.where(image_mass > 0, image_mass, 1.0)[..., None]
-    order = np.argsort(-rows, axis=-1, kind="stable")[..., :k]
-    top_share = np.take_along_axis(probabilities, order, axis=-1).sum(-1)
-    safe = np.where(probabilities > 0, probabilities, 1.0)
-    entropy = -(probabilities * np.log(safe)).sum(-1)
+def _sink_table(
+    sample_id: str,
+    image_mass: np.ndarray,
+    top_values: np.ndarray,
+    top_indices: np.ndarray,
+    entropy: np.ndarray,
+    k: int,
+    n_image: int,
+) -> pa.Table:
+    """Sink statistics rows for one sample; arrays are (L, H, 2[, k_max]) from the tracer."""
+    safe_mass = np.where(image_mass > 0, image_mass, 1.0)
+    top_share = top_values[..., :k].sum(-1) / safe_mass
     normalized = entropy / np.log(n_image) if n_image > 1 else np.zeros_like(entropy)
     layer, head, group = _grid(*image_mass.shape)
     n_rows = image_mass.size
     top_indices = pa.ListArray.from_arrays(
-        np.arange(0, n_rows * k + 1, k, dtype=np.int32), pa.array(order.reshape(-1).astype(np.int32))
+        np.arange(0, n_rows * k + 1, k, dtype=np.int32),
+        pa.array(np.ascontiguousarray(top_indices[..., :k]).reshape(-1).astype(np.int32)),
     )
     return pa.table(
         {

@@ -37,6 +37,9 @@ class LayerStats:
     region_mass: torch.Tensor  # (B, H, 3 queries, 3 regions)
     image_rows: torch.Tensor  # (B, H, 2, N): last / instruction attention on each image token
     value_l1: torch.Tensor  # (B, N)
+    top_values: torch.Tensor  # (B, H, 2, k): largest entries of image_rows, descending
+    top_indices: torch.Tensor  # (B, H, 2, k): their image-token ordinals
+    entropy: torch.Tensor  # (B, H, 2): entropy (nats) of image_rows renormalised over image tokens
 
 
 def build_plan(layouts: list[TokenLayout], seq_len: int, top_k: int, device: torch.device) -> _Plan:
@@ -71,7 +74,24 @@ def reduce_layer(attention: torch.Tensor, values: torch.Tensor, plan: _Plan) -> 
     image_rows = torch.gather(query_rows, 3, gather_index) * plan.image_valid[:, None, None, :]
     value_l1 = values.float().abs().sum(-1)
     value_l1 = torch.gather(value_l1, 1, plan.image_index) * plan.image_valid
-    return LayerStats(region_mass=region_mass, image_rows=image_rows, value_l1=value_l1)
+    top_values, top_indices, entropy = sink_statistics(image_rows, plan.image_valid, plan.top_k)
+    return LayerStats(region_mass, image_rows, value_l1, top_values, top_indices, entropy)
+
+
+def sink_statistics(
+    image_rows: torch.Tensor, image_valid: torch.Tensor, top_k: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Top-k attended image tokens and the entropy of image-directed attention, per head and query group.
+
+    ``image_rows`` is (B, H, G, N) with zeros where ``image_valid`` (B, N) is False; those padding
+    slots are ranked last so a sample's first min(k, n_image) entries are its own tokens.
+    """
+    ranked = image_rows.masked_fill(~image_valid[:, None, None, :], -1.0)
+    top_values, top_indices = ranked.topk(min(top_k, image_rows.shape[-1]), dim=-1)
+    mass = image_rows.sum(-1, keepdim=True)
+    probabilities = image_rows / torch.where(mass > 0, mass, torch.ones_like(mass))
+    entropy = -torch.special.xlogy(probabilities, probabilities).sum(-1)
+    return top_values, top_indices, entropy
 
 
 def trace_batch(

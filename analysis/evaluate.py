@@ -1,0 +1,119 @@
+"""``python -m analysis.evaluate``: accuracy of a model's greedy answers on a dataset, overall and per family."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+import pyarrow as pa
+
+from analysis.cli import run_cli
+from analysis.config import add_arguments, from_namespace, option, to_dict
+from analysis.data.scoring import is_correct
+from analysis.errors import ConfigError
+from analysis.models.registry import DTYPES, LoadedModel, load_model
+from analysis.results import atomic_write_json, atomic_write_table, git_hash, package_versions
+from analysis.trace.run import DEFAULT_DATASET, DEFAULT_MODEL, _chunks, default_device, generate_answers
+
+logger = logging.getLogger(__name__)
+
+PREDICTIONS_SCHEMA = pa.schema(
+    [
+        ("sample_id", pa.string()), ("family", pa.string()), ("question", pa.string()),
+        ("reference", pa.string()), ("prediction", pa.string()), ("correct", pa.bool_()),
+    ],
+    metadata={"schema_version": "1"},
+)
+
+
+@dataclass
+class EvalConfig:
+    """Everything that defines an evaluation; written beside its results."""
+
+    model: str = option(DEFAULT_MODEL, "model alias, hub id or local path")
+    dataset: str = option(DEFAULT_DATASET, "dataset name or local path")
+    split: str | None = option(None, "dataset split; default: the dataset's evaluation split")
+    data_dir: str | None = option(None, "local copy of a hub benchmark's parquet files")
+    limit: int | None = option(None, "evaluate the first N samples; none = all")
+    batch_size: int = option(16, "samples per generate call")
+    max_new_tokens: int = option(8, "greedy answer length")
+    dtype: str = option("auto", "weights dtype", choices=tuple(DTYPES))
+    device: str | None = option(None, "torch device; default cuda if available")
+    out: str | None = option(None, "output folder; default runs/eval/<model>/<dataset>-<split>")
+
+    def validate(self) -> None:
+        """Reject values that cannot work, before loading anything."""
+        if self.limit is not None and self.limit < 1:
+            raise ConfigError("--limit must be >= 1 (omit it for the whole split)")
+        if self.batch_size < 1 or self.max_new_tokens < 1:
+            raise ConfigError("--batch-size and --max-new-tokens must be >= 1")
+
+
+def evaluate(config: EvalConfig, *, loaded: LoadedModel | None = None, progress: bool = True) -> pd.DataFrame:
+    """Greedy-decode every sample and score it; returns one row per sample."""
+    from tqdm.auto import tqdm
+
+    from analysis.data.loaders import load_samples
+
+    config.validate()
+    samples = load_samples(config.dataset, config.split, config.limit, data_dir=config.data_dir)
+    if loaded is None:
+        loaded = load_model(config.model, dtype=config.dtype, device=config.device or default_device())
+    device = next(loaded.model.parameters()).device
+    rows = []
+    for batch in tqdm(_chunks(samples, config.batch_size), desc="evaluate", disable=not progress):
+        inputs = loaded.adapter.build_inputs(loaded.processor, batch, device=device)
+        for sample, answer in zip(batch, generate_answers(loaded, inputs, config.max_new_tokens)):
+            rows.append(
+                {
+                    "sample_id": sample.sample_id, "family": sample.family, "question": sample.question,
+                    "reference": sample.answer, "prediction": answer, "correct": is_correct(answer or "", sample),
+                }
+            )
+    return pd.DataFrame(rows, columns=PREDICTIONS_SCHEMA.names)
+
+
+def accuracy_table(predictions: pd.DataFrame) -> pd.DataFrame:
+    """Accuracy (%) and count per family, plus an 'overall' row."""
+    by_family = predictions.groupby("family")["correct"].agg(["mean", "size"])
+    overall = pd.DataFrame({"mean": [predictions["correct"].mean()], "size": [len(predictions)]}, index=["overall"])
+    table = pd.concat([by_family, overall])
+    table["mean"] *= 100
+    return table.rename(columns={"mean": "accuracy", "size": "n"})
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Evaluate, write predictions and a summary, print the accuracy table."""
+    parser = argparse.ArgumentParser(prog="python -m analysis.evaluate", description=__doc__,
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add_arguments(parser, EvalConfig)
+    args = parser.parse_args(argv)
+    config = from_namespace(EvalConfig, args)
+
+    def body() -> int:
+        from analysis.data.loaders import resolve_split
+
+        split = resolve_split(config.dataset, config.split)
+        out = Path(config.out) if config.out else Path("runs") / "eval" / config.model.replace("/", "_") / (
+            f"{Path(config.dataset).name}-{split}"
+        )
+        predictions = evaluate(config)
+        table = accuracy_table(predictions)
+        atomic_write_table(out / "predictions.parquet", pa.Table.from_pandas(predictions, PREDICTIONS_SCHEMA, preserve_index=False))
+        atomic_write_json(
+            out / "summary.json",
+            {"config": {**to_dict(config), "split": split}, "accuracy": table.to_dict(orient="index"),
+             "package_versions": package_versions(), "git_hash": git_hash()},
+        )
+        sys.stdout.write(f"results: {out.resolve()}\n{table.to_string(float_format=lambda v: f'{v:.2f}')}\n")
+        return 0
+
+    return run_cli(body)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
