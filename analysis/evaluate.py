@@ -15,9 +15,10 @@ from analysis.cli import run_cli
 from analysis.config import add_arguments, from_namespace, option, to_dict
 from analysis.data.scoring import is_correct
 from analysis.errors import ConfigError
-from analysis.models.registry import DTYPES, LoadedModel, load_model
-from analysis.results import atomic_write_json, atomic_write_table, git_hash, package_versions
-from analysis.trace.run import DEFAULT_DATASET, DEFAULT_MODEL, _chunks, default_device, generate_answers
+from analysis.data.samples import batched
+from analysis.models.registry import DTYPES, LoadedModel, default_device, load_model
+from analysis.results import atomic_write_json, atomic_write_table, default_run_dir, git_hash, package_versions
+from analysis.trace.run import DEFAULT_DATASET, DEFAULT_MODEL, generate_answers
 
 logger = logging.getLogger(__name__)
 
@@ -65,7 +66,7 @@ def evaluate(config: EvalConfig, *, loaded: LoadedModel | None = None, progress:
         loaded = load_model(config.model, dtype=config.dtype, device=config.device or default_device())
     device = next(loaded.model.parameters()).device
     rows = []
-    for batch in tqdm(_chunks(samples, config.batch_size), desc="evaluate", disable=not progress):
+    for batch in tqdm(batched(samples, config.batch_size), desc="evaluate", disable=not progress):
         inputs = loaded.adapter.build_inputs(loaded.processor, batch, device=device)
         for sample, answer in zip(batch, generate_answers(loaded, inputs, config.max_new_tokens)):
             rows.append(
@@ -98,9 +99,7 @@ def main(argv: list[str] | None = None) -> int:
         from analysis.data.loaders import resolve_split
 
         split = resolve_split(config.dataset, config.split)
-        out = Path(config.out) if config.out else Path("runs") / "eval" / config.model.replace("/", "_") / (
-            f"{Path(config.dataset).name}-{split}"
-        )
+        out = Path(config.out) if config.out else default_run_dir("eval", config.model, config.dataset, split)
         predictions = evaluate(config)
         table = accuracy_table(predictions)
         atomic_write_table(out / "predictions.parquet", pa.Table.from_pandas(predictions, PREDICTIONS_SCHEMA, preserve_index=False))

@@ -146,6 +146,15 @@ def atomic_write_table(path: Path, table: pa.Table) -> None:
         raise
 
 
+def default_run_dir(command: str, model: str, dataset: str, split: str) -> Path:
+    """``runs/<command>/<model>/<dataset>-<split>`` with path separators in names made safe."""
+
+    def safe(text: str) -> str:
+        return text.replace("/", "_").replace("\\", "_").strip("._") or "local"
+
+    return Path("runs") / command / safe(model) / f"{safe(Path(dataset).name)}-{safe(split)}"
+
+
 def _now() -> str:
     """UTC timestamp in ISO format."""
     return datetime.now(timezone.utc).isoformat(timespec="seconds")

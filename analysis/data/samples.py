@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 from PIL import Image
+
+T = TypeVar("T")
 
 IMAGE_PLACEHOLDER = "<image>"
 """Marks where an image goes inside ``Sample.prompt``; without a marker the images precede the text."""
@@ -33,3 +37,8 @@ class Sample:
                 f"sample {self.sample_id!r}: prompt has {n_markers} {IMAGE_PLACEHOLDER} markers but "
                 f"{len(self.images)} images; give one marker per image or none"
             )
+
+
+def batched(items: Sequence[T], size: int) -> list[Sequence[T]]:
+    """Consecutive slices of ``items`` holding at most ``size`` elements each."""
+    return [items[start : start + size] for start in range(0, len(items), size)]

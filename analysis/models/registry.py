@@ -57,6 +57,11 @@ class LoadedModel:
     revision: str | None
 
 
+def default_device() -> str:
+    """cuda when a GPU is visible, else cpu."""
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
 def resolve(name: str) -> ModelSpec:
     """Turn an alias, a local path or a hub id into a ModelSpec (model_type '' until loaded)."""
     if name in ALIASES:

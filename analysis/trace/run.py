@@ -13,12 +13,12 @@ import pyarrow as pa
 import torch
 
 from analysis.config import identity_dict, option, to_dict
-from analysis.data.samples import Sample
+from analysis.data.samples import Sample, batched
 from analysis.errors import ConfigError, DataError
 from analysis.layout import REGION_NAMES, TokenLayout
 from analysis.models.adapters import ModelInputs
-from analysis.models.registry import DTYPES, LoadedModel, load_model
-from analysis.results import SAMPLES_TABLE, TRACE_SCHEMAS, RunFolder
+from analysis.models.registry import DTYPES, LoadedModel, default_device, load_model
+from analysis.results import SAMPLES_TABLE, TRACE_SCHEMAS, RunFolder, default_run_dir
 from analysis.trace.tracer import QUERY_GROUPS, LayerStats, trace_batch, traced
 
 logger = logging.getLogger(__name__)
@@ -63,10 +63,7 @@ class TraceConfig:
 
     def output_dir(self, split: str) -> Path:
         """The run folder, defaulting to one derived from model, dataset and split."""
-        if self.out:
-            return Path(self.out)
-        safe = lambda text: text.replace("/", "_").strip("._") or "local"  # noqa: E731
-        return Path("runs") / "trace" / safe(self.model) / f"{safe(Path(self.dataset).name)}-{split}"
+        return Path(self.out) if self.out else default_run_dir("trace", self.model, self.dataset, split)
 
 
 @dataclass
@@ -76,16 +73,6 @@ class TraceResult:
     out_dir: Path
     n_samples: int
     n_new: int
-
-
-def _chunks(items: Sequence[Sample], size: int) -> list[Sequence[Sample]]:
-    """Consecutive slices of ``items`` of at most ``size``."""
-    return [items[start : start + size] for start in range(0, len(items), size)]
-
-
-def default_device() -> str:
-    """cuda when a GPU is visible, else cpu."""
-    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def run_trace(config: TraceConfig, *, loaded: LoadedModel | None = None, progress: bool = True) -> TraceResult:
@@ -130,7 +117,7 @@ def run_trace(config: TraceConfig, *, loaded: LoadedModel | None = None, progres
 
     bar = tqdm(total=len(samples), initial=len(done), desc="trace", unit="sample", disable=not progress)
     with bar, traced(loaded.model) as traced_model:
-        for batch in _chunks(pending, config.batch_size):
+        for batch in batched(pending, config.batch_size):
             inputs = loaded.adapter.build_inputs(loaded.processor, batch, device=device)
             stats, _ = trace_batch(traced_model, loaded.adapter, inputs, top_k=config.top_k)
             answers = generate_answers(loaded, inputs, config.max_new_tokens)

@@ -1,0 +1,42 @@
+"""The evaluate command: per-family accuracy table, outputs, and batch-independent answers."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from fixtures_data import LOCAL_RECORDS, write_jsonl
+
+from analysis.evaluate import EvalConfig, accuracy_table, evaluate, main
+
+
+def test_accuracy_table_counts_families() -> None:
+    """Accuracy per family and overall, in percent."""
+    predictions = pd.DataFrame({"family": ["a", "a", "b"], "correct": [True, False, True]})
+    table = accuracy_table(predictions)
+    assert table.loc["a", "accuracy"] == 50 and table.loc["overall", "n"] == 3
+    assert table.loc["overall", "accuracy"] == pytest.approx(200 / 3)
+
+
+@pytest.mark.parametrize("model", ["tiny-llava", "tiny-qwen2.5-vl"])
+def test_answers_do_not_depend_on_batching(tmp_path: Path, model: str) -> None:
+    """Greedy answers of a left-padded batch equal those of one-sample batches."""
+    data = str(write_jsonl(tmp_path / "data", LOCAL_RECORDS))
+    batched = evaluate(EvalConfig(model=model, dataset=data, batch_size=4, device="cpu"), progress=False)
+    single = evaluate(EvalConfig(model=model, dataset=data, batch_size=1, device="cpu"), progress=False)
+    assert batched["prediction"].tolist() == single["prediction"].tolist()
+    assert len(batched) == len(LOCAL_RECORDS)
+
+
+def test_cli_writes_predictions_and_summary(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """The CLI prints the table and writes predictions.parquet and summary.json."""
+    data = str(write_jsonl(tmp_path / "data", LOCAL_RECORDS))
+    out = tmp_path / "eval"
+    assert main(["--dataset", data, "--out", str(out), "--device", "cpu"]) == 0
+    assert "overall" in capsys.readouterr().out
+    assert len(pd.read_parquet(out / "predictions.parquet")) == len(LOCAL_RECORDS)
+    assert "overall" in json.loads((out / "summary.json").read_text())["accuracy"]
+    assert main(["--dataset", data, "--limit", "0", "--out", str(tmp_path / "bad")]) == 2
+    assert not (tmp_path / "bad").exists()
