@@ -1,0 +1,1 @@
+"""Causal probes: attention interventions, logit lens and contribution probes."""

@@ -1,0 +1,282 @@
+"""Attention interventions: the language model's attention routed, for the duration of a context, through
+one function that can block query->key edges per layer and observe each layer's last-row attention.
+
+The function is registered with transformers' AttentionInterface under ``PROBE_ATTENTION`` and is
+only selected by the text config of a model inside ``intervene``; on exit the model's own attention
+implementation is restored. Queries and keys arrive after RoPE (M-RoPE for Qwen2.5-VL) and after the
+KV cache update, so the same code serves prefill, teacher forcing and decoding for every family.
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from analysis.errors import ConfigError
+from analysis.layout import REGION_IMAGE, REGION_INSTRUCTION, REGION_SYSTEM, TokenLayout
+from analysis.models.adapters import FamilyAdapter
+
+PROBE_ATTENTION = "visipruner_probe"
+QUERY_REGIONS = ("system", "image", "instruction", "last")
+KEY_REGIONS = ("system", "image", "instruction")
+
+# Attention modules currently under an intervention -> what to do there.
+_ACTIVE: "weakref.WeakKeyDictionary[nn.Module, _LayerHook]" = weakref.WeakKeyDictionary()
+
+
+@dataclass(frozen=True)
+class Knockout:
+    """Block attention from a query region to a key region in a set of layers."""
+
+    query: str
+    key: str
+    layers: frozenset[int]
+
+    def __post_init__(self) -> None:
+        if self.query not in QUERY_REGIONS:
+            raise ConfigError(f"unknown query region {self.query!r}; choose one of {', '.join(QUERY_REGIONS)}")
+        if self.key not in KEY_REGIONS:
+            raise ConfigError(f"unknown key region {self.key!r}; choose one of {', '.join(KEY_REGIONS)}")
+
+
+@dataclass
+class RegionMasks:
+    """Per-sample membership of padded prompt positions in each query group and key region.
+
+    Positions after the prompt (teacher-forced or generated answer tokens) count as ``instruction``
+    and ``last`` queries and as ``instruction`` keys: they are the answer's own text.
+    """
+
+    queries: dict[str, torch.Tensor]  # name -> (B, T) bool
+    keys: dict[str, torch.Tensor]  # name -> (B, T) bool
+    prompt_length: int
+    extra_keys: dict[str, torch.Tensor] = field(default_factory=dict)  # name -> (B, T) bool, e.g. token subsets
+
+    @classmethod
+    def from_layouts(cls, layouts: list[TokenLayout], seq_len: int, device: torch.device) -> "RegionMasks":
+        """Build the masks of a left-padded batch."""
+        batch = len(layouts)
+        queries = {name: torch.zeros(batch, seq_len, dtype=torch.bool) for name in QUERY_REGIONS}
+        keys = {name: torch.zeros(batch, seq_len, dtype=torch.bool) for name in KEY_REGIONS}
+        for row, layout in enumerate(layouts):
+            for region, name in ((REGION_SYSTEM, "system"), (REGION_IMAGE, "image"), (REGION_INSTRUCTION, "instruction")):
+                positions = torch.as_tensor(layout.padded((layout.regions == region).nonzero()[0]))
+                queries[name][row, positions] = True
+                keys[name][row, positions] = True
+            queries["last"][row, layout.padded(layout.last)] = True
+        return cls(
+            {k: v.to(device) for k, v in queries.items()}, {k: v.to(device) for k, v in keys.items()}, seq_len
+        )
+
+    def query_rows(self, name: str, start: int, length: int) -> torch.Tensor:
+        """(B, length) membership of absolute query positions [start, start+length) in a query group."""
+        return _extend(self.queries[name], start, length, fill=name in ("instruction", "last"))
+
+    def key_columns(self, name: str, length: int) -> torch.Tensor:
+        """(B, length) membership of key positions [0, length) in a key region (or a named key subset)."""
+        source = self.extra_keys.get(name, self.keys.get(name))
+        if source is None:
+            raise ConfigError(f"unknown key region {name!r}")
+        return _extend(source, 0, length, fill=name == "instruction")
+
+
+def _extend(membership: torch.Tensor, start: int, length: int, *, fill: bool) -> torch.Tensor:
+    """Slice positions [start, start+length) of a (B, T) mask, padding positions >= T with ``fill``."""
+    batch, known = membership.shape
+    inside = membership[:, start : min(start + length, known)]
+    missing = length - inside.shape[1]
+    if missing <= 0:
+        return inside
+    return torch.cat([inside, torch.full((batch, missing), fill, dtype=torch.bool, device=membership.device)], dim=1)
+
+
+@dataclass
+class LastRowObservation:
+    """What a layer's attention did at the last prompt position, in float32."""
+
+    layer: int
+    query: torch.Tensor  # (B, H, d) after RoPE
+    keys: torch.Tensor  # (B, H, K, d) after RoPE and GQA expansion
+    values: torch.Tensor  # (B, H, K, d)
+    weights: torch.Tensor  # (B, H, K) softmax row incl. the intervention's mask
+
+
+class AttentionHooks:
+    """What an intervention does in each layer: extra blocked edges, and/or an observer of the last row."""
+
+    def blocked(self, layer: int, query_start: int, query_length: int, key_length: int) -> torch.Tensor | None:
+        """(B, Q, K) bool of edges to block in ``layer`` for the given absolute query range, or None."""
+        return None
+
+    def observe(self, observation: LastRowObservation) -> None:
+        """Receive a layer's last-row attention (called only when ``wants_last_row`` says so)."""
+
+    def wants_last_row(self, layer: int, query_start: int, query_length: int) -> bool:
+        """Whether ``observe`` should be called for this layer and query range."""
+        return False
+
+
+class KnockoutHooks(AttentionHooks):
+    """Blocks the edges of a list of knockouts (an empty list changes nothing)."""
+
+    def __init__(self, masks: RegionMasks, knockouts: list[Knockout]) -> None:
+        self.masks = masks
+        self.knockouts = knockouts
+
+    def blocked(self, layer: int, query_start: int, query_length: int, key_length: int) -> torch.Tensor | None:
+        """Union of the active knockouts' query x key blocks."""
+        block = None
+        for knockout in self.knockouts:
+            if layer not in knockout.layers:
+                continue
+            rows = self.masks.query_rows(knockout.query, query_start, query_length)
+            cols = self.masks.key_columns(knockout.key, key_length)
+            edges = rows[:, :, None] & cols[:, None, :]
+            block = edges if block is None else block | edges
+        return block
+
+
+@dataclass
+class _LayerHook:
+    """The hooks and the underlying attention implementation for one attention module."""
+
+    hooks: AttentionHooks
+    base: Callable[..., tuple[torch.Tensor, torch.Tensor | None]]
+    last_position: int
+
+
+def eager_attention(
+    module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+    attention_mask: torch.Tensor | None, scaling: float, dropout: float = 0.0, **_: Any,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Plain softmax attention with grouped KV heads; returns (output (B, Q, H, d), weights (B, H, Q, K))."""
+    groups = query.shape[1] // key.shape[1]
+    key = key.repeat_interleave(groups, dim=1)
+    value = value.repeat_interleave(groups, dim=1)
+    scores = torch.matmul(query, key.transpose(2, 3)) * scaling
+    if attention_mask is not None:
+        scores = scores + attention_mask
+    weights = torch.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
+    output = torch.matmul(weights, value).transpose(1, 2).contiguous()
+    return output, weights
+
+
+def _probe_attention(
+    module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+    attention_mask: torch.Tensor | None, scaling: float, dropout: float = 0.0, **kwargs: Any,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The registered attention function: apply the module's hooks, then its base implementation."""
+    hook = _ACTIVE.get(module)
+    if hook is None:
+        raise RuntimeError(f"{PROBE_ATTENTION} attention used outside an intervention; restore the model's attention")
+    layer = int(module.layer_idx)
+    query_length, key_length = query.shape[2], key.shape[2]
+    query_start = key_length - query_length  # absolute position of the first query (cache-aware)
+    blocked = hook.hooks.blocked(layer, query_start, query_length, key_length)
+    observe = hook.hooks.wants_last_row(layer, query_start, query_length)
+    if blocked is None and not observe:
+        # Untouched layers see exactly the mask the model made, so a no-op intervention is bit-identical.
+        return hook.base(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
+    mask = _full_mask(attention_mask, query, key_length, query_start)
+    if blocked is not None:
+        mask = mask.masked_fill(blocked[:, None], torch.finfo(mask.dtype).min)
+    if observe:
+        hook.hooks.observe(_last_row(layer, query, key, value, mask, scaling, hook.last_position - query_start))
+    return hook.base(module, query, key, value, mask, scaling=scaling, dropout=dropout, **kwargs)
+
+
+def _full_mask(attention_mask: torch.Tensor | None, query: torch.Tensor, key_length: int, query_start: int) -> torch.Tensor:
+    """A (B, 1, Q, K) additive float mask, built causally when the model passed none."""
+    batch, _, query_length, _ = query.shape
+    if attention_mask is not None and attention_mask.dtype != torch.bool:
+        return attention_mask[..., :key_length].expand(batch, 1, query_length, key_length)
+    minimum = torch.finfo(query.dtype).min
+    if attention_mask is not None:
+        allowed = attention_mask[..., :key_length].expand(batch, 1, query_length, key_length)
+    else:
+        positions = torch.arange(key_length, device=query.device)
+        allowed = positions[None, :] <= (query_start + torch.arange(query_length, device=query.device))[:, None]
+        allowed = allowed[None, None].expand(batch, 1, query_length, key_length)
+    zero = torch.zeros((), dtype=query.dtype, device=query.device)
+    return torch.where(allowed, zero, torch.full((), minimum, dtype=query.dtype, device=query.device))
+
+
+def _last_row(
+    layer: int, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor, scaling: float,
+    row: int,
+) -> LastRowObservation:
+    """The last prompt position's attention recomputed in float32 from its query row only."""
+    groups = query.shape[1] // key.shape[1]
+    q = query[:, :, row].float()
+    k = key.float().repeat_interleave(groups, dim=1)
+    v = value.float().repeat_interleave(groups, dim=1)
+    scores = torch.einsum("bhd,bhkd->bhk", q, k) * scaling + mask[:, 0, row].float()
+    return LastRowObservation(layer, q, k, v, torch.softmax(scores, dim=-1))
+
+
+# The mask builder of the implementation under intervention: masks are made exactly as the model
+# would make them. Interventions do not nest, so one slot suffices.
+_MASK_BASE: list[Callable[..., Any]] = []
+
+
+def _probe_mask(*args: Any, **kwargs: Any) -> Any:
+    """The registered mask builder: delegate to the intervened model's own implementation."""
+    if not _MASK_BASE:
+        raise RuntimeError(f"{PROBE_ATTENTION} mask requested outside an intervention")
+    return _MASK_BASE[0](*args, **kwargs)
+
+
+def _ensure_registered() -> None:
+    """Register the probe attention and mask builder with transformers (idempotent)."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
+
+    if PROBE_ATTENTION not in ALL_MASK_ATTENTION_FUNCTIONS._global_mapping:
+        AttentionInterface.register(PROBE_ATTENTION, _probe_attention)
+        AttentionMaskInterface.register(PROBE_ATTENTION, _probe_mask)
+
+
+def _base_attention(name: str) -> Callable[..., tuple[torch.Tensor, torch.Tensor | None]]:
+    """The attention implementation the model used before the intervention."""
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    if name == "eager":
+        return eager_attention
+    if name == PROBE_ATTENTION:
+        raise ConfigError("interventions cannot be nested; apply one intervention at a time")
+    if name not in ALL_ATTENTION_FUNCTIONS:
+        raise ConfigError(f"attention implementation {name!r} cannot be intervened on; load with sdpa or eager")
+    return ALL_ATTENTION_FUNCTIONS[name]
+
+
+@contextmanager
+def intervene(adapter: FamilyAdapter, hooks: AttentionHooks, last_position: int) -> Iterator[None]:
+    """Route the language model's attention through ``hooks`` inside the block; restore it on exit.
+
+    ``last_position`` is the padded index of the last prompt position (the same for every row of a
+    left-padded batch).
+    """
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
+
+    _ensure_registered()
+    text_config = adapter.text_config
+    previous = text_config._attn_implementation
+    base = _base_attention(previous)
+    modules = [layer.self_attn for layer in adapter.decoder_layers()]
+    for module in modules:
+        _ACTIVE[module] = _LayerHook(hooks, base, last_position)
+    _MASK_BASE.append(ALL_MASK_ATTENTION_FUNCTIONS[previous])
+    text_config._attn_implementation = PROBE_ATTENTION
+    try:
+        yield
+    finally:
+        text_config._attn_implementation = previous
+        _MASK_BASE.clear()
+        for module in modules:
+            _ACTIVE.pop(module, None)
