@@ -216,7 +216,7 @@ def _last_row(
     q = query[:, :, row].float()
     k = key.float().repeat_interleave(groups, dim=1)
     v = value.float().repeat_interleave(groups, dim=1)
-    scores = torch.einsum("bhd,bhkd->bhk", q, k) * scaling + mask[:, 0, row].float()
+    scores = torch.einsum("bhd,bhkd->bhk", q, k) * scaling + mask[:, :, row].float()  # (B, 1, K) row per sample
     return LastRowObservation(layer, q, k, v, torch.softmax(scores, dim=-1))
 
 

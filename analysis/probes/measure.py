@@ -1,0 +1,166 @@
+"""Probe measurements: answer log-probs under interventions, contributions, logit lens, masked decoding."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from analysis.models.adapters import FamilyAdapter, ModelInputs
+from analysis.probes.intervention import AttentionHooks, LastRowObservation, RegionMasks, intervene
+
+# Tensors of a processor batch laid out along the sequence, and what pads them on the right.
+_SEQUENCE_FILL = {"input_ids": None, "attention_mask": 0, "mm_token_type_ids": 0, "token_type_ids": 0}
+
+
+@dataclass
+class TeacherForced:
+    """A batch with each reference answer appended after its prompt (right-padded), for scoring answers."""
+
+    tensors: dict[str, torch.Tensor]
+    prompt_length: int
+    answer_ids: torch.Tensor  # (B, A) answer token ids (pad where absent)
+    answer_mask: torch.Tensor  # (B, A) bool
+
+
+def teacher_forced(inputs: ModelInputs, answers: list[str], tokenizer: Any) -> TeacherForced:
+    """Append each answer's tokens to its prompt so one forward pass scores every answer token."""
+    encoded = [tokenizer(answer, add_special_tokens=False)["input_ids"] for answer in answers]
+    width = max(1, max(len(ids) for ids in encoded))
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    device = inputs.input_ids.device
+    answer_ids = torch.full((len(answers), width), pad, dtype=inputs.input_ids.dtype, device=device)
+    answer_mask = torch.zeros(len(answers), width, dtype=torch.bool, device=device)
+    for row, ids in enumerate(encoded):
+        answer_ids[row, : len(ids)] = torch.as_tensor(ids, device=device)
+        answer_mask[row, : len(ids)] = True
+    tensors = dict(inputs.tensors)
+    seq_len = inputs.input_ids.shape[1]
+    for name, fill in _SEQUENCE_FILL.items():
+        value = tensors.get(name)
+        if value is None or value.dim() != 2 or value.shape[1] != seq_len:
+            continue
+        tail = answer_ids if name == "input_ids" else answer_mask.to(value.dtype) if name == "attention_mask" else (
+            torch.full_like(answer_ids, fill, dtype=value.dtype)
+        )
+        tensors[name] = torch.cat([value, tail.to(value.dtype)], dim=1)
+    return TeacherForced(tensors, seq_len, answer_ids, answer_mask)
+
+
+@dataclass
+class AnswerScores:
+    """Per sample: reference-answer log-prob and the next-token distribution at the last prompt position."""
+
+    answer_logprob: torch.Tensor  # (B,) sum over answer tokens
+    next_logprobs: torch.Tensor  # (B, V) float32 log-softmax at the last prompt position
+
+
+def score_answers(model: torch.nn.Module, batch: TeacherForced) -> AnswerScores:
+    """One teacher-forced forward pass; log-probs in float32."""
+    with torch.inference_mode():
+        logits = model(**batch.tensors).logits
+    start = batch.prompt_length - 1
+    width = batch.answer_ids.shape[1]
+    logprobs = torch.log_softmax(logits[:, start : start + width].float(), dim=-1)
+    token_logprobs = logprobs.gather(-1, batch.answer_ids[..., None]).squeeze(-1)
+    answer_logprob = (token_logprobs * batch.answer_mask).sum(-1)
+    return AnswerScores(answer_logprob, logprobs[:, 0])
+
+
+def kl_divergence(reference: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
+    """KL(reference || other) of two batches of log-prob rows."""
+    return (reference.exp() * (reference - other)).sum(-1)
+
+
+class ObserveAll(AttentionHooks):
+    """Observe the last prompt row of every layer during the prefill, optionally on top of other hooks."""
+
+    def __init__(self, prompt_length: int, image_index: torch.Tensor, image_valid: torch.Tensor,
+                 inner: AttentionHooks | None = None) -> None:
+        self.prompt_length = prompt_length
+        self.image_index = image_index  # (B, N) padded positions of image tokens
+        self.image_valid = image_valid  # (B, N)
+        self.inner = inner
+        self.records: dict[int, dict[str, torch.Tensor]] = {}
+
+    def blocked(self, layer: int, query_start: int, query_length: int, key_length: int) -> torch.Tensor | None:
+        """Delegate to the inner hooks."""
+        return None if self.inner is None else self.inner.blocked(layer, query_start, query_length, key_length)
+
+    def wants_last_row(self, layer: int, query_start: int, query_length: int) -> bool:
+        """Only in the pass that contains the last prompt position as a query."""
+        return query_start <= self.prompt_length - 1 < query_start + query_length
+
+    def observe(self, observation: LastRowObservation) -> None:
+        """Contributions c_j = a_j v_j of image tokens, the output o, cos(o - c_j, o) and ||c_j||."""
+        weights, values = observation.weights, observation.values  # (B, H, K), (B, H, K, d)
+        batch, heads, _, dim = values.shape
+        output = torch.einsum("bhk,bhkd->bhd", weights, values)  # (B, H, d)
+        index = self.image_index[:, None, :].expand(-1, heads, -1)
+        image_weights = torch.gather(weights, 2, index) * self.image_valid[:, None, :]
+        image_values = torch.gather(values, 2, index[..., None].expand(-1, -1, -1, dim))
+        contributions = (image_weights[..., None] * image_values).permute(0, 2, 1, 3).reshape(batch, -1, heads * dim)
+        flat_output = output.reshape(batch, 1, heads * dim)
+        cosine = torch.nn.functional.cosine_similarity(flat_output - contributions, flat_output, dim=-1, eps=1e-12)
+        self.records[observation.layer] = {
+            "output": output.reshape(batch, heads * dim),
+            "head_output": output,
+            "cosine": cosine * self.image_valid,
+            "norm": contributions.norm(dim=-1) * self.image_valid,
+            "attention": image_weights.mean(1),  # head-mean attention of the last position on image tokens
+        }
+
+
+def image_index_tensors(inputs: ModelInputs) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, N) padded positions of each sample's image tokens and their validity."""
+    device = inputs.input_ids.device
+    n_max = max(layout.n_image_tokens for layout in inputs.layouts)
+    index = torch.zeros(len(inputs.layouts), n_max, dtype=torch.long)
+    valid = torch.zeros(len(inputs.layouts), n_max, dtype=torch.bool)
+    for row, layout in enumerate(inputs.layouts):
+        positions = torch.as_tensor(layout.padded(layout.image_positions))
+        index[row, : len(positions)] = positions
+        valid[row, : len(positions)] = True
+    return index.to(device), valid.to(device)
+
+
+def observe_prefill(model: torch.nn.Module, adapter: FamilyAdapter, batch: TeacherForced, inputs: ModelInputs,
+                    *, lens: bool = True) -> tuple[ObserveAll, dict[int, torch.Tensor]]:
+    """A clean teacher-forced pass recording every layer's last-row contributions and (optionally) residuals."""
+    index, valid = image_index_tensors(inputs)
+    observer = ObserveAll(batch.prompt_length, index, valid)
+    residuals: dict[int, torch.Tensor] = {}
+    handles = []
+    if lens:
+        for layer_index, layer in enumerate(adapter.decoder_layers()):
+            def keep(_module: Any, _inputs: Any, output: Any, layer_index: int = layer_index) -> None:
+                hidden = output[0] if isinstance(output, tuple) else output
+                residuals[layer_index] = hidden[:, batch.prompt_length - 1].float()
+
+            handles.append(layer.register_forward_hook(keep))
+    try:
+        with intervene(adapter, observer, batch.prompt_length - 1), torch.inference_mode():
+            model(**batch.tensors)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return observer, residuals
+
+
+def lens_logprobs(adapter: FamilyAdapter, hidden: torch.Tensor) -> torch.Tensor:
+    """Final norm and LM head applied to residual-stream vectors (B, D) -> float32 log-probs (B, V)."""
+    norm, head = adapter.final_norm(), adapter.lm_head()
+    with torch.inference_mode():
+        weight_dtype = head.weight.dtype
+        logits = head(norm(hidden.to(weight_dtype)))
+    return torch.log_softmax(logits.float(), dim=-1)
+
+
+def head_projections(adapter: FamilyAdapter, layer: int, head_output: torch.Tensor) -> torch.Tensor:
+    """Each head's output at the last position through its slice of o_proj: (B, H, d) -> (B, H, D)."""
+    o_proj = adapter.decoder_layers()[layer].self_attn.o_proj
+    weight = o_proj.weight.float()  # (D, H*d)
+    batch, heads, dim = head_output.shape
+    slices = weight.reshape(weight.shape[0], heads, dim)  # (D, H, d)
+    return torch.einsum("bhd,Dhd->bhD", head_output.float(), slices)
