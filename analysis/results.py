@@ -34,7 +34,7 @@ _INDEX_NOTE = (
 )
 
 
-def _schema(fields: list[tuple[str, pa.DataType]], description: str) -> pa.Schema:
+def table_schema(fields: list[tuple[str, pa.DataType]], description: str) -> pa.Schema:
     """A pyarrow schema carrying the schema version, a description and the index convention."""
     return pa.schema(
         fields,
@@ -43,7 +43,7 @@ def _schema(fields: list[tuple[str, pa.DataType]], description: str) -> pa.Schem
 
 
 TRACE_SCHEMAS: dict[str, pa.Schema] = {
-    "attention": _schema(
+    "attention": table_schema(
         [
             ("sample_id", pa.string()), ("layer", pa.int16()), ("head", pa.int16()),
             ("query", pa.string()), ("key_region", pa.string()), ("mass", pa.float32()),
@@ -51,7 +51,7 @@ TRACE_SCHEMAS: dict[str, pa.Schema] = {
         "Attention mass from a query group (last = last prompt position; instruction = mean over instruction "
         "tokens incl. the last; image = mean over image tokens) onto a key region (system/image/instruction).",
     ),
-    "sinks": _schema(
+    "sinks": table_schema(
         [
             ("sample_id", pa.string()), ("layer", pa.int16()), ("head", pa.int16()), ("query", pa.string()),
             ("image_mass", pa.float32()), ("top_k", pa.int16()), ("top_k_share", pa.float32()),
@@ -62,7 +62,7 @@ TRACE_SCHEMAS: dict[str, pa.Schema] = {
         "entropy (nats) of the renormalised image distribution and entropy / log(n_image_tokens); "
         "top_indices are image-token ordinals (0 = first token of the first image), most attended first.",
     ),
-    "image_tokens": _schema(
+    "image_tokens": table_schema(
         [
             ("sample_id", pa.string()), ("layer", pa.int16()), ("image_index", pa.int16()),
             ("token_index", pa.int32()), ("row", pa.int16()), ("col", pa.int16()), ("position", pa.int32()),
@@ -71,7 +71,7 @@ TRACE_SCHEMAS: dict[str, pa.Schema] = {
         "Per image token and layer: L1 norm of its value vector over all KV heads, and the attention it "
         "receives from the last position and from the instruction tokens (mean over query heads).",
     ),
-    SAMPLES_TABLE: _schema(
+    SAMPLES_TABLE: table_schema(
         [
             ("sample_id", pa.string()), ("dataset", pa.string()), ("family", pa.string()),
             ("question", pa.string()), ("prompt", pa.string()), ("reference", pa.string()),

@@ -25,6 +25,7 @@ from analysis.models.adapters import FamilyAdapter
 PROBE_ATTENTION = "visipruner_probe"
 QUERY_REGIONS = ("system", "image", "instruction", "last")
 KEY_REGIONS = ("system", "image", "instruction")
+SUBSET_KEY = "subset"  # keys given per sample in RegionMasks.extra_keys[SUBSET_KEY] (e.g. some image tokens)
 
 # Attention modules currently under an intervention -> what to do there.
 _ACTIVE: "weakref.WeakKeyDictionary[nn.Module, _LayerHook]" = weakref.WeakKeyDictionary()
@@ -41,7 +42,7 @@ class Knockout:
     def __post_init__(self) -> None:
         if self.query not in QUERY_REGIONS:
             raise ConfigError(f"unknown query region {self.query!r}; choose one of {', '.join(QUERY_REGIONS)}")
-        if self.key not in KEY_REGIONS:
+        if self.key not in (*KEY_REGIONS, SUBSET_KEY):
             raise ConfigError(f"unknown key region {self.key!r}; choose one of {', '.join(KEY_REGIONS)}")
 
 

@@ -1,0 +1,228 @@
+"""Training data for the organism, rendered and tokenised once: every stage then only indexes tensors.
+
+Prompts are rendered by ``LlavaAdapter.render_prompt`` and tokenised by the organism's own processor, so the
+token ids seen in training are the ones ``build_inputs`` produces at inference.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from PIL import Image
+
+from analysis.data.samples import Sample
+from analysis.data.shapes import (
+    DATASET_NAME,
+    PROMPT_SUFFIX,
+    ShapesConfig,
+    ShapesItem,
+    ask,
+    caption,
+    iter_scenes,
+    render,
+)
+from analysis.errors import DataError
+from analysis.models.adapters import FamilyAdapter
+from analysis.organism.build import CAPTION_PROMPT, IMAGE_TOKEN, image_token_count
+
+logger = logging.getLogger(__name__)
+
+IGNORE_INDEX = -100
+
+
+@dataclass
+class SequenceSet:
+    """Left-padded token sequences, their loss labels and the image each shows (-1 for text only)."""
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    labels: torch.Tensor
+    image_index: torch.Tensor
+
+    def __len__(self) -> int:
+        return int(self.input_ids.shape[0])
+
+    def to(self, device: torch.device) -> SequenceSet:
+        """The same sequences on ``device``."""
+        return SequenceSet(*(t.to(device) for t in (self.input_ids, self.attention_mask, self.labels, self.image_index)))
+
+    def batch(self, rows: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Rows ``rows`` with the padding columns they all share removed, plus generation-style position ids."""
+        mask = self.attention_mask[rows]
+        width = int(mask.sum(dim=1).max())
+        mask = mask[:, -width:]
+        # The positions generate() derives from a left-padded mask, so training sees the same RoPE phases.
+        positions = (mask.long().cumsum(dim=1) - 1).clamp(min=0)
+        return {
+            "input_ids": self.input_ids[rows][:, -width:],
+            "attention_mask": mask,
+            "position_ids": positions,
+            "labels": self.labels[rows][:, -width:],
+        }
+
+
+@dataclass
+class TrainingData:
+    """Everything the four stages train on, from the ShapesVQA train split."""
+
+    pixels: torch.Tensor
+    captions: list[str]
+    caption_ids: torch.Tensor
+    caption_mask: torch.Tensor
+    text_qa: SequenceSet
+    caption_chat: SequenceSet
+    vqa: SequenceSet
+
+    def to(self, device: torch.device) -> TrainingData:
+        """The same data with every tensor on ``device``."""
+        return TrainingData(
+            self.pixels.to(device), self.captions, self.caption_ids.to(device), self.caption_mask.to(device),
+            self.text_qa.to(device), self.caption_chat.to(device), self.vqa.to(device),
+        )
+
+
+def pixel_values(pixels: torch.Tensor, image_processor: object) -> torch.Tensor:
+    """CLIP-normalised float pixels from uint8 (n, 3, h, w) images, as the processor computes them."""
+    mean = torch.tensor(image_processor.image_mean, device=pixels.device).view(1, 3, 1, 1)
+    std = torch.tensor(image_processor.image_std, device=pixels.device).view(1, 3, 1, 1)
+    return (pixels.float() * float(image_processor.rescale_factor) - mean) / std
+
+
+def encode_sequences(
+    tokenizer: object,
+    prompts: Sequence[str],
+    targets: Sequence[str],
+    image_index: Sequence[int],
+    *,
+    loss_on_prompt: bool,
+) -> SequenceSet:
+    """Tokenise prompt + target + EOS per row; the loss covers the target and EOS (and the prompt if asked)."""
+    expanded = [prompt.replace(IMAGE_TOKEN, IMAGE_TOKEN * image_token_count()) for prompt in prompts]
+    # Prompts and answers repeat a lot (stage 2 has a single prompt), so each distinct string is tokenised once.
+    unique_prompts = list(dict.fromkeys(expanded))
+    unique_targets = list(dict.fromkeys(targets))
+    prompt_ids = dict(zip(unique_prompts, tokenizer(unique_prompts)["input_ids"]))
+    target_ids = dict(zip(unique_targets, tokenizer(unique_targets, add_special_tokens=False)["input_ids"]))
+    rows = [(prompt_ids[p], [*target_ids[t], tokenizer.eos_token_id]) for p, t in zip(expanded, targets)]
+    width = max(len(p) + len(t) for p, t in rows)
+    ids = np.full((len(rows), width), tokenizer.pad_token_id, dtype=np.int64)
+    labels = np.full((len(rows), width), IGNORE_INDEX, dtype=np.int64)
+    mask = np.zeros((len(rows), width), dtype=np.int64)
+    for row, (prompt, target) in enumerate(rows):
+        sequence = prompt + target
+        start = width - len(sequence)
+        ids[row, start:] = sequence
+        mask[row, start:] = 1
+        labels[row, width - len(target) :] = target
+        if loss_on_prompt:
+            labels[row, start : width - len(target)] = prompt
+    unknown = int((ids == tokenizer.unk_token_id).sum())
+    if unknown:
+        raise DataError(f"{unknown} training tokens are unknown to the organism's tokenizer; rebuild its vocabulary")
+    return SequenceSet(
+        torch.from_numpy(ids), torch.from_numpy(mask), torch.from_numpy(labels), torch.tensor(list(image_index))
+    )
+
+
+def encode_captions(tokenizer: object, captions: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded ``<s> caption </s>`` ids and mask: CLIP's text encoder pools at the first EOS."""
+    encoded = [[*ids, tokenizer.eos_token_id] for ids in tokenizer(list(captions))["input_ids"]]
+    width = max(len(ids) for ids in encoded)
+    ids = torch.full((len(encoded), width), tokenizer.pad_token_id, dtype=torch.long)
+    mask = torch.zeros((len(encoded), width), dtype=torch.long)
+    for row, sequence in enumerate(encoded):
+        ids[row, : len(sequence)] = torch.tensor(sequence)
+        mask[row, : len(sequence)] = 1
+    return ids, mask
+
+
+def train_items(shapes_config: ShapesConfig, n: int) -> list[ShapesItem]:
+    """The first ``n`` train questions, every family asked of every scene, in ``generate_items`` order.
+
+    ``generate_items`` stops with an IndexError at the first scene (about 1 in 2,700) whose "how many" question
+    draws the answer 0 while every colour or shape is present, which caps it near 32,000 train questions; this
+    loop asks the same questions but skips those scenes.
+    """
+    families = shapes_config.families
+    # Counters alternate yes/no per family, as generate_items does to balance exist and spatial answers.
+    asked = dict.fromkeys(families, 0)
+    items: list[ShapesItem] = []
+    scenes = iter_scenes("train", shapes_config)
+    while len(items) < n:
+        scene = next(scenes)
+        try:
+            questions = [ask(scene, family, shapes_config, want_yes=asked[family] % 2 == 0) for family in families]
+        except IndexError:
+            continue
+        for item in questions:
+            if item is not None and len(items) < n:
+                asked[item.family] += 1
+                items.append(item)
+    return items
+
+
+def to_sample(item: ShapesItem, image: Image.Image) -> Sample:
+    """The Sample ``generate_samples`` makes of ``item``, showing ``image``."""
+    return Sample(
+        sample_id=item.sample_id,
+        images=[image],
+        prompt=item.question + PROMPT_SUFFIX,
+        question=item.question,
+        answer=item.answer,
+        dataset=DATASET_NAME,
+        family=item.family,
+        answer_type=item.answer_type,
+    )
+
+
+def build_training_data(
+    processor: object, adapter: FamilyAdapter, shapes_config: ShapesConfig, train_size: int
+) -> TrainingData:
+    """Generate the first ``train_size`` train questions, render each scene once and tokenise all stages."""
+    items = train_items(shapes_config, train_size)
+    scene_of_image: dict[int, int] = {}
+    images: list[Image.Image] = []
+    captions: list[str] = []
+    for item in items:
+        if item.scene.index not in scene_of_image:
+            scene_of_image[item.scene.index] = len(images)
+            images.append(render(item.scene))
+            captions.append(caption(item.scene))
+    samples = [to_sample(item, images[scene_of_image[item.scene.index]]) for item in items]
+    image_of_sample = [scene_of_image[item.scene.index] for item in items]
+    logger.info("generated %d train questions over %d scenes", len(samples), len(images))
+
+    pixels = torch.from_numpy(np.stack([np.asarray(image.convert("RGB")) for image in images])).permute(0, 3, 1, 2)
+    tokenizer = processor.tokenizer
+    caption_ids, caption_mask = encode_captions(tokenizer, captions)
+
+    # Stage 1 is text only: the scene is described in words where the image will later be.
+    text_prompts = [
+        adapter.render_prompt(processor, _text_only(sample, captions[image])).text
+        for sample, image in zip(samples, image_of_sample)
+    ]
+    text_qa = encode_sequences(
+        tokenizer, text_prompts, [s.answer or "" for s in samples], [-1] * len(samples), loss_on_prompt=True
+    )
+    describe = Sample("caption", [images[0]], prompt=CAPTION_PROMPT, question=CAPTION_PROMPT)
+    caption_prompt = adapter.render_prompt(processor, describe).text
+    caption_chat = encode_sequences(
+        tokenizer, [caption_prompt] * len(images), captions, range(len(images)), loss_on_prompt=False
+    )
+    vqa_prompts = [adapter.render_prompt(processor, sample).text for sample in samples]
+    vqa = encode_sequences(
+        tokenizer, vqa_prompts, [s.answer or "" for s in samples], image_of_sample, loss_on_prompt=False
+    )
+    return TrainingData(pixels, captions, caption_ids, caption_mask, text_qa, caption_chat, vqa)
+
+
+def _text_only(sample: Sample, description: str) -> Sample:
+    """``sample`` with its image replaced by a caption in the prompt (the text-only stage's input)."""
+    return Sample(
+        sample.sample_id, [], prompt=f"{description}\n{sample.prompt}", question=sample.question,
+        answer=sample.answer, family=sample.family, answer_type=sample.answer_type,
+    )

@@ -1,0 +1,477 @@
+"""``python -m analysis.organism.train``: train the LLaVA model organism on ShapesVQA, the way LLaVA is made.
+
+Stages, each on the ShapesVQA train split only (validation is for monitoring, test is scored once at the end):
+
+0. vision: pretrain the CLIP tower (contrastive + captioning; see ``analysis.organism.vision``); frozen after.
+1. language: the Llama decoder learns the task language from text alone (captions, questions, answers in the
+   Vicuna v1 prompt, no image tokens), with a loss on every token.
+2. alignment: only the projector trains, on image -> caption in the Vicuna prompt (LLaVA's feature alignment).
+3. finetune: projector and decoder train on the VQA questions, with a loss on the answer and EOS only, using
+   the prompt LlavaAdapter renders at inference.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import math
+import sys
+import time
+from collections import defaultdict
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from analysis.cli import run_cli
+from analysis.config import from_dict
+from analysis.data.samples import Sample
+from analysis.data.scoring import is_correct
+from analysis.data.shapes import FAMILIES, ShapesConfig, generate_samples
+from analysis.errors import ConfigError, ModelError
+from analysis.models.adapters import FamilyAdapter, get_adapter
+from analysis.organism import check_organism_files
+from analysis.organism.build import IMAGE_TOKEN, build_processor, organism_config
+from analysis.organism.data import TrainingData, build_training_data, pixel_values
+from analysis.organism.vision import VisionPretrainer
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "organism.json"
+LOG_NAME = "training_log.jsonl"
+CONFIG_NAME = "training_config.json"
+MAX_NEW_TOKENS = 3
+# Fewer, smaller everything so the whole pipeline runs on a CPU in seconds; the architecture stays the full one
+# so the smoke output loads exactly like the real organism.
+SMOKE_OVERRIDES: dict[str, Any] = {
+    "train_size": 56,
+    "validation_size": 14,
+    "test_size": 14,
+    "vision_steps": 2,
+    "vision_batch_size": 8,
+    "language_steps": 2,
+    "language_batch_size": 8,
+    "alignment_steps": 2,
+    "alignment_batch_size": 4,
+    "finetune_epochs": 1,
+    "finetune_batch_size": 16,
+    "eval_batch_size": 14,
+    "log_every": 1,
+}
+PRESETS = ("full", "smoke")
+
+
+@dataclass(frozen=True)
+class OrganismTrainConfig:
+    """Every hyperparameter of the organism's training; ``configs/organism.json`` holds the full preset."""
+
+    seed: int
+    train_size: int
+    validation_size: int
+    test_size: int
+    vision_hidden_size: int
+    vision_intermediate_size: int
+    vision_layers: int
+    vision_heads: int
+    text_hidden_size: int
+    text_intermediate_size: int
+    text_layers: int
+    text_heads: int
+    pretrain_text_hidden_size: int
+    pretrain_text_layers: int
+    captioner_layers: int
+    caption_loss_weight: float
+    vision_steps: int
+    vision_batch_size: int
+    vision_lr: float
+    language_steps: int
+    language_batch_size: int
+    language_lr: float
+    alignment_steps: int
+    alignment_batch_size: int
+    alignment_lr: float
+    finetune_epochs: int
+    finetune_batch_size: int
+    finetune_lr: float
+    warmup_fraction: float
+    weight_decay: float
+    grad_clip: float
+    eval_batch_size: int
+    log_every: int
+
+    def __post_init__(self) -> None:
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
+            expected = float if field.type in ("float", float) else int
+            if isinstance(value, bool) or not isinstance(value, (int, float) if expected is float else int):
+                raise ConfigError(f"OrganismTrainConfig.{field.name} must be a {expected.__name__}, got {value!r}")
+            if value < 0 or (value == 0 and field.name not in ("seed", "test_size", "weight_decay")):
+                raise ConfigError(f"OrganismTrainConfig.{field.name} must be positive, got {value!r}")
+        if not self.warmup_fraction < 1:
+            raise ConfigError(f"OrganismTrainConfig.warmup_fraction must be below 1, got {self.warmup_fraction}")
+
+    @classmethod
+    def from_mapping(cls, values: dict[str, Any]) -> OrganismTrainConfig:
+        """Build from a mapping that names every field; unknown or missing keys are a ConfigError."""
+        missing = sorted({f.name for f in dataclasses.fields(cls)} - set(values))
+        if missing:
+            raise ConfigError(f"OrganismTrainConfig is missing keys {missing}; configs/organism.json lists them all")
+        return from_dict(cls, values)
+
+
+def load_config(preset: str = "full", path: Path = DEFAULT_CONFIG, seed: int | None = None) -> OrganismTrainConfig:
+    """The ``full`` preset from ``path``, or ``smoke`` (full with SMOKE_OVERRIDES); ``seed`` replaces its seed."""
+    if preset not in PRESETS:
+        raise ConfigError(f"unknown organism preset {preset!r}; choose one of {list(PRESETS)}")
+    try:
+        values = json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as error:
+        raise ConfigError(f"cannot read the organism config {path} ({error}); pass --config PATH") from None
+    if preset == "smoke":
+        values = {**values, **SMOKE_OVERRIDES}
+    if seed is not None:
+        values["seed"] = seed
+    return OrganismTrainConfig.from_mapping(values)
+
+
+class TrainingLog:
+    """Appends one JSON record per line to the out dir's training log."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.path.write_text("")
+        self.start = time.monotonic()
+
+    @property
+    def elapsed(self) -> float:
+        """Seconds since training started."""
+        return time.monotonic() - self.start
+
+    def write(self, record: dict[str, Any]) -> None:
+        """Append ``record`` with the elapsed time."""
+        with self.path.open("a") as handle:
+            handle.write(json.dumps({**record, "elapsed_s": round(self.elapsed, 1)}) + "\n")
+
+
+@dataclass
+class Stage:
+    """One optimisation stage: what trains, on which rows, and for how long."""
+
+    name: str
+    parameters: list[nn.Parameter]
+    loss: Callable[[torch.Tensor], tuple[torch.Tensor, dict[str, torch.Tensor]]]
+    n_rows: int
+    batch_size: int
+    steps: int
+    lr: float
+    on_epoch_end: Callable[[int, int], None] | None = None
+
+
+def run_stage(stage: Stage, config: OrganismTrainConfig, log: TrainingLog, device: torch.device) -> None:
+    """Train ``stage.parameters`` with AdamW, linear warmup then cosine decay, clipping and bf16 on CUDA."""
+    # Norms, biases and embeddings-free vectors are not decayed, as is usual for transformers.
+    decay = [p for p in stage.parameters if p.ndim >= 2]
+    no_decay = [p for p in stage.parameters if p.ndim < 2]
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=stage.lr, betas=(0.9, 0.95), eps=1e-8, **({"fused": True} if device.type == "cuda" else {}),
+    )
+    warmup = max(1, round(config.warmup_fraction * stage.steps))
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, stage.steps - warmup)))
+
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+    generator = torch.Generator().manual_seed(config.seed + sum(map(ord, stage.name)))
+    per_epoch = stage.n_rows // stage.batch_size
+    totals: dict[str, float] = defaultdict(float)
+    window = 0
+    logger.info("stage %s: %d steps of %d rows, lr %.1e", stage.name, stage.steps, stage.batch_size, stage.lr)
+    for step, rows in enumerate(_batches(stage.n_rows, stage.batch_size, stage.steps, generator)):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            loss, parts = stage.loss(rows.to(device))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(stage.parameters, config.grad_clip)
+        optimizer.step()
+        scheduler.step()
+        # Accumulating on the device avoids a host sync per step; the log reads it every log_every steps.
+        for name, value in {"loss": loss, **parts}.items():
+            totals[name] = totals[name] + value.detach().float()
+        window += 1
+        if (step + 1) % config.log_every == 0 or step + 1 == stage.steps:
+            means = {name: round(float(total) / window, 5) for name, total in totals.items()}
+            lr = optimizer.param_groups[0]["lr"]
+            log.write({"stage": stage.name, "step": step + 1, "lr": lr, **means})
+            logger.info(
+                "%s step %d/%d loss %.4f lr %.2e (%.0f s)", stage.name, step + 1, stage.steps, means["loss"], lr,
+                log.elapsed,
+            )
+            totals, window = defaultdict(float), 0
+        if stage.on_epoch_end is not None and per_epoch and (step + 1) % per_epoch == 0:
+            stage.on_epoch_end((step + 1) // per_epoch, step + 1)
+
+
+def _batches(n_rows: int, batch_size: int, steps: int, generator: torch.Generator) -> Iterator[torch.Tensor]:
+    """``steps`` batches of row indices, drawn epoch by epoch without replacement (the last partial one dropped)."""
+    if batch_size > n_rows:
+        raise ConfigError(f"a batch of {batch_size} rows needs at least that many training rows, got {n_rows}")
+    produced = 0
+    while True:
+        order = torch.randperm(n_rows, generator=generator)
+        for start in range(0, n_rows - batch_size + 1, batch_size):
+            if produced == steps:
+                return
+            produced += 1
+            yield order[start : start + batch_size]
+
+
+@dataclass
+class EvalSet:
+    """Validation or test samples with their inputs built once by the adapter, batch by batch."""
+
+    split: str
+    samples: list[Sample]
+    batches: list[dict[str, torch.Tensor]]
+
+
+def build_eval_set(
+    split: str, n: int, shapes_config: ShapesConfig, processor: Any, adapter: FamilyAdapter, batch_size: int,
+    device: torch.device,
+) -> EvalSet:
+    """The first ``n`` samples of ``split``, tokenised by ``adapter.build_inputs`` exactly as at inference."""
+    samples = generate_samples(split, n, shapes_config) if n else []
+    batches = [
+        adapter.build_inputs(processor, samples[start : start + batch_size], device=device).tensors
+        for start in range(0, len(samples), batch_size)
+    ]
+    return EvalSet(split, samples, batches)
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, tokenizer: Any, eval_set: EvalSet, *, autocast: bool) -> dict[str, float]:
+    """Greedy-decode up to 3 tokens per sample and score with ``is_correct``: accuracy per family and overall."""
+    was_training = model.training
+    model.eval()
+    replies: list[str] = []
+    for tensors in eval_set.batches:
+        device_type = tensors["input_ids"].device.type
+        with torch.autocast(device_type, dtype=torch.bfloat16, enabled=autocast and device_type == "cuda"):
+            output = model.generate(
+                **tensors, max_new_tokens=MAX_NEW_TOKENS, do_sample=False, pad_token_id=tokenizer.pad_token_id
+            )
+        replies += tokenizer.batch_decode(output[:, tensors["input_ids"].shape[1] :], skip_special_tokens=True)
+    model.train(was_training)
+    return accuracy_by_family(eval_set.samples, replies)
+
+
+def accuracy_by_family(samples: Sequence[Sample], replies: Sequence[str]) -> dict[str, float]:
+    """Fraction of correct replies per family (in FAMILIES order) and ``overall``."""
+    hits: dict[str, list[bool]] = defaultdict(list)
+    for sample, reply in zip(samples, replies, strict=True):
+        hits[sample.family].append(is_correct(reply, sample))
+    scores = {family: round(sum(hits[family]) / len(hits[family]), 4) for family in FAMILIES if hits[family]}
+    total = [hit for family_hits in hits.values() for hit in family_hits]
+    scores["overall"] = round(sum(total) / max(1, len(total)), 4)
+    return scores
+
+
+def _trainable(modules: Iterable[nn.Module], everything: nn.Module) -> list[nn.Parameter]:
+    """Freeze ``everything`` except ``modules`` and return the parameters left trainable."""
+    everything.requires_grad_(False)
+    parameters: list[nn.Parameter] = []
+    for module in modules:
+        module.requires_grad_(True)
+        parameters += list(module.parameters())
+    return parameters
+
+
+def train(config: OrganismTrainConfig, out: Path, device: torch.device, preset: str = "full") -> dict[str, float]:
+    """Run all four stages, save model and processor to ``out`` and return the reloaded model's test accuracy."""
+    from transformers import AutoModelForImageTextToText, AutoProcessor, LlavaForConditionalGeneration
+
+    out.mkdir(parents=True, exist_ok=True)
+    log = TrainingLog(out / LOG_NAME)
+    (out / CONFIG_NAME).write_text(
+        json.dumps({"preset": preset, "config": dataclasses.asdict(config), "device": str(device),
+                    "torch": torch.__version__}, indent=2) + "\n"
+    )
+    torch.manual_seed(config.seed)
+    shapes_config = ShapesConfig(
+        train_size=config.train_size, validation_size=config.validation_size, test_size=config.test_size
+    )
+    processor = build_processor(shapes_config)
+    tokenizer = processor.tokenizer
+    model_config = organism_config(
+        len(tokenizer), tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
+        pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        vision_hidden_size=config.vision_hidden_size, vision_intermediate_size=config.vision_intermediate_size,
+        vision_layers=config.vision_layers, vision_heads=config.vision_heads,
+        text_hidden_size=config.text_hidden_size, text_intermediate_size=config.text_intermediate_size,
+        text_layers=config.text_layers, text_heads=config.text_heads,
+    )
+    model_config._attn_implementation = "sdpa"
+    model = LlavaForConditionalGeneration(model_config).to(device)
+    for name in ("pad_token_id", "bos_token_id", "eos_token_id"):
+        setattr(model.generation_config, name, getattr(tokenizer, name))
+    adapter = get_adapter(model)
+    logger.info("organism: %.2fM parameters", sum(p.numel() for p in model.parameters()) / 1e6)
+
+    data = build_training_data(processor, adapter, shapes_config, config.train_size).to(device)
+    validation = build_eval_set(
+        "validation", config.validation_size, shapes_config, processor, adapter, config.eval_batch_size, device
+    )
+    log.write({"stage": "data", "train_questions": len(data.vqa), "train_images": len(data.pixels)})
+    logger.info("data ready: %d questions, %d images (%.0f s)", len(data.vqa), len(data.pixels), log.elapsed)
+    image_processor = processor.image_processor
+
+    # Stage 0: the vision tower, pretrained on its own and then frozen for good.
+    pretrainer = VisionPretrainer(
+        model_config.vision_config, vocab_size=len(tokenizer), max_caption_length=data.caption_ids.shape[1],
+        text_hidden_size=config.pretrain_text_hidden_size, text_layers=config.pretrain_text_layers,
+        captioner_layers=config.captioner_layers, pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+    ).to(device)
+
+    def vision_loss(rows: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        mask = data.caption_mask[rows]
+        width = int(mask.sum(dim=1).max())
+        contrastive, captioning = pretrainer(
+            pixel_values(data.pixels[rows], image_processor), data.caption_ids[rows][:, :width], mask[:, :width]
+        )
+        return contrastive + config.caption_loss_weight * captioning, {
+            "contrastive": contrastive, "captioning": captioning
+        }
+
+    run_stage(
+        Stage("vision", list(pretrainer.parameters()), vision_loss, len(data.pixels), config.vision_batch_size,
+              config.vision_steps, config.vision_lr),
+        config, log, device,
+    )
+    copy_vision_tower(pretrainer.vision_model, model.model.vision_tower)
+    del pretrainer
+    model.train()
+
+    def chat_loss(sequences: Any, with_images: bool) -> Callable[[torch.Tensor], tuple[torch.Tensor, dict]]:
+        def loss(rows: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+            inputs = sequences.batch(rows)
+            if with_images:
+                inputs["pixel_values"] = pixel_values(data.pixels[sequences.image_index[rows]], image_processor)
+            return model(**inputs).loss, {}
+
+        return loss
+
+    language = [model.model.language_model, model.lm_head]
+    run_stage(
+        Stage("language", _trainable(language, model), chat_loss(data.text_qa, False), len(data.text_qa),
+              config.language_batch_size, config.language_steps, config.language_lr),
+        config, log, device,
+    )
+    run_stage(
+        Stage("alignment", _trainable([model.model.multi_modal_projector], model), chat_loss(data.caption_chat, True),
+              len(data.caption_chat), config.alignment_batch_size, config.alignment_steps, config.alignment_lr),
+        config, log, device,
+    )
+    log_eval(log, "alignment", 0, config.alignment_steps, evaluate(model, tokenizer, validation, autocast=True))
+
+    def epoch_end(epoch: int, step: int) -> None:
+        log_eval(log, "finetune", epoch, step, evaluate(model, tokenizer, validation, autocast=True))
+
+    per_epoch = len(data.vqa) // config.finetune_batch_size
+    run_stage(
+        Stage("finetune", _trainable([model.model.multi_modal_projector, *language], model),
+              chat_loss(data.vqa, True), len(data.vqa), config.finetune_batch_size,
+              config.finetune_epochs * per_epoch, config.finetune_lr, on_epoch_end=epoch_end),
+        config, log, device,
+    )
+    save_organism(model, processor, out)
+    del data, model
+
+    # Score what was written, as a user would load it: float32 from the float16 file.
+    reloaded = AutoModelForImageTextToText.from_pretrained(out, dtype=torch.float32).to(device)
+    reloaded_processor = AutoProcessor.from_pretrained(out)
+    reloaded_adapter = get_adapter(reloaded)
+    scores: dict[str, float] = {}
+    for split, n in (("validation", config.validation_size), ("test", config.test_size)):
+        if not n:
+            continue
+        eval_set = build_eval_set(
+            split, n, shapes_config, reloaded_processor, reloaded_adapter, config.eval_batch_size, device
+        )
+        scores = evaluate(reloaded, reloaded_processor.tokenizer, eval_set, autocast=False)
+        log.write({"stage": "saved", "split": split, "accuracy": scores})
+        logger.info("saved model, %s accuracy: %s", split, scores)
+    logger.info("done in %.0f s; organism files in %s", log.elapsed, out)
+    return scores
+
+
+def copy_vision_tower(source: nn.Module, target: nn.Module) -> None:
+    """Load the pretrained CLIP tower into LLaVA's, whichever of them wraps its weights in ``vision_model.``."""
+    # transformers versions differ in whether CLIPVisionModel nests a CLIPVisionTransformer.
+    def bare(name: str) -> str:
+        return name.removeprefix("vision_model.")
+
+    state = {bare(name): tensor for name, tensor in source.state_dict().items()}
+    names = {bare(name): name for name in target.state_dict()}
+    if set(state) != set(names):
+        raise ModelError(f"the pretrained vision tower's weights do not match LLaVA's: {sorted(set(state) ^ set(names))[:4]}")
+    target.load_state_dict({names[name]: tensor for name, tensor in state.items()})
+
+
+def log_eval(log: TrainingLog, stage: str, epoch: int, step: int, scores: dict[str, float]) -> None:
+    """Record validation accuracy per family after ``stage``'s ``epoch``."""
+    log.write({"stage": stage, "epoch": epoch, "step": step, "split": "validation", "accuracy": scores})
+    logger.info("%s epoch %d: validation accuracy %s", stage, epoch, scores)
+
+
+def save_organism(model: nn.Module, processor: Any, out: Path) -> None:
+    """Save the processor and the model with float16 weights (under 25 MB) and a float32 config."""
+    state = model.state_dict()
+    largest = max(float(t.abs().max()) for t in state.values() if t.is_floating_point())
+    if largest > torch.finfo(torch.float16).max:
+        raise ConfigError(f"a weight of magnitude {largest:.3g} overflows float16; lower the learning rates")
+    # The config keeps dtype float32, so "auto" loading upcasts these float16 tensors for exact CPU analysis.
+    model.save_pretrained(out, state_dict={name: t.detach().to("cpu", torch.float16) for name, t in state.items()})
+    processor.save_pretrained(out)
+    check_organism_files(out)
+    size = (out / "model.safetensors").stat().st_size / 2**20
+    logger.info("saved the organism to %s (model.safetensors %.1f MiB)", out, size)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The training command's argument parser."""
+    parser = argparse.ArgumentParser(
+        prog="python -m analysis.organism.train",
+        description="Train the LLaVA model organism on ShapesVQA (vision pretraining, language, alignment, VQA).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("--out", type=Path, required=True, help="folder for the model, processor, config and log")
+    parser.add_argument("--preset", choices=PRESETS, default="full", help="full (one GPU) or smoke (CPU, seconds)")
+    parser.add_argument("--seed", type=int, default=None, help="training seed (default: the preset's)")
+    parser.add_argument("--config", type=Path, default=DEFAULT_CONFIG, help="JSON with the full preset")
+    parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Parse arguments and train."""
+    args = build_parser().parse_args(argv)
+
+    def body() -> int:
+        config = load_config(args.preset, args.config, args.seed)
+        device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        train(config, args.out, device, args.preset)
+        return 0
+
+    return run_cli(body)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,398 @@
+"""The probe command's core: causal interventions over a dataset, recorded as parquet tables in a run folder."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+from analysis.config import identity_dict, option, to_dict
+from analysis.data.samples import Sample, batched
+from analysis.errors import ConfigError, DataError
+from analysis.models.adapters import ModelInputs
+from analysis.models.registry import DTYPES, LoadedModel, default_device, load_model
+from analysis.probes.intervention import (
+    KEY_REGIONS, QUERY_REGIONS, SUBSET_KEY, Knockout, KnockoutHooks, RegionMasks, intervene,
+)
+from analysis.probes.measure import (
+    AnswerScores, ObserveAll, head_projections, kl_divergence, lens_logprobs, observe_prefill, score_answers,
+    teacher_forced,
+)
+from analysis.results import SAMPLES_TABLE, TRACE_SCHEMAS, RunFolder, default_run_dir, table_schema
+from analysis.trace.run import DEFAULT_DATASET, DEFAULT_MODEL, _sample_row, generate_answers
+
+logger = logging.getLogger(__name__)
+
+PROBES = ("knockout", "masking", "kv_removal", "logit_lens", "contribution")
+KNOCKOUT_MODES = ("single", "window", "from", "upto")
+
+PROBE_SCHEMAS: dict[str, pa.Schema] = {
+    "effects": table_schema(
+        [
+            ("sample_id", pa.string()), ("probe", pa.string()), ("variant", pa.string()),
+            ("layer_start", pa.int16()), ("layer_end", pa.int16()), ("seed", pa.int32()),
+            ("answer_logprob", pa.float32()), ("delta_logprob", pa.float32()), ("answer_prob", pa.float32()),
+            ("delta_prob", pa.float32()), ("kl", pa.float32()), ("top1_match", pa.bool_()),
+        ],
+        "Effect of an attention intervention in layers [layer_start, layer_end) on the reference answer "
+        "(teacher-forced log-prob summed over its tokens, and its probability), KL(clean || intervened) of the "
+        "next-token distribution at the last prompt position, and whether its argmax is unchanged. probe "
+        "'knockout': variant 'query->key' with mode in the variant suffix; probe 'masking': image tokens hidden "
+        "from text queries, variant top / bottom / random (seed) / all.",
+    ),
+    "kv_removal": table_schema(
+        [
+            ("sample_id", pa.string()), ("layer_start", pa.int16()), ("answer", pa.string()),
+            ("agrees", pa.bool_()), ("correct", pa.bool_()),
+        ],
+        "Greedy generation with image tokens removed from the KV cache of every layer >= layer_start for the "
+        "last prompt position and every generated token; agrees = same text as the unmodified generation.",
+    ),
+    "logit_lens": table_schema(
+        [
+            ("sample_id", pa.string()), ("layer", pa.int16()), ("source", pa.string()), ("head", pa.int16()),
+            ("target", pa.string()), ("token_id", pa.int32()), ("rank", pa.int32()), ("prob", pa.float32()),
+            ("top_tokens", pa.list_(pa.string())), ("top_probs", pa.list_(pa.float32())),
+        ],
+        "Logit lens at the last prompt position: source 'residual' = layer output through final norm and LM "
+        "head (head = -1); source 'head' = that head's attention output through its o_proj slice, final norm "
+        "and LM head. target 'answer' = first token of the reference answer, other targets are task words; "
+        "rank 0 = most likely. top_tokens/top_probs are filled on the 'answer' rows.",
+    ),
+    "contributions": table_schema(
+        [
+            ("sample_id", pa.string()), ("layer", pa.int16()), ("image_index", pa.int16()),
+            ("token_index", pa.int32()), ("position", pa.int32()), ("attention", pa.float32()),
+            ("cosine_without", pa.float32()), ("norm", pa.float32()),
+        ],
+        "VisiPruner's contribution probe at the last prompt position: c_j = concat_h(a[t,j] v_h[j]) before o_proj; "
+        "cosine_without = cos(o - c_j, o), norm = ||c_j||_2, attention = head-mean a[t,j]; float32.",
+    ),
+}
+
+
+def _int_list(text: str | None) -> list[int] | None:
+    """Parse '1,2,5' (None stays None)."""
+    if text is None or text == "":
+        return None
+    try:
+        return [int(part) for part in str(text).split(",") if part.strip()]
+    except ValueError:
+        raise ConfigError(f"expected comma-separated layer numbers, got {text!r}") from None
+
+
+@dataclass
+class ProbeConfig:
+    """Everything that defines a probe run; written to the run's manifest."""
+
+    model: str = option(DEFAULT_MODEL, "model alias, hub id or local path")
+    dataset: str = option(DEFAULT_DATASET, "dataset name or local path")
+    split: str | None = option(None, "dataset split; default: the dataset's evaluation split")
+    data_dir: str | None = option(None, "local copy of a hub benchmark's parquet files", identity=False)
+    limit: int | None = option(16, "probe the first N samples; none = all")
+    probes: str = option(",".join(PROBES), f"comma-separated probes among {', '.join(PROBES)}")
+    knockout_queries: str = option("last,instruction", f"query regions for knockouts ({', '.join(QUERY_REGIONS)})")
+    knockout_key: str = option("image", f"key region knocked out ({', '.join(KEY_REGIONS)})")
+    knockout_modes: str = option(",".join(KNOCKOUT_MODES), "single layer, sliding window, all from L on, all up to L")
+    window: int = option(3, "layers per sliding window")
+    mask_percent: float = option(10.0, "masking probe: p, the percentage of most-attended image tokens (0 < p < 100)")
+    mask_layers: str | None = option(None, "masking probe: mask in layers < L for each L listed; default n/4, n/2")
+    mask_seeds: int = option(3, "masking probe: random subsets (seeds 0..N-1)")
+    kv_layers: str | None = option(None, "KV-removal probe: remove image tokens from layer L on, for each L; default all")
+    max_new_tokens: int = option(8, "greedy answer length (baseline and KV-removal generations)")
+    task_words: str = option("number,color,shape,yes,no", "logit lens: words whose rank is recorded at every layer")
+    lens_top_k: int = option(5, "logit lens: top tokens recorded per layer")
+    batch_size: int = option(8, "samples per forward pass (results do not depend on it)", identity=False)
+    out: str | None = option(None, "output folder; default runs/probe/<model>/<dataset>-<split>", identity=False)
+    resume: bool = option(False, "continue an interrupted run in --out (same config required)", identity=False)
+    dtype: str = option("auto", "weights dtype; probes are computed in float32", choices=tuple(DTYPES))
+    device: str | None = option(None, "torch device; default cuda if available", identity=False)
+
+    def selected(self) -> list[str]:
+        """The probes to run, validated."""
+        names = [name.strip() for name in self.probes.split(",") if name.strip()]
+        unknown = sorted(set(names) - set(PROBES))
+        if unknown or not names:
+            raise ConfigError(f"unknown probes {unknown or self.probes!r}; choose from {', '.join(PROBES)}")
+        return names
+
+    def validate(self, num_layers: int | None = None) -> None:
+        """Reject bad values before any work; layer indices are checked once the model's depth is known."""
+        problems = []
+        self.selected()
+        if self.limit is not None and self.limit < 1:
+            problems.append("--limit must be >= 1")
+        if not 0 < self.mask_percent < 100:
+            problems.append(f"--mask-percent must be in (0, 100), got {self.mask_percent}")
+        for region in self.knockout_queries.split(","):
+            if region not in QUERY_REGIONS:
+                problems.append(f"unknown query region {region!r} (choose from {', '.join(QUERY_REGIONS)})")
+        if self.knockout_key not in KEY_REGIONS:
+            problems.append(f"unknown key region {self.knockout_key!r} (choose from {', '.join(KEY_REGIONS)})")
+        modes = self.knockout_modes.split(",")
+        if set(modes) - set(KNOCKOUT_MODES):
+            problems.append(f"unknown knockout modes {sorted(set(modes) - set(KNOCKOUT_MODES))}")
+        if self.window < 1 or self.mask_seeds < 0 or self.max_new_tokens < 1 or self.batch_size < 1:
+            problems.append("--window, --max-new-tokens and --batch-size must be >= 1 and --mask-seeds >= 0")
+        if num_layers is not None:
+            for flag, layers in (("--mask-layers", _int_list(self.mask_layers)), ("--kv-layers", _int_list(self.kv_layers))):
+                bad = [layer for layer in layers or [] if not 0 <= layer < num_layers]
+                if bad:
+                    problems.append(f"{flag} {bad} outside the model's layers 0..{num_layers - 1}")
+            if self.window > num_layers:
+                problems.append(f"--window {self.window} exceeds the model's {num_layers} layers")
+        if problems:
+            raise ConfigError("; ".join(problems))
+
+    def knockouts(self, num_layers: int) -> list[tuple[str, int, int, list[Knockout]]]:
+        """(variant, layer_start, layer_end, knockouts) for every knockout intervention of the config."""
+        plans = []
+        for query in self.knockout_queries.split(","):
+            for mode in self.knockout_modes.split(","):
+                for start, end in _layer_ranges(mode, num_layers, self.window):
+                    variant = f"{query}->{self.knockout_key}:{mode}"
+                    plans.append((variant, start, end, [Knockout(query, self.knockout_key, frozenset(range(start, end)))]))
+        return plans
+
+    def mask_depths(self, num_layers: int) -> list[int]:
+        """Depths L for the masking probe."""
+        return _int_list(self.mask_layers) or sorted({max(1, num_layers // 4), max(1, num_layers // 2)})
+
+    def kv_depths(self, num_layers: int) -> list[int]:
+        """Depths L for the KV-removal probe."""
+        return _int_list(self.kv_layers) or list(range(num_layers))
+
+
+def _layer_ranges(mode: str, num_layers: int, window: int) -> list[tuple[int, int]]:
+    """Half-open layer ranges of a knockout mode."""
+    if mode == "single":
+        return [(layer, layer + 1) for layer in range(num_layers)]
+    if mode == "window":
+        return [(layer, layer + window) for layer in range(num_layers - window + 1)]
+    if mode == "from":
+        return [(layer, num_layers) for layer in range(num_layers)]
+    return [(0, layer + 1) for layer in range(num_layers)]
+
+
+@dataclass
+class ProbeResult:
+    """Where a finished probe run lives."""
+
+    out_dir: Path
+    n_samples: int
+    n_new: int
+
+
+def run_probes(config: ProbeConfig, *, loaded: LoadedModel | None = None, progress: bool = True) -> ProbeResult:
+    """Run the selected probes over a dataset into a run folder (resumable)."""
+    from tqdm.auto import tqdm
+
+    from analysis.data.loaders import load_samples, resolve_split
+
+    config.validate()
+    probes = config.selected()
+    samples = load_samples(config.dataset, config.split, config.limit, data_dir=config.data_dir)
+    for sample in samples:
+        if not sample.images:
+            raise DataError(f"sample {sample.sample_id!r} has no image, so it has no image region to probe; drop it")
+        if sample.answer is None:
+            raise DataError(f"sample {sample.sample_id!r} has no reference answer; probes score the reference answer")
+    split = resolve_split(config.dataset, config.split)
+    identity = {**identity_dict(config), "split": split}
+    schemas = {name: PROBE_SCHEMAS[name] for name in _tables_for(probes)}
+    schemas[SAMPLES_TABLE] = TRACE_SCHEMAS[SAMPLES_TABLE]
+    folder = RunFolder(Path(config.out) if config.out else default_run_dir("probe", config.model, config.dataset, split), schemas)
+    folder.check_compatible(identity, resume=config.resume)
+    if loaded is None:
+        loaded = load_model(config.model, dtype=config.dtype, device=config.device or default_device(),
+                            attn_implementation="sdpa")
+    config.validate(loaded.adapter.num_layers)
+    if config.resume:
+        folder.clean_uncommitted()
+    done = set(folder.done_sample_ids())
+    pending = [sample for sample in samples if sample.sample_id not in done]
+    folder.start(
+        {"command": "analysis.probes", "config": {**to_dict(config), "split": split},
+         "model": {"name": loaded.name, "source": loaded.source, "revision": loaded.revision,
+                   "model_type": loaded.adapter.model_type, "num_layers": loaded.adapter.num_layers,
+                   "num_heads": loaded.adapter.num_heads},
+         "dataset": {"name": config.dataset, "split": split, "n_samples": len(samples)}},
+        identity,
+    )
+    device = next(loaded.model.parameters()).device
+    with tqdm(total=len(samples), initial=len(done), desc="probe", unit="sample", disable=not progress) as bar:
+        for batch in batched(pending, config.batch_size):
+            inputs = loaded.adapter.build_inputs(loaded.processor, batch, device=device)
+            folder.write_part(probe_batch(loaded, config, probes, batch, inputs))
+            bar.update(len(batch))
+    folder.finish({"n_samples": len(samples)})
+    return ProbeResult(folder.root, len(samples), len(pending))
+
+
+def _tables_for(probes: Sequence[str]) -> list[str]:
+    """Tables a set of probes writes."""
+    tables = []
+    if {"knockout", "masking"} & set(probes):
+        tables.append("effects")
+    for probe, table in (("kv_removal", "kv_removal"), ("logit_lens", "logit_lens"), ("contribution", "contributions")):
+        if probe in probes:
+            tables.append(table)
+    return tables
+
+
+@torch.inference_mode()
+def probe_batch(
+    loaded: LoadedModel, config: ProbeConfig, probes: list[str], batch: Sequence[Sample], inputs: ModelInputs
+) -> dict[str, pa.Table]:
+    """All selected probes on one batch."""
+    from analysis.data.scoring import is_correct
+
+    adapter, model, tokenizer = loaded.adapter, loaded.model, loaded.processor.tokenizer
+    num_layers = adapter.num_layers
+    answers = generate_answers(loaded, inputs, config.max_new_tokens)
+    forced = teacher_forced(inputs, [sample.answer for sample in batch], tokenizer)
+    observer, residuals = observe_prefill(model, adapter, forced, inputs, lens="logit_lens" in probes)
+    clean = score_answers(model, forced)
+    masks = RegionMasks.from_layouts(inputs.layouts, forced.prompt_length, inputs.input_ids.device)
+    ids = [sample.sample_id for sample in batch]
+    tables: dict[str, pa.Table] = {}
+    effects: list[dict[str, Any]] = []
+    if "knockout" in probes:
+        for variant, start, end, knockouts in config.knockouts(num_layers):
+            scores = _score_under(model, adapter, forced, KnockoutHooks(masks, knockouts))
+            effects.extend(_effect_rows(ids, "knockout", variant, start, end, -1, clean, scores))
+    if "masking" in probes:
+        for depth in config.mask_depths(num_layers):
+            for variant, seed, subset in _mask_subsets(observer, inputs, depth, config.mask_percent, config.mask_seeds):
+                masks.extra_keys[SUBSET_KEY] = subset
+                hooks = KnockoutHooks(masks, [Knockout("instruction", SUBSET_KEY, frozenset(range(depth)))])
+                scores = _score_under(model, adapter, forced, hooks)
+                effects.extend(_effect_rows(ids, "masking", variant, 0, depth, seed, clean, scores))
+    if "effects" in _tables_for(probes):
+        tables["effects"] = pa.Table.from_pylist(effects, schema=PROBE_SCHEMAS["effects"])
+    if "kv_removal" in probes:
+        rows = []
+        for depth in config.kv_depths(num_layers):
+            hooks = KnockoutHooks(masks, [Knockout("last", "image", frozenset(range(depth, num_layers)))])
+            with intervene(adapter, hooks, forced.prompt_length - 1):
+                removed = generate_answers(loaded, inputs, config.max_new_tokens)
+            for sample, baseline, answer in zip(batch, answers, removed):
+                rows.append({"sample_id": sample.sample_id, "layer_start": depth, "answer": answer,
+                             "agrees": answer == baseline, "correct": bool(is_correct(answer or "", sample))})
+        tables["kv_removal"] = pa.Table.from_pylist(rows, schema=PROBE_SCHEMAS["kv_removal"])
+    if "logit_lens" in probes:
+        tables["logit_lens"] = _lens_table(loaded, config, batch, forced, observer, residuals)
+    if "contribution" in probes:
+        tables["contributions"] = _contribution_table(batch, inputs, observer)
+    sample_columns: dict[str, list[Any]] = {name: [] for name in TRACE_SCHEMAS[SAMPLES_TABLE].names}
+    for sample, layout, answer in zip(batch, inputs.layouts, answers):
+        _sample_row(sample_columns, sample, layout, answer, bool(is_correct(answer or "", sample)))
+    tables[SAMPLES_TABLE] = pa.table(sample_columns, schema=TRACE_SCHEMAS[SAMPLES_TABLE])
+    return tables
+
+
+def _score_under(model: torch.nn.Module, adapter: Any, forced: Any, hooks: KnockoutHooks) -> AnswerScores:
+    """Teacher-forced answer scores with an intervention applied."""
+    with intervene(adapter, hooks, forced.prompt_length - 1):
+        return score_answers(model, forced)
+
+
+def _effect_rows(
+    ids: list[str], probe: str, variant: str, start: int, end: int, seed: int, clean: AnswerScores, scores: AnswerScores
+) -> list[dict[str, Any]]:
+    """One effects row per sample comparing an intervention with the clean pass."""
+    kl = kl_divergence(clean.next_logprobs, scores.next_logprobs).tolist()
+    same_top = (clean.next_logprobs.argmax(-1) == scores.next_logprobs.argmax(-1)).tolist()
+    clean_lp, lp = clean.answer_logprob.tolist(), scores.answer_logprob.tolist()
+    return [
+        {"sample_id": sample_id, "probe": probe, "variant": variant, "layer_start": start, "layer_end": end,
+         "seed": seed, "answer_logprob": lp[i], "delta_logprob": lp[i] - clean_lp[i], "answer_prob": float(np.exp(lp[i])),
+         "delta_prob": float(np.exp(lp[i]) - np.exp(clean_lp[i])), "kl": kl[i], "top1_match": same_top[i]}
+        for i, sample_id in enumerate(ids)
+    ]
+
+
+def _mask_subsets(
+    observer: ObserveAll, inputs: ModelInputs, depth: int, percent: float, seeds: int
+) -> list[tuple[str, int, torch.Tensor]]:
+    """(variant, seed, (B, T) key subset) for the redundancy-paradox masking at one depth.
+
+    "Most attended" ranks image tokens by the last position's head-mean attention averaged over the
+    masked layers of the clean pass.
+    """
+    attention = torch.stack([observer.records[layer]["attention"] for layer in range(depth)]).mean(0)  # (B, N)
+    batch, seq_len = inputs.input_ids.shape
+    device = attention.device
+    subsets: dict[tuple[str, int], torch.Tensor] = {}
+    for row, layout in enumerate(inputs.layouts):
+        positions = torch.as_tensor(layout.padded(layout.image_positions), device=device)
+        n = len(positions)
+        n_top = max(1, int(round(n * percent / 100)))
+        order = torch.argsort(attention[row, :n], descending=True, stable=True)
+        chosen = {("top", -1): order[:n_top], ("bottom", -1): order[n_top:], ("all", -1): order}
+        for seed in range(seeds):
+            generator = torch.Generator().manual_seed(seed)
+            chosen[("random", seed)] = torch.randperm(n, generator=generator)[:n_top].to(device)
+        for key, picked in chosen.items():
+            subset = subsets.setdefault(key, torch.zeros(batch, seq_len, dtype=torch.bool, device=device))
+            subset[row, positions[picked]] = True
+    return [(variant, seed, subset) for (variant, seed), subset in subsets.items()]
+
+
+def _lens_table(
+    loaded: LoadedModel, config: ProbeConfig, batch: Sequence[Sample], forced: Any, observer: ObserveAll,
+    residuals: dict[int, torch.Tensor],
+) -> pa.Table:
+    """Logit-lens rows for residual streams and per-head outputs at the last prompt position."""
+    adapter, tokenizer = loaded.adapter, loaded.processor.tokenizer
+    targets = [("answer", forced.answer_ids[:, 0])]
+    for word in [w.strip() for w in config.task_words.split(",") if w.strip()]:
+        word_ids = tokenizer(word, add_special_tokens=False)["input_ids"]
+        if word_ids:
+            targets.append((word, torch.full_like(forced.answer_ids[:, 0], word_ids[0])))
+    rows: list[dict[str, Any]] = []
+    for layer in range(adapter.num_layers):
+        sources = [("residual", -1, lens_logprobs(adapter, residuals[layer]))]
+        heads = head_projections(adapter, layer, observer.records[layer]["head_output"])  # (B, H, D)
+        for head in range(heads.shape[1]):
+            sources.append(("head", head, lens_logprobs(adapter, heads[:, head])))
+        for source, head, logprobs in sources:
+            top = logprobs.topk(config.lens_top_k, dim=-1)
+            for target, token_ids in targets:
+                target_logprob = logprobs.gather(-1, token_ids[:, None]).squeeze(-1)
+                rank = (logprobs > target_logprob[:, None]).sum(-1)
+                for row, sample in enumerate(batch):
+                    is_answer = target == "answer"
+                    rows.append({
+                        "sample_id": sample.sample_id, "layer": layer, "source": source, "head": head,
+                        "target": target, "token_id": int(token_ids[row]), "rank": int(rank[row]),
+                        "prob": float(target_logprob[row].exp()),
+                        "top_tokens": tokenizer.convert_ids_to_tokens(top.indices[row].tolist()) if is_answer else None,
+                        "top_probs": top.values[row].exp().tolist() if is_answer else None,
+                    })
+    return pa.Table.from_pylist(rows, schema=PROBE_SCHEMAS["logit_lens"])
+
+
+def _contribution_table(batch: Sequence[Sample], inputs: ModelInputs, observer: ObserveAll) -> pa.Table:
+    """Contribution-probe rows: every image token at every layer."""
+    columns: dict[str, list[np.ndarray]] = {name: [] for name in PROBE_SCHEMAS["contributions"].names}
+    for row, (sample, layout) in enumerate(zip(batch, inputs.layouts)):
+        n = layout.n_image_tokens
+        image_index = np.concatenate([np.full(len(span), i) for i, span in enumerate(layout.images)])
+        token_index = np.concatenate([np.arange(len(span)) for span in layout.images])
+        for layer, record in sorted(observer.records.items()):
+            columns["sample_id"].append(np.full(n, sample.sample_id, dtype=object))
+            columns["layer"].append(np.full(n, layer))
+            columns["image_index"].append(image_index)
+            columns["token_index"].append(token_index)
+            columns["position"].append(layout.image_positions)
+            for name in ("attention", "norm"):
+                columns[name].append(record[name][row, :n].cpu().numpy())
+            columns["cosine_without"].append(record["cosine"][row, :n].cpu().numpy())
+    return pa.table({name: np.concatenate(parts) for name, parts in columns.items()}, schema=PROBE_SCHEMAS["contributions"])
