@@ -1,0 +1,156 @@
+"""Causal probes: no-op exactness, knockouts against an independent mask, contributions, bad input."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+from fixtures_data import LOCAL_RECORDS, write_jsonl
+
+from analysis.errors import ConfigError
+from analysis.models.registry import LoadedModel, load_model
+from analysis.probes.__main__ import main
+from analysis.probes.intervention import Knockout, KnockoutHooks, RegionMasks, intervene
+from analysis.probes.measure import observe_prefill, teacher_forced
+from analysis.probes.run import PROBE_SCHEMAS, ProbeConfig, run_probes
+
+FAMILIES = {"llava": "tiny-llava", "qwen2_5_vl": "tiny-qwen2.5-vl"}
+
+
+@pytest.fixture(scope="module", params=sorted(FAMILIES))
+def tiny_sdpa(request: pytest.FixtureRequest) -> LoadedModel:
+    """A tiny random model of each family with SDPA attention (probes never need eager)."""
+    return load_model(FAMILIES[request.param], attn_implementation="sdpa")
+
+
+def _forward(loaded: LoadedModel, tensors: dict[str, torch.Tensor], **extra) -> torch.Tensor:
+    """Logits of a plain forward pass."""
+    with torch.no_grad():
+        return loaded.model(**tensors, **extra).logits
+
+
+def test_noop_intervention_is_exact(tiny_sdpa: LoadedModel, samples) -> None:
+    """No knockouts (and an empty layer set) reproduce the unmodified logits bit for bit."""
+    inputs = tiny_sdpa.adapter.build_inputs(tiny_sdpa.processor, samples)
+    reference = _forward(tiny_sdpa, inputs.tensors)
+    masks = RegionMasks.from_layouts(inputs.layouts, inputs.input_ids.shape[1], inputs.input_ids.device)
+    last = inputs.input_ids.shape[1] - 1
+    for knockouts in ([], [Knockout("last", "image", frozenset())]):
+        with intervene(tiny_sdpa.adapter, KnockoutHooks(masks, knockouts), last):
+            assert torch.equal(_forward(tiny_sdpa, inputs.tensors), reference)
+    assert tiny_sdpa.adapter.text_config._attn_implementation == "sdpa"
+
+
+def test_full_image_knockout_equals_masked_model(tiny_sdpa: LoadedModel, samples) -> None:
+    """Knocking out text->image in every layer equals a forward pass with an explicit 4-D mask hiding image keys."""
+    inputs = tiny_sdpa.adapter.build_inputs(tiny_sdpa.processor, samples)
+    batch, seq_len = inputs.input_ids.shape
+    masks = RegionMasks.from_layouts(inputs.layouts, seq_len, inputs.input_ids.device)
+    layers = frozenset(range(tiny_sdpa.adapter.num_layers))
+    with intervene(tiny_sdpa.adapter, KnockoutHooks(masks, [Knockout("instruction", "image", layers)]), seq_len - 1):
+        knocked = _forward(tiny_sdpa, inputs.tensors)
+    # Independent computation: causal + padding mask, with image columns hidden from non-image rows.
+    allowed = torch.ones(seq_len, seq_len).tril().bool()[None].expand(batch, -1, -1).clone()
+    allowed &= inputs.attention_mask.bool()[:, None, :]
+    for row, layout in enumerate(inputs.layouts):
+        image = torch.as_tensor(layout.padded(layout.image_positions))
+        text_rows = torch.as_tensor(layout.padded(layout.instruction_positions))
+        allowed[row, text_rows[:, None], image[None, :]] = False
+        allowed[row, torch.arange(layout.pad_offset), torch.arange(layout.pad_offset)] = True  # pads see themselves
+    additive = torch.zeros(batch, 1, seq_len, seq_len).masked_fill(~allowed[:, None], torch.finfo(torch.float32).min)
+    tensors = dict(inputs.tensors)
+    if tiny_sdpa.adapter.model_type == "qwen2_5_vl":
+        # M-RoPE positions are computed from the 2-D padding mask; a 4-D mask hides it, so pass them explicitly.
+        position_ids, _ = tiny_sdpa.model.model.get_rope_index(
+            inputs.input_ids, tensors["mm_token_type_ids"], tensors["image_grid_thw"], attention_mask=inputs.attention_mask
+        )
+        tensors["position_ids"] = position_ids
+    tensors["attention_mask"] = additive
+    reference = _forward(tiny_sdpa, tensors)
+    real = inputs.attention_mask.bool()
+    assert torch.allclose(knocked[real], reference[real], atol=1e-5)
+    assert not torch.allclose(knocked[real], _forward(tiny_sdpa, inputs.tensors)[real], atol=1e-3)
+
+
+def test_contribution_output_matches_attention(tiny_sdpa: LoadedModel, samples) -> None:
+    """The probe's o equals the attention output before o_proj at the last position, in a left-padded batch."""
+    inputs = tiny_sdpa.adapter.build_inputs(tiny_sdpa.processor, samples)
+    assert any(layout.pad_offset for layout in inputs.layouts)
+    forced = teacher_forced(inputs, [s.answer for s in samples], tiny_sdpa.processor.tokenizer)
+    captured: dict[int, torch.Tensor] = {}
+    handles = [
+        layer.self_attn.o_proj.register_forward_pre_hook(
+            lambda _m, args, i=i: captured.__setitem__(i, args[0][:, forced.prompt_length - 1].float())
+        )
+        for i, layer in enumerate(tiny_sdpa.adapter.decoder_layers())
+    ]
+    try:
+        observer, _ = observe_prefill(tiny_sdpa.model, tiny_sdpa.adapter, forced, inputs, lens=False)
+    finally:
+        for handle in handles:
+            handle.remove()
+    for layer, record in observer.records.items():
+        assert torch.allclose(record["output"], captured[layer], atol=1e-5)
+        # Removing a token with no weight leaves o unchanged: cosine 1 and norm 0 go together.
+        assert record["cosine"].max() <= 1 + 1e-6 and (record["norm"] >= 0).all()
+
+
+def _dataset(root: Path) -> str:
+    """A local dataset of the reference fixture records."""
+    return str(write_jsonl(root / "data", LOCAL_RECORDS))
+
+
+def test_probe_run_tables(tmp_path: Path) -> None:
+    """Every probe writes its table with rows for every sample, on both families."""
+    for model in FAMILIES.values():
+        out = tmp_path / model
+        config = ProbeConfig(model=model, dataset=_dataset(tmp_path), limit=None, out=str(out), device="cpu",
+                             mask_layers="1,2", kv_layers="0,3", batch_size=3, knockout_modes="single,from")
+        result = run_probes(config, progress=False)
+        assert result.n_samples == len(LOCAL_RECORDS)
+        effects = pd.read_parquet(out / "effects")
+        assert set(effects["probe"]) == {"knockout", "masking"}
+        masking = effects[effects["probe"] == "masking"]
+        assert set(masking["variant"]) == {"top", "bottom", "random", "all"} and set(masking["seed"]) == {-1, 0, 1, 2}
+        assert len(pd.read_parquet(out / "kv_removal")) == 2 * len(LOCAL_RECORDS)
+        lens = pd.read_parquet(out / "logit_lens")
+        assert set(lens["source"]) == {"residual", "head"} and "answer" in set(lens["target"])
+        assert len(pd.read_parquet(out / "contributions")) > 0
+        for name in PROBE_SCHEMAS:
+            assert pd.read_parquet(out / name)["sample_id"].nunique() == len(LOCAL_RECORDS)
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--mask-layers", "99"], "outside the model's layers"),
+        (["--kv-layers", "-1"], "outside the model's layers"),
+        (["--mask-percent", "0"], "--mask-percent must be in (0, 100)"),
+        (["--mask-percent", "100"], "--mask-percent must be in (0, 100)"),
+        (["--knockout-queries", "pixels"], "unknown query region 'pixels'"),
+        (["--knockout-key", "audio"], "unknown key region 'audio'"),
+        (["--probes", "telepathy"], "unknown probes"),
+    ],
+)
+def test_bad_probe_input(tmp_path: Path, capsys: pytest.CaptureFixture[str], extra: list[str], message: str) -> None:
+    """Bad probe settings fail with one line naming the problem, before any output."""
+    out = tmp_path / "out"
+    assert main(["--dataset", _dataset(tmp_path), "--out", str(out), "--device", "cpu", *extra]) == 2
+    assert message in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_sample_without_image_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A sample with no image has no image region to probe."""
+    data = write_jsonl(tmp_path / "text", [{"id": "t", "question": "what is two plus two?", "answer": "4"}])
+    out = tmp_path / "out"
+    assert main(["--dataset", str(data), "--out", str(out)]) == 2
+    assert "no image" in capsys.readouterr().err and not out.exists()
+
+
+def test_config_rejects_bad_values() -> None:
+    """Validation names every problem at once."""
+    with pytest.raises(ConfigError, match="--window"):
+        ProbeConfig(window=0).validate()
