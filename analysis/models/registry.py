@@ -15,7 +15,7 @@ from analysis.models.adapters import FamilyAdapter, adapter_class, get_adapter
 
 logger = logging.getLogger(__name__)
 
-TINY_PREFIX = "tiny-"
+ORGANISM_ALIAS = "shapes-llava"
 
 
 @dataclass(frozen=True)
@@ -37,6 +37,10 @@ ALIASES: dict[str, ModelSpec] = {
         ModelSpec("qwen2.5-vl-7b", "Qwen/Qwen2.5-VL-7B-Instruct", "qwen2_5_vl", "Qwen2.5-VL 7B Instruct"),
         ModelSpec("qwen2.5-vl-32b", "Qwen/Qwen2.5-VL-32B-Instruct", "qwen2_5_vl", "Qwen2.5-VL 32B Instruct"),
         ModelSpec("qwen2.5-vl-72b", "Qwen/Qwen2.5-VL-72B-Instruct", "qwen2_5_vl", "Qwen2.5-VL 72B Instruct"),
+        ModelSpec(
+            ORGANISM_ALIAS, "package:analysis/organism/weights", "llava",
+            "the bundled model organism: a small LLaVA trained on ShapesVQA (ships with the package)",
+        ),
         ModelSpec("tiny-llava", "builtin:llava", "llava", "tiny random LLaVA built in memory (tests, smoke runs)"),
         ModelSpec("tiny-qwen2.5-vl", "builtin:qwen2_5_vl", "qwen2_5_vl", "tiny random Qwen2.5-VL built in memory"),
     )
@@ -94,13 +98,19 @@ def load_model(
     spec = resolve(name)
     if spec.source.startswith("builtin:"):
         return _load_tiny(spec, dtype=dtype, device=device, attn_implementation=attn_implementation)
+    source = spec.source
+    if source.startswith("package:"):
+        from analysis.organism import ORGANISM_DIR, check_organism_files
+
+        check_organism_files(ORGANISM_DIR)
+        source = str(ORGANISM_DIR)
     from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
 
     try:
-        config = AutoConfig.from_pretrained(spec.source, revision=revision)
+        config = AutoConfig.from_pretrained(source, revision=revision)
     except (OSError, ValueError) as error:
         raise ModelError(
-            f"cannot load the config of {spec.source!r} ({_first_line(error)}); check the id or path, "
+            f"cannot load the config of {source!r} ({_first_line(error)}); check the id or path, "
             "or download the model first (HF_HUB_OFFLINE=1 uses the local cache only)"
         ) from None
     adapter_class(config.model_type)  # fails before the weights are read when no adapter fits
@@ -108,19 +118,19 @@ def load_model(
     device_kwargs: dict[str, Any] = {"device_map": "auto"} if device == "auto" else {}
     try:
         model = AutoModelForImageTextToText.from_pretrained(
-            spec.source, revision=revision, dtype=DTYPES[dtype], attn_implementation=attn_implementation,
+            source, revision=revision, dtype=DTYPES[dtype], attn_implementation=attn_implementation,
             **device_kwargs,
         )
-        processor = AutoProcessor.from_pretrained(spec.source, revision=revision)
+        processor = AutoProcessor.from_pretrained(source, revision=revision)
     except (OSError, ValueError) as error:
-        raise ModelError(f"cannot load {spec.source!r}: {_first_line(error)}") from None
+        raise ModelError(f"cannot load {source!r}: {_first_line(error)}") from None
     if device != "auto":
         model = model.to(device)
     model.eval()
     adapter = get_adapter(model)
     check_image_token(adapter, processor)
     commit = getattr(config, "_commit_hash", None)
-    return LoadedModel(model, processor, adapter, name, spec.source, revision or commit)
+    return LoadedModel(model, processor, adapter, name, source, revision or commit)
 
 
 def check_image_token(adapter: FamilyAdapter, processor: Any) -> None:
