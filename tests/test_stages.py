@@ -1,0 +1,103 @@
+"""Stage analysis on synthetic probe runs with known boundaries."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from analysis.errors import ConfigError
+from analysis.probes.run import PROBE_SCHEMAS
+from analysis.results import SAMPLES_TABLE, TRACE_SCHEMAS, RunFolder
+from analysis.stages import StageConfig, analyse, main
+
+N_LAYERS = 12
+SHALLOW_END, DEEP_START = 4, 8
+
+
+def write_synthetic_run(root: Path, n_samples: int, *, noise: float = 0.0, effect: float = 1.0, seed: int = 0,
+                        families: tuple[str, ...] = ("a", "b")) -> Path:
+    """A probe run whose knockouts change answers exactly when image access in layers [S, D) is cut.
+
+    Each sample's answer flips with probability ``effect`` when its fusion band is cut and with
+    probability ``noise`` otherwise.
+    """
+    rng = np.random.default_rng(seed)
+    effects, kv, samples = [], [], []
+    for index in range(n_samples):
+        sample_id = f"s{index:04d}"
+        samples.append(sample_id)
+        for layer in range(N_LAYERS):
+            for mode, start, end in (("upto", 0, layer + 1), ("from", layer, N_LAYERS)):
+                cuts_fusion = start < DEEP_START and end > SHALLOW_END
+                flip = rng.random() < (effect if cuts_fusion else noise)
+                effects.append({"sample_id": sample_id, "probe": "knockout", "variant": f"instruction->image:{mode}",
+                                "layer_start": start, "layer_end": end, "seed": -1, "answer_logprob": -1.0,
+                                "delta_logprob": -float(flip), "answer_prob": 0.3, "delta_prob": 0.0, "kl": float(flip),
+                                "top1_match": not flip})
+            kv_flip = rng.random() < (effect if layer < DEEP_START else noise)
+            kv.append({"sample_id": sample_id, "layer_start": layer, "answer": "x", "agrees": not kv_flip, "correct": True})
+    schemas = {"effects": PROBE_SCHEMAS["effects"], "kv_removal": PROBE_SCHEMAS["kv_removal"],
+               SAMPLES_TABLE: TRACE_SCHEMAS[SAMPLES_TABLE]}
+    folder = RunFolder(root, schemas)
+    folder.start({"command": "synthetic"}, {"synthetic": True})
+    sample_rows = {name: [None] * n_samples for name in TRACE_SCHEMAS[SAMPLES_TABLE].names}
+    sample_rows["sample_id"] = samples
+    sample_rows["family"] = [families[i % len(families)] for i in range(n_samples)]
+    folder.write_part({
+        "effects": pa.Table.from_pylist(effects, schema=schemas["effects"]),
+        "kv_removal": pa.Table.from_pylist(kv, schema=schemas["kv_removal"]),
+        SAMPLES_TABLE: pa.table(sample_rows, schema=schemas[SAMPLES_TABLE]),
+    })
+    folder.finish({})
+    return root
+
+
+def test_exact_boundaries_recovered(tmp_path: Path) -> None:
+    """Noise-free curves give S, D and the KV boundary exactly, overall and per family."""
+    run = write_synthetic_run(tmp_path / "run", 20)
+    report = analyse(run, StageConfig(n_bootstrap=20))
+    b = report.overall
+    assert (b.shallow_end, b.deep_start, b.kv_deep_start) == (SHALLOW_END, DEEP_START, DEEP_START)
+    assert b.layers_holding_mass == 1  # cutting layers [0, S] is the single step of f_upto: abrupt
+    assert set(report.by_family["shallow_end"]) == {SHALLOW_END}
+    assert set(report.by_family["deep_start"]) == {DEEP_START}
+    assert (report.intervals["low"] == report.intervals["high"]).all()
+
+
+def test_bootstrap_intervals_cover_truth_on_noisy_data(tmp_path: Path) -> None:
+    """With 2% spurious flips and an 80% effect, the 95% intervals contain the true boundaries."""
+    run = write_synthetic_run(tmp_path / "noisy", 300, noise=0.02, effect=0.8, seed=3)
+    config = StageConfig(tolerance=0.05, n_bootstrap=200)
+    report = analyse(run, config)
+    for name, truth in (("shallow_end", SHALLOW_END), ("deep_start", DEEP_START), ("kv_deep_start", DEEP_START)):
+        low, high = report.intervals.loc[name, ["low", "high"]]
+        assert low <= truth <= high, (name, low, high)
+
+
+def test_missing_probe_names_the_command(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A run without the needed knockouts says which probe to run."""
+    run = write_synthetic_run(tmp_path / "run", 4)
+    assert main([str(run), "--query", "last"]) == 2
+    error = capsys.readouterr().err
+    assert "last->image:upto" in error and "python -m analysis.probes" in error
+
+
+def test_other_schema_version_refused(tmp_path: Path) -> None:
+    """Parquet written under another schema version is refused with the fix."""
+    import json
+
+    run = write_synthetic_run(tmp_path / "run", 4)
+    manifest = json.loads((run / "manifest.json").read_text())
+    manifest["schema_version"] = 0
+    (run / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ConfigError, match="schema version 0"):
+        analyse(run, StageConfig(n_bootstrap=0))
+
+
+def test_thresholds_validated() -> None:
+    """Out-of-range thresholds are refused."""
+    with pytest.raises(ConfigError, match="--onset"):
+        StageConfig(onset=1.5).validate()
