@@ -37,6 +37,7 @@ class StageConfig:
     onset: float = option(0.1, "S: share of the all-layer effect at which image access starts to matter")
     tolerance: float = option(0.01, "D: largest share of changed answers that counts as 'no change'")
     mass: float = option(0.8, "abruptness: share of the total rise held by the fewest layers")
+    critical_threshold: float = option(1.0, "critical token: hiding it flips the answer or costs more than this many nats")
     n_bootstrap: int = option(1000, "bootstrap resamples of samples for confidence intervals")
     confidence: float = option(0.95, "confidence level of the intervals")
     seed: int = option(0, "bootstrap seed")
@@ -152,6 +153,45 @@ def bootstrap(curves: Curves, config: StageConfig) -> pd.DataFrame:
                          "undefined": table.isna().mean()})
 
 
+def critical_tokens(run_dir: str | Path, threshold: float) -> pd.DataFrame | None:
+    """Per sample: the image tokens whose single removal in the fusion band changes the answer, and overlaps.
+
+    A token is critical when hiding it flips the top-1 answer token or lowers the reference answer's
+    log-prob by more than ``threshold`` nats. Each sample's critical set is compared with the same number
+    of tokens ranked by (a) last-position attention in the band, (b) attention in the layers before the
+    band (the shallow sinks) and (c) contribution norm ||c_j|| in the band (VisiPruner's selection score),
+    as the share of critical tokens those rankings also pick. None when the run has no token_ablation table.
+    """
+    try:
+        ablation = read_table(run_dir, "token_ablation").to_pandas()
+    except ConfigError:
+        return None
+    ablation["critical"] = (~ablation["top1_match"]) | (ablation["delta_logprob"] < -threshold)
+    start, end = int(ablation["layer_start"].iloc[0]), int(ablation["layer_end"].iloc[0])
+    try:
+        contributions = read_table(run_dir, "contributions").to_pandas()
+    except ConfigError:
+        contributions = None
+    rows = []
+    for sample_id, group in ablation.groupby("sample_id", sort=False):
+        critical = set(group.loc[group["critical"], "ordinal"])
+        row = {"sample_id": sample_id, "n_image_tokens": len(group), "n_critical": len(critical),
+               "critical_ordinals": sorted(critical)}
+        if contributions is not None and critical:
+            tokens = contributions[contributions["sample_id"] == sample_id]
+            tokens = tokens.assign(ordinal=tokens.groupby("layer").cumcount())
+            band = tokens[(tokens["layer"] >= start) & (tokens["layer"] < end)].groupby("ordinal")
+            shallow = tokens[tokens["layer"] < start].groupby("ordinal")
+            rankings = {"top_attended": band["attention"].mean(), "sinks": shallow["attention"].mean(),
+                        "top_contribution": band["norm"].mean()}
+            for name, score in rankings.items():
+                if len(score):
+                    picked = set(score.nlargest(len(critical)).index)
+                    row[f"overlap_{name}"] = len(picked & critical) / len(critical)
+        rows.append(row)
+    return pd.DataFrame(rows).set_index("sample_id")
+
+
 @dataclass
 class StageReport:
     """Everything ``python -m analysis.stages`` prints."""
@@ -160,6 +200,7 @@ class StageReport:
     intervals: pd.DataFrame
     by_family: pd.DataFrame
     curves: pd.DataFrame
+    critical: pd.DataFrame | None = None
 
 
 def analyse(run_dir: str | Path, config: StageConfig) -> StageReport:
@@ -177,7 +218,8 @@ def analyse(run_dir: str | Path, config: StageConfig) -> StageReport:
     if curves.kv is not None:
         table["kv removal from L (changed)"] = curves.kv.mean()
     table.index.name = "layer L"
-    return StageReport(overall, intervals, pd.DataFrame(per_family).set_index("family") if per_family else pd.DataFrame(), table)
+    by_family = pd.DataFrame(per_family).set_index("family") if per_family else pd.DataFrame()
+    return StageReport(overall, intervals, by_family, table, critical_tokens(run_dir, config.critical_threshold))
 
 
 def format_report(report: StageReport, config: StageConfig) -> str:
@@ -208,6 +250,21 @@ def format_report(report: StageReport, config: StageConfig) -> str:
     ]
     if not report.by_family.empty:
         lines += ["", "per question family:", report.by_family.to_string()]
+    if report.critical is not None:
+        counts = report.critical["n_critical"]
+        lines += [
+            "",
+            f"critical image tokens per sample (of {report.critical['n_image_tokens'].median():.0f}): mean "
+            f"{counts.mean():.2f}, median {counts.median():.0f}, 90th percentile {counts.quantile(0.9):.0f}, "
+            f"none in {(counts == 0).mean():.0%} of samples",
+            "count distribution: " + ", ".join(f"{k}: {v}" for k, v in counts.value_counts().sort_index().items()),
+        ]
+        overlaps = [c for c in report.critical.columns if c.startswith("overlap_")]
+        if overlaps:
+            lines.append(
+                "share of critical tokens also picked by: "
+                + ", ".join(f"{c.removeprefix('overlap_')} {report.critical[c].mean():.2f}" for c in overlaps)
+            )
     return "\n".join(lines)
 
 

@@ -101,3 +101,34 @@ def test_thresholds_validated() -> None:
     """Out-of-range thresholds are refused."""
     with pytest.raises(ConfigError, match="--onset"):
         StageConfig(onset=1.5).validate()
+
+
+def test_critical_tokens_recovered(tmp_path: Path) -> None:
+    """Known critical tokens (flip or large log-prob drop) are found exactly, with overlap statistics."""
+    run = write_synthetic_run(tmp_path / "run", 6)
+    truth = {f"s{i:04d}": {i % 5, (i + 2) % 5} for i in range(6)}
+    ablation, contributions = [], []
+    for sample_id, critical in truth.items():
+        for ordinal in range(8):
+            flip = ordinal == min(critical)
+            drop = -3.0 if ordinal == max(critical) else -0.1
+            ablation.append({"sample_id": sample_id, "image_index": 0, "token_index": ordinal, "ordinal": ordinal,
+                             "layer_start": 4, "layer_end": 8, "delta_logprob": drop, "kl": 0.1,
+                             "top1_match": not flip})
+            for layer in range(N_LAYERS):
+                # In the band the critical tokens are the most attended; before it token 7 is the sink.
+                attention = (0.5 if ordinal in critical else 0.01) if 4 <= layer < 8 else (0.6 if ordinal == 7 else 0.02)
+                contributions.append({"sample_id": sample_id, "layer": layer, "image_index": 0, "token_index": ordinal,
+                                      "position": 10 + ordinal, "attention": attention, "cosine_without": 0.99,
+                                      "norm": attention})
+    folder = RunFolder(run, {})
+    for name, rows in (("token_ablation", ablation), ("contributions", contributions)):
+        from analysis.results import atomic_write_table
+
+        atomic_write_table(run / name / "part-00000.parquet", pa.Table.from_pylist(rows, schema=PROBE_SCHEMAS[name]))
+    assert folder.part_indices(SAMPLES_TABLE) == {0}
+    report = analyse(run, StageConfig(n_bootstrap=0))
+    critical = report.critical
+    assert {sample: set(ordinals) for sample, ordinals in critical["critical_ordinals"].items()} == truth
+    assert (critical["n_critical"] == 2).all()
+    assert (critical["overlap_top_attended"] == 1.0).all() and (critical["overlap_sinks"] <= 0.5).all()

@@ -29,7 +29,8 @@ from analysis.trace.run import DEFAULT_DATASET, DEFAULT_MODEL, _sample_row, gene
 
 logger = logging.getLogger(__name__)
 
-PROBES = ("knockout", "masking", "kv_removal", "logit_lens", "contribution")
+PROBES = ("knockout", "masking", "kv_removal", "logit_lens", "contribution", "token_ablation")
+DEFAULT_PROBES = ("knockout", "masking", "kv_removal", "logit_lens", "contribution")
 KNOCKOUT_MODES = ("single", "window", "from", "upto")
 
 PROBE_SCHEMAS: dict[str, pa.Schema] = {
@@ -65,6 +66,16 @@ PROBE_SCHEMAS: dict[str, pa.Schema] = {
         "and LM head. target 'answer' = first token of the reference answer, other targets are task words; "
         "rank 0 = most likely. top_tokens/top_probs are filled on the 'answer' rows.",
     ),
+    "token_ablation": table_schema(
+        [
+            ("sample_id", pa.string()), ("image_index", pa.int16()), ("token_index", pa.int32()),
+            ("ordinal", pa.int32()), ("layer_start", pa.int16()), ("layer_end", pa.int16()),
+            ("delta_logprob", pa.float32()), ("kl", pa.float32()), ("top1_match", pa.bool_()),
+        ],
+        "One image token (ordinal = index among all the sample's image tokens) hidden from the text queries "
+        "in layers [layer_start, layer_end): change of the reference answer's log-prob, KL of the next-token "
+        "distribution and whether its argmax is unchanged. Critical tokens are those whose removal changes the answer.",
+    ),
     "contributions": table_schema(
         [
             ("sample_id", pa.string()), ("layer", pa.int16()), ("image_index", pa.int16()),
@@ -96,7 +107,7 @@ class ProbeConfig:
     split: str | None = option(None, "dataset split; default: the dataset's evaluation split")
     data_dir: str | None = option(None, "local copy of a hub benchmark's parquet files", identity=False)
     limit: int | None = option(16, "probe the first N samples; none = all")
-    probes: str = option(",".join(PROBES), f"comma-separated probes among {', '.join(PROBES)}")
+    probes: str = option(",".join(DEFAULT_PROBES), f"comma-separated probes among {', '.join(PROBES)}")
     knockout_queries: str = option("last,instruction", f"query regions for knockouts ({', '.join(QUERY_REGIONS)})")
     knockout_key: str = option("image", f"key region knocked out ({', '.join(KEY_REGIONS)})")
     knockout_modes: str = option(",".join(KNOCKOUT_MODES), "single layer, sliding window, all from L on, all up to L")
@@ -106,6 +117,9 @@ class ProbeConfig:
     mask_seeds: int = option(3, "masking probe: random subsets (seeds 0..N-1)")
     kv_layers: str | None = option(None, "KV-removal probe: remove image tokens from layer L on, for each L; default all")
     max_new_tokens: int = option(8, "greedy answer length (baseline and KV-removal generations)")
+    ablation_layers: str | None = option(
+        None, "token ablation: layers START:END (half-open) where each image token is hidden; default the middle third"
+    )
     task_words: str = option("number,color,shape,yes,no", "logit lens: words whose rank is recorded at every layer")
     lens_top_k: int = option(5, "logit lens: top tokens recorded per layer")
     batch_size: int = option(8, "samples per forward pass (results do not depend on it)", identity=False)
@@ -145,6 +159,9 @@ class ProbeConfig:
                 bad = [layer for layer in layers or [] if not 0 <= layer < num_layers]
                 if bad:
                     problems.append(f"{flag} {bad} outside the model's layers 0..{num_layers - 1}")
+            start, end = self.ablation_band(num_layers)
+            if not 0 <= start < end <= num_layers:
+                problems.append(f"--ablation-layers {start}:{end} outside the model's layers 0..{num_layers}")
             if self.window > num_layers:
                 problems.append(f"--window {self.window} exceeds the model's {num_layers} layers")
         if problems:
@@ -163,6 +180,16 @@ class ProbeConfig:
     def mask_depths(self, num_layers: int) -> list[int]:
         """Depths L for the masking probe."""
         return _int_list(self.mask_layers) or sorted({max(1, num_layers // 4), max(1, num_layers // 2)})
+
+    def ablation_band(self, num_layers: int) -> tuple[int, int]:
+        """Half-open layer band of the token-ablation probe."""
+        if not self.ablation_layers:
+            return num_layers // 3, max(num_layers // 3 + 1, 2 * num_layers // 3)
+        try:
+            start, end = (int(part) for part in self.ablation_layers.split(":"))
+        except ValueError:
+            raise ConfigError(f"--ablation-layers must look like START:END, got {self.ablation_layers!r}") from None
+        return start, end
 
     def kv_depths(self, num_layers: int) -> list[int]:
         """Depths L for the KV-removal probe."""
@@ -240,7 +267,8 @@ def _tables_for(probes: Sequence[str]) -> list[str]:
     tables = []
     if {"knockout", "masking"} & set(probes):
         tables.append("effects")
-    for probe, table in (("kv_removal", "kv_removal"), ("logit_lens", "logit_lens"), ("contribution", "contributions")):
+    for probe, table in (("kv_removal", "kv_removal"), ("logit_lens", "logit_lens"), ("contribution", "contributions"),
+                         ("token_ablation", "token_ablation")):
         if probe in probes:
             tables.append(table)
     return tables
@@ -290,6 +318,8 @@ def probe_batch(
         tables["logit_lens"] = _lens_table(loaded, config, batch, forced, observer, residuals)
     if "contribution" in probes:
         tables["contributions"] = _contribution_table(batch, inputs, observer)
+    if "token_ablation" in probes:
+        tables["token_ablation"] = _token_ablation_table(model, adapter, config, batch, inputs, forced, masks, clean)
     sample_columns: dict[str, list[Any]] = {name: [] for name in TRACE_SCHEMAS[SAMPLES_TABLE].names}
     for sample, layout, answer in zip(batch, inputs.layouts, answers):
         _sample_row(sample_columns, sample, layout, answer, bool(is_correct(answer or "", sample)))
@@ -343,6 +373,45 @@ def _mask_subsets(
             subset = subsets.setdefault(key, torch.zeros(batch, seq_len, dtype=torch.bool, device=device))
             subset[row, positions[picked]] = True
     return [(variant, seed, subset) for (variant, seed), subset in subsets.items()]
+
+
+def _token_ablation_table(
+    model: torch.nn.Module, adapter: Any, config: ProbeConfig, batch: Sequence[Sample], inputs: ModelInputs,
+    forced: Any, masks: RegionMasks, clean: AnswerScores,
+) -> pa.Table:
+    """Hide each image token, one at a time, from the text in the ablation band; one pass per token ordinal."""
+    start, end = config.ablation_band(adapter.num_layers)
+    layers = frozenset(range(start, end))
+    batch_size, seq_len = inputs.input_ids.shape
+    device = inputs.input_ids.device
+    rows: list[dict[str, Any]] = []
+    n_max = max(layout.n_image_tokens for layout in inputs.layouts)
+    for ordinal in range(n_max):
+        subset = torch.zeros(batch_size, seq_len, dtype=torch.bool, device=device)
+        owners = [row for row, layout in enumerate(inputs.layouts) if ordinal < layout.n_image_tokens]
+        for row in owners:
+            subset[row, int(inputs.layouts[row].padded(inputs.layouts[row].image_positions[ordinal]))] = True
+        masks.extra_keys[SUBSET_KEY] = subset
+        scores = _score_under(model, adapter, forced, KnockoutHooks(masks, [Knockout("instruction", SUBSET_KEY, layers)]))
+        kl = kl_divergence(clean.next_logprobs, scores.next_logprobs)
+        same = clean.next_logprobs.argmax(-1) == scores.next_logprobs.argmax(-1)
+        delta = scores.answer_logprob - clean.answer_logprob
+        for row in owners:
+            layout = inputs.layouts[row]
+            image_index, token_index = _image_coordinates(layout, ordinal)
+            rows.append({"sample_id": batch[row].sample_id, "image_index": image_index, "token_index": token_index,
+                         "ordinal": ordinal, "layer_start": start, "layer_end": end, "delta_logprob": float(delta[row]),
+                         "kl": float(kl[row]), "top1_match": bool(same[row])})
+    return pa.Table.from_pylist(rows, schema=PROBE_SCHEMAS["token_ablation"])
+
+
+def _image_coordinates(layout: Any, ordinal: int) -> tuple[int, int]:
+    """(image index, token index within that image) of a sample's ordinal-th image token."""
+    for image_index, span in enumerate(layout.images):
+        if ordinal < len(span):
+            return image_index, ordinal
+        ordinal -= len(span)
+    raise IndexError("image-token ordinal beyond the sample's image tokens")
 
 
 def _lens_table(
