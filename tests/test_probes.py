@@ -14,7 +14,7 @@ from analysis.models.registry import LoadedModel, load_model
 from analysis.probes.__main__ import main
 from analysis.probes.intervention import Knockout, KnockoutHooks, RegionMasks, intervene
 from analysis.probes.measure import observe_prefill, teacher_forced
-from analysis.probes.run import PROBE_SCHEMAS, ProbeConfig, run_probes
+from analysis.probes.run import PROBE_SCHEMAS, PROBES, ProbeConfig, run_probes
 
 FAMILIES = {"llava": "tiny-llava", "qwen2_5_vl": "tiny-qwen2.5-vl"}
 
@@ -107,7 +107,8 @@ def test_probe_run_tables(tmp_path: Path) -> None:
     for model in FAMILIES.values():
         out = tmp_path / model
         config = ProbeConfig(model=model, dataset=_dataset(tmp_path), limit=None, out=str(out), device="cpu",
-                             mask_layers="1,2", kv_layers="0,3", batch_size=3, knockout_modes="single,from")
+                             mask_layers="1,2", kv_layers="0,3", batch_size=3, knockout_modes="single,from",
+                             probes=",".join(PROBES), ablation_layers="1:3")
         result = run_probes(config, progress=False)
         assert result.n_samples == len(LOCAL_RECORDS)
         effects = pd.read_parquet(out / "effects")
@@ -118,6 +119,8 @@ def test_probe_run_tables(tmp_path: Path) -> None:
         lens = pd.read_parquet(out / "logit_lens")
         assert set(lens["source"]) == {"residual", "head"} and "answer" in set(lens["target"])
         assert len(pd.read_parquet(out / "contributions")) > 0
+        ablation = pd.read_parquet(out / "token_ablation")
+        assert set(ablation["layer_start"]) == {1} and ablation.groupby("sample_id")["ordinal"].nunique().min() >= 4
         for name in PROBE_SCHEMAS:
             assert pd.read_parquet(out / name)["sample_id"].nunique() == len(LOCAL_RECORDS)
 
@@ -132,6 +135,7 @@ def test_probe_run_tables(tmp_path: Path) -> None:
         (["--knockout-queries", "pixels"], "unknown query region 'pixels'"),
         (["--knockout-key", "audio"], "unknown key region 'audio'"),
         (["--probes", "telepathy"], "unknown probes"),
+        (["--probes", "token_ablation", "--ablation-layers", "3:99"], "outside the model's layers"),
     ],
 )
 def test_bad_probe_input(tmp_path: Path, capsys: pytest.CaptureFixture[str], extra: list[str], message: str) -> None:
