@@ -1,0 +1,110 @@
+"""Pruning configs: ours (typed, with provenance) and the VisiPruner authors' ``--pruning-config`` JSON."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from analysis.errors import ConfigError
+
+METHODS = ("visipruner", "fastv", "random", "pre_llm", "none")
+STAGES = ("shallow", "middle", "deep")
+
+
+@dataclass
+class PruningConfig:
+    """How to prune image tokens, for one model depth; ``provenance`` says how it was chosen."""
+
+    method: str = "visipruner"
+    num_layers: int = 0
+    stages: list[str] = field(default_factory=lambda: list(STAGES))
+    shallow_mid_layer: int = 6
+    layer_threshold: float = 0.995
+    tokens_threshold: float = 0.2
+    deep_cosine: float = 0.999
+    deep_patience: int = 2
+    shallow_in_decode: bool = True
+    prune_layer: int = 2
+    keep_tokens: int = 64
+    seed: int = 0
+    provenance: dict[str, Any] = field(default_factory=dict)
+
+    def validate(self, num_layers: int | None = None) -> None:
+        """Collect every problem and raise them together, before any model runs."""
+        problems = []
+        if self.method not in METHODS:
+            problems.append(f"unknown method {self.method!r} (choose from {', '.join(METHODS)})")
+        unknown_stages = [s for s in self.stages if s not in STAGES]
+        if unknown_stages:
+            problems.append(f"unknown mode(s) {unknown_stages} (choose from {', '.join(STAGES)})")
+        if num_layers is not None and self.num_layers != num_layers:
+            problems.append(f"config is for a {self.num_layers}-layer model but this model has {num_layers} layers")
+        depth = num_layers if num_layers is not None else self.num_layers
+        if depth and self.method == "visipruner" and not 0 <= self.shallow_mid_layer < depth:
+            problems.append(f"shallow_mid_layer {self.shallow_mid_layer} outside 0..{depth - 1}")
+        if depth and self.method in ("fastv", "random") and not 1 <= self.prune_layer < depth:
+            problems.append(f"prune_layer {self.prune_layer} outside 1..{depth - 1}")
+        if not 0 < self.layer_threshold <= 1:
+            problems.append(f"layer_threshold {self.layer_threshold} outside (0, 1]")
+        if not 0 < self.deep_cosine <= 1:
+            problems.append(f"deep_cosine {self.deep_cosine} outside (0, 1]")
+        if self.tokens_threshold < 0:
+            problems.append(f"tokens_threshold {self.tokens_threshold} must be >= 0 (an absolute norm)")
+        if self.deep_patience < 1 or self.keep_tokens < 0:
+            problems.append("deep_patience must be >= 1 and keep_tokens >= 0")
+        if problems:
+            raise ConfigError("invalid pruning config: " + "; ".join(problems))
+
+    def to_json(self) -> dict[str, Any]:
+        """A JSON-ready mapping."""
+        return asdict(self)
+
+    def authors_json(self) -> dict[str, Any]:
+        """The authors' ``--pruning-config`` JSON (their code reads only these keys)."""
+        if self.method != "visipruner":
+            raise ConfigError(f"the authors' code runs VisiPruner only, not {self.method!r}")
+        return {"mode": list(self.stages), "shallow_mid_layer": self.shallow_mid_layer,
+                "layer_threshold": self.layer_threshold, "tokens_threshold": self.tokens_threshold}
+
+
+_AUTHORS_KEYS = {"mode", "shallow_mid_layer", "layer_threshold", "tokens_threshold", "mid_deep_layer"}
+
+
+def parse_config(values: dict[str, Any], num_layers: int | None = None) -> PruningConfig:
+    """Our config or the authors' JSON (recognised by its ``mode`` key), validated."""
+    if "mode" in values:
+        unknown = sorted(set(values) - _AUTHORS_KEYS)
+        missing = sorted({"mode", "shallow_mid_layer", "layer_threshold", "tokens_threshold"} - set(values))
+        if unknown or missing:
+            raise ConfigError(f"authors' pruning config: unknown keys {unknown}, missing keys {missing}")
+        config = PruningConfig(
+            method="visipruner", num_layers=num_layers or 0, stages=list(values["mode"]),
+            shallow_mid_layer=int(values["shallow_mid_layer"]), layer_threshold=float(values["layer_threshold"]),
+            tokens_threshold=float(values["tokens_threshold"]), shallow_in_decode=False,
+            provenance={"source": "authors' --pruning-config JSON"},
+        )
+    else:
+        known = {f.name for f in fields(PruningConfig)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ConfigError(f"unknown pruning config keys {unknown}; known keys: {sorted(known)}")
+        if "num_layers" not in values:
+            raise ConfigError("pruning config lacks num_layers; it must say which model depth it was made for")
+        config = PruningConfig(**values)
+    config.validate(num_layers)
+    return config
+
+
+def load_config(path: str | Path, num_layers: int | None = None) -> PruningConfig:
+    """Read and validate a pruning config file."""
+    try:
+        values = json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"pruning config {path} does not exist") from None
+    except json.JSONDecodeError as error:
+        raise ConfigError(f"pruning config {path} is not valid JSON ({error.msg} at line {error.lineno})") from None
+    if not isinstance(values, dict):
+        raise ConfigError(f"pruning config {path} must hold a JSON object")
+    return parse_config(values, num_layers)

@@ -1,0 +1,92 @@
+"""Answers, agreement, FLOPs and kept tokens of a model under a pruning config, next to the unpruned model."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import pandas as pd
+import torch
+
+from analysis.data.samples import Sample, batched
+from analysis.data.scoring import is_correct
+from analysis.models.registry import LoadedModel
+from analysis.probes.intervention import RegionMasks, intervene
+from analysis.pruner.config import PruningConfig
+from analysis.pruner.flops import DecoderShape
+from analysis.pruner.simulate import PruningHooks, full_flops, sample_flops
+from analysis.trace.run import generate_answers
+
+
+def evaluate_pruned(
+    loaded: LoadedModel, samples: Sequence[Sample], config: PruningConfig, *, batch_size: int = 16,
+    max_new_tokens: int = 8, baseline: dict[str, str | None] | None = None,
+) -> pd.DataFrame:
+    """One row per sample: unpruned and pruned greedy answers, correctness, agreement, decisions and FLOPs.
+
+    ``baseline`` maps sample ids to unpruned answers already computed (they are generated otherwise).
+    """
+    config.validate(loaded.adapter.num_layers)
+    shape = DecoderShape.from_config(loaded.adapter.text_config)
+    device = next(loaded.model.parameters()).device
+    rows = []
+    for batch in batched(list(samples), batch_size):
+        inputs = loaded.adapter.build_inputs(loaded.processor, batch, device=device)
+        if baseline is not None and all(s.sample_id in baseline for s in batch):
+            clean = [baseline[s.sample_id] for s in batch]
+        else:
+            clean = generate_answers(loaded, inputs, max_new_tokens)
+        prompt_length = inputs.input_ids.shape[1]
+        masks = RegionMasks.from_layouts(inputs.layouts, prompt_length, device)
+        hooks = PruningHooks(config, masks, inputs.layouts, prompt_length)
+        if config.method == "none":
+            pruned = clean
+        else:
+            with intervene(loaded.adapter, hooks, prompt_length - 1):
+                pruned = generate_answers(loaded, inputs, max_new_tokens)
+        decisions = hooks.decisions(inputs.layouts)
+        for row, (sample, layout) in enumerate(zip(batch, inputs.layouts)):
+            ours = sample_flops(config, decisions, row, layout.length, shape)
+            full = full_flops(decisions, row, layout.length, shape)
+            if config.method == "none":
+                ours = full
+            rows.append({
+                "sample_id": sample.sample_id, "family": sample.family, "reference": sample.answer,
+                "baseline_answer": clean[row], "pruned_answer": pruned[row],
+                "baseline_correct": is_correct(clean[row] or "", sample) if sample.answer is not None else None,
+                "pruned_correct": is_correct(pruned[row] or "", sample) if sample.answer is not None else None,
+                "agrees": pruned[row] == clean[row],
+                "selection_layer": int(decisions.selection_layer[row]), "exit_layer": int(decisions.exit_layer[row]),
+                "n_image": decisions.n_image[row],
+                "n_kept": decisions.n_image[row] if config.method == "none" or decisions.selection_layer[row] < 0
+                and config.method != "pre_llm" else len(decisions.kept[row]),
+                "flops": ours["exact"], "flops_full": full["exact"], "flops_fastv": ours["fastv"],
+                "flops_fastv_full": full["fastv"], "vision_attention_flops": ours["vision_attention"],
+                "vision_attention_flops_full": full["vision_attention"],
+            })
+    return pd.DataFrame(rows)
+
+
+def summarize(per_sample: pd.DataFrame) -> dict[str, float]:
+    """Accuracy, agreement and FLOPs cut of one evaluated config (percentages)."""
+    return {
+        "accuracy": 100 * per_sample["pruned_correct"].mean(),
+        "baseline_accuracy": 100 * per_sample["baseline_correct"].mean(),
+        "agreement": 100 * per_sample["agrees"].mean(),
+        "flops_cut": 100 * (1 - per_sample["flops"].sum() / per_sample["flops_full"].sum()),
+        "flops_cut_fastv": 100 * (1 - per_sample["flops_fastv"].sum() / per_sample["flops_fastv_full"].sum()),
+        "vision_attention_cut": 100 * (1 - per_sample["vision_attention_flops"].sum()
+                                       / max(per_sample["vision_attention_flops_full"].sum(), 1.0)),
+        "kept_tokens": per_sample["n_kept"].mean(),
+        "fired": 100 * (per_sample["selection_layer"] >= 0).mean(),
+    }
+
+
+def clean_answers(loaded: LoadedModel, samples: Sequence[Sample], *, batch_size: int, max_new_tokens: int) -> dict[str, str | None]:
+    """Unpruned greedy answers by sample id (to share among several configs)."""
+    device = next(loaded.model.parameters()).device
+    answers: dict[str, str | None] = {}
+    with torch.inference_mode():
+        for batch in batched(list(samples), batch_size):
+            inputs = loaded.adapter.build_inputs(loaded.processor, batch, device=device)
+            answers.update(zip([s.sample_id for s in batch], generate_answers(loaded, inputs, max_new_tokens)))
+    return answers

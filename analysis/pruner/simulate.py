@@ -1,0 +1,187 @@
+"""Pruning applied as attention masks: exact in outputs, not in speed.
+
+Dropping a token from the sequence from layer L on changes the remaining tokens' computation exactly as
+hiding it as a key from every query in layers >= L does (RoPE positions are kept either way), so these
+hooks give the pruned model's answers, the per-sample decisions and the token counts that FLOPs are
+computed from. Selections are decided once per sample during the prefill and persist while decoding,
+as each layer's KV cache keeps what that layer had at prefill.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from analysis.layout import TokenLayout
+from analysis.probes.intervention import AttentionHooks, LastRowObservation, RegionMasks
+from analysis.pruner.config import PruningConfig
+from analysis.pruner.flops import DecoderShape, LayerTokens, prefill_flops
+
+
+@dataclass
+class Decisions:
+    """Per-sample pruning decisions made during the prefill."""
+
+    selection_layer: np.ndarray  # (B,) layer whose rule fired (-1: never)
+    exit_layer: np.ndarray  # (B,) layer after which all image tokens go (-1: never)
+    kept: list[list[int]]  # kept image-token ordinals per sample (after selection)
+    n_image: list[int]
+
+    def tokens_per_layer(self, row: int, prompt_length: int, num_layers: int) -> list[LayerTokens]:
+        """Tokens each layer processes for one sample in the prefill."""
+        n_image, n_kept = self.n_image[row], len(self.kept[row])
+        counts = []
+        for layer in range(num_layers):
+            image = n_image
+            if 0 <= self.selection_layer[row] < layer:
+                image = n_kept
+            if 0 <= self.exit_layer[row] < layer:
+                image = 0
+            counts.append(LayerTokens(prompt_length - n_image + image, image))
+        return counts
+
+
+class PruningHooks(AttentionHooks):
+    """VisiPruner's three stages, or a one-shot baseline (FastV, random, pre-LLM), as attention masks."""
+
+    def __init__(self, config: PruningConfig, masks: RegionMasks, layouts: list[TokenLayout], prompt_length: int) -> None:
+        self.config = config
+        self.masks = masks
+        self.prompt_length = prompt_length
+        batch = len(layouts)
+        device = masks.keys["image"].device
+        n_max = max(layout.n_image_tokens for layout in layouts)
+        self.image_index = torch.zeros(batch, n_max, dtype=torch.long, device=device)
+        self.image_valid = torch.zeros(batch, n_max, dtype=torch.bool, device=device)
+        for row, layout in enumerate(layouts):
+            positions = torch.as_tensor(layout.padded(layout.image_positions), device=device)
+            self.image_index[row, : len(positions)] = positions
+            self.image_valid[row, : len(positions)] = True
+        self.keep = self.image_valid.clone()
+        self.selection_layer = torch.full((batch,), -1, dtype=torch.long)
+        self.exit_layer = torch.full((batch,), -1, dtype=torch.long)
+        self.negligible = torch.zeros(batch, dtype=torch.long)
+        if config.method == "pre_llm":
+            self._keep_spread(config.keep_tokens)
+            self.selection_layer[:] = -2  # pruned before layer 0: applies everywhere
+
+    # -- decisions ------------------------------------------------------------------------------
+    def wants_last_row(self, layer: int, query_start: int, query_length: int) -> bool:
+        """Observe only in the prefill pass, in layers where a decision can still be made."""
+        if not query_start <= self.prompt_length - 1 < query_start + query_length:
+            return False
+        method = self.config.method
+        if method in ("fastv", "random"):
+            return layer == self.config.prune_layer - 1
+        if method != "visipruner" or "middle" not in self.config.stages:
+            return False
+        return layer > self.config.shallow_mid_layer and bool((self.exit_layer < 0).any())
+
+    def observe(self, observation: LastRowObservation) -> None:
+        """Apply the selection rule (or the baseline's) to one layer's last-row attention."""
+        if self.config.method in ("fastv", "random"):
+            self._one_shot(observation)
+            return
+        cosine, norm = self._contributions(observation)
+        layer = observation.layer
+        valid = self.image_valid
+        for row in range(valid.shape[0]):
+            if self.selection_layer[row] < 0:
+                if bool((cosine[row][valid[row]] < self.config.layer_threshold).any()):
+                    self.keep[row] = (norm[row] > self.config.tokens_threshold) & valid[row]
+                    self.selection_layer[row] = layer
+            elif "deep" in self.config.stages and self.exit_layer[row] < 0 and layer > self.selection_layer[row]:
+                kept = self.keep[row]
+                if bool((cosine[row][kept] >= self.config.deep_cosine).all()):
+                    self.negligible[row] += 1
+                    if self.negligible[row] >= self.config.deep_patience:
+                        self.exit_layer[row] = layer
+
+    def _contributions(self, observation: LastRowObservation) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos(o - c_j, o) and ||c_j|| of every image token, float32 (B, N)."""
+        weights, values = observation.weights, observation.values
+        batch, heads, _, dim = values.shape
+        output = torch.einsum("bhk,bhkd->bhd", weights, values).reshape(batch, 1, heads * dim)
+        index = self.image_index[:, None, :].expand(-1, heads, -1)
+        image_weights = torch.gather(weights, 2, index)
+        image_values = torch.gather(values, 2, index[..., None].expand(-1, -1, -1, dim))
+        contributions = (image_weights[..., None] * image_values).permute(0, 2, 1, 3).reshape(batch, -1, heads * dim)
+        cosine = torch.nn.functional.cosine_similarity(output - contributions, output, dim=-1, eps=1e-12)
+        return cosine, contributions.norm(dim=-1)
+
+    def _one_shot(self, observation: LastRowObservation) -> None:
+        """FastV (top last-token attention) or random, keeping ``keep_tokens`` from ``prune_layer`` on."""
+        weights = torch.gather(observation.weights.mean(1), 1, self.image_index)
+        weights = weights.masked_fill(~self.image_valid, -1.0)
+        self.keep = torch.zeros_like(self.image_valid)
+        generator = torch.Generator().manual_seed(self.config.seed)
+        for row in range(weights.shape[0]):
+            n = int(self.image_valid[row].sum())
+            k = min(self.config.keep_tokens, n)
+            if self.config.method == "fastv":
+                chosen = weights[row].topk(k).indices
+            else:
+                chosen = torch.randperm(n, generator=generator)[:k].to(weights.device)
+            self.keep[row, chosen] = True
+        self.selection_layer[:] = observation.layer
+
+    def _keep_spread(self, keep_tokens: int) -> None:
+        """Pre-LLM pruning: keep evenly spaced image tokens of each sample."""
+        self.keep = torch.zeros_like(self.image_valid)
+        for row in range(self.keep.shape[0]):
+            n = int(self.image_valid[row].sum())
+            chosen = np.unique(np.linspace(0, n - 1, num=min(keep_tokens, n)).round().astype(int)) if keep_tokens else []
+            self.keep[row, torch.as_tensor(chosen, dtype=torch.long)] = True
+
+    # -- masks ----------------------------------------------------------------------------------
+    def blocked(self, layer: int, query_start: int, query_length: int, key_length: int) -> torch.Tensor | None:
+        """Edges hidden in this layer: shallow text->image, and image tokens pruned or exited."""
+        config = self.config
+        block = None
+        batch = self.keep.shape[0]
+        decoding = query_start >= self.prompt_length
+        if (config.method == "visipruner" and "shallow" in config.stages and layer < config.shallow_mid_layer
+                and (config.shallow_in_decode or not decoding)):
+            rows = self.masks.query_rows("instruction", query_start, query_length)
+            cols = self.masks.key_columns("image", key_length)
+            block = rows[:, :, None] & cols[:, None, :]
+        dropped = torch.zeros(batch, key_length, dtype=torch.bool, device=self.keep.device)
+        active = (self.selection_layer == -2) | ((self.selection_layer >= 0) & (self.selection_layer < layer))
+        exited = (self.exit_layer >= 0) & (self.exit_layer < layer)
+        for row in range(batch):
+            if exited[row]:
+                dropped[row] = self.masks.key_columns("image", key_length)[row]
+            elif active[row]:
+                positions = self.image_index[row][self.image_valid[row] & ~self.keep[row]]
+                dropped[row, positions[positions < key_length]] = True
+        if dropped.any():
+            edges = dropped[:, None, :].expand(batch, query_length, key_length)
+            block = edges if block is None else block | edges
+        return block
+
+    def decisions(self, layouts: list[TokenLayout]) -> Decisions:
+        """The per-sample decisions, as ordinals of kept image tokens."""
+        kept = [torch.nonzero(self.keep[row][: layout.n_image_tokens]).flatten().tolist() for row, layout in enumerate(layouts)]
+        selection = self.selection_layer.numpy().copy()
+        if self.config.method == "pre_llm":
+            selection[:] = -1
+        return Decisions(selection, self.exit_layer.numpy().copy(), kept, [layout.n_image_tokens for layout in layouts])
+
+
+def sample_flops(config: PruningConfig, decisions: Decisions, row: int, prompt_length: int, shape: DecoderShape,
+                 pre_llm: bool = False) -> dict[str, float]:
+    """Exact and FastV-convention prefill FLOPs of one sample under its decisions."""
+    layers = decisions.tokens_per_layer(row, prompt_length, shape.num_layers)
+    if config.method == "pre_llm":
+        n_kept = len(decisions.kept[row])
+        layers = [LayerTokens(prompt_length - decisions.n_image[row] + n_kept, n_kept)] * shape.num_layers
+    blind = config.shallow_mid_layer if config.method == "visipruner" and "shallow" in config.stages else 0
+    return prefill_flops(shape, layers, text_blind_layers=blind)
+
+
+def full_flops(decisions: Decisions, row: int, prompt_length: int, shape: DecoderShape) -> dict[str, Any]:
+    """Prefill FLOPs of the unpruned model for one sample."""
+    return prefill_flops(shape, [LayerTokens(prompt_length, decisions.n_image[row])] * shape.num_layers)
