@@ -45,6 +45,9 @@ class EvalConfig:
     dtype: str = option("auto", "weights dtype", choices=tuple(DTYPES))
     device: str | None = option(None, "torch device; default cuda if available")
     out: str | None = option(None, "output folder; default runs/eval/<model>/<dataset>-<split>")
+    pruning_config: str | None = option(
+        None, "pruning config JSON (ours or the authors'): also report pruned accuracy, agreement, FLOPs, kept tokens"
+    )
 
     def validate(self) -> None:
         """Reject values that cannot work, before loading anything."""
@@ -87,6 +90,28 @@ def accuracy_table(predictions: pd.DataFrame) -> pd.DataFrame:
     return table.rename(columns={"mean": "accuracy", "size": "n"})
 
 
+def _evaluate_pruned(config: EvalConfig, split: str, out: Path) -> int:
+    """Evaluate the unpruned and pruned model side by side and print the comparison."""
+    from analysis.data.loaders import load_samples
+    from analysis.pruner.config import load_config
+    from analysis.pruner.evaluation import evaluate_pruned, summarize
+
+    config.validate()
+    samples = load_samples(config.dataset, config.split, config.limit, data_dir=config.data_dir)
+    loaded = load_model(config.model, dtype=config.dtype, device=config.device or default_device())
+    pruning = load_config(config.pruning_config, loaded.adapter.num_layers)
+    per_sample = evaluate_pruned(loaded, samples, pruning, batch_size=config.batch_size,
+                                 max_new_tokens=config.max_new_tokens)
+    summary = summarize(per_sample)
+    atomic_write_table(out / "pruned_predictions.parquet", pa.Table.from_pandas(per_sample, preserve_index=False))
+    atomic_write_json(out / "pruned_summary.json", {"config": {**to_dict(config), "split": split},
+                                                   "pruning": pruning.to_json(), "summary": summary,
+                                                   "package_versions": package_versions(), "git_hash": git_hash()})
+    lines = [f"results: {out.resolve()}"] + [f"{key:>22s}: {value:8.2f}" for key, value in summary.items()]
+    sys.stdout.write("\n".join(lines) + "\n")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     """Evaluate, write predictions and a summary, print the accuracy table."""
     parser = argparse.ArgumentParser(prog="python -m analysis.evaluate", description=__doc__,
@@ -100,6 +125,8 @@ def main(argv: list[str] | None = None) -> int:
 
         split = resolve_split(config.dataset, config.split)
         out = Path(config.out) if config.out else default_run_dir("eval", config.model, config.dataset, split)
+        if config.pruning_config:
+            return _evaluate_pruned(config, split, out)
         predictions = evaluate(config)
         table = accuracy_table(predictions)
         atomic_write_table(out / "predictions.parquet", pa.Table.from_pandas(predictions, PREDICTIONS_SCHEMA, preserve_index=False))

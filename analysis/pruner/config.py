@@ -73,27 +73,36 @@ _AUTHORS_KEYS = {"mode", "shallow_mid_layer", "layer_threshold", "tokens_thresho
 
 
 def parse_config(values: dict[str, Any], num_layers: int | None = None) -> PruningConfig:
-    """Our config or the authors' JSON (recognised by its ``mode`` key), validated."""
+    """Our config or the authors' JSON (recognised by its ``mode`` key), validated; all problems reported at once."""
+    problems: list[str] = []
+    defaults = PruningConfig()
     if "mode" in values:
         unknown = sorted(set(values) - _AUTHORS_KEYS)
         missing = sorted({"mode", "shallow_mid_layer", "layer_threshold", "tokens_threshold"} - set(values))
-        if unknown or missing:
-            raise ConfigError(f"authors' pruning config: unknown keys {unknown}, missing keys {missing}")
+        problems += [f"unknown keys {unknown}"] * bool(unknown) + [f"missing keys {missing}"] * bool(missing)
+        mode = values["mode"]
         config = PruningConfig(
-            method="visipruner", num_layers=num_layers or 0, stages=list(values["mode"]),
-            shallow_mid_layer=int(values["shallow_mid_layer"]), layer_threshold=float(values["layer_threshold"]),
-            tokens_threshold=float(values["tokens_threshold"]), shallow_in_decode=False,
-            provenance={"source": "authors' --pruning-config JSON"},
+            method="visipruner", num_layers=num_layers or 0,
+            stages=list(mode) if isinstance(mode, list) else [str(mode)],
+            shallow_mid_layer=int(values.get("shallow_mid_layer", defaults.shallow_mid_layer)),
+            layer_threshold=float(values.get("layer_threshold", defaults.layer_threshold)),
+            tokens_threshold=float(values.get("tokens_threshold", defaults.tokens_threshold)),
+            shallow_in_decode=False, provenance={"source": "authors' --pruning-config JSON"},
         )
     else:
         known = {f.name for f in fields(PruningConfig)}
         unknown = sorted(set(values) - known)
         if unknown:
-            raise ConfigError(f"unknown pruning config keys {unknown}; known keys: {sorted(known)}")
+            problems.append(f"unknown keys {unknown} (known: {sorted(known)})")
         if "num_layers" not in values:
-            raise ConfigError("pruning config lacks num_layers; it must say which model depth it was made for")
-        config = PruningConfig(**values)
-    config.validate(num_layers)
+            problems.append("missing key num_layers (the model depth the config was made for)")
+        config = PruningConfig(**{key: value for key, value in values.items() if key in known})
+    try:
+        config.validate(num_layers)
+    except ConfigError as error:
+        problems.append(str(error).removeprefix("invalid pruning config: "))
+    if problems:
+        raise ConfigError("invalid pruning config: " + "; ".join(problems))
     return config
 
 

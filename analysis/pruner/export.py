@@ -1,0 +1,144 @@
+"""Derive a VisiPruner config from a calibration probe run so that a target is met at the fewest FLOPs.
+
+``python -m analysis.pruner export RUN_DIR -o config.json`` reads the run's stage boundaries (S = the
+first layer where image access matters: text is blinded to images before it) and its recorded
+contribution norms (the scale of ``tokens_threshold``), then searches layer_threshold x
+tokens_threshold on the run's own samples with the pruned model, keeping the cheapest config whose
+answers agree with the unpruned model's on at least ``target`` of them.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from analysis.config import option
+from analysis.errors import ConfigError
+from analysis.models.registry import LoadedModel, load_model
+from analysis.pruner.config import PruningConfig
+from analysis.pruner.evaluation import clean_answers, evaluate_pruned, summarize
+from analysis.results import atomic_write_json, read_table
+from analysis.stages import StageConfig, analyse
+
+logger = logging.getLogger(__name__)
+
+LAYER_THRESHOLDS = (0.9, 0.95, 0.98, 0.99, 0.995, 0.997, 0.999)
+NORM_QUANTILES = (0.5, 0.75, 0.9, 0.95, 0.98, 0.99, 0.995)
+
+
+@dataclass
+class ExportConfig:
+    """How a pruning config is chosen from a calibration run."""
+
+    target: float = option(0.99, "required share of calibration samples whose pruned answer equals the unpruned one")
+    limit: int | None = option(None, "calibrate on the first N samples of the run; default all")
+    batch_size: int = option(32, "samples per generate call")
+    max_new_tokens: int = option(4, "greedy answer length compared for agreement")
+    device: str | None = option(None, "torch device; default cuda if available")
+
+    def validate(self) -> None:
+        """Reject an impossible target."""
+        if not 0 < self.target <= 1:
+            raise ConfigError(f"--target must be in (0, 1], got {self.target}")
+
+
+@dataclass
+class ExportResult:
+    """The chosen config, whether it meets the target, and the whole search."""
+
+    config: PruningConfig
+    met: bool
+    search: pd.DataFrame
+
+
+def derive(run_dir: str | Path, export: ExportConfig, *, loaded: LoadedModel | None = None) -> ExportResult:
+    """Search thresholds on the run's samples and pick the cheapest config meeting the target."""
+    from analysis.data.loaders import load_samples
+
+    export.validate()
+    manifest = json.loads((Path(run_dir) / "manifest.json").read_text())
+    report = analyse(run_dir, StageConfig(n_bootstrap=0))
+    shallow_end = report.overall.shallow_end
+    if shallow_end is None:
+        raise ConfigError(f"{run_dir}: no layer where image access matters was found, so no stage to prune from")
+    try:
+        contributions = read_table(run_dir, "contributions").to_pandas()
+    except ConfigError:
+        raise ConfigError(
+            f"{run_dir} lacks the contribution probe needed to scale tokens_threshold; run "
+            "`python -m analysis.probes --probes contribution` into the same config"
+        ) from None
+    model_name = manifest["config"]["model"]
+    dataset, split = manifest["dataset"]["name"], manifest["dataset"]["split"]
+    if loaded is None:
+        from analysis.models.registry import default_device
+
+        loaded = load_model(model_name, device=export.device or default_device())
+    ids = read_table(run_dir, "samples").column("sample_id").to_pylist()
+    samples = [s for s in load_samples(dataset, None if split == "all" else split, len(ids) if export.limit is None
+                                       else min(export.limit, len(ids)))]
+    baseline = clean_answers(loaded, samples, batch_size=export.batch_size, max_new_tokens=export.max_new_tokens)
+    num_layers = loaded.adapter.num_layers
+    band = contributions[contributions["layer"] > shallow_end]["norm"]
+    norm_grid = sorted({float(round(q, 6)) for q in np.quantile(band, NORM_QUANTILES)}) if len(band) else [0.0]
+    rows = []
+    for layer_threshold in LAYER_THRESHOLDS:
+        for tokens_threshold in norm_grid:
+            config = PruningConfig(num_layers=num_layers, shallow_mid_layer=shallow_end,
+                                   layer_threshold=layer_threshold, tokens_threshold=tokens_threshold)
+            scores = summarize(evaluate_pruned(loaded, samples, config, batch_size=export.batch_size,
+                                               max_new_tokens=export.max_new_tokens, baseline=baseline))
+            rows.append({"layer_threshold": layer_threshold, "tokens_threshold": tokens_threshold, **scores})
+            logger.info("tL=%.3f tT=%.4g: agreement %.1f%%, FLOPs cut %.1f%%", layer_threshold, tokens_threshold,
+                        scores["agreement"], scores["flops_cut"])
+    search = pd.DataFrame(rows)
+    feasible = search[search["agreement"] >= 100 * export.target]
+    met = not feasible.empty
+    best = (feasible.sort_values(["flops_cut", "agreement"], ascending=False).iloc[0] if met
+            else search.sort_values(["agreement", "flops_cut"], ascending=False).iloc[0])
+    chosen = PruningConfig(
+        num_layers=num_layers, shallow_mid_layer=shallow_end, layer_threshold=float(best["layer_threshold"]),
+        tokens_threshold=float(best["tokens_threshold"]),
+        provenance={
+            "run": str(Path(run_dir).resolve()), "model": model_name, "model_source": manifest["model"].get("source"),
+            "dataset": dataset, "split": split, "calibration_samples": len(samples),
+            "target_agreement": export.target, "target_met": met,
+            "calibration": {key: float(best[key]) for key in ("agreement", "accuracy", "baseline_accuracy",
+                                                              "flops_cut", "flops_cut_fastv", "kept_tokens", "fired")},
+            "how": "shallow_mid_layer = first layer where image access matters (stage analysis); "
+                   "layer_threshold x tokens_threshold (quantiles of recorded contribution norms after S) searched; "
+                   "the largest FLOPs cut whose agreement meets the target",
+            "grid": {"layer_threshold": list(LAYER_THRESHOLDS), "tokens_threshold": norm_grid},
+        },
+    )
+    return ExportResult(chosen, met, search)
+
+
+def write(result: ExportResult, out: str | Path) -> tuple[Path, Path]:
+    """Write our config and the authors' JSON beside it."""
+    path = Path(out)
+    authors = path.with_name(path.stem + ".authors.json")
+    atomic_write_json(path, result.config.to_json())
+    atomic_write_json(authors, result.config.authors_json())
+    return path, authors
+
+
+def describe(result: ExportResult) -> str:
+    """One paragraph on what was chosen and whether the target was met."""
+    c = result.config
+    calibration: dict[str, Any] = c.provenance["calibration"]
+    verdict = "meets" if result.met else "CANNOT meet"
+    return (
+        f"config {verdict} the target ({c.provenance['target_agreement']:.1%} agreement): shallow_mid_layer "
+        f"{c.shallow_mid_layer}, layer_threshold {c.layer_threshold}, tokens_threshold {c.tokens_threshold:.4g}; "
+        f"calibration agreement {calibration['agreement']:.1f}%, accuracy {calibration['accuracy']:.1f}% "
+        f"(unpruned {calibration['baseline_accuracy']:.1f}%), exact FLOPs cut {calibration['flops_cut']:.1f}% "
+        f"(FastV convention {calibration['flops_cut_fastv']:.1f}%), kept image tokens {calibration['kept_tokens']:.1f}"
+        + ("" if result.met else "; this is the closest config found")
+    )

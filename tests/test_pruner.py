@@ -1,0 +1,103 @@
+"""Pruning configs, the mask-based pruned model and its accounting, on tiny models of both families."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from analysis.errors import ConfigError
+from analysis.models.registry import LoadedModel, load_model
+from analysis.probes.intervention import RegionMasks, intervene
+from analysis.pruner.config import PruningConfig, load_config, parse_config
+from analysis.pruner.evaluation import evaluate_pruned, summarize
+from analysis.pruner.simulate import PruningHooks
+
+FAMILIES = {"llava": "tiny-llava", "qwen2_5_vl": "tiny-qwen2.5-vl"}
+
+
+@pytest.fixture(scope="module", params=sorted(FAMILIES))
+def tiny(request: pytest.FixtureRequest) -> LoadedModel:
+    """A tiny random model of each family (SDPA)."""
+    return load_model(FAMILIES[request.param])
+
+
+def _logits(loaded: LoadedModel, samples, config: PruningConfig | None) -> torch.Tensor:
+    """Prefill logits with or without pruning hooks."""
+    inputs = loaded.adapter.build_inputs(loaded.processor, samples)
+    with torch.no_grad():
+        if config is None:
+            return loaded.model(**inputs.tensors).logits
+        length = inputs.input_ids.shape[1]
+        hooks = PruningHooks(config, RegionMasks.from_layouts(inputs.layouts, length, inputs.input_ids.device),
+                             inputs.layouts, length)
+        with intervene(loaded.adapter, hooks, length - 1):
+            return loaded.model(**inputs.tensors).logits
+
+
+def test_all_off_is_bit_identical(tiny: LoadedModel, samples) -> None:
+    """Method 'none' and VisiPruner with no stage leave logits untouched."""
+    reference = _logits(tiny, samples, None)
+    layers = tiny.adapter.num_layers
+    assert torch.equal(_logits(tiny, samples, PruningConfig(method="none", num_layers=layers)), reference)
+    assert torch.equal(_logits(tiny, samples, PruningConfig(num_layers=layers, stages=[], shallow_mid_layer=1)), reference)
+
+
+def test_keeping_every_token_keeps_answers(tiny: LoadedModel, samples) -> None:
+    """A selection that keeps every image token (tokens_threshold 0, no shallow or deep stage) changes no answer."""
+    config = PruningConfig(num_layers=tiny.adapter.num_layers, stages=["middle"], shallow_mid_layer=0,
+                           layer_threshold=1.0, tokens_threshold=0.0)
+    per_sample = evaluate_pruned(tiny, samples, config, batch_size=4)
+    assert (per_sample["selection_layer"] == 1).all() and (per_sample["n_kept"] == per_sample["n_image"]).all()
+    assert per_sample["agrees"].all()
+
+
+def test_batch_equals_single(tiny: LoadedModel, samples) -> None:
+    """Per-sample decisions, answers and FLOPs do not depend on batching."""
+    config = PruningConfig(num_layers=tiny.adapter.num_layers, shallow_mid_layer=1, layer_threshold=0.9999,
+                           tokens_threshold=0.02)
+    batched = evaluate_pruned(tiny, samples, config, batch_size=4)
+    single = evaluate_pruned(tiny, samples, config, batch_size=1)
+    columns = ["pruned_answer", "selection_layer", "exit_layer", "n_kept", "flops"]
+    assert batched[columns].equals(single[columns])
+
+
+def test_baselines_keep_their_budget(tiny: LoadedModel, samples) -> None:
+    """FastV, random and pre-LLM pruning keep exactly their token budget and cut FLOPs accordingly."""
+    layers = tiny.adapter.num_layers
+    cuts = {}
+    for method in ("fastv", "random", "pre_llm"):
+        per_sample = evaluate_pruned(tiny, samples, PruningConfig(method=method, num_layers=layers, prune_layer=2,
+                                                                  keep_tokens=3), batch_size=4)
+        assert (per_sample["n_kept"] == 3).all()
+        cuts[method] = summarize(per_sample)["flops_cut"]
+    assert cuts["fastv"] == pytest.approx(cuts["random"]) and cuts["pre_llm"] > cuts["fastv"] > 0
+
+
+def test_config_errors_list_every_problem(tmp_path: Path) -> None:
+    """Another depth, thresholds out of range, missing keys and unknown modes are all reported together."""
+    bad = {"mode": ["shallow", "sideways"], "shallow_mid_layer": 9, "layer_threshold": 1.5}
+    with pytest.raises(ConfigError) as error:
+        parse_config(bad, num_layers=4)
+    message = str(error.value)
+    for part in ("missing keys ['tokens_threshold']", "sideways", "shallow_mid_layer 9", "layer_threshold 1.5"):
+        assert part in message
+    with pytest.raises(ConfigError, match="12-layer model but this model has 4"):
+        parse_config(PruningConfig(num_layers=12).to_json(), num_layers=4)
+    with pytest.raises(ConfigError, match="unknown keys"):
+        parse_config({"num_layers": 4, "speed": "fast"})
+    (tmp_path / "broken.json").write_text("{")
+    with pytest.raises(ConfigError, match="not valid JSON"):
+        load_config(tmp_path / "broken.json")
+
+
+def test_authors_json_round_trip(tmp_path: Path) -> None:
+    """Our config exports the authors' JSON, which parses back to the same rule."""
+    ours = PruningConfig(num_layers=32, shallow_mid_layer=6, layer_threshold=0.995, tokens_threshold=0.2)
+    (tmp_path / "a.json").write_text(json.dumps(ours.authors_json()))
+    theirs = load_config(tmp_path / "a.json", num_layers=32)
+    assert (theirs.shallow_mid_layer, theirs.layer_threshold, theirs.tokens_threshold, theirs.stages) == (
+        6, 0.995, 0.2, ["shallow", "middle", "deep"])
+    assert theirs.shallow_in_decode is False  # their code does not blind text in decode
