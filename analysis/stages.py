@@ -112,8 +112,8 @@ def boundaries(curves: Curves, config: StageConfig) -> Boundaries:
     if total > 0:
         reached = upto[upto >= config.onset * total]
         shallow_end = int(reached.index[0]) if len(reached) else None
-    deep_start = _first_quiet_layer(from_, config.tolerance)
-    kv_deep = _first_quiet_layer(curves.kv.mean(), config.tolerance) if curves.kv is not None else None
+    deep_start = first_quiet_layer(from_, config.tolerance)
+    kv_deep = first_quiet_layer(curves.kv.mean(), config.tolerance) if curves.kv is not None else None
     increments = upto.diff().fillna(upto.iloc[0]).clip(lower=0).to_numpy()
     layers_holding = None
     if increments.sum() > 0:
@@ -122,7 +122,7 @@ def boundaries(curves: Curves, config: StageConfig) -> Boundaries:
     return Boundaries(shallow_end, deep_start, kv_deep, layers_holding, len(curves.upto))
 
 
-def _first_quiet_layer(curve: pd.Series, tolerance: float) -> int | None:
+def first_quiet_layer(curve: pd.Series, tolerance: float) -> int | None:
     """The first layer from which the curve stays <= tolerance."""
     loud = curve[curve > tolerance]
     if loud.empty:

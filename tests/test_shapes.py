@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 import itertools
 import re
-import time
 from collections import Counter
 
 import pytest
@@ -220,12 +219,6 @@ def test_hf_dataset_has_the_loader_columns(tmp_path):
     assert len(frame) == 14 and isinstance(frame["image"][0]["bytes"], bytes)
 
 
-def test_generation_is_fast():
-    start = time.perf_counter()
-    generate_samples("test", 1000, CONFIG)
-    assert time.perf_counter() - start < 2.0
-
-
 @pytest.mark.parametrize(
     "kwargs",
     [{"image_size": 32}, {"min_objects": 4, "max_objects": 3}, {"max_objects": 12}, {"families": ("colour",)}],
@@ -244,3 +237,25 @@ def test_a_family_no_scene_can_answer_raises_data_error():
     config = ShapesConfig(tile_probability=0.0, families=("read",))
     with pytest.raises(DataError, match="tile_probability"):
         generate_items("test", 5, config)
+
+
+def test_count_question_when_every_shape_is_present() -> None:
+    """A scene holding every shape never gets the answer 0 for a shape count (it used to crash)."""
+    import random
+
+    from analysis.data import shapes
+
+    objects = tuple(
+        shapes.SceneObject(shape=shape, color="red", size="small", box=(i * 18, 0, i * 18 + 16, 16))
+        for i, shape in enumerate(shapes.SHAPES)
+    )
+    scene = shapes.Scene(split="train", index=0, image_size=112, background=128, texture_seed=None, objects=objects)
+
+    class ZeroFirst(random.Random):
+        """Draws the 'ask for zero' branch and the by-shape branch."""
+
+        def random(self) -> float:
+            return 0.0
+
+    question, answer = shapes._ask_count(scene, ZeroFirst(0))
+    assert answer != "0" and int(answer) == sum(1 for o in objects if o.shape in question or shapes.PLURALS[o.shape] in question)

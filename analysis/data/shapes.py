@@ -410,7 +410,10 @@ def _ask_count(scene: Scene, rng: random.Random) -> tuple[str, str]:
     # Draw the answer first (larger counts weighted up), then a value with it: picking values directly
     # would make "1" dominate.
     counts = sorted({values.count(v) for v in everything} - {0})
-    n = 0 if rng.random() < 0.2 or not counts else rng.choices(counts, weights=counts)[0]
+    # "0" needs a value the scene lacks: when every shape (or colour) is present it draws a count instead.
+    draw_zero = rng.random() < 0.2 or not counts
+    lacks_a_value = any(values.count(v) == 0 for v in everything)
+    n = 0 if draw_zero and lacks_a_value else rng.choices(counts, weights=counts)[0]
     value = rng.choice([v for v in everything if values.count(v) == n])
     question = f"How many {PLURALS[value]} are there?" if by_shape else f"How many {value} objects are there?"
     return question, str(n)

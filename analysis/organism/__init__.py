@@ -8,8 +8,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
-
 from analysis.errors import ModelError
 
 ORGANISM_DIR = Path(__file__).parent / "weights"
@@ -19,6 +17,7 @@ REQUIRED_FILES = ("config.json", WEIGHTS_NAME)
 
 def check_organism_files(path: Path | str = ORGANISM_DIR) -> None:
     """Raise ModelError unless ``path`` holds a config and a complete, readable, finite ``model.safetensors``."""
+    import torch
     from safetensors import SafetensorError, safe_open
 
     folder = Path(path)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -48,7 +49,8 @@ class SequenceSet:
 
     def to(self, device: torch.device) -> SequenceSet:
         """The same sequences on ``device``."""
-        return SequenceSet(*(t.to(device) for t in (self.input_ids, self.attention_mask, self.labels, self.image_index)))
+        tensors = (self.input_ids, self.attention_mask, self.labels, self.image_index)
+        return SequenceSet(*(tensor.to(device) for tensor in tensors))
 
     def batch(self, rows: torch.Tensor) -> dict[str, torch.Tensor]:
         """Rows ``rows`` with the padding columns they all share removed, plus generation-style position ids."""
@@ -67,12 +69,13 @@ class SequenceSet:
 
 @dataclass
 class TrainingData:
-    """Everything the four stages train on, from the ShapesVQA train split."""
+    """Everything the four stages train on, from the ShapesVQA train split (``families``: one per question row)."""
 
     pixels: torch.Tensor
     captions: list[str]
     caption_ids: torch.Tensor
     caption_mask: torch.Tensor
+    families: list[str]
     text_qa: SequenceSet
     caption_chat: SequenceSet
     vqa: SequenceSet
@@ -81,11 +84,11 @@ class TrainingData:
         """The same data with every tensor on ``device``."""
         return TrainingData(
             self.pixels.to(device), self.captions, self.caption_ids.to(device), self.caption_mask.to(device),
-            self.text_qa.to(device), self.caption_chat.to(device), self.vqa.to(device),
+            self.families, self.text_qa.to(device), self.caption_chat.to(device), self.vqa.to(device),
         )
 
 
-def pixel_values(pixels: torch.Tensor, image_processor: object) -> torch.Tensor:
+def pixel_values(pixels: torch.Tensor, image_processor: Any) -> torch.Tensor:
     """CLIP-normalised float pixels from uint8 (n, 3, h, w) images, as the processor computes them."""
     mean = torch.tensor(image_processor.image_mean, device=pixels.device).view(1, 3, 1, 1)
     std = torch.tensor(image_processor.image_std, device=pixels.device).view(1, 3, 1, 1)
@@ -93,7 +96,7 @@ def pixel_values(pixels: torch.Tensor, image_processor: object) -> torch.Tensor:
 
 
 def encode_sequences(
-    tokenizer: object,
+    tokenizer: Any,
     prompts: Sequence[str],
     targets: Sequence[str],
     image_index: Sequence[int],
@@ -128,7 +131,7 @@ def encode_sequences(
     )
 
 
-def encode_captions(tokenizer: object, captions: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+def encode_captions(tokenizer: Any, captions: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
     """Right-padded ``<s> caption </s>`` ids and mask: CLIP's text encoder pools at the first EOS."""
     encoded = [[*ids, tokenizer.eos_token_id] for ids in tokenizer(list(captions))["input_ids"]]
     width = max(len(ids) for ids in encoded)
@@ -180,7 +183,7 @@ def to_sample(item: ShapesItem, image: Image.Image) -> Sample:
 
 
 def build_training_data(
-    processor: object, adapter: FamilyAdapter, shapes_config: ShapesConfig, train_size: int
+    processor: Any, adapter: FamilyAdapter, shapes_config: ShapesConfig, train_size: int
 ) -> TrainingData:
     """Generate the first ``train_size`` train questions, render each scene once and tokenise all stages."""
     items = train_items(shapes_config, train_size)
@@ -202,7 +205,7 @@ def build_training_data(
 
     # Stage 1 is text only: the scene is described in words where the image will later be.
     text_prompts = [
-        adapter.render_prompt(processor, _text_only(sample, captions[image])).text
+        adapter.render_prompt(processor, text_only_sample(sample, captions[image])).text
         for sample, image in zip(samples, image_of_sample)
     ]
     text_qa = encode_sequences(
@@ -217,11 +220,12 @@ def build_training_data(
     vqa = encode_sequences(
         tokenizer, vqa_prompts, [s.answer or "" for s in samples], image_of_sample, loss_on_prompt=False
     )
-    return TrainingData(pixels, captions, caption_ids, caption_mask, text_qa, caption_chat, vqa)
+    families = [sample.family for sample in samples]
+    return TrainingData(pixels, captions, caption_ids, caption_mask, families, text_qa, caption_chat, vqa)
 
 
-def _text_only(sample: Sample, description: str) -> Sample:
-    """``sample`` with its image replaced by a caption in the prompt (the text-only stage's input)."""
+def text_only_sample(sample: Sample, description: str) -> Sample:
+    """``sample`` with its image replaced by a description in the prompt (the text-only stage's input)."""
     return Sample(
         sample.sample_id, [], prompt=f"{description}\n{sample.prompt}", question=sample.question,
         answer=sample.answer, family=sample.family, answer_type=sample.answer_type,

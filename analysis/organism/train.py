@@ -26,18 +26,19 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from PIL import Image
 from torch import nn
 
 from analysis.cli import run_cli
 from analysis.config import from_dict
 from analysis.data.samples import Sample
 from analysis.data.scoring import is_correct
-from analysis.data.shapes import FAMILIES, ShapesConfig, generate_samples
+from analysis.data.shapes import FAMILIES, ShapesConfig, ShapesItem, caption, generate_items, render
 from analysis.errors import ConfigError, ModelError
 from analysis.models.adapters import FamilyAdapter, get_adapter
 from analysis.organism import check_organism_files
 from analysis.organism.build import IMAGE_TOKEN, build_processor, organism_config
-from analysis.organism.data import TrainingData, build_training_data, pixel_values
+from analysis.organism.data import SequenceSet, build_training_data, pixel_values, text_only_sample, to_sample
 from analysis.organism.vision import VisionPretrainer
 
 logger = logging.getLogger(__name__)
@@ -49,21 +50,24 @@ MAX_NEW_TOKENS = 3
 # Fewer, smaller everything so the whole pipeline runs on a CPU in seconds; the architecture stays the full one
 # so the smoke output loads exactly like the real organism.
 SMOKE_OVERRIDES: dict[str, Any] = {
-    "train_size": 56,
-    "validation_size": 14,
-    "test_size": 14,
+    "train_size": 28,
+    "validation_size": 7,
+    "test_size": 7,
     "vision_steps": 2,
-    "vision_batch_size": 8,
+    "vision_batch_size": 4,
     "language_steps": 2,
-    "language_batch_size": 8,
+    "language_batch_size": 4,
     "alignment_steps": 2,
-    "alignment_batch_size": 4,
+    "alignment_batch_size": 2,
     "finetune_epochs": 1,
     "finetune_batch_size": 16,
-    "eval_batch_size": 14,
+    "eval_batch_size": 7,
     "log_every": 1,
 }
 PRESETS = ("full", "smoke")
+
+# A stage's loss on a batch of row indices: the loss to minimise and named parts to log.
+LossFn = Callable[[torch.Tensor], tuple[torch.Tensor, dict[str, torch.Tensor]]]
 
 
 @dataclass(frozen=True)
@@ -98,6 +102,7 @@ class OrganismTrainConfig:
     finetune_epochs: int
     finetune_batch_size: int
     finetune_lr: float
+    family_repeats: dict[str, int]
     warmup_fraction: float
     weight_decay: float
     grad_clip: float
@@ -105,7 +110,16 @@ class OrganismTrainConfig:
     log_every: int
 
     def __post_init__(self) -> None:
+        unknown = sorted(set(self.family_repeats) - set(FAMILIES))
+        bad = [n for n in self.family_repeats.values() if isinstance(n, bool) or not isinstance(n, int) or n < 1]
+        if unknown or bad:
+            raise ConfigError(
+                "OrganismTrainConfig.family_repeats needs positive whole repeat counts keyed by families of "
+                f"{list(FAMILIES)}, got {self.family_repeats}"
+            )
         for field in dataclasses.fields(self):
+            if field.name == "family_repeats":
+                continue
             value = getattr(self, field.name)
             expected = float if field.type in ("float", float) else int
             if isinstance(value, bool) or not isinstance(value, (int, float) if expected is float else int):
@@ -160,12 +174,12 @@ class TrainingLog:
 
 @dataclass
 class Stage:
-    """One optimisation stage: what trains, on which rows, and for how long."""
+    """One optimisation stage: what trains, on which rows (``pool``, repeats allowed), and for how long."""
 
     name: str
     parameters: list[nn.Parameter]
-    loss: Callable[[torch.Tensor], tuple[torch.Tensor, dict[str, torch.Tensor]]]
-    n_rows: int
+    loss: LossFn
+    pool: torch.Tensor
     batch_size: int
     steps: int
     lr: float
@@ -174,7 +188,7 @@ class Stage:
 
 def run_stage(stage: Stage, config: OrganismTrainConfig, log: TrainingLog, device: torch.device) -> None:
     """Train ``stage.parameters`` with AdamW, linear warmup then cosine decay, clipping and bf16 on CUDA."""
-    # Norms, biases and embeddings-free vectors are not decayed, as is usual for transformers.
+    # Norm weights and biases (the 1-D parameters) are not decayed, as is usual for transformers.
     decay = [p for p in stage.parameters if p.ndim >= 2]
     no_decay = [p for p in stage.parameters if p.ndim < 2]
     optimizer = torch.optim.AdamW(
@@ -190,17 +204,18 @@ def run_stage(stage: Stage, config: OrganismTrainConfig, log: TrainingLog, devic
 
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
     generator = torch.Generator().manual_seed(config.seed + sum(map(ord, stage.name)))
-    per_epoch = stage.n_rows // stage.batch_size
+    per_epoch = len(stage.pool) // stage.batch_size
     totals: dict[str, float] = defaultdict(float)
     window = 0
     logger.info("stage %s: %d steps of %d rows, lr %.1e", stage.name, stage.steps, stage.batch_size, stage.lr)
-    for step, rows in enumerate(_batches(stage.n_rows, stage.batch_size, stage.steps, generator)):
+    for step, rows in enumerate(_batches(stage.pool, stage.batch_size, stage.steps, generator)):
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
             loss, parts = stage.loss(rows.to(device))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(stage.parameters, config.grad_clip)
         optimizer.step()
+        lr = scheduler.get_last_lr()[0]
         scheduler.step()
         # Accumulating on the device avoids a host sync per step; the log reads it every log_every steps.
         for name, value in {"loss": loss, **parts}.items():
@@ -208,7 +223,6 @@ def run_stage(stage: Stage, config: OrganismTrainConfig, log: TrainingLog, devic
         window += 1
         if (step + 1) % config.log_every == 0 or step + 1 == stage.steps:
             means = {name: round(float(total) / window, 5) for name, total in totals.items()}
-            lr = optimizer.param_groups[0]["lr"]
             log.write({"stage": stage.name, "step": step + 1, "lr": lr, **means})
             logger.info(
                 "%s step %d/%d loss %.4f lr %.2e (%.0f s)", stage.name, step + 1, stage.steps, means["loss"], lr,
@@ -219,40 +233,68 @@ def run_stage(stage: Stage, config: OrganismTrainConfig, log: TrainingLog, devic
             stage.on_epoch_end((step + 1) // per_epoch, step + 1)
 
 
-def _batches(n_rows: int, batch_size: int, steps: int, generator: torch.Generator) -> Iterator[torch.Tensor]:
-    """``steps`` batches of row indices, drawn epoch by epoch without replacement (the last partial one dropped)."""
-    if batch_size > n_rows:
-        raise ConfigError(f"a batch of {batch_size} rows needs at least that many training rows, got {n_rows}")
+def _batches(pool: torch.Tensor, batch_size: int, steps: int, generator: torch.Generator) -> Iterator[torch.Tensor]:
+    """``steps`` batches of rows from ``pool``, epoch by epoch without replacement (the last partial one dropped)."""
+    if batch_size > len(pool):
+        raise ConfigError(f"a batch of {batch_size} rows needs at least that many training rows, got {len(pool)}")
     produced = 0
     while True:
-        order = torch.randperm(n_rows, generator=generator)
-        for start in range(0, n_rows - batch_size + 1, batch_size):
+        order = pool[torch.randperm(len(pool), generator=generator)]
+        for start in range(0, len(pool) - batch_size + 1, batch_size):
             if produced == steps:
                 return
             produced += 1
             yield order[start : start + batch_size]
 
 
+def question_pool(families: Sequence[str], repeats: dict[str, int]) -> torch.Tensor:
+    """Question row indices, each family's rows listed ``repeats[family]`` times (default once)."""
+    counts = torch.tensor([repeats.get(family, 1) for family in families])
+    return torch.repeat_interleave(torch.arange(len(families)), counts)
+
+
 @dataclass
 class EvalSet:
-    """Validation or test samples with their inputs built once by the adapter, batch by batch."""
+    """Validation or test samples with their model inputs built once, batch by batch."""
 
     split: str
     samples: list[Sample]
     batches: list[dict[str, torch.Tensor]]
 
 
+def eval_items(split: str, n: int, shapes_config: ShapesConfig) -> tuple[list[ShapesItem], list[Sample]]:
+    """The first ``n`` questions of ``split`` and their samples (as ``generate_samples`` makes them)."""
+    items = generate_items(split, n, shapes_config) if n else []
+    images: dict[int, Image.Image] = {}
+    samples = [to_sample(item, images.setdefault(item.scene.index, render(item.scene))) for item in items]
+    return items, samples
+
+
 def build_eval_set(
-    split: str, n: int, shapes_config: ShapesConfig, processor: Any, adapter: FamilyAdapter, batch_size: int,
-    device: torch.device,
+    split: str, samples: list[Sample], processor: Any, adapter: FamilyAdapter, batch_size: int, device: torch.device
 ) -> EvalSet:
-    """The first ``n`` samples of ``split``, tokenised by ``adapter.build_inputs`` exactly as at inference."""
-    samples = generate_samples(split, n, shapes_config) if n else []
+    """Image questions tokenised by ``adapter.build_inputs``, exactly as at inference."""
     batches = [
         adapter.build_inputs(processor, samples[start : start + batch_size], device=device).tensors
         for start in range(0, len(samples), batch_size)
     ]
     return EvalSet(split, samples, batches)
+
+
+def build_text_eval_set(
+    split: str, items: list[ShapesItem], samples: list[Sample], processor: Any, adapter: FamilyAdapter,
+    batch_size: int, device: torch.device,
+) -> EvalSet:
+    """The same questions with each image replaced by its caption, as the text-only stage trains on them."""
+    texts = [text_only_sample(s, caption(item.scene)) for item, s in zip(items, samples, strict=True)]
+    prompts = [adapter.render_prompt(processor, sample).text for sample in texts]
+    batches = [
+        processor.tokenizer(
+            prompts[start : start + batch_size], padding=True, padding_side="left", return_tensors="pt"
+        ).to(device)
+        for start in range(0, len(prompts), batch_size)
+    ]
+    return EvalSet(f"{split}-text", texts, [dict(batch) for batch in batches])
 
 
 @torch.no_grad()
@@ -295,13 +337,14 @@ def _trainable(modules: Iterable[nn.Module], everything: nn.Module) -> list[nn.P
 
 def train(config: OrganismTrainConfig, out: Path, device: torch.device, preset: str = "full") -> dict[str, float]:
     """Run all four stages, save model and processor to ``out`` and return the reloaded model's test accuracy."""
+    import transformers
     from transformers import AutoModelForImageTextToText, AutoProcessor, LlavaForConditionalGeneration
 
     out.mkdir(parents=True, exist_ok=True)
     log = TrainingLog(out / LOG_NAME)
+    environment = {"device": str(device), "torch": torch.__version__, "transformers": transformers.__version__}
     (out / CONFIG_NAME).write_text(
-        json.dumps({"preset": preset, "config": dataclasses.asdict(config), "device": str(device),
-                    "torch": torch.__version__}, indent=2) + "\n"
+        json.dumps({"preset": preset, "config": dataclasses.asdict(config), **environment}, indent=2) + "\n"
     )
     torch.manual_seed(config.seed)
     shapes_config = ShapesConfig(
@@ -325,8 +368,10 @@ def train(config: OrganismTrainConfig, out: Path, device: torch.device, preset: 
     logger.info("organism: %.2fM parameters", sum(p.numel() for p in model.parameters()) / 1e6)
 
     data = build_training_data(processor, adapter, shapes_config, config.train_size).to(device)
-    validation = build_eval_set(
-        "validation", config.validation_size, shapes_config, processor, adapter, config.eval_batch_size, device
+    validation_items, validation_samples = eval_items("validation", config.validation_size, shapes_config)
+    validation = build_eval_set("validation", validation_samples, processor, adapter, config.eval_batch_size, device)
+    validation_text = build_text_eval_set(
+        "validation", validation_items, validation_samples, processor, adapter, config.eval_batch_size, device
     )
     log.write({"stage": "data", "train_questions": len(data.vqa), "train_images": len(data.pixels)})
     logger.info("data ready: %d questions, %d images (%.0f s)", len(data.vqa), len(data.pixels), log.elapsed)
@@ -351,15 +396,15 @@ def train(config: OrganismTrainConfig, out: Path, device: torch.device, preset: 
         }
 
     run_stage(
-        Stage("vision", list(pretrainer.parameters()), vision_loss, len(data.pixels), config.vision_batch_size,
-              config.vision_steps, config.vision_lr),
+        Stage("vision", list(pretrainer.parameters()), vision_loss, torch.arange(len(data.pixels)),
+              config.vision_batch_size, config.vision_steps, config.vision_lr),
         config, log, device,
     )
     copy_vision_tower(pretrainer.vision_model, model.model.vision_tower)
     del pretrainer
     model.train()
 
-    def chat_loss(sequences: Any, with_images: bool) -> Callable[[torch.Tensor], tuple[torch.Tensor, dict]]:
+    def chat_loss(sequences: SequenceSet, with_images: bool) -> LossFn:
         def loss(rows: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
             inputs = sequences.batch(rows)
             if with_images:
@@ -369,25 +414,30 @@ def train(config: OrganismTrainConfig, out: Path, device: torch.device, preset: 
         return loss
 
     language = [model.model.language_model, model.lm_head]
+    # Both question stages see the same mixture; repeating a family gives its harder questions more updates.
+    questions = question_pool(data.families, config.family_repeats)
     run_stage(
-        Stage("language", _trainable(language, model), chat_loss(data.text_qa, False), len(data.text_qa),
+        Stage("language", _trainable(language, model), chat_loss(data.text_qa, False), questions,
               config.language_batch_size, config.language_steps, config.language_lr),
         config, log, device,
     )
+    # The language model alone, reading captions: what it can answer once the image is described in words.
+    record_eval(log, "language", 0, config.language_steps, model, tokenizer, validation_text)
     run_stage(
-        Stage("alignment", _trainable([model.model.multi_modal_projector], model), chat_loss(data.caption_chat, True),
-              len(data.caption_chat), config.alignment_batch_size, config.alignment_steps, config.alignment_lr),
+        Stage("alignment", _trainable([model.model.multi_modal_projector], model),
+              chat_loss(data.caption_chat, True), torch.arange(len(data.caption_chat)),
+              config.alignment_batch_size, config.alignment_steps, config.alignment_lr),
         config, log, device,
     )
-    log_eval(log, "alignment", 0, config.alignment_steps, evaluate(model, tokenizer, validation, autocast=True))
+    record_eval(log, "alignment", 0, config.alignment_steps, model, tokenizer, validation)
 
     def epoch_end(epoch: int, step: int) -> None:
-        log_eval(log, "finetune", epoch, step, evaluate(model, tokenizer, validation, autocast=True))
+        record_eval(log, "finetune", epoch, step, model, tokenizer, validation)
 
-    per_epoch = len(data.vqa) // config.finetune_batch_size
+    per_epoch = len(questions) // config.finetune_batch_size
     run_stage(
         Stage("finetune", _trainable([model.model.multi_modal_projector, *language], model),
-              chat_loss(data.vqa, True), len(data.vqa), config.finetune_batch_size,
+              chat_loss(data.vqa, True), questions, config.finetune_batch_size,
               config.finetune_epochs * per_epoch, config.finetune_lr, on_epoch_end=epoch_end),
         config, log, device,
     )
@@ -402,12 +452,9 @@ def train(config: OrganismTrainConfig, out: Path, device: torch.device, preset: 
     for split, n in (("validation", config.validation_size), ("test", config.test_size)):
         if not n:
             continue
-        eval_set = build_eval_set(
-            split, n, shapes_config, reloaded_processor, reloaded_adapter, config.eval_batch_size, device
-        )
-        scores = evaluate(reloaded, reloaded_processor.tokenizer, eval_set, autocast=False)
-        log.write({"stage": "saved", "split": split, "accuracy": scores})
-        logger.info("saved model, %s accuracy: %s", split, scores)
+        _, samples = eval_items(split, n, shapes_config)
+        eval_set = build_eval_set(split, samples, reloaded_processor, reloaded_adapter, config.eval_batch_size, device)
+        scores = record_eval(log, "saved", 0, 0, reloaded, reloaded_processor.tokenizer, eval_set, autocast=False)
     logger.info("done in %.0f s; organism files in %s", log.elapsed, out)
     return scores
 
@@ -421,14 +468,20 @@ def copy_vision_tower(source: nn.Module, target: nn.Module) -> None:
     state = {bare(name): tensor for name, tensor in source.state_dict().items()}
     names = {bare(name): name for name in target.state_dict()}
     if set(state) != set(names):
-        raise ModelError(f"the pretrained vision tower's weights do not match LLaVA's: {sorted(set(state) ^ set(names))[:4]}")
+        mismatch = sorted(set(state) ^ set(names))[:4]
+        raise ModelError(f"the pretrained vision tower's weights do not match LLaVA's, e.g. {mismatch}")
     target.load_state_dict({names[name]: tensor for name, tensor in state.items()})
 
 
-def log_eval(log: TrainingLog, stage: str, epoch: int, step: int, scores: dict[str, float]) -> None:
-    """Record validation accuracy per family after ``stage``'s ``epoch``."""
-    log.write({"stage": stage, "epoch": epoch, "step": step, "split": "validation", "accuracy": scores})
-    logger.info("%s epoch %d: validation accuracy %s", stage, epoch, scores)
+def record_eval(
+    log: TrainingLog, stage: str, epoch: int, step: int, model: nn.Module, tokenizer: Any, eval_set: EvalSet,
+    *, autocast: bool = True,
+) -> dict[str, float]:
+    """Evaluate ``model`` on ``eval_set`` after ``stage``'s ``epoch`` and log the accuracy per family."""
+    scores = evaluate(model, tokenizer, eval_set, autocast=autocast)
+    log.write({"stage": stage, "epoch": epoch, "step": step, "split": eval_set.split, "accuracy": scores})
+    logger.info("%s epoch %d: %s accuracy %s", stage, epoch, eval_set.split, scores)
+    return scores
 
 
 def save_organism(model: nn.Module, processor: Any, out: Path) -> None:

@@ -1,0 +1,194 @@
+"""The model organism: its training pipeline end to end (smoke preset), offline loading and its file checks."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from analysis.data.shapes import ShapesConfig, generate_samples, render
+from analysis.errors import ConfigError, ModelError
+from analysis.models.llava import LlavaAdapter
+from analysis.organism import ORGANISM_DIR, check_organism_files
+from analysis.organism.build import IMAGE_TOKEN, build_processor, image_token_count, organism_config
+from analysis.organism.data import build_training_data, pixel_values, to_sample, train_items
+from analysis.organism.train import (
+    DEFAULT_CONFIG,
+    SMOKE_OVERRIDES,
+    OrganismTrainConfig,
+    load_config,
+    main,
+    question_pool,
+)
+
+FAMILY_KEYS = {"color", "shape", "count", "exist", "spatial", "read", "control", "overall"}
+
+
+@pytest.fixture(scope="module")
+def processor():
+    return build_processor(ShapesConfig())
+
+
+@pytest.fixture(scope="module")
+def adapter(processor):
+    from transformers import LlavaForConditionalGeneration
+
+    tokenizer = processor.tokenizer
+    config = organism_config(len(tokenizer), tokenizer.convert_tokens_to_ids(IMAGE_TOKEN))
+    return LlavaAdapter(LlavaForConditionalGeneration(config))
+
+
+@pytest.fixture(scope="module")
+def smoke_dir(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("organism")
+    assert main(["--out", str(out), "--preset", "smoke", "--device", "cpu"]) == 0
+    return out
+
+
+def test_smoke_training_writes_a_complete_organism(smoke_dir):
+    for name in ("model.safetensors", "config.json", "processor_config.json", "tokenizer.json",
+                 "chat_template.jinja", "training_config.json", "training_log.jsonl"):
+        assert (smoke_dir / name).is_file(), name
+    assert (smoke_dir / "model.safetensors").stat().st_size < 25_000_000
+    check_organism_files(smoke_dir)
+    records = [json.loads(line) for line in (smoke_dir / "training_log.jsonl").read_text().splitlines()]
+    steps = {r["stage"] for r in records if "loss" in r}
+    assert steps == {"vision", "language", "alignment", "finetune"}
+    assert all(torch.isfinite(torch.tensor(r["loss"])) for r in records if "loss" in r)
+    evals = [r for r in records if "accuracy" in r]
+    assert any(r["stage"] == "finetune" and r["epoch"] == 1 and r["split"] == "validation" for r in evals)
+    assert any(r["stage"] == "saved" and r["split"] == "test" for r in evals)
+    assert all(set(r["accuracy"]) == FAMILY_KEYS for r in evals)
+    saved = json.loads((smoke_dir / "training_config.json").read_text())
+    assert saved["preset"] == "smoke" and saved["config"]["vision_steps"] == SMOKE_OVERRIDES["vision_steps"]
+
+
+def test_smoke_organism_loads_offline_and_answers(smoke_dir, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    model = AutoModelForImageTextToText.from_pretrained(smoke_dir).eval()
+    processor = AutoProcessor.from_pretrained(smoke_dir)
+    assert type(model).__name__ == "LlavaForConditionalGeneration"
+    assert next(model.parameters()).dtype == torch.float32  # float16 file, float32 config
+    text = model.config.text_config
+    assert text.num_hidden_layers >= 12 and text.num_key_value_heads == text.num_attention_heads
+    assert model.config.vision_feature_layer == -2
+    adapter = LlavaAdapter(model)
+    samples = generate_samples("test", 3, ShapesConfig())
+    inputs = adapter.build_inputs(processor, samples)
+    assert [layout.n_image_tokens for layout in inputs.layouts] == [image_token_count()] * 3
+    with torch.no_grad():
+        output = model.generate(**inputs.tensors, max_new_tokens=3, do_sample=False)
+    replies = processor.tokenizer.batch_decode(output[:, inputs.input_ids.shape[1] :], skip_special_tokens=True)
+    assert len(replies) == 3 and all(isinstance(reply, str) for reply in replies)
+
+
+def test_smoke_organism_loads_through_the_registry(smoke_dir):
+    from analysis.models.registry import load_model
+
+    loaded = load_model(str(smoke_dir))
+    assert loaded.adapter.model_type == "llava" and loaded.adapter.num_layers >= 12
+
+
+def test_chat_template_matches_the_adapter_prompt(processor):
+    sample = generate_samples("test", 1, ShapesConfig())[0]
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": sample.prompt}]}]
+    rendered = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    assert rendered == LlavaAdapter.render_prompt(None, processor, sample).text
+
+
+def test_training_tokens_match_inference_inputs(processor, adapter):
+    config = ShapesConfig(train_size=40)
+    data = build_training_data(processor, adapter, config, 40)
+    samples = [to_sample(item, render(item.scene)) for item in train_items(config, 40)]
+    inputs = adapter.build_inputs(processor, samples)
+    tokenizer = processor.tokenizer
+    for row in range(len(samples)):
+        reference = inputs.input_ids[row][inputs.attention_mask[row].bool()].tolist()
+        mask = data.vqa.attention_mask[row].bool()
+        trained = data.vqa.input_ids[row][mask].tolist()
+        answer = data.vqa.labels[row][mask][len(reference) :].tolist()
+        assert trained[: len(reference)] == reference
+        assert answer == [*tokenizer(samples[row].answer, add_special_tokens=False)["input_ids"], tokenizer.eos_token_id]
+        assert (data.vqa.labels[row][mask][: len(reference)] == -100).all()
+    images = pixel_values(data.pixels[data.vqa.image_index], processor.image_processor)
+    torch.testing.assert_close(images, inputs.tensors["pixel_values"], atol=1e-5, rtol=0)
+
+
+def test_train_items_are_generate_samples_questions():
+    config = ShapesConfig()
+    expected = generate_samples("train", 300, config)
+    items = train_items(config, 300)
+    got = [to_sample(item, render(item.scene)) for item in items]
+    fields = ("sample_id", "prompt", "question", "answer", "dataset", "family", "answer_type", "choices")
+    assert [[getattr(s, f) for f in fields] for s in got] == [[getattr(s, f) for f in fields] for s in expected]
+    assert got[0].images[0].tobytes() == expected[0].images[0].tobytes()
+
+
+def test_question_pool_repeats_families():
+    pool = question_pool(["color", "spatial", "read"], {"spatial": 3})
+    assert pool.tolist() == [0, 1, 1, 1, 2]
+
+
+def test_full_preset_is_valid_and_unknown_or_missing_keys_fail(tmp_path):
+    full = load_config("full")
+    assert full.finetune_batch_size >= 64 and full.text_layers >= 12
+    assert load_config("smoke", seed=5).seed == 5
+    values = json.loads(DEFAULT_CONFIG.read_text())
+    with pytest.raises(ConfigError, match="unknown"):
+        OrganismTrainConfig.from_mapping({**values, "learning_rate": 1.0})
+    values.pop("vision_lr")
+    with pytest.raises(ConfigError, match="missing"):
+        OrganismTrainConfig.from_mapping(values)
+    path = tmp_path / "bad.json"
+    path.write_text(json.dumps({**json.loads(DEFAULT_CONFIG.read_text()), "family_repeats": {"colour": 2}}))
+    with pytest.raises(ConfigError, match="family_repeats"):
+        load_config("full", path)
+    with pytest.raises(ConfigError, match="preset"):
+        load_config("huge")
+
+
+def test_organism_weights_fit_the_size_limit(adapter):
+    parameters = sum(p.numel() for p in adapter.model.parameters())
+    assert 2 * parameters < 25_000_000  # float16 bytes
+
+
+def _valid_folder(folder: Path) -> Path:
+    folder.mkdir()
+    (folder / "config.json").write_text("{}")
+    save_file({"weight": torch.ones(4, 4, dtype=torch.float16)}, str(folder / "model.safetensors"))
+    return folder
+
+
+def test_check_organism_files_accepts_a_valid_folder(tmp_path):
+    check_organism_files(_valid_folder(tmp_path / "ok"))
+
+
+@pytest.mark.parametrize(
+    "damage",
+    ["missing", "truncated", "lfs_pointer", "empty", "not_finite"],
+)
+def test_check_organism_files_rejects_missing_or_corrupted_weights(tmp_path, damage):
+    folder = _valid_folder(tmp_path / "organism")
+    weights = folder / "model.safetensors"
+    if damage == "missing":
+        weights.unlink()
+    elif damage == "truncated":
+        weights.write_bytes(weights.read_bytes()[:-8])
+    elif damage == "lfs_pointer":
+        weights.write_text("version https://git-lfs.github.com/spec/v1\noid sha256:0\nsize 20000000\n")
+    elif damage == "empty":
+        weights.write_bytes(b"")
+    else:
+        save_file({"weight": torch.full((2,), float("nan"), dtype=torch.float16)}, str(weights))
+    with pytest.raises(ModelError, match=r"python -m analysis\.organism\.train --out") as error:
+        check_organism_files(folder)
+    assert "\n" not in str(error.value)
+
+
+def test_organism_dir_is_inside_the_package():
+    assert ORGANISM_DIR.parent == Path(__file__).resolve().parents[1] / "analysis" / "organism"
