@@ -9,12 +9,12 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from analysis.data.shapes import ShapesConfig, generate_samples, render
+from analysis.data.shapes import ShapesConfig, generate_items, generate_samples, item_sample, render
 from analysis.errors import ConfigError, ModelError
 from analysis.models.llava import LlavaAdapter
 from analysis.organism import ORGANISM_DIR, check_organism_files
 from analysis.organism.build import IMAGE_TOKEN, build_processor, image_token_count, organism_config
-from analysis.organism.data import build_training_data, pixel_values, to_sample, train_items
+from analysis.organism.data import build_training_data, pixel_values
 from analysis.organism.train import (
     DEFAULT_CONFIG,
     SMOKE_OVERRIDES,
@@ -104,7 +104,7 @@ def test_chat_template_matches_the_adapter_prompt(processor):
 def test_training_tokens_match_inference_inputs(processor, adapter):
     config = ShapesConfig(train_size=40)
     data = build_training_data(processor, adapter, config, 40)
-    samples = [to_sample(item, render(item.scene)) for item in train_items(config, 40)]
+    samples = [item_sample(item, render(item.scene)) for item in generate_items("train", 40, config)]
     inputs = adapter.build_inputs(processor, samples)
     tokenizer = processor.tokenizer
     for row in range(len(samples)):
@@ -117,16 +117,6 @@ def test_training_tokens_match_inference_inputs(processor, adapter):
         assert (data.vqa.labels[row][mask][: len(reference)] == -100).all()
     images = pixel_values(data.pixels[data.vqa.image_index], processor.image_processor)
     torch.testing.assert_close(images, inputs.tensors["pixel_values"], atol=1e-5, rtol=0)
-
-
-def test_train_items_are_generate_samples_questions():
-    config = ShapesConfig()
-    expected = generate_samples("train", 300, config)
-    items = train_items(config, 300)
-    got = [to_sample(item, render(item.scene)) for item in items]
-    fields = ("sample_id", "prompt", "question", "answer", "dataset", "family", "answer_type", "choices")
-    assert [[getattr(s, f) for f in fields] for s in got] == [[getattr(s, f) for f in fields] for s in expected]
-    assert got[0].images[0].tobytes() == expected[0].images[0].tobytes()
 
 
 def test_question_pool_repeats_families():

@@ -526,19 +526,22 @@ def generate_samples(split: str, n: int | None = None, config: ShapesConfig | No
     for item in generate_items(split, n, config):
         if item.scene.index not in images:
             images[item.scene.index] = render(item.scene)
-        samples.append(
-            Sample(
-                sample_id=item.sample_id,
-                images=[images[item.scene.index]],
-                prompt=item.question + PROMPT_SUFFIX,
-                question=item.question,
-                answer=item.answer,
-                dataset=DATASET_NAME,
-                family=item.family,
-                answer_type=item.answer_type,
-            )
-        )
+        samples.append(item_sample(item, images[item.scene.index]))
     return samples
+
+
+def item_sample(item: ShapesItem, image: Image.Image) -> Sample:
+    """The toolkit's Sample for one ShapesVQA question, showing ``image`` (its scene rendered)."""
+    return Sample(
+        sample_id=item.sample_id,
+        images=[image],
+        prompt=item.question + PROMPT_SUFFIX,
+        question=item.question,
+        answer=item.answer,
+        dataset=DATASET_NAME,
+        family=item.family,
+        answer_type=item.answer_type,
+    )
 
 
 def as_hf_dataset(split: str, n: int | None = None, config: ShapesConfig | None = None) -> datasets.Dataset:

@@ -16,16 +16,7 @@ import torch
 from PIL import Image
 
 from analysis.data.samples import Sample
-from analysis.data.shapes import (
-    DATASET_NAME,
-    PROMPT_SUFFIX,
-    ShapesConfig,
-    ShapesItem,
-    ask,
-    caption,
-    iter_scenes,
-    render,
-)
+from analysis.data.shapes import ShapesConfig, caption, generate_items, item_sample, render
 from analysis.errors import DataError
 from analysis.models.adapters import FamilyAdapter
 from analysis.organism.build import CAPTION_PROMPT, IMAGE_TOKEN, image_token_count
@@ -143,50 +134,11 @@ def encode_captions(tokenizer: Any, captions: Sequence[str]) -> tuple[torch.Tens
     return ids, mask
 
 
-def train_items(shapes_config: ShapesConfig, n: int) -> list[ShapesItem]:
-    """The first ``n`` train questions, every family asked of every scene, in ``generate_items`` order.
-
-    ``generate_items`` stops with an IndexError at the first scene (about 1 in 2,700) whose "how many" question
-    draws the answer 0 while every colour or shape is present, which caps it near 32,000 train questions; this
-    loop asks the same questions but skips those scenes.
-    """
-    families = shapes_config.families
-    # Counters alternate yes/no per family, as generate_items does to balance exist and spatial answers.
-    asked = dict.fromkeys(families, 0)
-    items: list[ShapesItem] = []
-    scenes = iter_scenes("train", shapes_config)
-    while len(items) < n:
-        scene = next(scenes)
-        try:
-            questions = [ask(scene, family, shapes_config, want_yes=asked[family] % 2 == 0) for family in families]
-        except IndexError:
-            continue
-        for item in questions:
-            if item is not None and len(items) < n:
-                asked[item.family] += 1
-                items.append(item)
-    return items
-
-
-def to_sample(item: ShapesItem, image: Image.Image) -> Sample:
-    """The Sample ``generate_samples`` makes of ``item``, showing ``image``."""
-    return Sample(
-        sample_id=item.sample_id,
-        images=[image],
-        prompt=item.question + PROMPT_SUFFIX,
-        question=item.question,
-        answer=item.answer,
-        dataset=DATASET_NAME,
-        family=item.family,
-        answer_type=item.answer_type,
-    )
-
-
 def build_training_data(
     processor: Any, adapter: FamilyAdapter, shapes_config: ShapesConfig, train_size: int
 ) -> TrainingData:
     """Generate the first ``train_size`` train questions, render each scene once and tokenise all stages."""
-    items = train_items(shapes_config, train_size)
+    items = generate_items("train", train_size, shapes_config)
     scene_of_image: dict[int, int] = {}
     images: list[Image.Image] = []
     captions: list[str] = []
@@ -195,7 +147,7 @@ def build_training_data(
             scene_of_image[item.scene.index] = len(images)
             images.append(render(item.scene))
             captions.append(caption(item.scene))
-    samples = [to_sample(item, images[scene_of_image[item.scene.index]]) for item in items]
+    samples = [item_sample(item, images[scene_of_image[item.scene.index]]) for item in items]
     image_of_sample = [scene_of_image[item.scene.index] for item in items]
     logger.info("generated %d train questions over %d scenes", len(samples), len(images))
 

@@ -33,12 +33,12 @@ from analysis.cli import run_cli
 from analysis.config import from_dict
 from analysis.data.samples import Sample
 from analysis.data.scoring import is_correct
-from analysis.data.shapes import FAMILIES, ShapesConfig, ShapesItem, caption, generate_items, render
+from analysis.data.shapes import FAMILIES, ShapesConfig, ShapesItem, caption, generate_items, item_sample, render
 from analysis.errors import ConfigError, ModelError
 from analysis.models.adapters import FamilyAdapter, get_adapter
 from analysis.organism import check_organism_files
 from analysis.organism.build import IMAGE_TOKEN, build_processor, organism_config
-from analysis.organism.data import SequenceSet, build_training_data, pixel_values, text_only_sample, to_sample
+from analysis.organism.data import SequenceSet, build_training_data, pixel_values, text_only_sample
 from analysis.organism.vision import VisionPretrainer
 
 logger = logging.getLogger(__name__)
@@ -266,7 +266,7 @@ def eval_items(split: str, n: int, shapes_config: ShapesConfig) -> tuple[list[Sh
     """The first ``n`` questions of ``split`` and their samples (as ``generate_samples`` makes them)."""
     items = generate_items(split, n, shapes_config) if n else []
     images: dict[int, Image.Image] = {}
-    samples = [to_sample(item, images.setdefault(item.scene.index, render(item.scene))) for item in items]
+    samples = [item_sample(item, images.setdefault(item.scene.index, render(item.scene))) for item in items]
     return items, samples
 
 

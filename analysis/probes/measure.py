@@ -7,6 +7,7 @@ from typing import Any
 
 import torch
 
+from analysis.layout import TokenLayout
 from analysis.models.adapters import FamilyAdapter, ModelInputs
 from analysis.probes.intervention import AttentionHooks, LastRowObservation, RegionMasks, intervene
 
@@ -93,32 +94,42 @@ class ObserveAll(AttentionHooks):
         return query_start <= self.prompt_length - 1 < query_start + query_length
 
     def observe(self, observation: LastRowObservation) -> None:
-        """Contributions c_j = a_j v_j of image tokens, the output o, cos(o - c_j, o) and ||c_j||."""
-        weights, values = observation.weights, observation.values  # (B, H, K), (B, H, K, d)
-        batch, heads, _, dim = values.shape
-        output = torch.einsum("bhk,bhkd->bhd", weights, values)  # (B, H, d)
-        index = self.image_index[:, None, :].expand(-1, heads, -1)
-        image_weights = torch.gather(weights, 2, index) * self.image_valid[:, None, :]
-        image_values = torch.gather(values, 2, index[..., None].expand(-1, -1, -1, dim))
-        contributions = (image_weights[..., None] * image_values).permute(0, 2, 1, 3).reshape(batch, -1, heads * dim)
-        flat_output = output.reshape(batch, 1, heads * dim)
-        cosine = torch.nn.functional.cosine_similarity(flat_output - contributions, flat_output, dim=-1, eps=1e-12)
-        self.records[observation.layer] = {
-            "output": output.reshape(batch, heads * dim),
-            "head_output": output,
-            "cosine": cosine * self.image_valid,
-            "norm": contributions.norm(dim=-1) * self.image_valid,
-            "attention": image_weights.mean(1),  # head-mean attention of the last position on image tokens
-        }
+        """Record the layer's contributions (see ``image_contributions``)."""
+        self.records[observation.layer] = image_contributions(observation, self.image_index, self.image_valid)
 
 
-def image_index_tensors(inputs: ModelInputs) -> tuple[torch.Tensor, torch.Tensor]:
+def image_contributions(
+    observation: LastRowObservation, image_index: torch.Tensor, image_valid: torch.Tensor
+) -> dict[str, torch.Tensor]:
+    """Each image token's contribution c_j = concat_h(a_j v_h[j]) to the last row's attention output o.
+
+    Returns float32 tensors: ``output`` o (B, H*d), ``head_output`` (B, H, d), and per image token (B, N)
+    ``cosine`` cos(o - c_j, o), ``norm`` ||c_j||_2 and ``attention`` (head-mean a_j); zero on padding slots.
+    """
+    weights, values = observation.weights, observation.values  # (B, H, K), (B, H, K, d)
+    batch, heads, _, dim = values.shape
+    output = torch.einsum("bhk,bhkd->bhd", weights, values)
+    index = image_index[:, None, :].expand(-1, heads, -1)
+    image_weights = torch.gather(weights, 2, index) * image_valid[:, None, :]
+    image_values = torch.gather(values, 2, index[..., None].expand(-1, -1, -1, dim))
+    contributions = (image_weights[..., None] * image_values).permute(0, 2, 1, 3).reshape(batch, -1, heads * dim)
+    flat_output = output.reshape(batch, 1, heads * dim)
+    cosine = torch.nn.functional.cosine_similarity(flat_output - contributions, flat_output, dim=-1, eps=1e-12)
+    return {
+        "output": output.reshape(batch, heads * dim),
+        "head_output": output,
+        "cosine": cosine * image_valid,
+        "norm": contributions.norm(dim=-1) * image_valid,
+        "attention": image_weights.mean(1),
+    }
+
+
+def image_index_tensors(layouts: list[TokenLayout], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """(B, N) padded positions of each sample's image tokens and their validity."""
-    device = inputs.input_ids.device
-    n_max = max(layout.n_image_tokens for layout in inputs.layouts)
-    index = torch.zeros(len(inputs.layouts), n_max, dtype=torch.long)
-    valid = torch.zeros(len(inputs.layouts), n_max, dtype=torch.bool)
-    for row, layout in enumerate(inputs.layouts):
+    n_max = max(layout.n_image_tokens for layout in layouts)
+    index = torch.zeros(len(layouts), n_max, dtype=torch.long)
+    valid = torch.zeros(len(layouts), n_max, dtype=torch.bool)
+    for row, layout in enumerate(layouts):
         positions = torch.as_tensor(layout.padded(layout.image_positions))
         index[row, : len(positions)] = positions
         valid[row, : len(positions)] = True
@@ -128,7 +139,7 @@ def image_index_tensors(inputs: ModelInputs) -> tuple[torch.Tensor, torch.Tensor
 def observe_prefill(model: torch.nn.Module, adapter: FamilyAdapter, batch: TeacherForced, inputs: ModelInputs,
                     *, lens: bool = True) -> tuple[ObserveAll, dict[int, torch.Tensor]]:
     """A clean teacher-forced pass recording every layer's last-row contributions and (optionally) residuals."""
-    index, valid = image_index_tensors(inputs)
+    index, valid = image_index_tensors(inputs.layouts, inputs.input_ids.device)
     observer = ObserveAll(batch.prompt_length, index, valid)
     residuals: dict[int, torch.Tensor] = {}
     handles = []

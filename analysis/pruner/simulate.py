@@ -17,6 +17,7 @@ import torch
 
 from analysis.layout import TokenLayout
 from analysis.probes.intervention import AttentionHooks, LastRowObservation, RegionMasks
+from analysis.probes.measure import image_contributions, image_index_tensors
 from analysis.pruner.config import PruningConfig
 from analysis.pruner.flops import DecoderShape, LayerTokens, prefill_flops
 
@@ -52,14 +53,7 @@ class PruningHooks(AttentionHooks):
         self.masks = masks
         self.prompt_length = prompt_length
         batch = len(layouts)
-        device = masks.keys["image"].device
-        n_max = max(layout.n_image_tokens for layout in layouts)
-        self.image_index = torch.zeros(batch, n_max, dtype=torch.long, device=device)
-        self.image_valid = torch.zeros(batch, n_max, dtype=torch.bool, device=device)
-        for row, layout in enumerate(layouts):
-            positions = torch.as_tensor(layout.padded(layout.image_positions), device=device)
-            self.image_index[row, : len(positions)] = positions
-            self.image_valid[row, : len(positions)] = True
+        self.image_index, self.image_valid = image_index_tensors(layouts, masks.keys["image"].device)
         self.keep = self.image_valid.clone()
         self.selection_layer = torch.full((batch,), -1, dtype=torch.long)
         self.exit_layer = torch.full((batch,), -1, dtype=torch.long)
@@ -85,7 +79,8 @@ class PruningHooks(AttentionHooks):
         if self.config.method in ("fastv", "random"):
             self._one_shot(observation)
             return
-        cosine, norm = self._contributions(observation)
+        recorded = image_contributions(observation, self.image_index, self.image_valid)
+        cosine, norm = recorded["cosine"], recorded["norm"]
         layer = observation.layer
         valid = self.image_valid
         for row in range(valid.shape[0]):
@@ -99,18 +94,6 @@ class PruningHooks(AttentionHooks):
                     self.negligible[row] += 1
                     if self.negligible[row] >= self.config.deep_patience:
                         self.exit_layer[row] = layer
-
-    def _contributions(self, observation: LastRowObservation) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos(o - c_j, o) and ||c_j|| of every image token, float32 (B, N)."""
-        weights, values = observation.weights, observation.values
-        batch, heads, _, dim = values.shape
-        output = torch.einsum("bhk,bhkd->bhd", weights, values).reshape(batch, 1, heads * dim)
-        index = self.image_index[:, None, :].expand(-1, heads, -1)
-        image_weights = torch.gather(weights, 2, index)
-        image_values = torch.gather(values, 2, index[..., None].expand(-1, -1, -1, dim))
-        contributions = (image_weights[..., None] * image_values).permute(0, 2, 1, 3).reshape(batch, -1, heads * dim)
-        cosine = torch.nn.functional.cosine_similarity(output - contributions, output, dim=-1, eps=1e-12)
-        return cosine, contributions.norm(dim=-1)
 
     def _one_shot(self, observation: LastRowObservation) -> None:
         """FastV (top last-token attention) or random, keeping ``keep_tokens`` from ``prune_layer`` on."""
