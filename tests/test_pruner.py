@@ -101,3 +101,34 @@ def test_authors_json_round_trip(tmp_path: Path) -> None:
     assert (theirs.shallow_mid_layer, theirs.layer_threshold, theirs.tokens_threshold, theirs.stages) == (
         6, 0.995, 0.2, ["shallow", "middle", "deep"])
     assert theirs.shallow_in_decode is False  # their code does not blind text in decode
+
+
+def test_sweep_matches_baseline_flops(tiny: LoadedModel, samples) -> None:
+    """Each baseline is evaluated at the token budget whose FLOPs cut is closest to VisiPruner's."""
+    from analysis.pruner.sweep import BASELINES, sweep
+
+    config = PruningConfig(num_layers=tiny.adapter.num_layers, shallow_mid_layer=1, layer_threshold=0.9999,
+                           tokens_threshold=0.02)
+    table = sweep(tiny, samples, [config], prune_layer=2, batch_size=4)
+    assert list(table["method"]) == ["visipruner", *BASELINES]
+    visipruner_cut = table.loc[0, "flops_cut"]
+    for method in ("fastv", "random"):
+        row = table[table["method"] == method].iloc[0]
+        # Budgets are whole tokens, so the match is within about one token's worth of FLOPs.
+        assert abs(row["flops_cut"] - visipruner_cut) < 1.0
+
+
+def test_sweep_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """The sweep command prints and saves the table; a bad config is one error line."""
+    from analysis.pruner.__main__ import main
+
+    good = tmp_path / "ours.json"
+    good.write_text(json.dumps(PruningConfig(num_layers=4, shallow_mid_layer=1, layer_threshold=0.9999,
+                                             tokens_threshold=0.02).to_json()))
+    out = tmp_path / "sweep.csv"
+    assert main(["sweep", str(good), "--limit", "4", "--batch-size", "4", "--device", "cpu", "-o", str(out)]) == 0
+    assert "fastv" in capsys.readouterr().out and out.read_text().startswith("method,")
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"num_layers": 32}))
+    assert main(["sweep", str(bad), "--limit", "4", "--device", "cpu"]) == 2
+    assert "32-layer model" in capsys.readouterr().err

@@ -20,7 +20,20 @@ def main(argv: list[str] | None = None) -> int:
     export.add_argument("run_dir", help="probe run with knockout (upto/from) and contribution probes")
     export.add_argument("-o", "--output", required=True, help="our config JSON; the authors' JSON goes beside it")
     add_arguments(export, ExportConfig)
+    sweep = commands.add_parser("sweep", help="accuracy vs FLOPs of VisiPruner configs and FLOPs-matched baselines",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    sweep.add_argument("configs", nargs="+", help="pruning config JSON files (ours or the authors')")
+    sweep.add_argument("--model", default="tiny-llava", help="model alias, hub id or local path")
+    sweep.add_argument("--dataset", default="shapes-vqa", help="dataset name or local path")
+    sweep.add_argument("--split", default=None, help="dataset split")
+    sweep.add_argument("--limit", type=int, default=200, help="samples to evaluate")
+    sweep.add_argument("--prune-layer", type=int, default=2, help="layer K of FastV and random pruning")
+    sweep.add_argument("--batch-size", type=int, default=16, help="samples per generate call")
+    sweep.add_argument("--device", default=None, help="torch device; default cuda if available")
+    sweep.add_argument("-o", "--output", default=None, help="also write the table as CSV")
     args = parser.parse_args(argv)
+    if args.command == "sweep":
+        return run_cli(lambda: _sweep(args))
     config = from_namespace(ExportConfig, args)
 
     def body() -> int:
@@ -32,6 +45,27 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     return run_cli(body)
+
+
+def _sweep(args: argparse.Namespace) -> int:
+    """Evaluate the configs and their matched baselines; print (and optionally save) the table."""
+    from pathlib import Path
+
+    from analysis.data.loaders import load_samples
+    from analysis.models.registry import default_device, load_model
+    from analysis.pruner.config import load_config
+    from analysis.pruner.sweep import sweep
+    from analysis.results import atomic_write_bytes
+
+    samples = load_samples(args.dataset, args.split, args.limit)
+    loaded = load_model(args.model, device=args.device or default_device())
+    configs = [load_config(path, loaded.adapter.num_layers) for path in args.configs]
+    table = sweep(loaded, samples, configs, prune_layer=args.prune_layer, batch_size=args.batch_size)
+    columns = ["method", "settings", "accuracy", "agreement", "flops_cut", "flops_cut_fastv", "kept_tokens"]
+    sys.stdout.write(table[columns].to_string(index=False, float_format=lambda v: f"{v:.2f}") + "\n")
+    if args.output:
+        atomic_write_bytes(Path(args.output), table.to_csv(index=False).encode())
+    return 0
 
 
 if __name__ == "__main__":

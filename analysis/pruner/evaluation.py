@@ -56,7 +56,7 @@ def evaluate_pruned(
                 "pruned_correct": is_correct(pruned[row] or "", sample) if sample.answer is not None else None,
                 "agrees": pruned[row] == clean[row],
                 "selection_layer": int(decisions.selection_layer[row]), "exit_layer": int(decisions.exit_layer[row]),
-                "n_image": decisions.n_image[row],
+                "n_tokens": layout.length, "n_image": decisions.n_image[row],
                 "n_kept": decisions.n_image[row] if config.method == "none" or decisions.selection_layer[row] < 0
                 and config.method != "pre_llm" else len(decisions.kept[row]),
                 "flops": ours["exact"], "flops_full": full["exact"], "flops_fastv": ours["fastv"],
