@@ -48,6 +48,13 @@ class TokenLayout:
         return np.concatenate([np.arange(span.start, span.end) for span in self.images])
 
     @property
+    def image_token_coordinates(self) -> tuple[np.ndarray, np.ndarray]:
+        """For each image token (in ``image_positions`` order): which image it belongs to and its index there."""
+        image_index = np.concatenate([np.full(len(span), i) for i, span in enumerate(self.images)])
+        token_index = np.concatenate([np.arange(len(span)) for span in self.images])
+        return image_index, token_index
+
+    @property
     def instruction_positions(self) -> np.ndarray:
         """Unpadded positions of text tokens after the system prompt, the last position included."""
         return np.flatnonzero(self.regions == REGION_INSTRUCTION)

@@ -451,17 +451,21 @@ def knockout_curves(probe_run: str | Path, stage_config: StageConfig | None = No
         _mean_curve(ax, curves.from_, "hidden in layers L..last (from)", colors[1], ci, "s", "--")
         for value, name, key, style in ((found.shallow_end, "S", "shallow_end", "-."),
                                         (found.deep_start, "D", "deep_start", ":")):
-            label = _boundary_label(name, value, intervals, key, config.confidence)
-            if value is not None:
-                ax.axvline(value - 0.5, color="0.2", ls=style, lw=1.2, label=label)
-            else:
-                ax.plot([], [], ls=style, color="0.2", label=label)
+            _boundary_line(ax, value, _boundary_label(name, value, intervals, key, config.confidence), style)
         _share_axis(ax, "answers changed (% of samples, top-1)")
         _layer_axis(ax, "layer L")
         fig.suptitle(f"Knocking out {config.query} → {config.key} attention "
                      f"({found.n_samples} samples, {config.confidence:.0%} bootstrap CIs)")
         fig.legend(loc="outside lower center", ncols=2, fontsize=9)
     return fig
+
+
+def _boundary_line(ax: Axes, layer: int | None, label: str, style: str) -> None:
+    """A vertical line before ``layer`` (or, when none was found, only its legend entry)."""
+    if layer is not None:
+        ax.axvline(layer - 0.5, color="0.2", ls=style, lw=1.2, label=label)
+    else:
+        ax.plot([], [], ls=style, color="0.2", label=label)
 
 
 def kv_removal_curve(probe_run: RunLike, stage_config: StageConfig | None = None) -> Figure:
@@ -484,10 +488,7 @@ def kv_removal_curve(probe_run: RunLike, stage_config: StageConfig | None = None
         _mean_curve(ax, correct, "answer correct", colors[2], ci, "s", "--")
         ax.axhline(config.tolerance, color="0.4", lw=1, ls="--", label=f"tolerance ({config.tolerance:.0%})")
         label = f"KV boundary = {deep_start}" if deep_start is not None else "KV boundary: not found"
-        if deep_start is not None:
-            ax.axvline(deep_start - 0.5, color="0.2", ls=":", lw=1.2, label=label)
-        else:
-            ax.plot([], [], ls=":", color="0.2", label=label)
+        _boundary_line(ax, deep_start, label, ":")
         _share_axis(ax, "% of samples (greedy answer)")
         _layer_axis(ax, "image tokens removed from the KV cache of layers L..last")
         fig.suptitle(f"KV-cache removal of image tokens ({len(changed)} samples, "

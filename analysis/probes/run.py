@@ -386,6 +386,7 @@ def _token_ablation_table(
     device = inputs.input_ids.device
     rows: list[dict[str, Any]] = []
     n_max = max(layout.n_image_tokens for layout in inputs.layouts)
+    coordinates = [layout.image_token_coordinates for layout in inputs.layouts]
     for ordinal in range(n_max):
         subset = torch.zeros(batch_size, seq_len, dtype=torch.bool, device=device)
         owners = [row for row, layout in enumerate(inputs.layouts) if ordinal < layout.n_image_tokens]
@@ -397,21 +398,11 @@ def _token_ablation_table(
         same = clean.next_logprobs.argmax(-1) == scores.next_logprobs.argmax(-1)
         delta = scores.answer_logprob - clean.answer_logprob
         for row in owners:
-            layout = inputs.layouts[row]
-            image_index, token_index = _image_coordinates(layout, ordinal)
+            image_index, token_index = (int(part[ordinal]) for part in coordinates[row])
             rows.append({"sample_id": batch[row].sample_id, "image_index": image_index, "token_index": token_index,
                          "ordinal": ordinal, "layer_start": start, "layer_end": end, "delta_logprob": float(delta[row]),
                          "kl": float(kl[row]), "top1_match": bool(same[row])})
     return pa.Table.from_pylist(rows, schema=PROBE_SCHEMAS["token_ablation"])
-
-
-def _image_coordinates(layout: Any, ordinal: int) -> tuple[int, int]:
-    """(image index, token index within that image) of a sample's ordinal-th image token."""
-    for image_index, span in enumerate(layout.images):
-        if ordinal < len(span):
-            return image_index, ordinal
-        ordinal -= len(span)
-    raise IndexError("image-token ordinal beyond the sample's image tokens")
 
 
 def _lens_table(
@@ -453,8 +444,7 @@ def _contribution_table(batch: Sequence[Sample], inputs: ModelInputs, observer: 
     columns: dict[str, list[np.ndarray]] = {name: [] for name in PROBE_SCHEMAS["contributions"].names}
     for row, (sample, layout) in enumerate(zip(batch, inputs.layouts)):
         n = layout.n_image_tokens
-        image_index = np.concatenate([np.full(len(span), i) for i, span in enumerate(layout.images)])
-        token_index = np.concatenate([np.arange(len(span)) for span in layout.images])
+        image_index, token_index = layout.image_token_coordinates
         for layer, record in sorted(observer.records.items()):
             columns["sample_id"].append(np.full(n, sample.sample_id, dtype=object))
             columns["layer"].append(np.full(n, layer))

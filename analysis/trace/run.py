@@ -237,8 +237,7 @@ def _sink_table(
 def _image_token_table(sample_id: str, layout: TokenLayout, rows: np.ndarray, value_l1: np.ndarray) -> pa.Table:
     """Per image token and layer for one sample: value L1 and head-mean attention received."""
     n_layers, n_image = value_l1.shape
-    image_index = np.concatenate([np.full(len(span), i) for i, span in enumerate(layout.images)])
-    token_index = np.concatenate([np.arange(len(span)) for span in layout.images])
+    image_index, token_index = layout.image_token_coordinates
     cols = np.asarray([grid[1] for grid in layout.image_grids])[image_index]
     head_mean = rows.mean(axis=1)  # (L, 2, n_image)
     return pa.table(
