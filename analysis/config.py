@@ -46,7 +46,8 @@ def add_arguments(parser: argparse.ArgumentParser, config_cls: type) -> None:
             type=base,
             default=field.default,
             choices=choices,
-            help=f"{help_text} (default: {field.default})",
+            # The parsers use ArgumentDefaultsHelpFormatter, which appends the default itself.
+            help=help_text,
             metavar=field.name.upper() if choices is None else None,
         )
 

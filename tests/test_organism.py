@@ -182,3 +182,26 @@ def test_check_organism_files_rejects_missing_or_corrupted_weights(tmp_path, dam
 
 def test_organism_dir_is_inside_the_package():
     assert ORGANISM_DIR.parent == Path(__file__).resolve().parents[1] / "analysis" / "organism"
+
+
+def test_shipped_organism_answers_fixed_test_questions_offline(monkeypatch):
+    """The shipped weights load through the Auto classes with no hub access and answer two questions per family."""
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    check_organism_files(ORGANISM_DIR)
+    model = AutoModelForImageTextToText.from_pretrained(ORGANISM_DIR)
+    processor = AutoProcessor.from_pretrained(ORGANISM_DIR)
+    assert model.config.model_type == "llava" and model.config.text_config.num_hidden_layers >= 12
+    samples = generate_samples("test", 14)
+    assert sorted(s.family for s in samples) == sorted(2 * ["color", "shape", "count", "exist", "spatial", "read", "control"])
+    replies = {}
+    for sample in samples:
+        conversation = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": sample.prompt}]}]
+        text = processor.apply_chat_template(conversation, add_generation_prompt=True)
+        inputs = processor(images=sample.images, text=text, return_tensors="pt")
+        output = model.generate(**inputs, max_new_tokens=3, do_sample=False)
+        replies[sample.sample_id] = processor.tokenizer.decode(
+            output[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True
+        ).strip()
+    assert replies == {sample.sample_id: sample.answer for sample in samples}

@@ -126,7 +126,7 @@ def test_sweep_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     good.write_text(json.dumps(PruningConfig(num_layers=4, shallow_mid_layer=1, layer_threshold=0.9999,
                                              tokens_threshold=0.02).to_json()))
     out = tmp_path / "sweep.csv"
-    assert main(["sweep", str(good), "--limit", "4", "--batch-size", "4", "--device", "cpu", "-o", str(out)]) == 0
+    assert main(["sweep", str(good), "--model", "tiny-llava", "--limit", "4", "--batch-size", "4", "--device", "cpu", "-o", str(out)]) == 0
     assert "fastv" in capsys.readouterr().out and out.read_text().startswith("method,")
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps({"num_layers": 32}))

@@ -131,7 +131,8 @@ def test_cli_prints_results_and_summary(tmp_path: Path, capsys: pytest.CaptureFi
     assert str(out.resolve()) in capsys.readouterr().out
     assert main(["--dataset", str(_dataset(tmp_path)), "--out", str(tmp_path / "cli2"), "--limit", "2"]) == 0
     printed = capsys.readouterr().out
-    assert "last->image" in printed and len([ln for ln in printed.splitlines() if ln.strip()[:1].isdigit()]) == 4
+    # The default model is the 12-layer organism.
+    assert "last->image" in printed and len([ln for ln in printed.splitlines() if ln.strip()[:1].isdigit()]) == 12
 
 
 @pytest.mark.parametrize(

@@ -2,12 +2,13 @@
 
 Stages, each on the ShapesVQA train split only (validation is for monitoring, test is scored once at the end):
 
-0. vision: pretrain the CLIP tower (contrastive + captioning; see ``analysis.organism.vision``); frozen after.
+0. vision: pretrain the CLIP tower (contrastive + captioning; see ``analysis.organism.vision``); frozen until
+   the fine-tune.
 1. language: the Llama decoder learns the task language from text alone (captions, questions, answers in the
    Vicuna v1 prompt, no image tokens), with a loss on every token.
 2. alignment: only the projector trains, on image -> caption in the Vicuna prompt (LLaVA's feature alignment).
-3. finetune: projector and decoder train on the VQA questions, with a loss on the answer and EOS only, using
-   the prompt LlavaAdapter renders at inference.
+3. finetune: everything trains on the VQA questions (the tower at ``finetune_vision_lr``; 0 keeps it frozen as
+   LLaVA-1.5 does), with a loss on the answer and EOS only, using the prompt LlavaAdapter renders at inference.
 """
 
 from __future__ import annotations
@@ -102,6 +103,7 @@ class OrganismTrainConfig:
     finetune_epochs: int
     finetune_batch_size: int
     finetune_lr: float
+    finetune_vision_lr: float
     family_repeats: dict[str, int]
     warmup_fraction: float
     weight_decay: float
@@ -124,7 +126,7 @@ class OrganismTrainConfig:
             expected = float if field.type in ("float", float) else int
             if isinstance(value, bool) or not isinstance(value, (int, float) if expected is float else int):
                 raise ConfigError(f"OrganismTrainConfig.{field.name} must be a {expected.__name__}, got {value!r}")
-            if value < 0 or (value == 0 and field.name not in ("seed", "test_size", "weight_decay")):
+            if value < 0 or (value == 0 and field.name not in ("seed", "test_size", "weight_decay", "finetune_vision_lr")):
                 raise ConfigError(f"OrganismTrainConfig.{field.name} must be positive, got {value!r}")
         if not self.warmup_fraction < 1:
             raise ConfigError(f"OrganismTrainConfig.warmup_fraction must be below 1, got {self.warmup_fraction}")
@@ -174,26 +176,37 @@ class TrainingLog:
 
 @dataclass
 class Stage:
-    """One optimisation stage: what trains, on which rows (``pool``, repeats allowed), and for how long."""
+    """One optimisation stage: what trains at which peak learning rate, on which rows (``pool``, repeats
+    allowed), and for how long."""
 
     name: str
-    parameters: list[nn.Parameter]
+    groups: list[tuple[list[nn.Parameter], float]]
     loss: LossFn
     pool: torch.Tensor
     batch_size: int
     steps: int
-    lr: float
     on_epoch_end: Callable[[int, int], None] | None = None
+
+    @property
+    def parameters(self) -> list[nn.Parameter]:
+        """Every parameter the stage trains."""
+        return [parameter for parameters, _ in self.groups for parameter in parameters]
 
 
 def run_stage(stage: Stage, config: OrganismTrainConfig, log: TrainingLog, device: torch.device) -> None:
     """Train ``stage.parameters`` with AdamW, linear warmup then cosine decay, clipping and bf16 on CUDA."""
     # Norm weights and biases (the 1-D parameters) are not decayed, as is usual for transformers.
-    decay = [p for p in stage.parameters if p.ndim >= 2]
-    no_decay = [p for p in stage.parameters if p.ndim < 2]
+    param_groups = [
+        {"params": chosen, "lr": lr, "weight_decay": decay}
+        for parameters, lr in stage.groups
+        for chosen, decay in (
+            ([p for p in parameters if p.ndim >= 2], config.weight_decay),
+            ([p for p in parameters if p.ndim < 2], 0.0),
+        )
+        if chosen
+    ]
     optimizer = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=stage.lr, betas=(0.9, 0.95), eps=1e-8, **({"fused": True} if device.type == "cuda" else {}),
+        param_groups, betas=(0.9, 0.95), eps=1e-8, **({"fused": True} if device.type == "cuda" else {})
     )
     warmup = max(1, round(config.warmup_fraction * stage.steps))
 
@@ -203,11 +216,12 @@ def run_stage(stage: Stage, config: OrganismTrainConfig, log: TrainingLog, devic
         return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, stage.steps - warmup)))
 
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+    peak_lr = max(lr for _, lr in stage.groups)
     generator = torch.Generator().manual_seed(config.seed + sum(map(ord, stage.name)))
     per_epoch = len(stage.pool) // stage.batch_size
     totals: dict[str, float] = defaultdict(float)
     window = 0
-    logger.info("stage %s: %d steps of %d rows, lr %.1e", stage.name, stage.steps, stage.batch_size, stage.lr)
+    logger.info("stage %s: %d steps of %d rows, peak lr %.1e", stage.name, stage.steps, stage.batch_size, peak_lr)
     for step, rows in enumerate(_batches(stage.pool, stage.batch_size, stage.steps, generator)):
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
             loss, parts = stage.loss(rows.to(device))
@@ -215,7 +229,7 @@ def run_stage(stage: Stage, config: OrganismTrainConfig, log: TrainingLog, devic
         loss.backward()
         torch.nn.utils.clip_grad_norm_(stage.parameters, config.grad_clip)
         optimizer.step()
-        lr = scheduler.get_last_lr()[0]
+        lr = max(scheduler.get_last_lr())
         scheduler.step()
         # Accumulating on the device avoids a host sync per step; the log reads it every log_every steps.
         for name, value in {"loss": loss, **parts}.items():
@@ -396,8 +410,8 @@ def train(config: OrganismTrainConfig, out: Path, device: torch.device, preset: 
         }
 
     run_stage(
-        Stage("vision", list(pretrainer.parameters()), vision_loss, torch.arange(len(data.pixels)),
-              config.vision_batch_size, config.vision_steps, config.vision_lr),
+        Stage("vision", [(list(pretrainer.parameters()), config.vision_lr)], vision_loss,
+              torch.arange(len(data.pixels)), config.vision_batch_size, config.vision_steps),
         config, log, device,
     )
     copy_vision_tower(pretrainer.vision_model, model.model.vision_tower)
@@ -417,16 +431,16 @@ def train(config: OrganismTrainConfig, out: Path, device: torch.device, preset: 
     # Both question stages see the same mixture; repeating a family gives its harder questions more updates.
     questions = question_pool(data.families, config.family_repeats)
     run_stage(
-        Stage("language", _trainable(language, model), chat_loss(data.text_qa, False), questions,
-              config.language_batch_size, config.language_steps, config.language_lr),
+        Stage("language", [(_trainable(language, model), config.language_lr)], chat_loss(data.text_qa, False),
+              questions, config.language_batch_size, config.language_steps),
         config, log, device,
     )
     # The language model alone, reading captions: what it can answer once the image is described in words.
     record_eval(log, "language", 0, config.language_steps, model, tokenizer, validation_text)
     run_stage(
-        Stage("alignment", _trainable([model.model.multi_modal_projector], model),
+        Stage("alignment", [(_trainable([model.model.multi_modal_projector], model), config.alignment_lr)],
               chat_loss(data.caption_chat, True), torch.arange(len(data.caption_chat)),
-              config.alignment_batch_size, config.alignment_steps, config.alignment_lr),
+              config.alignment_batch_size, config.alignment_steps),
         config, log, device,
     )
     record_eval(log, "alignment", 0, config.alignment_steps, model, tokenizer, validation)
@@ -435,10 +449,16 @@ def train(config: OrganismTrainConfig, out: Path, device: torch.device, preset: 
         record_eval(log, "finetune", epoch, step, model, tokenizer, validation)
 
     per_epoch = len(questions) // config.finetune_batch_size
+    groups = [(_trainable([model.model.multi_modal_projector, *language], model), config.finetune_lr)]
+    # Everything is fine-tuned on VQA, the tower at its own (usually lower) rate; a rate of 0 keeps it frozen
+    # as in LLaVA-1.5.
+    if config.finetune_vision_lr > 0:
+        tower = model.model.vision_tower
+        tower.requires_grad_(True)
+        groups.append((list(tower.parameters()), config.finetune_vision_lr))
     run_stage(
-        Stage("finetune", _trainable([model.model.multi_modal_projector, *language], model),
-              chat_loss(data.vqa, True), questions, config.finetune_batch_size,
-              config.finetune_epochs * per_epoch, config.finetune_lr, on_epoch_end=epoch_end),
+        Stage("finetune", groups, chat_loss(data.vqa, True), questions, config.finetune_batch_size,
+              config.finetune_epochs * per_epoch, on_epoch_end=epoch_end),
         config, log, device,
     )
     save_organism(model, processor, out)

@@ -9,6 +9,7 @@ from analysis.cli import run_cli
 from analysis.config import add_arguments, from_namespace
 from analysis.errors import ConfigError
 from analysis.pruner.export import ExportConfig, derive, describe, write
+from analysis.trace.run import DEFAULT_MODEL
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -23,7 +24,7 @@ def main(argv: list[str] | None = None) -> int:
     sweep = commands.add_parser("sweep", help="accuracy vs FLOPs of VisiPruner configs and FLOPs-matched baselines",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     sweep.add_argument("configs", nargs="+", help="pruning config JSON files (ours or the authors')")
-    sweep.add_argument("--model", default="tiny-llava", help="model alias, hub id or local path")
+    sweep.add_argument("--model", default=DEFAULT_MODEL, help="model alias, hub id or local path")
     sweep.add_argument("--dataset", default="shapes-vqa", help="dataset name or local path")
     sweep.add_argument("--split", default=None, help="dataset split")
     sweep.add_argument("--limit", type=int, default=200, help="samples to evaluate")

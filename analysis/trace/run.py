@@ -23,7 +23,7 @@ from analysis.trace.tracer import QUERY_GROUPS, LayerStats, trace_batch, traced
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_MODEL = "tiny-llava"
+DEFAULT_MODEL = "shapes-llava"
 DEFAULT_DATASET = "shapes-vqa"
 
 
