@@ -122,6 +122,11 @@ class AttentionHooks:
         """Whether ``observe`` should be called for this layer and query range."""
         return False
 
+    def last_row_position(self, layer: int, default: int) -> int:
+        """Key index of the last prompt position in ``layer`` (``default``: the index given to ``intervene``)."""
+        # Hooks that physically drop tokens (analysis.pruner.runtime) move it from layer to layer.
+        return default
+
 
 class KnockoutHooks(AttentionHooks):
     """Blocks the edges of a list of knockouts (an empty list changes nothing)."""
@@ -188,7 +193,8 @@ def _probe_attention(
     if blocked is not None:
         mask = mask.masked_fill(blocked[:, None], torch.finfo(mask.dtype).min)
     if observe:
-        hook.hooks.observe(_last_row(layer, query, key, value, mask, scaling, hook.last_position - query_start))
+        row = hook.hooks.last_row_position(layer, hook.last_position) - query_start
+        hook.hooks.observe(_last_row(layer, query, key, value, mask, scaling, row))
     return hook.base(module, query, key, value, mask, scaling=scaling, dropout=dropout, **kwargs)
 
 

@@ -108,7 +108,8 @@ class ProbeConfig:
     data_dir: str | None = option(None, "local copy of a hub benchmark's parquet files", identity=False)
     limit: int | None = option(16, "probe the first N samples; none = all")
     probes: str = option(",".join(DEFAULT_PROBES), f"comma-separated probes among {', '.join(PROBES)}")
-    knockout_queries: str = option("last,instruction", f"query regions for knockouts ({', '.join(QUERY_REGIONS)})")
+    # "instruction" holds the last prompt position too, so the default is the paper's instruction+last -> image.
+    knockout_queries: str = option("instruction", f"query regions for knockouts ({', '.join(QUERY_REGIONS)})")
     knockout_key: str = option("image", f"key region knocked out ({', '.join(KEY_REGIONS)})")
     knockout_modes: str = option(",".join(KNOCKOUT_MODES), "single layer, sliding window, all from L on, all up to L")
     window: int = option(3, "layers per sliding window")

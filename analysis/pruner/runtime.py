@@ -1,0 +1,410 @@
+"""Pruning that really drops image tokens: later layers compute, and cache, only the tokens they keep.
+
+``with pruned_runtime(model, config, layouts) as state:`` makes ``model(...)`` and ``model.generate(...)`` run
+VisiPruner (or FastV / random / pre-LLM pruning) with each sample's pruned image tokens removed from the hidden
+states, the attention mask, the rotary position embeddings and the KV cache of every layer after the one where its
+decision was made. Decisions are those of the mask-based model (``analysis.pruner.simulate``), made once per sample
+in the prefill from the last prompt row in float32, and its outputs agree with it: dropping a token from layer L on
+is hiding it as a key from layer L on, positions kept.
+
+Mechanism, hooks only (nothing of the model is replaced; all of it is removed when the block exits):
+
+- a forward pre-hook on the text model tells a prefill (empty cache) from a continuation and checks the padding;
+- a forward pre-hook on each decoder layer, where a sample's token set shrinks, gathers the kept slots of the hidden
+  states, and gives the layer its own mask and the kept tokens' slice of the model's position embeddings;
+- the probe attention of ``analysis.probes.intervention`` observes the last prompt row for the selection rule and
+  blocks shallow text->image edges;
+- a forward hook on the text model scatters the final hidden states back to the input positions, so outputs keep
+  the input's shape (rows of dropped tokens are zero).
+
+Batches: samples keep different numbers of tokens, so each layer's tokens are re-gathered into a dense left-padded
+batch as wide as the row that keeps most; pad slots are masked out as keys (a pad query sees only itself, so no
+attention row is empty). The last prompt position stays the last slot of every row and generated tokens append
+after it. A dense padded batch, rather than packed variable-length sequences, because SDPA and eager attention and
+HF's ``DynamicCache`` (one (B, H, T, d) tensor per layer) all take dense batches; the cost is the padding.
+
+Positions: the model computes RoPE (1-D, or M-RoPE for Qwen2.5-VL) for the full input and each layer gathers the
+rows of its kept tokens, so nothing is renumbered. Each layer's cache holds its own length, so nothing may read
+positions from the cache length: ``generate`` passes position ids made from the 2-D attention mask, and a continuation
+without position ids gets them from the number of tokens seen.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from analysis.errors import ConfigError, DataError
+from analysis.layout import TokenLayout
+from analysis.models.adapters import FamilyAdapter, get_adapter
+from analysis.probes.intervention import LastRowObservation, RegionMasks, intervene
+from analysis.pruner.config import PruningConfig
+from analysis.pruner.simulate import Decisions, PruningHooks
+
+logger = logging.getLogger(__name__)
+
+ATTENTION_IMPLEMENTATIONS = ("sdpa", "eager")
+
+PreHook = Callable[[nn.Module, tuple[Any, ...], dict[str, Any]], tuple[tuple[Any, ...], dict[str, Any]] | None]
+
+
+@dataclass(frozen=True)
+class _Layout:
+    """The tokens one layer processes: for each slot of each left-padded row, the input position it holds."""
+
+    positions: torch.Tensor  # (B, S) long
+    valid: torch.Tensor  # (B, S) bool, False on pad slots
+    identity: bool  # the model's own sequence: its own mask and position embeddings apply
+    padded: bool  # some slot is padding (known when the layout is made, so masks need no device sync)
+
+    @property
+    def length(self) -> int:
+        """Slots per row."""
+        return int(self.positions.shape[1])
+
+
+class PrunedRuntime(PruningHooks):
+    """One batch's pruned run: the decisions (as in the mask-based model) and the tokens each layer keeps."""
+
+    def __init__(self, adapter: FamilyAdapter, config: PruningConfig, layouts: Sequence[TokenLayout],
+                 attn_implementation: str, decisions: Decisions | None = None) -> None:
+        ends = {layout.pad_offset + layout.length for layout in layouts}
+        if len(ends) != 1:
+            raise DataError("the pruned runtime needs a left-padded batch (every prompt ending at the same index); "
+                            "build inputs with the adapter's build_inputs")
+        prompt_length = ends.pop()
+        device = next(adapter.model.parameters()).device
+        super().__init__(config, RegionMasks.from_layouts(list(layouts), prompt_length, device), list(layouts),
+                         prompt_length)
+        self.layouts = list(layouts)
+        self.num_layers = adapter.num_layers
+        self.eager = attn_implementation == "eager"
+        self.image_positions = self.image_index  # padded input positions; image_index is swapped while observing
+        self.prompt_valid = torch.zeros(len(layouts), prompt_length, dtype=torch.bool, device=device)
+        for row, layout in enumerate(layouts):
+            self.prompt_valid[row, layout.pad_offset:] = True
+        self.prompt_padded = any(layout.pad_offset for layout in layouts)
+        self.frozen = False  # decisions are made in the first prefill and reused by every later pass
+        if decisions is not None:
+            self._pin(decisions)
+        self._prefill = True
+        self._input_length = prompt_length
+        self._query_length = 0
+        self._generated = 0
+        self._layout: _Layout | None = None
+        self._layer_layouts: list[_Layout] = []
+        self._prepared: dict[int, dict[str, Any]] = {}
+
+    # -- decisions ------------------------------------------------------------------------------
+    def _pin(self, decisions: Decisions) -> None:
+        """Use given decisions instead of the rule (benchmarks with random weights; recomputation checks)."""
+        batch = self.keep.shape[0]
+        selection = torch.as_tensor(np.asarray(decisions.selection_layer), dtype=torch.long)
+        exit_layer = torch.as_tensor(np.asarray(decisions.exit_layer), dtype=torch.long)
+        if selection.shape != (batch,) or exit_layer.shape != (batch,) or len(decisions.kept) != batch:
+            raise ConfigError(f"pinned decisions are for {len(decisions.kept)} samples but the batch has {batch}")
+        for name, values in (("selection_layer", selection), ("exit_layer", exit_layer)):
+            if ((values < -1) | (values >= self.num_layers)).any():
+                raise ConfigError(f"pinned {name} {values.tolist()} outside -1..{self.num_layers - 1} (-1: never)")
+        keep = torch.zeros_like(self.image_valid)
+        for row, kept in enumerate(decisions.kept):
+            n_image = int(self.image_valid[row].sum())
+            if any(not 0 <= ordinal < n_image for ordinal in kept):
+                raise ConfigError(f"pinned kept ordinals of sample {row} outside 0..{n_image - 1}")
+            keep[row, torch.as_tensor(list(kept), dtype=torch.long)] = True
+        self.keep = keep
+        self.selection_layer = torch.full_like(selection, -2) if self.config.method == "pre_llm" else selection
+        self.exit_layer = exit_layer
+        self.frozen = True
+
+    def wants_last_row(self, layer: int, query_start: int, query_length: int) -> bool:
+        """Observe only in the first prefill, where the rule can still decide something."""
+        return self._prefill and not self.frozen and super().wants_last_row(layer, 0, self.prompt_length)
+
+    def last_row_position(self, layer: int, default: int) -> int:
+        """The last prompt position's slot: the prompt ends where the continuation (if any) begins."""
+        if self._prefill and self._layout is not None:
+            return self._layout.length - 1 - (self._input_length - self.prompt_length)
+        return default
+
+    def observe(self, observation: LastRowObservation) -> None:
+        """Apply the rule with image tokens addressed by their slots in this layer."""
+        self.image_index = self._image_slots(self._layout)
+        try:
+            super().observe(observation)
+        finally:
+            self.image_index = self.image_positions
+
+    def blocked(self, layer: int, query_start: int, query_length: int, key_length: int) -> torch.Tensor | None:
+        """Shallow stage only (text->image edges in this layer's slots); pruned tokens are gone, not masked."""
+        config = self.config
+        if not (config.method == "visipruner" and "shallow" in config.stages and layer < config.shallow_mid_layer):
+            return None
+        if not self._prefill and not config.shallow_in_decode:
+            return None
+        layout = self._layout if self._prefill else self._layer_layouts[layer]
+        length = self._input_length
+        image = self.masks.key_columns("image", length).gather(1, layout.positions) & layout.valid
+        text = self.masks.query_rows("instruction", 0, length).gather(1, layout.positions) & layout.valid
+        extra = key_length - layout.length  # generated tokens: text, never image
+        batch = image.shape[0]
+        image = torch.cat([image, image.new_zeros(batch, extra)], dim=1)
+        text = torch.cat([text, text.new_ones(batch, extra)], dim=1)[:, query_start : query_start + query_length]
+        return text[:, :, None] & image[:, None, :]
+
+    # -- layouts --------------------------------------------------------------------------------
+    def _cuts_before(self, layer: int) -> bool:
+        """Whether some sample's token set shrinks between ``layer - 1`` and ``layer``."""
+        if layer == 0:
+            return bool((self.selection_layer == -2).any())
+        return bool(((self.selection_layer == layer - 1) | (self.exit_layer == layer - 1)).any())
+
+    def _kept_positions(self, layer: int) -> torch.Tensor:
+        """(B, input length) bool: the input positions ``layer`` processes."""
+        active = (self.selection_layer == -2) | ((self.selection_layer >= 0) & (self.selection_layer < layer))
+        exited = (self.exit_layer >= 0) & (self.exit_layer < layer)
+        device = self.keep.device
+        dropped = self.image_valid & (exited.to(device)[:, None] | (active.to(device)[:, None] & ~self.keep))
+        rows, ordinals = dropped.nonzero(as_tuple=True)
+        kept = self._input_valid()
+        kept[rows, self.image_positions[rows, ordinals]] = False
+        return kept
+
+    def _input_valid(self) -> torch.Tensor:
+        """(B, input length) bool: real tokens of the current input (prompt and continuation)."""
+        extra = self._input_length - self.prompt_length
+        return torch.cat([self.prompt_valid, self.prompt_valid.new_ones(self.prompt_valid.shape[0], extra)], dim=1)
+
+    def _compact(self, layout: _Layout, layer: int) -> tuple[_Layout, torch.Tensor]:
+        """The layout of ``layer`` and, per new slot, the slot of ``layout`` it comes from."""
+        selected = layout.valid & self._kept_positions(layer).gather(1, layout.positions)
+        counts = selected.sum(1)
+        width, narrowest = (int(value) for value in torch.stack([counts.max(), counts.min()]).tolist())
+        # A stable sort puts dropped and pad slots first and kept ones last, in order: left padding for free.
+        order = torch.argsort(selected.to(torch.int32), dim=1, stable=True)
+        slots = order[:, layout.length - width :]
+        valid = torch.arange(width, device=counts.device)[None, :] >= (width - counts)[:, None]
+        return _Layout(layout.positions.gather(1, slots), valid, identity=False, padded=narrowest < width), slots
+
+    def _image_slots(self, layout: _Layout) -> torch.Tensor:
+        """(B, N) slot of each image token in ``layout`` (0 for tokens no longer there)."""
+        if layout.identity:
+            return self.image_positions
+        batch, length = layout.positions.shape
+        slot_of = torch.zeros(batch, self._input_length + 1, dtype=torch.long, device=layout.positions.device)
+        target = torch.where(layout.valid, layout.positions, self._input_length)  # pads go to a spare column
+        slot_of.scatter_(1, target, torch.arange(length, device=target.device).expand(batch, -1))
+        return slot_of[:, : self._input_length].gather(1, self.image_positions)
+
+    def _mask(self, key_valid: torch.Tensor, padded: bool, query_length: int,
+              dtype: torch.dtype) -> torch.Tensor | None:
+        """The attention mask of queries that are the last ``query_length`` keys: causal, pad keys hidden."""
+        batch, key_length = key_valid.shape
+        if not self.eager and not padded and query_length in (1, key_length):
+            return None  # SDPA's own causal path (or full attention for one query) is exact and fastest
+        keys = torch.arange(key_length, device=key_valid.device)
+        queries = keys[key_length - query_length :]
+        causal = keys[None, :] <= queries[:, None]
+        allowed = causal[None] & key_valid[:, None, :]
+        allowed |= (keys[None, :] == queries[:, None])[None]  # a pad query sees itself: no empty softmax row
+        allowed = allowed[:, None]
+        if not self.eager:
+            return allowed
+        return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(
+            ~allowed, torch.finfo(dtype).min)
+
+    def _prefill_kwargs(self, layout: _Layout, kwargs: dict[str, Any], dtype: torch.dtype) -> dict[str, Any]:
+        """Mask, position embeddings and position ids of a prefill layer under ``layout`` (shared by its layers)."""
+        cached = self._prepared.get(id(layout))
+        if cached is not None:
+            return cached
+        batch = layout.positions.shape[0]
+
+        def take(values: torch.Tensor) -> torch.Tensor:
+            values = values.expand(batch, *values.shape[1:])
+            index = layout.positions.view(batch, -1, *([1] * (values.dim() - 2)))
+            return values.gather(1, index.expand(-1, -1, *values.shape[2:]))
+
+        prepared: dict[str, Any] = {"attention_mask": self._mask(layout.valid, layout.padded, layout.length, dtype)}
+        embeddings = kwargs.get("position_embeddings")
+        if embeddings is not None:
+            prepared["position_embeddings"] = tuple(take(part) for part in embeddings)
+        position_ids = kwargs.get("position_ids")
+        if isinstance(position_ids, torch.Tensor) and position_ids.dim() == 2:
+            prepared["position_ids"] = take(position_ids)
+        self._prepared[id(layout)] = prepared
+        return prepared
+
+    def _decode_kwargs(self, layout: _Layout, dtype: torch.dtype) -> dict[str, Any]:
+        """The mask of a continuation in a layer whose cache holds ``layout`` then the tokens generated since."""
+        cached = self._prepared.get(id(layout))
+        if cached is None:
+            batch = layout.valid.shape[0]
+            fresh = layout.valid.new_ones(batch, self._generated + self._query_length)
+            keys = torch.cat([layout.valid, fresh], dim=1)
+            cached = {"attention_mask": self._mask(keys, layout.padded, self._query_length, dtype)}
+            self._prepared[id(layout)] = cached
+        return cached
+
+    # -- hooks ----------------------------------------------------------------------------------
+    def start_pass(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[
+        tuple[Any, ...], dict[str, Any]
+    ] | None:
+        """Text-model pre-hook: prefill or continuation, and a padding check."""
+        source = kwargs.get("inputs_embeds")
+        if source is None:
+            source = kwargs.get("input_ids") if kwargs.get("input_ids") is not None else args[0]
+        length = int(source.shape[1])
+        cache = kwargs.get("past_key_values")
+        self._prefill = cache is None or cache.get_seq_length() == 0
+        self._query_length = length
+        self._prepared = {}
+        mask = kwargs.get("attention_mask")
+        if mask is not None and not (isinstance(mask, torch.Tensor) and mask.dim() == 2):
+            raise DataError("the pruned runtime needs a 2-D attention mask (or none); use a DynamicCache, "
+                            "not a static or compiled cache")
+        if self._prefill:
+            if length < self.prompt_length:
+                raise DataError(f"input of {length} tokens is shorter than the {self.prompt_length}-token prompts "
+                                "the runtime was built for; build the runtime from this batch's layouts")
+            self._input_length, self._generated = length, 0
+            self._check_mask(mask, length)
+            batch = self.prompt_valid.shape[0]
+            positions = torch.arange(length, device=self.prompt_valid.device).expand(batch, -1)
+            self._layout = _Layout(positions, self._input_valid(), identity=True, padded=self.prompt_padded)
+            self._layer_layouts = []
+            return None
+        if not self._layer_layouts:
+            raise DataError("a pass with a filled cache came before any prefill in this pruned_runtime block; "
+                            "run the prompt (or generate) inside the block")
+        self._check_mask(mask, self._input_length + self._generated + length)
+        if kwargs.get("position_ids") is None and not self._layer_layouts[0].identity:
+            # The model would count positions from layer 0's cache, which holds only the kept tokens.
+            seen = self._input_length + self._generated
+            kwargs["position_ids"] = torch.arange(seen, seen + length, device=source.device)[None]
+            return args, kwargs
+        return None
+
+    def _check_mask(self, mask: torch.Tensor | None, length: int) -> None:
+        """The 2-D mask must be the prompts' left padding followed by real tokens only."""
+        expected = self.prompt_valid
+        if mask is None:
+            if not bool(expected.all()):
+                raise DataError("this batch is padded: pass its attention_mask")
+            return
+        if mask.shape != (expected.shape[0], length):
+            raise DataError(f"attention mask of shape {tuple(mask.shape)}; expected ({expected.shape[0]}, {length})")
+        mask = mask.bool()
+        if not (torch.equal(mask[:, : self.prompt_length], expected) and bool(mask[:, self.prompt_length :].all())):
+            raise DataError("the attention mask is not the prompts' left padding followed by real tokens; the "
+                            "runtime supports left-padded prompts and their continuations (right padding: use "
+                            "the mask-based analysis.pruner.simulate)")
+
+    def layer_hook(self, layer: int) -> PreHook:
+        """Decoder-layer pre-hook: shrink the sequence where a decision takes effect, and adapt the layer's inputs."""
+
+        def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[
+            tuple[Any, ...], dict[str, Any]
+        ] | None:
+            hidden = args[0] if args else kwargs["hidden_states"]
+            if self._prefill:
+                if self._cuts_before(layer):
+                    self._layout, slots = self._compact(self._layout, layer)
+                    hidden = hidden.gather(1, slots[..., None].expand(-1, -1, hidden.shape[-1]))
+                    args, kwargs = _with_hidden(args, kwargs, hidden)
+                layout = self._layout
+                self._layer_layouts.append(layout)
+                if layout.identity:
+                    return None
+                kwargs.update(self._prefill_kwargs(layout, kwargs, hidden.dtype))
+                return args, kwargs
+            layout = self._layer_layouts[layer]
+            if layout.identity:
+                return None
+            kwargs.update(self._decode_kwargs(layout, hidden.dtype))
+            return args, kwargs
+
+        return hook
+
+    def end_pass(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> Any:
+        """Text-model hook: final hidden states back at their input positions; decisions frozen after a prefill."""
+        if not self._prefill:
+            self._generated += self._query_length
+            return output
+        self.frozen = True
+        layout = self._layout
+        logger.debug("prefill slots per layer: %s", self.prefill_lengths)
+        if layout.identity:
+            return output
+        hidden = output.last_hidden_state
+        batch, _, width = hidden.shape
+        full = hidden.new_zeros(batch, self._input_length + 1, width)
+        target = torch.where(layout.valid, layout.positions, self._input_length)  # pads go to a spare column
+        full.scatter_(1, target[..., None].expand(-1, -1, width), hidden)
+        output.last_hidden_state = full[:, : self._input_length]
+        return output
+
+    # -- results --------------------------------------------------------------------------------
+    @property
+    def prefill_lengths(self) -> list[int]:
+        """Slots (kept tokens of the widest row, padding included) each layer processed in the last prefill."""
+        return [layout.length for layout in self._layer_layouts]
+
+    def layer_token_counts(self) -> torch.Tensor:
+        """(layers, B) real tokens each layer processed per sample in the last prefill."""
+        return torch.stack([layout.valid.sum(1) for layout in self._layer_layouts]).cpu()
+
+
+def _with_hidden(args: tuple[Any, ...], kwargs: dict[str, Any], hidden: torch.Tensor) -> tuple[
+    tuple[Any, ...], dict[str, Any]
+]:
+    """A layer's call arguments with new hidden states."""
+    if args:
+        return (hidden, *args[1:]), kwargs
+    return args, {**kwargs, "hidden_states": hidden}
+
+
+def _text_model(adapter: FamilyAdapter) -> nn.Module:
+    """The module that runs the decoder layers (it owns them)."""
+    layers = adapter.decoder_layers()
+    for module in adapter.model.modules():
+        if getattr(module, "layers", None) is layers:
+            return module
+    raise ConfigError(f"cannot find the module that runs the {adapter.model_type} decoder layers")
+
+
+@contextmanager
+def pruned_runtime(model: nn.Module, config: PruningConfig, layouts: Sequence[TokenLayout], *,
+                   decisions: Decisions | None = None) -> Iterator[PrunedRuntime]:
+    """Inside the block, ``model`` runs with pruned image tokens dropped for this batch; unchanged after it.
+
+    ``layouts`` are the batch's (from ``build_inputs``); ``decisions`` pins selections instead of applying the rule.
+    """
+    adapter = get_adapter(model)
+    config.validate(adapter.num_layers)
+    implementation = adapter.text_config._attn_implementation
+    if implementation not in ATTENTION_IMPLEMENTATIONS:
+        raise ConfigError(f"the pruned runtime supports {' and '.join(ATTENTION_IMPLEMENTATIONS)} attention, not "
+                          f"{implementation!r}; load the model with attn_implementation='sdpa'")
+    runtime = PrunedRuntime(adapter, config, layouts, implementation, decisions)
+    if config.method == "none":
+        yield runtime
+        return
+    text_model = _text_model(adapter)
+    handles = [text_model.register_forward_pre_hook(runtime.start_pass, with_kwargs=True),
+               text_model.register_forward_hook(runtime.end_pass, with_kwargs=True)]
+    try:
+        handles += [layer.register_forward_pre_hook(runtime.layer_hook(index), with_kwargs=True)
+                    for index, layer in enumerate(adapter.decoder_layers())]
+        with intervene(adapter, runtime, runtime.prompt_length - 1):
+            yield runtime
+    finally:
+        for handle in handles:
+            handle.remove()

@@ -1,0 +1,241 @@
+"""The token-dropping runtime against the unmodified model and the mask-based pruned model, on both families."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+import torch
+
+from analysis.errors import ConfigError, DataError
+from analysis.models.adapters import ModelInputs
+from analysis.models.registry import LoadedModel, load_model
+from analysis.probes.intervention import RegionMasks, intervene
+from analysis.pruner.config import PruningConfig
+from analysis.pruner.runtime import pruned_runtime
+from analysis.pruner.simulate import Decisions, PruningHooks
+
+FAMILIES = {"llava": "tiny-llava", "qwen2_5_vl": "tiny-qwen2.5-vl"}
+NEW_TOKENS = 5
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread() -> Iterator[None]:
+    """Tiny matrices run faster on one thread than on threads contending for two busy cores."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+@pytest.fixture(scope="module", params=sorted(FAMILIES))
+def tiny(request: pytest.FixtureRequest) -> LoadedModel:
+    """A tiny random model of each family (SDPA, float32, CPU)."""
+    return load_model(FAMILIES[request.param])
+
+
+# Per family, a token threshold at which the random tiny model keeps some, and different numbers of, image tokens.
+TOKENS_THRESHOLD = {"llava": 0.02, "qwen2_5_vl": 0.04}
+
+
+def _configs(loaded: LoadedModel) -> dict[str, PruningConfig]:
+    """One config per method; VisiPruner selects at layer 1 of 4 (a partial selection) and exits for some samples."""
+    layers = loaded.adapter.num_layers
+    return {
+        "visipruner": PruningConfig(num_layers=layers, shallow_mid_layer=0, layer_threshold=0.9999,
+                                    tokens_threshold=TOKENS_THRESHOLD[loaded.adapter.model_type]),
+        # The shallow stage too (text->image hidden in layer 0, also while decoding), then selection at layer >= 2.
+        "shallow": PruningConfig(num_layers=layers, shallow_mid_layer=1, layer_threshold=0.9999,
+                                 tokens_threshold=TOKENS_THRESHOLD[loaded.adapter.model_type]),
+        "fastv": PruningConfig(method="fastv", num_layers=layers, prune_layer=2, keep_tokens=3),
+        "random": PruningConfig(method="random", num_layers=layers, prune_layer=1, keep_tokens=3),
+        "pre_llm": PruningConfig(method="pre_llm", num_layers=layers, keep_tokens=3),
+    }
+
+
+def _inputs(loaded: LoadedModel, samples) -> ModelInputs:
+    """The standard left-padded batch."""
+    return loaded.adapter.build_inputs(loaded.processor, samples)
+
+
+def _masked(loaded: LoadedModel, inputs: ModelInputs, config: PruningConfig) -> tuple[torch.Tensor, Decisions]:
+    """Prefill logits and decisions of the mask-based pruned model."""
+    length = inputs.input_ids.shape[1]
+    hooks = PruningHooks(config, RegionMasks.from_layouts(inputs.layouts, length, inputs.input_ids.device),
+                         inputs.layouts, length)
+    with torch.no_grad(), intervene(loaded.adapter, hooks, length - 1):
+        logits = loaded.model(**inputs.tensors).logits
+    return logits, hooks.decisions(inputs.layouts)
+
+
+def _dropped(loaded: LoadedModel, inputs: ModelInputs, config: PruningConfig,
+             **kwargs) -> tuple[torch.Tensor, Decisions]:
+    """Prefill logits and decisions of the token-dropping runtime."""
+    with torch.no_grad(), pruned_runtime(loaded.model, config, inputs.layouts, **kwargs) as state:
+        logits = loaded.model(**inputs.tensors).logits
+    return logits, state.decisions(inputs.layouts)
+
+
+def _generate(loaded: LoadedModel, inputs: ModelInputs, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
+    """Greedy new tokens (B, N) and each step's logits (N, B, V)."""
+    tokenizer = loaded.processor.tokenizer
+    with torch.no_grad():
+        out = loaded.model.generate(**inputs.tensors, max_new_tokens=NEW_TOKENS, do_sample=False, eos_token_id=None,
+                                    pad_token_id=tokenizer.pad_token_id, output_logits=True,
+                                    return_dict_in_generate=True, **kwargs)
+    return out.sequences[:, inputs.input_ids.shape[1] :], torch.stack(out.logits)
+
+
+def _same_decisions(a: Decisions, b: Decisions) -> bool:
+    """Same selections, exits and kept tokens."""
+    return (a.selection_layer == b.selection_layer).all() and (a.exit_layer == b.exit_layer).all() and a.kept == b.kept
+
+
+def test_all_off_is_bit_identical(tiny: LoadedModel, samples) -> None:
+    """Method 'none' and VisiPruner with no stage reproduce the unmodified logits and answers bit for bit."""
+    inputs = _inputs(tiny, samples)
+    with torch.no_grad():
+        reference = tiny.model(**inputs.tensors).logits
+    tokens, _ = _generate(tiny, inputs)
+    layers = tiny.adapter.num_layers
+    no_stage = PruningConfig(num_layers=layers, stages=[], shallow_mid_layer=1)
+    for config in (PruningConfig(method="none", num_layers=layers), no_stage):
+        logits, _ = _dropped(tiny, inputs, config)
+        assert torch.equal(logits, reference)
+        with pruned_runtime(tiny.model, config, inputs.layouts):
+            assert torch.equal(_generate(tiny, inputs)[0], tokens)
+
+
+def test_keeping_every_token_changes_nothing(tiny: LoadedModel, samples) -> None:
+    """A selection keeping every image token still re-gathers the sequence, and changes no answer."""
+    inputs = _inputs(tiny, samples)
+    config = PruningConfig(num_layers=tiny.adapter.num_layers, stages=["middle"], shallow_mid_layer=0,
+                           layer_threshold=1.0, tokens_threshold=0.0)
+    with torch.no_grad():
+        reference = tiny.model(**inputs.tensors).logits
+    with torch.no_grad(), pruned_runtime(tiny.model, config, inputs.layouts) as state:
+        logits = tiny.model(**inputs.tensors).logits
+    decisions = state.decisions(inputs.layouts)
+    assert (decisions.selection_layer == 1).all() and [len(k) for k in decisions.kept] == decisions.n_image
+    # Layers from 2 on run on the compacted sequence (the batch's left padding is gone as well).
+    counts = state.layer_token_counts()
+    assert (counts[2:] == torch.tensor([layout.length for layout in inputs.layouts])).all()
+    assert torch.allclose(logits[:, -1], reference[:, -1], atol=1e-5)
+    assert torch.equal(logits[:, -1].argmax(-1), reference[:, -1].argmax(-1))
+
+
+@pytest.mark.parametrize("method", ["visipruner", "shallow", "fastv", "random", "pre_llm"])
+def test_dropping_equals_masking(tiny: LoadedModel, samples, method: str) -> None:
+    """Same decisions, last-position logits and greedy answers as the mask-based pruned model."""
+    inputs = _inputs(tiny, samples)
+    config = _configs(tiny)[method]
+    masked, masked_decisions = _masked(tiny, inputs, config)
+    dropped, decisions = _dropped(tiny, inputs, config)
+    assert _same_decisions(decisions, masked_decisions)
+    kept = [len(k) for k in decisions.kept]
+    assert any(0 < n < total for n, total in zip(kept, decisions.n_image))  # a real, partial selection
+    if method == "visipruner":
+        assert (decisions.selection_layer == 1).all()
+    assert torch.allclose(dropped[:, -1], masked[:, -1], atol=1e-5)
+    length = inputs.input_ids.shape[1]
+    hooks = PruningHooks(config, RegionMasks.from_layouts(inputs.layouts, length, inputs.input_ids.device),
+                         inputs.layouts, length)
+    with intervene(tiny.adapter, hooks, length - 1):
+        masked_tokens, masked_logits = _generate(tiny, inputs)
+    with pruned_runtime(tiny.model, config, inputs.layouts):
+        tokens, logits = _generate(tiny, inputs)
+    assert torch.equal(tokens, masked_tokens)
+    assert torch.allclose(logits, masked_logits, atol=1e-4)
+
+
+def test_eager_equals_sdpa(samples) -> None:
+    """Eager attention (explicit additive masks everywhere) gives the runtime the same results as SDPA."""
+    for name in FAMILIES.values():
+        results = []
+        for implementation in ("sdpa", "eager"):
+            loaded = load_model(name, attn_implementation=implementation)
+            results.append(_dropped(loaded, _inputs(loaded, samples), _configs(loaded)["visipruner"]))
+        assert _same_decisions(results[0][1], results[1][1])
+        assert torch.allclose(results[0][0][:, -1], results[1][0][:, -1], atol=1e-5)
+
+
+def test_batch_equals_single(tiny: LoadedModel, samples) -> None:
+    """Left-padded batches (different image sizes and counts) give each sample its own decisions and logits."""
+    config = _configs(tiny)["visipruner"]
+    logits, decisions = _dropped(tiny, _inputs(tiny, samples), config)
+    assert len(set(map(len, decisions.kept))) > 1  # rows keep different numbers of tokens
+    for row, sample in enumerate(samples):
+        one, one_decisions = _dropped(tiny, _inputs(tiny, [sample]), config)
+        assert one_decisions.kept[0] == decisions.kept[row]
+        assert (one_decisions.selection_layer[0], one_decisions.exit_layer[0]) == (
+            decisions.selection_layer[row], decisions.exit_layer[row])
+        assert torch.allclose(one[0, -1], logits[row, -1], atol=1e-5)
+
+
+def test_cached_generation_equals_recomputation(tiny: LoadedModel, samples) -> None:
+    """Decoding on the pruned KV cache equals re-running the pruned prefill for every new token."""
+    inputs = _inputs(tiny, samples)
+    config = _configs(tiny)["visipruner"]
+    with pruned_runtime(tiny.model, config, inputs.layouts) as state:
+        tokens, logits = _generate(tiny, inputs)
+        first = state.decisions(inputs.layouts)
+        # Without a cache each step is a fresh prefill of prompt + tokens so far, with the same (frozen) decisions.
+        again, again_logits = _generate(tiny, inputs, use_cache=False)
+        assert _same_decisions(state.decisions(inputs.layouts), first)
+    assert torch.equal(tokens, again)
+    assert torch.allclose(logits, again_logits, atol=1e-4)
+
+
+def test_pinned_decisions(tiny: LoadedModel, samples) -> None:
+    """Pinned decisions are applied as given (no rule), and reproduce the rule's run when they are its own."""
+    inputs = _inputs(tiny, samples)
+    config = _configs(tiny)["visipruner"]
+    logits, decisions = _dropped(tiny, inputs, config)
+    pinned, pinned_decisions = _dropped(tiny, inputs, config, decisions=decisions)
+    assert _same_decisions(pinned_decisions, decisions)
+    assert torch.allclose(pinned[:, -1], logits[:, -1], atol=1e-6)
+    with pytest.raises(ConfigError, match="outside"):
+        bad = Decisions(decisions.selection_layer + 10, decisions.exit_layer, decisions.kept, decisions.n_image)
+        _dropped(tiny, inputs, config, decisions=bad)
+
+
+def test_model_unchanged_after_exit(tiny: LoadedModel, samples) -> None:
+    """After the block (also one left by an error) no hook remains and logits are bit-identical to before."""
+    inputs = _inputs(tiny, samples)
+    with torch.no_grad():
+        before = tiny.model(**inputs.tensors).logits
+    config = _configs(tiny)["visipruner"]
+    modules = list(tiny.model.modules())
+    hooks_before = [(dict(m._forward_pre_hooks), dict(m._forward_hooks)) for m in modules]
+    _dropped(tiny, inputs, config)
+    with pytest.raises(RuntimeError, match="inside"):
+        with pruned_runtime(tiny.model, config, inputs.layouts):
+            raise RuntimeError("inside")
+    assert [(dict(m._forward_pre_hooks), dict(m._forward_hooks)) for m in modules] == hooks_before
+    assert tiny.adapter.text_config._attn_implementation == "sdpa"
+    with torch.no_grad():
+        assert torch.equal(tiny.model(**inputs.tensors).logits, before)
+
+
+def test_bad_input_fails_before_the_model_runs(tiny: LoadedModel, samples) -> None:
+    """Another depth, thresholds out of range, an unknown method or a foreign batch raise before any forward."""
+    inputs = _inputs(tiny, samples)
+    calls = []
+    handle = tiny.model.register_forward_pre_hook(lambda *_: calls.append(1))
+    layers = tiny.adapter.num_layers
+    try:
+        for config, message in (
+            (PruningConfig(num_layers=32), "32-layer model"),
+            (PruningConfig(num_layers=layers, shallow_mid_layer=1, layer_threshold=1.5), "layer_threshold 1.5"),
+            (PruningConfig(method="magic", num_layers=layers), "unknown method 'magic'"),
+        ):
+            with pytest.raises(ConfigError, match=message):
+                with pruned_runtime(tiny.model, config, inputs.layouts):
+                    tiny.model(**inputs.tensors)
+        assert not calls
+        other = _inputs(tiny, samples[:2])
+        with pytest.raises(DataError, match="shape"), pruned_runtime(tiny.model, _configs(tiny)["fastv"],
+                                                                      other.layouts):
+            tiny.model(**inputs.tensors)
+    finally:
+        handle.remove()
