@@ -63,8 +63,13 @@ def build_plan(layouts: list[TokenLayout], seq_len: int, top_k: int, device: tor
     return _Plan(onehot.to(device), query_weights.to(device), image_index.to(device), image_valid.to(device), top_k)
 
 
-def reduce_layer(attention: torch.Tensor, values: torch.Tensor, plan: _Plan) -> LayerStats:
-    """Reduce one layer's attention (B, H, T, T) and value projections (B, T, D) to small tensors, in float32."""
+def reduce_layer(
+    attention: torch.Tensor, values: torch.Tensor, plan: _Plan
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One layer's attention (B, H, T, T) and value projections (B, T, D) as region mass, image rows and value L1.
+
+    All in float32; the sink statistics of every layer are computed afterwards in one go (``layer_stats``).
+    """
     weights = attention.float()
     query_rows = torch.einsum("bgq,bhqk->bhgk", plan.query_weights[:, :2], weights)  # last, instruction rows
     image_query_mass = torch.einsum("bq,bhqk->bhk", plan.query_weights[:, 2], weights)
@@ -74,8 +79,23 @@ def reduce_layer(attention: torch.Tensor, values: torch.Tensor, plan: _Plan) -> 
     image_rows = torch.gather(query_rows, 3, gather_index) * plan.image_valid[:, None, None, :]
     value_l1 = values.float().abs().sum(-1)
     value_l1 = torch.gather(value_l1, 1, plan.image_index) * plan.image_valid
-    top_values, top_indices, entropy = sink_statistics(image_rows, plan.image_valid, plan.top_k)
-    return LayerStats(region_mass, image_rows, value_l1, top_values, top_indices, entropy)
+    return region_mass, image_rows, value_l1
+
+
+def layer_stats(reduced: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]], plan: _Plan) -> list[LayerStats]:
+    """Every layer's reductions completed with its sink statistics."""
+    # One top-k over all layers stacked: per-layer small kernels made the pass launch-bound at batch 1.
+    image_rows = torch.stack([rows for _, rows, _ in reduced])  # (L, B, H, 2, N)
+    layers, batch, heads, groups, n = image_rows.shape
+    flat = image_rows.permute(1, 0, 2, 3, 4).reshape(batch, layers * heads, groups, n)
+    top_values, top_indices, entropy = (
+        part.reshape(batch, layers, heads, *part.shape[2:]).transpose(0, 1)
+        for part in sink_statistics(flat, plan.image_valid, plan.top_k)
+    )
+    return [
+        LayerStats(mass, rows, l1, top_values[i], top_indices[i], entropy[i])
+        for i, (mass, rows, l1) in enumerate(reduced)
+    ]
 
 
 def sink_statistics(
@@ -106,19 +126,19 @@ def trace_batch(
 
     seq_len = inputs.input_ids.shape[1]
     plan = build_plan(inputs.layouts, seq_len, top_k, inputs.input_ids.device)
-    stats: list[LayerStats] = []
+    reduced: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
     logits: list[torch.Tensor] = []
     layers = adapter.decoder_layers(traced_model)
     with torch.inference_mode(), traced_model.trace(**inputs.tensors):
         for layer in layers:
             values = layer.self_attn.v_proj.output
             attention = layer.self_attn.output[1]
-            stats.append(nnsight.save(reduce_layer(attention, values, plan)))
+            reduced.append(nnsight.save(reduce_layer(attention, values, plan)))
         if return_logits:
             logits.append(nnsight.save(traced_model.output.logits))
-    if any(stat is None for stat in stats):
+    if any(layer is None for layer in reduced):
         raise RuntimeError("attention weights were not returned; load the model with attn_implementation='eager'")
-    return stats, (logits[0] if logits else None)
+    return layer_stats(reduced, plan), (logits[0] if logits else None)
 
 
 @contextmanager
