@@ -631,3 +631,35 @@ def _overlap_bars(ax: Axes, critical: pd.DataFrame, config: StageConfig, colors:
     ax.set_xticks(range(len(present)), [names[column] for column in present], fontsize=9)
     _share_axis(ax, f"share of critical tokens also picked\n({len(values)} samples with any, "
                     f"{config.confidence:.0%} CI)")
+
+
+# --- finding 6: pruning ------------------------------------------------------------------------
+
+METHOD_NAMES = {"visipruner": "VisiPruner", "fastv": "FastV", "random": "random", "pre_llm": "before the LLM"}
+
+
+def pruning_tradeoff(sweep_table: str | Path | pd.DataFrame) -> Figure:
+    """Accuracy and agreement with the unpruned model against the prefill FLOPs cut, per pruning method."""
+    table = pd.read_csv(sweep_table) if not isinstance(sweep_table, pd.DataFrame) else sweep_table
+    missing = {"method", "accuracy", "agreement", "flops_cut", "baseline_accuracy"} - set(table.columns)
+    if missing:
+        raise ConfigError(f"not a sweep table (missing columns {sorted(missing)}); make one with "
+                          "`python -m analysis.pruner sweep CONFIG.json ... -o table.csv`")
+    table = table.assign(method_name=table["method"].map(lambda m: METHOD_NAMES.get(m, m)))
+    order = [METHOD_NAMES[m] for m in METHOD_NAMES if m in set(table["method"])]
+    with _styled():
+        fig = Figure(figsize=(11, 4.4), layout="constrained")
+        left, right = fig.subplots(1, 2, sharex=True)
+        for ax, column, title in ((left, "accuracy", "Accuracy"), (right, "agreement", "Same answer as unpruned")):
+            sns.lineplot(table.sort_values("flops_cut"), x="flops_cut", y=column, hue="method_name", hue_order=order,
+                         style="method_name", style_order=order, markers=True, dashes=False, ax=ax,
+                         legend=ax is left, markersize=8)
+            ax.set_title(title)
+            ax.set_xlabel("prefill FLOPs cut (%, exact count)")
+            ax.set_ylabel(f"{column} (%)")
+        left.axhline(float(table["baseline_accuracy"].iloc[0]), color="0.3", lw=1, ls="--", label="unpruned")
+        handles, names = left.get_legend_handles_labels()
+        left.get_legend().remove()
+        fig.legend(handles, names, loc="outside lower center", ncols=len(names), fontsize=9)
+        fig.suptitle("Pruning image tokens: accuracy against compute, methods at matched FLOPs")
+    return fig

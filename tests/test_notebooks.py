@@ -17,7 +17,8 @@ nbclient = pytest.importorskip("nbclient")
 
 NOTEBOOKS_DIR = Path(__file__).resolve().parent.parent / "notebooks"
 NOTEBOOKS = sorted(NOTEBOOKS_DIR.glob("*.ipynb"))
-EXPECTED = ["01_attention_sinks", "02_task_intent", "03_three_stages", "04_redundancy_paradox", "05_critical_tokens"]
+EXPECTED = ["01_attention_sinks", "02_task_intent", "03_three_stages", "04_redundancy_paradox", "05_critical_tokens",
+            "06_pruning"]
 REQUIRED_PARAMETERS = ("MODEL", "DATASET", "LIMIT", "RUN_DIR", "FIGURES")
 
 
@@ -83,9 +84,10 @@ def _displayed_images(notebook: nbformat.NotebookNode) -> int:
     return sum("image/png" in output.get("data", {}) for cell in notebook.cells for output in cell.get("outputs", []))
 
 
-# Every notebook on the tiny LLaVA, and the critical-token one (probe run, image-grid maps) on Qwen2.5-VL with
-# per-image, non-square grids; each execution costs ~10 s of imports, so the other family runs one notebook only.
-RUNS = [("tiny-llava", path.stem) for path in NOTEBOOKS] + [("tiny-qwen2.5-vl", "05_critical_tokens")]
+# Every notebook on the bundled organism (what the committed figures come from), and the critical-token one (probe
+# run, image-grid maps) on a tiny Qwen2.5-VL with per-image, non-square grids: another model through the
+# parameters alone. Each execution costs ~10 s of imports, so the other family runs one notebook only.
+RUNS = [("shapes-llava", path.stem) for path in NOTEBOOKS] + [("tiny-qwen2.5-vl", "05_critical_tokens")]
 RUN_IDS = [f"{model}/{stem}" for model, stem in RUNS]
 
 
@@ -104,8 +106,8 @@ def executed(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFa
         work = root / run_id.replace("/", "-")
         overrides: dict[str, object] = {"MODEL": model, "DATASET": "shapes-vqa", "LIMIT": 4,
                                         "RUN_DIR": str(work / "run"), "FIGURES": str(work / "figures"),
-                                        "N_BOOTSTRAP": 50}
-        if model != "tiny-llava":
+                                        "N_BOOTSTRAP": 50, "EVAL_LIMIT": 4, "TARGETS": [0.9]}
+        if model.startswith("tiny-"):
             overrides.update(DATASET=str(dataset), LIMIT=None)
         jobs[run_id] = _inject(NOTEBOOKS_DIR / f"{stem}.ipynb", overrides)
         folders[run_id] = work
@@ -123,5 +125,6 @@ def test_notebook_runs(run_id: str, executed: dict[str, Any]) -> None:
     stem = run_id.split("/")[1]
     assert saved and all(name.startswith(stem[:3]) for name in saved)
     assert _displayed_images(notebook) == len(saved)
-    manifest = json.loads((work / "run" / "manifest.json").read_text())
+    run = work / "run" / "calibration" if stem == "06_pruning" else work / "run"
+    manifest = json.loads((run / "manifest.json").read_text())
     assert manifest["model"]["name"] == run_id.split("/")[0] and manifest["status"] == "complete"

@@ -294,3 +294,21 @@ def test_bootstrap_interval() -> None:
     low, high = plots._bootstrap_ci(values, 500, 0.95, 0)
     assert low[0] < values[:, 0].mean() < high[0]
     assert low[1] == high[1] == 0.5 and low[2] == high[2] == 1.0
+
+
+def test_pruning_tradeoff_from_a_sweep_table(tmp_path) -> None:
+    """The pruning figure reads a sweep CSV, draws one line per method, and names the fix for a wrong table."""
+    import pandas as pd
+
+    from analysis.errors import ConfigError
+
+    table = pd.DataFrame({"method": ["visipruner", "fastv", "random", "pre_llm"] * 2,
+                          "accuracy": [95, 90, 80, 70, 94, 85, 75, 65], "agreement": [97, 91, 81, 71, 96, 86, 76, 66],
+                          "flops_cut": [40, 40, 41, 39, 60, 60, 61, 59], "baseline_accuracy": [96] * 8})
+    path = tmp_path / "sweep.csv"
+    table.to_csv(path, index=False)
+    fig = plots.pruning_tradeoff(path)
+    names = [text.get_text() for text in fig.legends[0].get_texts()]
+    assert names == ["VisiPruner", "FastV", "random", "before the LLM", "unpruned"]
+    with pytest.raises(ConfigError, match="analysis.pruner sweep"):
+        plots.pruning_tradeoff(table.drop(columns=["agreement"]))

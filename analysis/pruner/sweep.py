@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -67,3 +68,43 @@ def _settings(config: PruningConfig) -> str:
     if config.method == "pre_llm":
         return f"keep={config.keep_tokens}"
     return f"K={config.prune_layer} keep={config.keep_tokens}"
+
+
+def pruning_study(
+    calibration_run: str | Path, out: str | Path, *, targets: Sequence[float], split: str | None, limit: int | None,
+    prune_layer: int = 2, batch_size: int = 16, calibration_limit: int | None = None,
+    loaded: LoadedModel | None = None,
+) -> pd.DataFrame:
+    """Export one config per agreement target from a calibration run, then sweep them and the baselines.
+
+    The configs go to ``out/config-<target>.json`` (plus the authors' JSON) and the table to ``out/sweep.csv``
+    with ``out/study.json`` naming what made it; a later call with the same inputs reads the table back.
+    """
+    import json
+
+    from analysis.data.loaders import load_samples
+    from analysis.models.registry import default_device, load_model
+    from analysis.pruner.export import ExportConfig, derive, write
+    from analysis.results import atomic_write_bytes, atomic_write_json
+
+    folder = Path(out)
+    manifest = json.loads((Path(calibration_run) / "manifest.json").read_text())
+    study = {"calibration_run": str(Path(calibration_run).resolve()), "calibration_identity": manifest.get("identity"),
+             "targets": [float(t) for t in targets], "split": split, "limit": limit, "prune_layer": prune_layer,
+             "calibration_limit": calibration_limit}
+    table_path, study_path = folder / "sweep.csv", folder / "study.json"
+    if table_path.is_file() and study_path.is_file() and json.loads(study_path.read_text()) == study:
+        return pd.read_csv(table_path)
+    model_name = manifest["config"]["model"]
+    loaded = loaded or load_model(model_name, device=default_device())
+    configs = []
+    for target in targets:
+        result = derive(calibration_run, ExportConfig(target=float(target), limit=calibration_limit), loaded=loaded)
+        write(result, folder / f"config-{target:g}.json")
+        configs.append(result.config)
+    samples = load_samples(manifest["dataset"]["name"], split, limit)
+    table = sweep(loaded, samples, configs, prune_layer=prune_layer, batch_size=batch_size)
+    table.insert(1, "target", [float(targets[point]) for point in table["point"]])
+    atomic_write_bytes(table_path, table.to_csv(index=False).encode())
+    atomic_write_json(study_path, study)
+    return table
