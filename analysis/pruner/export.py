@@ -55,6 +55,7 @@ class ExportResult:
     config: PruningConfig
     met: bool
     search: pd.DataFrame
+    context: dict[str, Any]  # what ``choose`` needs to pick again for another target
 
 
 def derive(run_dir: str | Path, export: ExportConfig, *, loaded: LoadedModel | None = None) -> ExportResult:
@@ -98,26 +99,34 @@ def derive(run_dir: str | Path, export: ExportConfig, *, loaded: LoadedModel | N
             logger.info("tL=%.3f tT=%.4g: agreement %.1f%%, FLOPs cut %.1f%%", layer_threshold, tokens_threshold,
                         scores["agreement"], scores["flops_cut"])
     search = pd.DataFrame(rows)
-    feasible = search[search["agreement"] >= 100 * export.target]
+    context = {"run": str(Path(run_dir).resolve()), "model": model_name, "model_source": manifest["model"].get("source"),
+               "dataset": dataset, "split": split, "calibration_samples": len(samples), "num_layers": num_layers,
+               "shallow_mid_layer": shallow_end, "norm_grid": norm_grid}
+    return choose(search, export.target, context)
+
+
+def choose(search: pd.DataFrame, target: float, context: dict[str, Any]) -> ExportResult:
+    """The cheapest searched config whose agreement meets ``target`` (else the closest), with its provenance."""
+    feasible = search[search["agreement"] >= 100 * target]
     met = not feasible.empty
     best = (feasible.sort_values(["flops_cut", "agreement"], ascending=False).iloc[0] if met
             else search.sort_values(["agreement", "flops_cut"], ascending=False).iloc[0])
+    provenance = {key: context[key] for key in ("run", "model", "model_source", "dataset", "split",
+                                                "calibration_samples")}
     chosen = PruningConfig(
-        num_layers=num_layers, shallow_mid_layer=shallow_end, layer_threshold=float(best["layer_threshold"]),
-        tokens_threshold=float(best["tokens_threshold"]),
+        num_layers=context["num_layers"], shallow_mid_layer=context["shallow_mid_layer"],
+        layer_threshold=float(best["layer_threshold"]), tokens_threshold=float(best["tokens_threshold"]),
         provenance={
-            "run": str(Path(run_dir).resolve()), "model": model_name, "model_source": manifest["model"].get("source"),
-            "dataset": dataset, "split": split, "calibration_samples": len(samples),
-            "target_agreement": export.target, "target_met": met,
+            **provenance, "target_agreement": target, "target_met": met,
             "calibration": {key: float(best[key]) for key in ("agreement", "accuracy", "baseline_accuracy",
                                                               "flops_cut", "flops_cut_fastv", "kept_tokens", "fired")},
             "how": "shallow_mid_layer = first layer where image access matters (stage analysis); "
                    "layer_threshold x tokens_threshold (quantiles of recorded contribution norms after S) searched; "
                    "the largest FLOPs cut whose agreement meets the target",
-            "grid": {"layer_threshold": list(LAYER_THRESHOLDS), "tokens_threshold": norm_grid},
+            "grid": {"layer_threshold": list(LAYER_THRESHOLDS), "tokens_threshold": context["norm_grid"]},
         },
     )
-    return ExportResult(chosen, met, search)
+    return ExportResult(chosen, met, search, context)
 
 
 def write(result: ExportResult, out: str | Path) -> tuple[Path, Path]:

@@ -84,7 +84,7 @@ def pruning_study(
 
     from analysis.data.loaders import load_samples
     from analysis.models.registry import default_device, load_model
-    from analysis.pruner.export import ExportConfig, derive, write
+    from analysis.pruner.export import ExportConfig, choose, derive, write
     from analysis.results import atomic_write_bytes, atomic_write_json
 
     folder = Path(out)
@@ -98,8 +98,10 @@ def pruning_study(
     model_name = manifest["config"]["model"]
     loaded = loaded or load_model(model_name, device=default_device())
     configs = []
+    # One threshold search serves every target.
+    searched = derive(calibration_run, ExportConfig(target=float(targets[0]), limit=calibration_limit), loaded=loaded)
     for target in targets:
-        result = derive(calibration_run, ExportConfig(target=float(target), limit=calibration_limit), loaded=loaded)
+        result = choose(searched.search, float(target), searched.context)
         write(result, folder / f"config-{target:g}.json")
         configs.append(result.config)
     samples = load_samples(manifest["dataset"]["name"], split, limit)
