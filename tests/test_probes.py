@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 from pathlib import Path
+from types import SimpleNamespace
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -12,9 +14,12 @@ from fixtures_data import LOCAL_RECORDS, write_jsonl
 from analysis.errors import ConfigError
 from analysis.models.registry import LoadedModel, load_model
 from analysis.probes.__main__ import main
-from analysis.probes.intervention import Knockout, KnockoutHooks, RegionMasks, intervene
-from analysis.probes.measure import observe_prefill, teacher_forced
-from analysis.probes.run import PROBE_SCHEMAS, PROBES, ProbeConfig, run_probes
+from analysis.probes import measure
+from analysis.probes.intervention import AttentionHooks, Knockout, KnockoutHooks, RegionMasks, intervene
+from analysis.probes.measure import (
+    AnswerScores, SuffixScorer, TeacherForced, observe_prefill, score_answers, teacher_forced,
+)
+from analysis.probes.run import PROBE_SCHEMAS, PROBES, ProbeConfig, _first_text_query, probe_batch, run_probes
 
 FAMILIES = {"llava": "tiny-llava", "qwen2_5_vl": "tiny-qwen2.5-vl"}
 
@@ -95,6 +100,77 @@ def test_contribution_output_matches_attention(tiny_sdpa: LoadedModel, samples) 
         assert torch.allclose(record["output"], captured[layer], atol=1e-5)
         # Removing a token with no weight leaves o unchanged: cosine 1 and norm 0 go together.
         assert record["cosine"].max() <= 1 + 1e-6 and (record["norm"] >= 0).all()
+
+
+def _full_pass_scores(loaded: LoadedModel, forced: TeacherForced, hooks: AttentionHooks) -> AnswerScores:
+    """The reference: a whole teacher-forced forward pass under the hooks."""
+    with intervene(loaded.adapter, hooks, forced.prompt_length - 1):
+        return score_answers(loaded.model, forced)
+
+
+def _assert_scores_close(actual: AnswerScores, expected: AnswerScores) -> None:
+    """Answer log-probs and next-token log-probs agree to float noise."""
+    assert torch.allclose(actual.answer_logprob, expected.answer_logprob, atol=1e-5)
+    assert torch.allclose(actual.next_logprobs, expected.next_logprobs, atol=1e-5)
+
+
+def test_suffix_scores_match_full_pass(tiny_sdpa: LoadedModel, samples) -> None:
+    """Scoring from the clean prefix cache equals a full forward pass, with and without knockouts, left-padded."""
+    inputs = tiny_sdpa.adapter.build_inputs(tiny_sdpa.processor, samples)
+    assert any(layout.pad_offset for layout in inputs.layouts)
+    forced = teacher_forced(inputs, [s.answer for s in samples], tiny_sdpa.processor.tokenizer)
+    masks = RegionMasks.from_layouts(inputs.layouts, forced.prompt_length, inputs.input_ids.device)
+    with torch.inference_mode():
+        scorer, clean = SuffixScorer.capture(tiny_sdpa.model, tiny_sdpa.adapter, forced, _first_text_query(masks))
+    assert 0 < scorer.split < forced.prompt_length - 1
+    _assert_scores_close(clean, score_answers(tiny_sdpa.model, forced))
+    layers = frozenset(range(tiny_sdpa.adapter.num_layers))
+    for knockouts, from_suffix in (
+        ([], True),
+        ([Knockout("instruction", "image", layers)], True),
+        ([Knockout("last", "image", frozenset({1}))], True),
+        ([Knockout("system", "system", frozenset({0}))], False),  # blocks prefix queries: needs the full pass
+    ):
+        hooks = KnockoutHooks(masks, knockouts)
+        assert scorer._spares_prefix(hooks) == from_suffix
+        with torch.inference_mode():
+            scores = scorer.score(hooks)
+        _assert_scores_close(scores, _full_pass_scores(tiny_sdpa, forced, hooks))
+        # No suffix keys are left behind for the next intervention.
+        assert all(layer.get_seq_length() == scorer.split for layer in scorer.cache.layers)
+        if knockouts and from_suffix:
+            assert not torch.allclose(scores.next_logprobs, clean.next_logprobs, atol=1e-3)
+
+
+def test_probe_batch_matches_full_passes(tiny_sdpa: LoadedModel, samples, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Knockout, masking and token-ablation tables from the prefix cache equal those of one full pass each."""
+    inputs = tiny_sdpa.adapter.build_inputs(tiny_sdpa.processor, samples)
+    config = ProbeConfig(knockout_modes="single,from", mask_layers="1,2", ablation_layers="1:3", max_new_tokens=2)
+    probes = ["knockout", "masking", "token_ablation"]
+    full_passes: list[int] = []
+
+    def counted(model: torch.nn.Module, batch: TeacherForced) -> AnswerScores:
+        full_passes.append(1)
+        return score_answers(model, batch)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(measure, "score_answers", counted)
+        fast = probe_batch(tiny_sdpa, config, probes, samples, inputs)
+    assert not full_passes  # every intervention of these probes spares the prefix
+
+    def full_capture(model: torch.nn.Module, adapter, forced: TeacherForced, split: int):
+        """The scoring before the prefix cache: one full pass for the clean scores and one per intervention."""
+        scorer = SimpleNamespace(adapter=adapter, score=lambda hooks: _full_pass_scores(tiny_sdpa, forced, hooks))
+        return scorer, score_answers(model, forced)
+
+    monkeypatch.setattr(SuffixScorer, "capture", staticmethod(full_capture))
+    reference = probe_batch(tiny_sdpa, config, probes, samples, inputs)
+    for name in ("effects", "token_ablation"):
+        actual, expected = fast[name].to_pandas(), reference[name].to_pandas()
+        assert len(actual) > 0 and list(actual.columns) == list(expected.columns)
+        floats = [column for column in actual.columns if actual[column].dtype.kind == "f"]
+        pd.testing.assert_frame_equal(actual.drop(columns=floats), expected.drop(columns=floats))
+        assert np.allclose(actual[floats].to_numpy(), expected[floats].to_numpy(), atol=1e-5, rtol=0)
 
 
 def _dataset(root: Path) -> str:

@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
+from analysis.errors import ModelError
 from analysis.layout import TokenLayout
 from analysis.models.adapters import FamilyAdapter, ModelInputs
-from analysis.probes.intervention import AttentionHooks, LastRowObservation, RegionMasks, intervene
+from analysis.probes.intervention import AttentionHooks, LastRowObservation, intervene
+
+if TYPE_CHECKING:
+    from transformers import DynamicCache
 
 # Tensors of a processor batch laid out along the sequence, and what pads them on the right.
 _SEQUENCE_FILL = {"input_ids": None, "attention_mask": 0, "mm_token_type_ids": 0, "token_type_ids": 0}
@@ -61,12 +65,112 @@ def score_answers(model: torch.nn.Module, batch: TeacherForced) -> AnswerScores:
     """One teacher-forced forward pass; log-probs in float32."""
     with torch.inference_mode():
         logits = model(**batch.tensors).logits
-    start = batch.prompt_length - 1
+    return answer_scores(logits, batch)
+
+
+def answer_scores(logits: torch.Tensor, batch: TeacherForced, offset: int = 0) -> AnswerScores:
+    """Answer scores from teacher-forced logits whose first column is sequence position ``offset``."""
+    start = batch.prompt_length - 1 - offset
     width = batch.answer_ids.shape[1]
     logprobs = torch.log_softmax(logits[:, start : start + width].float(), dim=-1)
     token_logprobs = logprobs.gather(-1, batch.answer_ids[..., None]).squeeze(-1)
     answer_logprob = (token_logprobs * batch.answer_mask).sum(-1)
     return AnswerScores(answer_logprob, logprobs[:, 0])
+
+
+class SuffixScorer:
+    """Teacher-forced answer scores under attention hooks that recompute only the positions from ``split`` on.
+
+    A query before ``split`` sees only earlier keys, so while the hooks block no edge from such a query its
+    hidden states and keys/values in every layer are those of the clean pass: they are kept as a KV cache
+    and only the rest of the sequence goes through the language model again. Hooks that do touch those
+    queries get a full forward pass.
+    """
+
+    def __init__(self, model: torch.nn.Module, adapter: FamilyAdapter, batch: TeacherForced, split: int,
+                 language_inputs: dict[str, torch.Tensor | None], cache: DynamicCache) -> None:
+        embeds = language_inputs.get("inputs_embeds")
+        if embeds is None:
+            raise ModelError(f"{type(model).__name__} did not pass inputs_embeds to its language model")
+        self.model = model
+        self.adapter = adapter
+        self.batch = batch
+        self.split = split
+        # What the language model received for the whole sequence.
+        self.embeds = embeds
+        self.attention_mask = language_inputs.get("attention_mask")
+        self.position_ids = language_inputs.get("position_ids")
+        self.cache = cache  # clean keys/values of positions [0, split) in every layer
+
+    @classmethod
+    def capture(cls, model: torch.nn.Module, adapter: FamilyAdapter, batch: TeacherForced,
+                split: int) -> tuple["SuffixScorer", AnswerScores]:
+        """Run the clean teacher-forced pass, keeping what the language model received and its KV cache."""
+        # The last prompt position must be recomputed: it is where the next-token distribution is read.
+        split = max(0, min(split, batch.prompt_length - 1))
+        language_inputs: dict[str, torch.Tensor | None] = {}
+
+        def keep(_module: Any, _args: Any, kwargs: dict[str, Any]) -> None:
+            # Image features are already merged into inputs_embeds; position_ids may be None (derived from the
+            # cache length, as it is again in the suffix pass) or Qwen2.5-VL's M-RoPE ids.
+            names = ("inputs_embeds", "attention_mask", "position_ids")
+            language_inputs.update({name: kwargs.get(name) for name in names})
+
+        from transformers import DynamicCache
+
+        # A cache of plain full-length layers whatever the text config says, so cropping it is exact.
+        cache = DynamicCache()
+        handle = _language_model(adapter).register_forward_pre_hook(keep, with_kwargs=True)
+        try:
+            with torch.inference_mode():
+                logits = model(**batch.tensors, past_key_values=cache, use_cache=True).logits
+        finally:
+            handle.remove()
+        scorer = cls(model, adapter, batch, split, language_inputs, cache)
+        scorer._crop()
+        return scorer, answer_scores(logits, batch)
+
+    def score(self, hooks: AttentionHooks) -> AnswerScores:
+        """Answer scores with ``hooks`` applied, from the suffix alone when the hooks spare the prefix."""
+        if not self._spares_prefix(hooks):
+            with intervene(self.adapter, hooks, self.batch.prompt_length - 1):
+                return score_answers(self.model, self.batch)
+        # Only the logits that are scored go through the LM head.
+        first = self.batch.prompt_length - 1
+        width = self.batch.answer_ids.shape[1]
+        with intervene(self.adapter, hooks, first), torch.inference_mode():
+            try:
+                hidden = _language_model(self.adapter)(
+                    inputs_embeds=self.embeds[:, self.split :], attention_mask=self.attention_mask,
+                    position_ids=None if self.position_ids is None else self.position_ids[..., self.split :],
+                    past_key_values=self.cache, use_cache=True,
+                ).last_hidden_state
+            finally:
+                self._crop()
+            logits = self.adapter.lm_head()(hidden[:, first - self.split : first - self.split + width])
+        return answer_scores(logits, self.batch, offset=first)
+
+    def _spares_prefix(self, hooks: AttentionHooks) -> bool:
+        """Whether the hooks leave every query before ``split`` as in the clean pass."""
+        for layer in range(self.adapter.num_layers):
+            if hooks.wants_last_row(layer, 0, self.split):
+                return False
+            blocked = hooks.blocked(layer, 0, self.split, self.split)
+            if blocked is not None and bool(blocked.any()):
+                return False
+        return True
+
+    def _crop(self) -> None:
+        """Drop every cached position from ``split`` on, so one pass's suffix never reaches the next."""
+        for layer in self.cache.layers:
+            extra = layer.get_seq_length() - self.split
+            if extra > 0:
+                layer.crop(-extra)
+
+
+def _language_model(adapter: FamilyAdapter) -> torch.nn.Module:
+    """The decoder stack (embeddings, layers, final norm) without the vision tower and LM head."""
+    return adapter.model.model.language_model
 
 
 def kl_divergence(reference: torch.Tensor, other: torch.Tensor) -> torch.Tensor:

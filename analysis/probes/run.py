@@ -21,7 +21,7 @@ from analysis.probes.intervention import (
     KEY_REGIONS, QUERY_REGIONS, SUBSET_KEY, Knockout, KnockoutHooks, RegionMasks, intervene,
 )
 from analysis.probes.measure import (
-    AnswerScores, ObserveAll, head_projections, kl_divergence, lens_logprobs, observe_prefill, score_answers,
+    AnswerScores, ObserveAll, SuffixScorer, head_projections, kl_divergence, lens_logprobs, observe_prefill,
     teacher_forced,
 )
 from analysis.results import SAMPLES_TABLE, TRACE_SCHEMAS, RunFolder, default_run_dir, table_schema
@@ -287,21 +287,21 @@ def probe_batch(
     answers = generate_answers(loaded, inputs, config.max_new_tokens)
     forced = teacher_forced(inputs, [sample.answer for sample in batch], tokenizer)
     observer, residuals = observe_prefill(model, adapter, forced, inputs, lens="logit_lens" in probes)
-    clean = score_answers(model, forced)
     masks = RegionMasks.from_layouts(inputs.layouts, forced.prompt_length, inputs.input_ids.device)
+    scorer, clean = SuffixScorer.capture(model, adapter, forced, _first_text_query(masks))
     ids = [sample.sample_id for sample in batch]
     tables: dict[str, pa.Table] = {}
     effects: list[dict[str, Any]] = []
     if "knockout" in probes:
         for variant, start, end, knockouts in config.knockouts(num_layers):
-            scores = _score_under(model, adapter, forced, KnockoutHooks(masks, knockouts))
+            scores = scorer.score(KnockoutHooks(masks, knockouts))
             effects.extend(_effect_rows(ids, "knockout", variant, start, end, -1, clean, scores))
     if "masking" in probes:
         for depth in config.mask_depths(num_layers):
             for variant, seed, subset in _mask_subsets(observer, inputs, depth, config.mask_percent, config.mask_seeds):
                 masks.extra_keys[SUBSET_KEY] = subset
                 hooks = KnockoutHooks(masks, [Knockout("instruction", SUBSET_KEY, frozenset(range(depth)))])
-                scores = _score_under(model, adapter, forced, hooks)
+                scores = scorer.score(hooks)
                 effects.extend(_effect_rows(ids, "masking", variant, 0, depth, seed, clean, scores))
     if "effects" in _tables_for(probes):
         tables["effects"] = pa.Table.from_pylist(effects, schema=PROBE_SCHEMAS["effects"])
@@ -320,7 +320,7 @@ def probe_batch(
     if "contribution" in probes:
         tables["contributions"] = _contribution_table(batch, inputs, observer)
     if "token_ablation" in probes:
-        tables["token_ablation"] = _token_ablation_table(model, adapter, config, batch, inputs, forced, masks, clean)
+        tables["token_ablation"] = _token_ablation_table(scorer, config, batch, inputs, masks, clean)
     sample_columns: dict[str, list[Any]] = {name: [] for name in TRACE_SCHEMAS[SAMPLES_TABLE].names}
     for sample, layout, answer in zip(batch, inputs.layouts, answers):
         _sample_row(sample_columns, sample, layout, answer, bool(is_correct(answer or "", sample)))
@@ -328,10 +328,12 @@ def probe_batch(
     return tables
 
 
-def _score_under(model: torch.nn.Module, adapter: Any, forced: Any, hooks: KnockoutHooks) -> AnswerScores:
-    """Teacher-forced answer scores with an intervention applied."""
-    with intervene(adapter, hooks, forced.prompt_length - 1):
-        return score_answers(model, forced)
+def _first_text_query(masks: RegionMasks) -> int:
+    """The first padded position of any row's instruction (text) queries; the prompt length if there are none."""
+    # "instruction" holds the last prompt position, so this also bounds the "last" queries; later positions
+    # hold the answer, which counts as instruction too.
+    rows = masks.queries["instruction"].any(0).nonzero()
+    return int(rows[0]) if len(rows) else masks.prompt_length
 
 
 def _effect_rows(
@@ -377,11 +379,11 @@ def _mask_subsets(
 
 
 def _token_ablation_table(
-    model: torch.nn.Module, adapter: Any, config: ProbeConfig, batch: Sequence[Sample], inputs: ModelInputs,
-    forced: Any, masks: RegionMasks, clean: AnswerScores,
+    scorer: SuffixScorer, config: ProbeConfig, batch: Sequence[Sample], inputs: ModelInputs, masks: RegionMasks,
+    clean: AnswerScores,
 ) -> pa.Table:
     """Hide each image token, one at a time, from the text in the ablation band; one pass per token ordinal."""
-    start, end = config.ablation_band(adapter.num_layers)
+    start, end = config.ablation_band(scorer.adapter.num_layers)
     layers = frozenset(range(start, end))
     batch_size, seq_len = inputs.input_ids.shape
     device = inputs.input_ids.device
@@ -394,7 +396,7 @@ def _token_ablation_table(
         for row in owners:
             subset[row, int(inputs.layouts[row].padded(inputs.layouts[row].image_positions[ordinal]))] = True
         masks.extra_keys[SUBSET_KEY] = subset
-        scores = _score_under(model, adapter, forced, KnockoutHooks(masks, [Knockout("instruction", SUBSET_KEY, layers)]))
+        scores = scorer.score(KnockoutHooks(masks, [Knockout("instruction", SUBSET_KEY, layers)]))
         kl = kl_divergence(clean.next_logprobs, scores.next_logprobs)
         same = clean.next_logprobs.argmax(-1) == scores.next_logprobs.argmax(-1)
         delta = scores.answer_logprob - clean.answer_logprob
