@@ -48,6 +48,10 @@ class EvalConfig:
     pruning_config: str | None = option(
         None, "pruning config JSON (ours or the authors'): also report pruned accuracy, agreement, FLOPs, kept tokens"
     )
+    pruning_runtime: str = option(
+        "drop", "how the pruned model runs: drop (tokens leave hidden states and KV cache) or mask (same outputs, "
+        "no saving)", choices=("drop", "mask"),
+    )
 
     def validate(self) -> None:
         """Reject values that cannot work, before loading anything."""
@@ -101,7 +105,7 @@ def _evaluate_pruned(config: EvalConfig, split: str, out: Path) -> int:
     loaded = load_model(config.model, dtype=config.dtype, device=config.device or default_device())
     pruning = load_config(config.pruning_config, loaded.adapter.num_layers)
     per_sample = evaluate_pruned(loaded, samples, pruning, batch_size=config.batch_size,
-                                 max_new_tokens=config.max_new_tokens)
+                                 max_new_tokens=config.max_new_tokens, runtime=config.pruning_runtime)
     summary = summarize(per_sample)
     atomic_write_table(out / "pruned_predictions.parquet", pa.Table.from_pandas(per_sample, preserve_index=False))
     atomic_write_json(out / "pruned_summary.json", {"config": {**to_dict(config), "split": split},

@@ -76,6 +76,18 @@ def test_baselines_keep_their_budget(tiny: LoadedModel, samples) -> None:
     assert cuts["fastv"] == pytest.approx(cuts["random"]) and cuts["pre_llm"] > cuts["fastv"] > 0
 
 
+@pytest.mark.parametrize("method", ["visipruner", "fastv", "pre_llm", "none"])
+def test_dropping_runtime_evaluates_like_the_masks(tiny: LoadedModel, samples, method: str) -> None:
+    """Evaluation with tokens really dropped gives the mask-based answers, decisions and FLOPs."""
+    config = PruningConfig(method=method, num_layers=tiny.adapter.num_layers, shallow_mid_layer=1,
+                           layer_threshold=0.9999, tokens_threshold=0.02, prune_layer=2, keep_tokens=3)
+    masked = evaluate_pruned(tiny, samples, config, batch_size=4, runtime="mask")
+    dropped = evaluate_pruned(tiny, samples, config, batch_size=4, runtime="drop")
+    assert dropped.equals(masked)
+    with pytest.raises(ConfigError, match="drop or mask"):
+        evaluate_pruned(tiny, samples, config, runtime="fast")
+
+
 def test_config_errors_list_every_problem(tmp_path: Path) -> None:
     """Another depth, thresholds out of range, missing keys and unknown modes are all reported together."""
     bad = {"mode": ["shallow", "sideways"], "shallow_mid_layer": 9, "layer_threshold": 1.5}

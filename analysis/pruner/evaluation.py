@@ -9,22 +9,28 @@ import torch
 
 from analysis.data.samples import Sample, batched
 from analysis.data.scoring import is_correct
+from analysis.errors import ConfigError
 from analysis.models.registry import LoadedModel
 from analysis.probes.intervention import RegionMasks, intervene
 from analysis.pruner.config import PruningConfig
 from analysis.pruner.flops import DecoderShape
+from analysis.pruner.runtime import pruned_runtime
 from analysis.pruner.simulate import PruningHooks, full_flops, sample_flops
 from analysis.trace.run import generate_answers
 
 
 def evaluate_pruned(
     loaded: LoadedModel, samples: Sequence[Sample], config: PruningConfig, *, batch_size: int = 16,
-    max_new_tokens: int = 8, baseline: dict[str, str | None] | None = None,
+    max_new_tokens: int = 8, baseline: dict[str, str | None] | None = None, runtime: str = "mask",
 ) -> pd.DataFrame:
     """One row per sample: unpruned and pruned greedy answers, correctness, agreement, decisions and FLOPs.
 
     ``baseline`` maps sample ids to unpruned answers already computed (they are generated otherwise).
+    ``runtime`` "drop" runs the pruned model with tokens really dropped (``runtime.py``), "mask" with attention
+    masks (``simulate.py``); their outputs are the same (tested), only the compute differs.
     """
+    if runtime not in ("drop", "mask"):
+        raise ConfigError(f"unknown pruning runtime {runtime!r}; choose drop or mask")
     config.validate(loaded.adapter.num_layers)
     shape = DecoderShape.from_config(loaded.adapter.text_config)
     device = next(loaded.model.parameters()).device
@@ -36,13 +42,17 @@ def evaluate_pruned(
         else:
             clean = generate_answers(loaded, inputs, max_new_tokens)
         prompt_length = inputs.input_ids.shape[1]
-        masks = RegionMasks.from_layouts(inputs.layouts, prompt_length, device)
-        hooks = PruningHooks(config, masks, inputs.layouts, prompt_length)
-        if config.method == "none":
-            pruned = clean
+        if runtime == "drop":
+            with pruned_runtime(loaded.model, config, inputs.layouts) as hooks:
+                pruned = clean if config.method == "none" else generate_answers(loaded, inputs, max_new_tokens)
         else:
-            with intervene(loaded.adapter, hooks, prompt_length - 1):
-                pruned = generate_answers(loaded, inputs, max_new_tokens)
+            masks = RegionMasks.from_layouts(inputs.layouts, prompt_length, device)
+            hooks = PruningHooks(config, masks, inputs.layouts, prompt_length)
+            if config.method == "none":
+                pruned = clean
+            else:
+                with intervene(loaded.adapter, hooks, prompt_length - 1):
+                    pruned = generate_answers(loaded, inputs, max_new_tokens)
         decisions = hooks.decisions(inputs.layouts)
         for row, (sample, layout) in enumerate(zip(batch, inputs.layouts)):
             ours = sample_flops(config, decisions, row, layout.length, shape)
