@@ -168,11 +168,7 @@ class PrunedRuntime(PruningHooks):
 
     def _kept_positions(self, layer: int) -> torch.Tensor:
         """(B, input length) bool: the input positions ``layer`` processes."""
-        active = (self.selection_layer == -2) | ((self.selection_layer >= 0) & (self.selection_layer < layer))
-        exited = (self.exit_layer >= 0) & (self.exit_layer < layer)
-        device = self.keep.device
-        dropped = self.image_valid & (exited.to(device)[:, None] | (active.to(device)[:, None] & ~self.keep))
-        rows, ordinals = dropped.nonzero(as_tuple=True)
+        rows, ordinals = self.dropped_image_tokens(layer).nonzero(as_tuple=True)
         kept = self._input_valid()
         kept[rows, self.image_positions[rows, ordinals]] = False
         return kept

@@ -119,6 +119,13 @@ class PruningHooks(AttentionHooks):
             chosen = np.unique(np.linspace(0, n - 1, num=min(keep_tokens, n)).round().astype(int)) if keep_tokens else []
             self.keep[row, torch.as_tensor(chosen, dtype=torch.long)] = True
 
+    def dropped_image_tokens(self, layer: int) -> torch.Tensor:
+        """(B, N) bool: the image tokens (by ordinal) that ``layer`` no longer sees, pruned or exited."""
+        active = (self.selection_layer == -2) | ((self.selection_layer >= 0) & (self.selection_layer < layer))
+        exited = (self.exit_layer >= 0) & (self.exit_layer < layer)
+        device = self.keep.device
+        return self.image_valid & (exited.to(device)[:, None] | (active.to(device)[:, None] & ~self.keep))
+
     # -- masks ----------------------------------------------------------------------------------
     def blocked(self, layer: int, query_start: int, query_length: int, key_length: int) -> torch.Tensor | None:
         """Edges hidden in this layer: shallow text->image, and image tokens pruned or exited."""
@@ -132,14 +139,10 @@ class PruningHooks(AttentionHooks):
             cols = self.masks.key_columns("image", key_length)
             block = rows[:, :, None] & cols[:, None, :]
         dropped = torch.zeros(batch, key_length, dtype=torch.bool, device=self.keep.device)
-        active = (self.selection_layer == -2) | ((self.selection_layer >= 0) & (self.selection_layer < layer))
-        exited = (self.exit_layer >= 0) & (self.exit_layer < layer)
-        for row in range(batch):
-            if exited[row]:
-                dropped[row] = self.masks.key_columns("image", key_length)[row]
-            elif active[row]:
-                positions = self.image_index[row][self.image_valid[row] & ~self.keep[row]]
-                dropped[row, positions[positions < key_length]] = True
+        rows, ordinals = self.dropped_image_tokens(layer).nonzero(as_tuple=True)
+        positions = self.image_index[rows, ordinals]
+        inside = positions < key_length
+        dropped[rows[inside], positions[inside]] = True
         if dropped.any():
             edges = dropped[:, None, :].expand(batch, query_length, key_length)
             block = edges if block is None else block | edges
