@@ -70,9 +70,13 @@ class FamilyAdapter(ABC):
     def decoder_layers(self, root: Any | None = None) -> Sequence[Any]:
         """The language model's decoder layers in execution order (of ``root``, default the model)."""
 
+    def language_model(self) -> nn.Module:
+        """The text model that runs the decoder layers (embeddings, layers, final norm; no vision, no LM head)."""
+        return self.model.model.language_model
+
     def final_norm(self) -> nn.Module:
         """The norm applied after the last decoder layer."""
-        return self.model.model.language_model.norm
+        return self.language_model().norm
 
     def lm_head(self) -> nn.Module:
         """The output projection to vocabulary logits."""

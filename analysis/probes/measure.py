@@ -120,7 +120,7 @@ class SuffixScorer:
 
         # A cache of plain full-length layers whatever the text config says, so cropping it is exact.
         cache = DynamicCache()
-        handle = _language_model(adapter).register_forward_pre_hook(keep, with_kwargs=True)
+        handle = adapter.language_model().register_forward_pre_hook(keep, with_kwargs=True)
         try:
             with torch.inference_mode():
                 logits = model(**batch.tensors, past_key_values=cache, use_cache=True).logits
@@ -140,7 +140,7 @@ class SuffixScorer:
         width = self.batch.answer_ids.shape[1]
         with intervene(self.adapter, hooks, first), torch.inference_mode():
             try:
-                hidden = _language_model(self.adapter)(
+                hidden = self.adapter.language_model()(
                     inputs_embeds=self.embeds[:, self.split :], attention_mask=self.attention_mask,
                     position_ids=None if self.position_ids is None else self.position_ids[..., self.split :],
                     past_key_values=self.cache, use_cache=True,
@@ -166,11 +166,6 @@ class SuffixScorer:
             extra = layer.get_seq_length() - self.split
             if extra > 0:
                 layer.crop(-extra)
-
-
-def _language_model(adapter: FamilyAdapter) -> torch.nn.Module:
-    """The decoder stack (embeddings, layers, final norm) without the vision tower and LM head."""
-    return adapter.model.model.language_model
 
 
 def kl_divergence(reference: torch.Tensor, other: torch.Tensor) -> torch.Tensor:

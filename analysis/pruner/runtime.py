@@ -367,15 +367,6 @@ def _with_hidden(args: tuple[Any, ...], kwargs: dict[str, Any], hidden: torch.Te
     return args, {**kwargs, "hidden_states": hidden}
 
 
-def _text_model(adapter: FamilyAdapter) -> nn.Module:
-    """The module that runs the decoder layers (it owns them)."""
-    layers = adapter.decoder_layers()
-    for module in adapter.model.modules():
-        if getattr(module, "layers", None) is layers:
-            return module
-    raise ConfigError(f"cannot find the module that runs the {adapter.model_type} decoder layers")
-
-
 @contextmanager
 def pruned_runtime(model: nn.Module, config: PruningConfig, layouts: Sequence[TokenLayout], *,
                    decisions: Decisions | None = None) -> Iterator[PrunedRuntime]:
@@ -393,7 +384,7 @@ def pruned_runtime(model: nn.Module, config: PruningConfig, layouts: Sequence[To
     if config.method == "none":
         yield runtime
         return
-    text_model = _text_model(adapter)
+    text_model = adapter.language_model()
     handles = [text_model.register_forward_pre_hook(runtime.start_pass, with_kwargs=True),
                text_model.register_forward_hook(runtime.end_pass, with_kwargs=True)]
     try:
