@@ -635,7 +635,8 @@ def _overlap_bars(ax: Axes, critical: pd.DataFrame, config: StageConfig, colors:
 
 # --- finding 6: pruning ------------------------------------------------------------------------
 
-METHOD_NAMES = {"visipruner": "VisiPruner", "fastv": "FastV", "random": "random", "pre_llm": "before the LLM"}
+METHOD_NAMES = {"visipruner": "VisiPruner", "visipruner_authors": "VisiPruner, authors' rule", "fastv": "FastV",
+                "random": "random", "pre_llm": "before the LLM"}
 
 
 def pruning_tradeoff(sweep_table: str | Path | pd.DataFrame) -> Figure:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -88,6 +89,95 @@ def test_dropping_runtime_evaluates_like_the_masks(tiny: LoadedModel, samples, m
         evaluate_pruned(tiny, samples, config, runtime="fast")
 
 
+REFERENCE_ATTENTION = "test_zeroed_eager"
+
+
+def _zeroed_eager(module, query, key, value, attention_mask, scaling, dropout=0.0, **_):
+    """Independent reference of the authors' shallow rule: eager attention, then text->image weights set to 0
+    after the softmax in layers < S (not renormalised), and in layer 0 their mass put on the first image token."""
+    settings = _zeroed_eager.settings
+    groups = query.shape[1] // key.shape[1]
+    key, value = key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)
+    scores = torch.matmul(query, key.transpose(2, 3)) * scaling + attention_mask[..., : key.shape[2]]
+    weights = torch.softmax(scores.float(), dim=-1)
+    layer = module.layer_idx
+    if layer < settings["shallow_mid_layer"]:
+        for row, (text, image) in enumerate(zip(settings["text"], settings["image"])):
+            removed = weights[row][:, text][:, :, image].sum(-1)  # (H, text queries)
+            block = weights[row][:, text]
+            block[:, :, image] = 0.0
+            if layer == 0 and settings["first_image"]:
+                block[:, :, image[0]] += removed
+            weights[row][:, text] = block
+    output = torch.matmul(weights.to(value.dtype), value).transpose(1, 2).contiguous()
+    return output, weights
+
+
+@pytest.mark.parametrize("layer0_rule", ["none", "first_image"])
+def test_authors_shallow_rule_matches_zeroed_eager_weights(samples, layer0_rule: str) -> None:
+    """The authors' rule (zeroed after the softmax, optional layer-0 mass move) on SDPA equals a reference eager
+    computation that edits the attention weights directly, for both families in a left-padded batch."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, eager_mask
+
+    AttentionInterface.register(REFERENCE_ATTENTION, _zeroed_eager)
+    AttentionMaskInterface.register(REFERENCE_ATTENTION, eager_mask)
+    for name in FAMILIES.values():
+        loaded = load_model(name)
+        layers = loaded.adapter.num_layers
+        config = PruningConfig(num_layers=layers, stages=["shallow"], shallow_mid_layer=2).with_authors_rule(layer0_rule)
+        inputs = loaded.adapter.build_inputs(loaded.processor, samples)
+        masks = RegionMasks.from_layouts(inputs.layouts, inputs.input_ids.shape[1], inputs.input_ids.device)
+        _zeroed_eager.settings = {
+            "shallow_mid_layer": 2, "first_image": layer0_rule == "first_image",
+            "text": [row.nonzero().flatten() for row in masks.queries["instruction"]],
+            "image": [row.nonzero().flatten() for row in masks.keys["image"]],
+        }
+        ours = _logits(loaded, samples, config)
+        text_config = loaded.adapter.text_config
+        text_config._attn_implementation = REFERENCE_ATTENTION
+        try:
+            reference = _logits(loaded, samples, None)
+        finally:
+            text_config._attn_implementation = "sdpa"
+        unpruned = _logits(loaded, samples, None)
+        renormalised = _logits(loaded, samples, replace(config, shallow_rule="mask", layer0_rule="none"))
+        real = inputs.tensors["attention_mask"].bool()  # pad rows' outputs differ between eager and SDPA and are unused
+        assert torch.allclose(ours[real], reference[real], atol=1e-5)
+        # The rules really differ: neither is the unpruned model nor our renormalising mask.
+        assert not torch.allclose(ours[real], unpruned[real], atol=1e-3)
+        assert not torch.allclose(ours[real], renormalised[real], atol=1e-3)
+
+
+def test_rule_precision_model_reproduces_half_precision_cosines(samples) -> None:
+    """In an fp16 model a cosine of 0.99985 is 1.0: the authors' precision misses a selection that float32 makes."""
+    from analysis.probes.intervention import LastRowObservation
+
+    loaded = load_model("tiny-llava")
+    inputs = loaded.adapter.build_inputs(loaded.processor, samples[:1])
+    layout, length = inputs.layouts[0], inputs.input_ids.shape[1]
+    image, text = layout.padded(layout.image_positions[0]), layout.padded(layout.last)
+    # Half the attention on a text token with value (1, 0), half on an image token with value (1, 2 tan(phi)):
+    # o is at angle phi from o - c_image, so cos(o - c_image, o) = cos(phi) = 0.99985 < 0.9999.
+    phi = torch.acos(torch.tensor(0.99985))
+    values = torch.zeros(1, 1, length, 2)
+    values[0, 0, text] = torch.tensor([1.0, 0.0])
+    values[0, 0, image] = torch.tensor([1.0, 2 * float(torch.tan(phi))])
+    weights = torch.zeros(1, 1, length)
+    weights[0, 0, [text, image]] = 0.5
+    observation = LastRowObservation(1, torch.zeros(1, 1, 2), torch.zeros(1, 1, length, 2), values, weights,
+                                     torch.float16)
+    fired = {}
+    for precision in ("float32", "model"):
+        config = PruningConfig(num_layers=loaded.adapter.num_layers, stages=["middle"], shallow_mid_layer=0,
+                               layer_threshold=0.9999, tokens_threshold=0.0, rule_precision=precision)
+        hooks = PruningHooks(config, RegionMasks.from_layouts(inputs.layouts, length, inputs.input_ids.device),
+                             inputs.layouts, length)
+        hooks.observe(observation)
+        fired[precision] = int(hooks.selection_layer[0])
+    assert fired == {"float32": 1, "model": -1}
+
+
 def test_config_errors_list_every_problem(tmp_path: Path) -> None:
     """Another depth, thresholds out of range, missing keys and unknown modes are all reported together."""
     bad = {"mode": ["shallow", "sideways"], "shallow_mid_layer": 9, "layer_threshold": 1.5}
@@ -100,6 +190,10 @@ def test_config_errors_list_every_problem(tmp_path: Path) -> None:
         parse_config(PruningConfig(num_layers=12).to_json(), num_layers=4)
     with pytest.raises(ConfigError, match="unknown keys"):
         parse_config({"num_layers": 4, "speed": "fast"})
+    with pytest.raises(ConfigError) as error:
+        parse_config({"num_layers": 4, "shallow_rule": "halve", "rule_precision": "int8", "layer0_rule": "first_image"})
+    for part in ("unknown shallow_rule 'halve'", "unknown rule_precision 'int8'", "needs shallow_rule 'zero'"):
+        assert part in str(error.value)
     (tmp_path / "broken.json").write_text("{")
     with pytest.raises(ConfigError, match="not valid JSON"):
         load_config(tmp_path / "broken.json")
@@ -112,7 +206,9 @@ def test_authors_json_round_trip(tmp_path: Path) -> None:
     theirs = load_config(tmp_path / "a.json", num_layers=32)
     assert (theirs.shallow_mid_layer, theirs.layer_threshold, theirs.tokens_threshold, theirs.stages) == (
         6, 0.995, 0.2, ["shallow", "middle", "deep"])
-    assert theirs.shallow_in_decode is False  # their code does not blind text in decode
+    # Their rule: text blinded in the prefill only, weights zeroed after the softmax, cosines in the model's dtype.
+    assert (theirs.shallow_in_decode, theirs.shallow_rule, theirs.rule_precision, theirs.layer0_rule) == (
+        False, "zero", "model", "none")
 
 
 def test_sweep_matches_baseline_flops(tiny: LoadedModel, samples) -> None:
@@ -121,8 +217,9 @@ def test_sweep_matches_baseline_flops(tiny: LoadedModel, samples) -> None:
 
     config = PruningConfig(num_layers=tiny.adapter.num_layers, shallow_mid_layer=1, layer_threshold=0.9999,
                            tokens_threshold=0.02)
-    table = sweep(tiny, samples, [config], prune_layer=2, batch_size=4)
-    assert list(table["method"]) == ["visipruner", *BASELINES]
+    table = sweep(tiny, samples, [config], prune_layer=2, batch_size=4, authors_rule=True)
+    assert list(table["method"]) == ["visipruner", "visipruner_authors", *BASELINES]
+    assert "shallow=zero" in table.loc[1, "settings"] and "shallow=mask" in table.loc[0, "settings"]
     visipruner_cut = table.loc[0, "flops_cut"]
     for method in ("fastv", "random"):
         row = table[table["method"] == method].iloc[0]

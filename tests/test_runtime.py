@@ -47,6 +47,10 @@ def _configs(loaded: LoadedModel) -> dict[str, PruningConfig]:
         # The shallow stage too (text->image hidden in layer 0, also while decoding), then selection at layer >= 2.
         "shallow": PruningConfig(num_layers=layers, shallow_mid_layer=1, layer_threshold=0.9999,
                                  tokens_threshold=TOKENS_THRESHOLD[loaded.adapter.model_type]),
+        # The authors' rule: text->image weights zeroed after the softmax (prefill only), layer 0's mass moved.
+        "authors": PruningConfig(num_layers=layers, shallow_mid_layer=1, layer_threshold=0.9999,
+                                 tokens_threshold=TOKENS_THRESHOLD[loaded.adapter.model_type],
+                                 ).with_authors_rule("first_image"),
         "fastv": PruningConfig(method="fastv", num_layers=layers, prune_layer=2, keep_tokens=3),
         "random": PruningConfig(method="random", num_layers=layers, prune_layer=1, keep_tokens=3),
         "pre_llm": PruningConfig(method="pre_llm", num_layers=layers, keep_tokens=3),
@@ -124,7 +128,7 @@ def test_keeping_every_token_changes_nothing(tiny: LoadedModel, samples) -> None
     assert torch.equal(logits[:, -1].argmax(-1), reference[:, -1].argmax(-1))
 
 
-@pytest.mark.parametrize("method", ["visipruner", "shallow", "fastv", "random", "pre_llm"])
+@pytest.mark.parametrize("method", ["visipruner", "shallow", "authors", "fastv", "random", "pre_llm"])
 def test_dropping_equals_masking(tiny: LoadedModel, samples, method: str) -> None:
     """Same decisions, last-position logits and greedy answers as the mask-based pruned model."""
     inputs = _inputs(tiny, samples)

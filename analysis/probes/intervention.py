@@ -105,7 +105,19 @@ class LastRowObservation:
     query: torch.Tensor  # (B, H, d) after RoPE
     keys: torch.Tensor  # (B, H, K, d) after RoPE and GQA expansion
     values: torch.Tensor  # (B, H, K, d)
-    weights: torch.Tensor  # (B, H, K) softmax row incl. the intervention's mask
+    weights: torch.Tensor  # (B, H, K) softmax row incl. the intervention's mask and zeroed edges
+    model_dtype: torch.dtype = torch.float32  # the dtype the model computes attention in
+
+
+@dataclass
+class ZeroedEdges:
+    """Query->key edges whose attention weights are zeroed after the softmax, without renormalising the row.
+
+    With ``target`` (B,) key indices, the zeroed mass of each query row moves onto that key instead of vanishing.
+    """
+
+    edges: torch.Tensor  # (B, Q, K) bool
+    target: torch.Tensor | None = None
 
 
 class AttentionHooks:
@@ -113,6 +125,10 @@ class AttentionHooks:
 
     def blocked(self, layer: int, query_start: int, query_length: int, key_length: int) -> torch.Tensor | None:
         """(B, Q, K) bool of edges to block in ``layer`` for the given absolute query range, or None."""
+        return None
+
+    def zeroed(self, layer: int, query_start: int, query_length: int, key_length: int) -> ZeroedEdges | None:
+        """Edges whose weights are zeroed after the softmax in ``layer`` (no renormalisation), or None."""
         return None
 
     def observe(self, observation: LastRowObservation) -> None:
@@ -185,17 +201,25 @@ def _probe_attention(
     query_length, key_length = query.shape[2], key.shape[2]
     query_start = key_length - query_length  # absolute position of the first query (cache-aware)
     blocked = hook.hooks.blocked(layer, query_start, query_length, key_length)
+    zeroed = hook.hooks.zeroed(layer, query_start, query_length, key_length)
     observe = hook.hooks.wants_last_row(layer, query_start, query_length)
-    if blocked is None and not observe:
+    if blocked is None and zeroed is None and not observe:
         # Untouched layers see exactly the mask the model made, so a no-op intervention is bit-identical.
         return hook.base(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
     mask = _full_mask(attention_mask, query, key_length, query_start)
+    minimum = torch.finfo(mask.dtype).min
     if blocked is not None:
-        mask = mask.masked_fill(blocked[:, None], torch.finfo(mask.dtype).min)
+        mask = mask.masked_fill(blocked[:, None], minimum)
     if observe:
         row = hook.hooks.last_row_position(layer, hook.last_position) - query_start
-        hook.hooks.observe(_last_row(layer, query, key, value, mask, scaling, row))
-    return hook.base(module, query, key, value, mask, scaling=scaling, dropout=dropout, **kwargs)
+        hook.hooks.observe(_last_row(layer, query, key, value, mask, scaling, row, zeroed))
+    if zeroed is None:
+        return hook.base(module, query, key, value, mask, scaling=scaling, dropout=dropout, **kwargs)
+    # The base computes the output renormalised over the keys that survive; the rows with zeroed edges are then
+    # rescaled by the share of attention those edges would have had (and that share added on the target's value).
+    output, weights = hook.base(module, query, key, value, mask.masked_fill(zeroed.edges[:, None], minimum),
+                                scaling=scaling, dropout=dropout, **kwargs)
+    return _rescale_zeroed(output, weights, query, key, value, mask, scaling, zeroed)
 
 
 def _full_mask(attention_mask: torch.Tensor | None, query: torch.Tensor, key_length: int, query_start: int) -> torch.Tensor:
@@ -214,9 +238,58 @@ def _full_mask(attention_mask: torch.Tensor | None, query: torch.Tensor, key_len
     return torch.where(allowed, zero, torch.full((), minimum, dtype=query.dtype, device=query.device))
 
 
+def _zero_weights(weights: torch.Tensor, edges: torch.Tensor, target: torch.Tensor | None) -> tuple[
+    torch.Tensor, torch.Tensor
+]:
+    """Softmax rows (B, H, Q, K) with ``edges`` (B, Q, K) zeroed, and the zeroed mass (B, H, Q), moved to ``target``."""
+    edges = edges[:, None].expand_as(weights)
+    mass = (weights * edges).sum(-1)
+    return _add_on_target(weights.masked_fill(edges, 0.0), mass, target), mass
+
+
+def _add_on_target(weights: torch.Tensor, mass: torch.Tensor, target: torch.Tensor | None) -> torch.Tensor:
+    """Weights (B, H, Q, K) with ``mass`` (B, H, Q) added on each sample's ``target`` key (nothing if None)."""
+    if target is None:
+        return weights
+    index = target.view(-1, 1, 1, 1).expand(-1, weights.shape[1], weights.shape[2], 1)
+    return weights.scatter_add(3, index, mass[..., None])
+
+
+def _rescale_zeroed(
+    output: torch.Tensor, weights: torch.Tensor | None, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+    mask: torch.Tensor, scaling: float, zeroed: ZeroedEdges,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Turn an output renormalised over the surviving keys into one with ``zeroed`` edges' weights set to zero.
+
+    o_zeroed = (1 - m) o_renormalised (+ m v_target), m being the softmax mass on the zeroed edges; m is computed in
+    float32 from the affected query rows only (text queries of a prompt), never the full attention matrix.
+    """
+    rows = zeroed.edges.any(dim=2).any(dim=0).nonzero().flatten()  # (Q',) query rows with any zeroed edge
+    if rows.numel() == 0:
+        return output, weights
+    groups = query.shape[1] // key.shape[1]
+    k = key.float().repeat_interleave(groups, dim=1)
+    scores = torch.einsum("bhqd,bhkd->bhqk", query[:, :, rows].float(), k) * scaling + mask[:, :, rows].float()
+    _, mass = _zero_weights(torch.softmax(scores, dim=-1), zeroed.edges[:, rows], None)  # (B, H, Q')
+    share = mass.transpose(1, 2)[..., None]  # (B, Q', H, 1)
+    corrected = output[:, rows].float() * (1 - share)
+    if zeroed.target is not None:
+        v = value.float().repeat_interleave(groups, dim=1)  # (B, H, K, d)
+        target = v[torch.arange(v.shape[0], device=v.device), :, zeroed.target]  # (B, H, d)
+        corrected = corrected + share * target[:, None]
+    output = output.clone()
+    output[:, rows] = corrected.to(output.dtype)
+    if weights is not None:
+        # Eager attention also returns the weights: give the zeroed ones, as the authors' code would see them.
+        rescaled = _add_on_target(weights[:, :, rows].float() * (1 - mass[..., None]), mass, zeroed.target)
+        weights = weights.clone()
+        weights[:, :, rows] = rescaled.to(weights.dtype)
+    return output, weights
+
+
 def _last_row(
     layer: int, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor, scaling: float,
-    row: int,
+    row: int, zeroed: ZeroedEdges | None = None,
 ) -> LastRowObservation:
     """The last prompt position's attention recomputed in float32 from its query row only."""
     groups = query.shape[1] // key.shape[1]
@@ -224,7 +297,11 @@ def _last_row(
     k = key.float().repeat_interleave(groups, dim=1)
     v = value.float().repeat_interleave(groups, dim=1)
     scores = torch.einsum("bhd,bhkd->bhk", q, k) * scaling + mask[:, :, row].float()  # (B, 1, K) row per sample
-    return LastRowObservation(layer, q, k, v, torch.softmax(scores, dim=-1))
+    weights = torch.softmax(scores, dim=-1)
+    if zeroed is not None:
+        zeroed_weights, _ = _zero_weights(weights[:, :, None], zeroed.edges[:, row : row + 1], zeroed.target)
+        weights = zeroed_weights[:, :, 0]
+    return LastRowObservation(layer, q, k, v, weights, query.dtype)
 
 
 # The mask builder of the implementation under intervention: masks are made exactly as the model

@@ -30,6 +30,9 @@ def main(argv: list[str] | None = None) -> int:
     sweep.add_argument("--limit", type=int, default=200, help="samples to evaluate")
     sweep.add_argument("--prune-layer", type=int, default=2, help="layer K of FastV and random pruning")
     sweep.add_argument("--batch-size", type=int, default=16, help="samples per generate call")
+    sweep.add_argument("--authors-rule", action="store_true",
+                       help="also run each VisiPruner config under the authors' rule (shallow weights zeroed after "
+                            "the softmax in the prefill only, selection rule in the model's dtype)")
     sweep.add_argument("--device", default=None, help="torch device; default cuda if available")
     sweep.add_argument("-o", "--output", default=None, help="also write the table as CSV")
     args = parser.parse_args(argv)
@@ -61,7 +64,8 @@ def _sweep(args: argparse.Namespace) -> int:
     samples = load_samples(args.dataset, args.split, args.limit)
     loaded = load_model(args.model, device=args.device or default_device())
     configs = [load_config(path, loaded.adapter.num_layers) for path in args.configs]
-    table = sweep(loaded, samples, configs, prune_layer=args.prune_layer, batch_size=args.batch_size)
+    table = sweep(loaded, samples, configs, prune_layer=args.prune_layer, batch_size=args.batch_size,
+                  authors_rule=args.authors_rule)
     columns = ["method", "settings", "accuracy", "agreement", "flops_cut", "flops_cut_fastv", "kept_tokens"]
     sys.stdout.write(table[columns].to_string(index=False, float_format=lambda v: f"{v:.2f}") + "\n")
     if args.output:

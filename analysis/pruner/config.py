@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -11,6 +11,15 @@ from analysis.errors import ConfigError
 
 METHODS = ("visipruner", "fastv", "random", "pre_llm", "none")
 STAGES = ("shallow", "middle", "deep")
+# How the shallow stage removes text->image attention. "mask": hidden before the softmax, so the text's attention
+# renormalises over the remaining keys (ours). "zero": weights zeroed after the softmax without renormalising, as
+# the authors' code does; the removed mass is lost, or, with ``layer0_rule`` "first_image", moved in layer 0 onto
+# the sample's first image token (their LLaVA-1.5-7B rule).
+SHALLOW_RULES = ("mask", "zero")
+LAYER0_RULES = ("none", "first_image")
+# Precision of the selection rule's contributions and cosines: float32 (ours), or the model's dtype as in the
+# authors' code, where 0.999 is 2 ulp from 1 in fp16.
+RULE_PRECISIONS = ("float32", "model")
 
 
 @dataclass
@@ -26,6 +35,9 @@ class PruningConfig:
     deep_cosine: float = 0.999
     deep_patience: int = 2
     shallow_in_decode: bool = True
+    shallow_rule: str = "mask"
+    layer0_rule: str = "none"
+    rule_precision: str = "float32"
     prune_layer: int = 2
     keep_tokens: int = 64
     seed: int = 0
@@ -50,6 +62,14 @@ class PruningConfig:
             problems.append(f"layer_threshold {self.layer_threshold} outside (0, 1]")
         if not 0 < self.deep_cosine <= 1:
             problems.append(f"deep_cosine {self.deep_cosine} outside (0, 1]")
+        for name, value, allowed in (("shallow_rule", self.shallow_rule, SHALLOW_RULES),
+                                     ("layer0_rule", self.layer0_rule, LAYER0_RULES),
+                                     ("rule_precision", self.rule_precision, RULE_PRECISIONS)):
+            if value not in allowed:
+                problems.append(f"unknown {name} {value!r} (choose from {', '.join(allowed)})")
+        if self.layer0_rule != "none" and self.shallow_rule != "zero":
+            problems.append(f"layer0_rule {self.layer0_rule!r} moves zeroed attention mass, so it needs "
+                            "shallow_rule 'zero'")
         if self.tokens_threshold < 0:
             problems.append(f"tokens_threshold {self.tokens_threshold} must be >= 0 (an absolute norm)")
         if self.deep_patience < 1 or self.keep_tokens < 0:
@@ -60,6 +80,11 @@ class PruningConfig:
     def to_json(self) -> dict[str, Any]:
         """A JSON-ready mapping."""
         return asdict(self)
+
+    def with_authors_rule(self, layer0_rule: str = "none") -> PruningConfig:
+        """The same thresholds under the authors' rule: shallow weights zeroed in the prefill only, rule in the model dtype."""
+        return replace(self, shallow_rule="zero", shallow_in_decode=False, rule_precision="model",
+                       layer0_rule=layer0_rule)
 
     def authors_json(self) -> dict[str, Any]:
         """The authors' ``--pruning-config`` JSON (their code reads only these keys)."""
@@ -87,8 +112,8 @@ def parse_config(values: dict[str, Any], num_layers: int | None = None) -> Pruni
             shallow_mid_layer=int(values.get("shallow_mid_layer", defaults.shallow_mid_layer)),
             layer_threshold=float(values.get("layer_threshold", defaults.layer_threshold)),
             tokens_threshold=float(values.get("tokens_threshold", defaults.tokens_threshold)),
-            shallow_in_decode=False, provenance={"source": "authors' --pruning-config JSON"},
-        )
+            provenance={"source": "authors' --pruning-config JSON"},
+        ).with_authors_rule()  # their layer-0 handling depends on the checkpoint, so it stays an explicit option
     else:
         known = {f.name for f in fields(PruningConfig)}
         unknown = sorted(set(values) - known)

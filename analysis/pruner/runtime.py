@@ -13,7 +13,7 @@ Mechanism, hooks only (nothing of the model is replaced; all of it is removed wh
 - a forward pre-hook on each decoder layer, where a sample's token set shrinks, gathers the kept slots of the hidden
   states, and gives the layer its own mask and the kept tokens' slice of the model's position embeddings;
 - the probe attention of ``analysis.probes.intervention`` observes the last prompt row for the selection rule and
-  blocks shallow text->image edges;
+  removes shallow text->image edges (hidden before the softmax, or zeroed after it under the authors' rule);
 - a forward hook on the text model scatters the final hidden states back to the input positions, so outputs keep
   the input's shape (rows of dropped tokens are zero).
 
@@ -143,13 +143,19 @@ class PrunedRuntime(PruningHooks):
             self.image_index = self.image_positions
 
     def blocked(self, layer: int, query_start: int, query_length: int, key_length: int) -> torch.Tensor | None:
-        """Shallow stage only (text->image edges in this layer's slots); pruned tokens are gone, not masked."""
+        """Shallow stage only (under our rule); pruned tokens are gone, not masked."""
+        if self.config.shallow_rule != "mask":
+            return None
+        return self.shallow_edges(layer, query_start, query_length, key_length)
+
+    def shallow_edges(self, layer: int, query_start: int, query_length: int, key_length: int) -> torch.Tensor | None:
+        """The shallow stage's text->image edges in this layer's slots, or None where it is not active."""
         config = self.config
         if not (config.method == "visipruner" and "shallow" in config.stages and layer < config.shallow_mid_layer):
             return None
         if not self._prefill and not config.shallow_in_decode:
             return None
-        layout = self._layout if self._prefill else self._layer_layouts[layer]
+        layout = self._layer_layout(layer)
         length = self._input_length
         image = self.masks.key_columns("image", length).gather(1, layout.positions) & layout.valid
         text = self.masks.query_rows("instruction", 0, length).gather(1, layout.positions) & layout.valid
@@ -158,6 +164,14 @@ class PrunedRuntime(PruningHooks):
         image = torch.cat([image, image.new_zeros(batch, extra)], dim=1)
         text = torch.cat([text, text.new_ones(batch, extra)], dim=1)[:, query_start : query_start + query_length]
         return text[:, :, None] & image[:, None, :]
+
+    def first_image_key(self, layer: int) -> torch.Tensor:
+        """(B,) slot of each sample's first image token in this layer."""
+        return self._image_slots(self._layer_layout(layer))[:, 0]
+
+    def _layer_layout(self, layer: int) -> _Layout:
+        """The slots ``layer`` holds: the current prefill layout, or the layout its cache was filled with."""
+        return self._layout if self._prefill else self._layer_layouts[layer]
 
     # -- layouts --------------------------------------------------------------------------------
     def _cuts_before(self, layer: int) -> bool:

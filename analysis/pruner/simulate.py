@@ -9,14 +9,14 @@ as each layer's KV cache keeps what that layer had at prefill.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
 import torch
 
 from analysis.layout import TokenLayout
-from analysis.probes.intervention import AttentionHooks, LastRowObservation, RegionMasks
+from analysis.probes.intervention import AttentionHooks, LastRowObservation, RegionMasks, ZeroedEdges
 from analysis.probes.measure import image_contributions, image_index_tensors
 from analysis.pruner.config import PruningConfig
 from analysis.pruner.flops import DecoderShape, LayerTokens, prefill_flops
@@ -79,6 +79,10 @@ class PruningHooks(AttentionHooks):
         if self.config.method in ("fastv", "random"):
             self._one_shot(observation)
             return
+        if self.config.rule_precision == "model":
+            dtype = observation.model_dtype
+            observation = replace(observation, query=observation.query.to(dtype), keys=observation.keys.to(dtype),
+                                  values=observation.values.to(dtype), weights=observation.weights.to(dtype))
         recorded = image_contributions(observation, self.image_index, self.image_valid)
         cosine, norm = recorded["cosine"], recorded["norm"]
         layer = observation.layer
@@ -127,17 +131,37 @@ class PruningHooks(AttentionHooks):
         return self.image_valid & (exited.to(device)[:, None] | (active.to(device)[:, None] & ~self.keep))
 
     # -- masks ----------------------------------------------------------------------------------
-    def blocked(self, layer: int, query_start: int, query_length: int, key_length: int) -> torch.Tensor | None:
-        """Edges hidden in this layer: shallow text->image, and image tokens pruned or exited."""
+    def shallow_edges(self, layer: int, query_start: int, query_length: int, key_length: int) -> torch.Tensor | None:
+        """(B, Q, K) text->image edges the shallow stage removes in this layer, or None where it is not active."""
         config = self.config
-        block = None
-        batch = self.keep.shape[0]
         decoding = query_start >= self.prompt_length
-        if (config.method == "visipruner" and "shallow" in config.stages and layer < config.shallow_mid_layer
+        if not (config.method == "visipruner" and "shallow" in config.stages and layer < config.shallow_mid_layer
                 and (config.shallow_in_decode or not decoding)):
-            rows = self.masks.query_rows("instruction", query_start, query_length)
-            cols = self.masks.key_columns("image", key_length)
-            block = rows[:, :, None] & cols[:, None, :]
+            return None
+        rows = self.masks.query_rows("instruction", query_start, query_length)
+        cols = self.masks.key_columns("image", key_length)
+        return rows[:, :, None] & cols[:, None, :]
+
+    def first_image_key(self, layer: int) -> torch.Tensor:
+        """(B,) key index of each sample's first image token in ``layer``."""
+        return self.image_index[:, 0]
+
+    def zeroed(self, layer: int, query_start: int, query_length: int, key_length: int) -> ZeroedEdges | None:
+        """The shallow stage under the authors' rule: text->image weights zeroed after the softmax."""
+        if self.config.shallow_rule != "zero":
+            return None
+        edges = self.shallow_edges(layer, query_start, query_length, key_length)
+        if edges is None:
+            return None
+        moved = layer == 0 and self.config.layer0_rule == "first_image"
+        return ZeroedEdges(edges, self.first_image_key(layer) if moved else None)
+
+    def blocked(self, layer: int, query_start: int, query_length: int, key_length: int) -> torch.Tensor | None:
+        """Edges hidden in this layer: shallow text->image (our rule), and image tokens pruned or exited."""
+        block = None
+        if self.config.shallow_rule == "mask":
+            block = self.shallow_edges(layer, query_start, query_length, key_length)
+        batch = self.keep.shape[0]
         dropped = torch.zeros(batch, key_length, dtype=torch.bool, device=self.keep.device)
         rows, ordinals = self.dropped_image_tokens(layer).nonzero(as_tuple=True)
         positions = self.image_index[rows, ordinals]

@@ -38,11 +38,18 @@ def matched_keep(shape: DecoderShape, per_sample: pd.DataFrame, method: str, pru
     return int(budgets[np.argmin(np.abs(cuts - target_cut))])
 
 
+AUTHORS_RULE_METHOD = "visipruner_authors"
+
+
 def sweep(
     loaded: LoadedModel, samples: Sequence[Sample], configs: Sequence[PruningConfig], *, prune_layer: int = 2,
-    batch_size: int = 16, max_new_tokens: int = 8,
+    batch_size: int = 16, max_new_tokens: int = 8, authors_rule: bool = False,
 ) -> pd.DataFrame:
-    """One row per evaluated config: VisiPruner configs, then each baseline at the FLOPs cut each of them reached."""
+    """One row per evaluated config: VisiPruner configs, then each baseline at the FLOPs cut each of them reached.
+
+    With ``authors_rule`` each VisiPruner config is also run, at the same thresholds, under the authors' rule (row
+    method ``visipruner_authors``), so the two rules compare on the same samples.
+    """
     shape = DecoderShape.from_config(loaded.adapter.text_config)
     baseline = clean_answers(loaded, samples, batch_size=batch_size, max_new_tokens=max_new_tokens)
     rows = []
@@ -51,6 +58,12 @@ def sweep(
                                      baseline=baseline)
         scores = summarize(per_sample)
         rows.append({"method": config.method, "point": index, "settings": _settings(config), **scores})
+        if authors_rule and config.method == "visipruner":
+            theirs = config.with_authors_rule(config.layer0_rule)
+            theirs_scores = summarize(evaluate_pruned(loaded, samples, theirs, batch_size=batch_size,
+                                                      max_new_tokens=max_new_tokens, baseline=baseline))
+            rows.append({"method": AUTHORS_RULE_METHOD, "point": index, "settings": _settings(theirs),
+                         **theirs_scores})
         for method in BASELINES:
             keep = matched_keep(shape, per_sample, method, prune_layer, scores["flops_cut"])
             matched = replace(config, method=method, prune_layer=prune_layer, keep_tokens=keep, provenance={})
@@ -63,8 +76,10 @@ def sweep(
 def _settings(config: PruningConfig) -> str:
     """A short description of the parameters that matter for a method."""
     if config.method == "visipruner":
+        rule = (f" shallow={config.shallow_rule} layer0={config.layer0_rule} precision={config.rule_precision}"
+                f" in_decode={config.shallow_in_decode}")
         return (f"S={config.shallow_mid_layer} tL={config.layer_threshold} tT={config.tokens_threshold:.4g} "
-                f"stages={'+'.join(config.stages)}")
+                f"stages={'+'.join(config.stages)}{rule}")
     if config.method == "pre_llm":
         return f"keep={config.keep_tokens}"
     return f"K={config.prune_layer} keep={config.keep_tokens}"
@@ -72,10 +87,11 @@ def _settings(config: PruningConfig) -> str:
 
 def pruning_study(
     calibration_run: str | Path, out: str | Path, *, targets: Sequence[float], split: str | None, limit: int | None,
-    prune_layer: int = 2, batch_size: int = 16, calibration_limit: int | None = None,
+    prune_layer: int = 2, batch_size: int = 16, calibration_limit: int | None = None, authors_rule: bool = True,
     loaded: LoadedModel | None = None,
 ) -> pd.DataFrame:
-    """Export one config per agreement target from a calibration run, then sweep them and the baselines.
+    """Export one config per agreement target from a calibration run, then sweep them (under our rule and, with
+    ``authors_rule``, the authors') and the baselines.
 
     The configs go to ``out/config-<target>.json`` (plus the authors' JSON) and the table to ``out/sweep.csv``
     with ``out/study.json`` naming what made it; a later call with the same inputs reads the table back.
@@ -91,7 +107,7 @@ def pruning_study(
     manifest = json.loads((Path(calibration_run) / "manifest.json").read_text())
     study = {"calibration_run": str(Path(calibration_run).resolve()), "calibration_identity": manifest.get("identity"),
              "targets": [float(t) for t in targets], "split": split, "limit": limit, "prune_layer": prune_layer,
-             "calibration_limit": calibration_limit}
+             "calibration_limit": calibration_limit, "authors_rule": authors_rule}
     table_path, study_path = folder / "sweep.csv", folder / "study.json"
     if table_path.is_file() and study_path.is_file() and json.loads(study_path.read_text()) == study:
         return pd.read_csv(table_path)
@@ -105,7 +121,7 @@ def pruning_study(
         write(result, folder / f"config-{target:g}.json")
         configs.append(result.config)
     samples = load_samples(manifest["dataset"]["name"], split, limit)
-    table = sweep(loaded, samples, configs, prune_layer=prune_layer, batch_size=batch_size)
+    table = sweep(loaded, samples, configs, prune_layer=prune_layer, batch_size=batch_size, authors_rule=authors_rule)
     table.insert(1, "target", [float(targets[point]) for point in table["point"]])
     atomic_write_bytes(table_path, table.to_csv(index=False).encode())
     atomic_write_json(study_path, study)
