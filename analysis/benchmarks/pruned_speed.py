@@ -2,9 +2,10 @@
 
 ``python -m analysis.benchmarks.pruned_speed [--preset llava-1.5-7b|tiny] [--batch-sizes 1 8]`` prints, per batch
 size and variant (unpruned; VisiPruner; FastV at the same prefill FLOPs), the median prefill latency, the median
-latency of a greedy ``generate`` of ``--new-tokens`` tokens, peak accelerator memory above the weights, and the
+latency of a greedy ``generate`` of ``--new-tokens`` tokens, peak accelerator memory above the weights, the
 measured speedup next to the ideal one implied by the FLOPs cut (``analysis.pruner.flops``, exact convention) and
-their ratio. Random weights make the selection rule meaningless, so selections are pinned: VisiPruner keeps
+their ratio, and the prefill's host time (until the call returns, before synchronising): where it is about the
+prefill time, the pass is bound by Python and kernel launches, and no FLOPs cut can speed it up. Random weights make the selection rule meaningless, so selections are pinned: VisiPruner keeps
 ``--keep`` evenly spaced image tokens after ``--selection-layer`` and drops all after ``--exit-layer``; FastV keeps the
 number of tokens after ``--fastv-layer`` whose prefill FLOPs come closest. The cost of evaluating the rule (a float32
 last-row recomputation in observed layers) is therefore not included. The vision tower is not run: it is the same
@@ -149,9 +150,10 @@ def main(argv: list[str] | None = None) -> int:
     sys.stdout.write(
         f"device: {name}; preset {args.preset}; dtype {args.dtype}; SDPA; {args.new_tokens} new tokens; "
         f"median of {args.repeats} after {args.warmup} warm-up; decoder only (vision tower excluded); "
-        f"speedup = unpruned / variant, ideal = FLOPs ratio (exact), ratio = speedup / ideal\n"
+        f"speedup = unpruned / variant, ideal = FLOPs ratio (exact), ratio = speedup / ideal; host s = prefill time "
+        f"until the call returns\n"
     )
-    header = (f"{'batch':>5} {'tokens':>6} {'variant':<34} {'prefill s':>9} {'generate s':>10} {'peak GiB':>8} "
+    header = (f"{'batch':>5} {'tokens':>6} {'variant':<34} {'prefill s':>9} {'host s':>7} {'generate s':>10} {'peak GiB':>8} "
               f"{'prefill x':>9} {'ideal':>6} {'ratio':>6} {'generate x':>10} {'ideal':>6} {'ratio':>6}")
     sys.stdout.write(header + "\n")
     gib = 2**30
@@ -187,7 +189,8 @@ def main(argv: list[str] | None = None) -> int:
                 ideal = base[f"{kind} flops"] / flops[kind]
                 cells.append(f"{speedup:>{9 if kind == 'prefill' else 10}.3f} {ideal:>6.3f} {speedup / ideal:>6.3f}")
             sys.stdout.write(
-                f"{batch_size:>5} {length:>6} {variant.name:<34} {prefill_m.seconds:>9.4f} {generate_m.seconds:>10.4f} "
+                f"{batch_size:>5} {length:>6} {variant.name:<34} {prefill_m.seconds:>9.4f} {prefill_m.host_seconds:>7.4f} "
+                f"{generate_m.seconds:>10.4f} "
                 f"{max(prefill_m.extra_bytes, generate_m.extra_bytes) / gib:>8.3f} {cells[0]} {cells[1]}\n"
             )
     return 0

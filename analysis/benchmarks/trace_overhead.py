@@ -52,10 +52,13 @@ PRESETS = {"llava-1.5-7b": LLAVA_15_7B, "tiny": TINY}
 
 @dataclass
 class Measurement:
-    """Median seconds per batch and peak memory above the model footprint."""
+    """Median seconds per batch, peak memory above the model footprint, and median host seconds per batch."""
 
     seconds: float
     extra_bytes: int
+    # Until the call returns, before waiting for the device: when it is close to ``seconds`` the work is bound by
+    # the host launching kernels, not by the device, and fewer FLOPs cannot make it faster.
+    host_seconds: float = 0.0
 
 
 def build_model(preset: dict, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
@@ -119,14 +122,15 @@ def measure(step: Callable[[], object], device: torch.device, warmup: int, repea
     _synchronize(device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    times = []
+    times, host_times = [], []
     for _ in range(repeats):
         start = time.perf_counter()
         step()
+        host_times.append(time.perf_counter() - start)
         _synchronize(device)
         times.append(time.perf_counter() - start)
     peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else model_bytes
-    return Measurement(statistics.median(times), peak - model_bytes)
+    return Measurement(statistics.median(times), peak - model_bytes, statistics.median(host_times))
 
 
 def _synchronize(device: torch.device) -> None:
