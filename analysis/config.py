@@ -81,6 +81,13 @@ def identity_dict(config: Any) -> dict[str, Any]:
     }
 
 
+def run_identity(config: Any, split: str) -> dict[str, Any]:
+    """A run's identity: its identity fields, the resolved split and a fingerprint of the model's local weights."""
+    from analysis.models.registry import weights_fingerprint
+
+    return {**identity_dict(config), "split": split, "weights": weights_fingerprint(config.model)}
+
+
 def config_hash(values: dict[str, Any]) -> str:
     """A short stable hash of a JSON-ready mapping."""
     return hashlib.sha256(json.dumps(values, sort_keys=True).encode()).hexdigest()[:16]

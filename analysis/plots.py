@@ -24,7 +24,7 @@ from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator, PercentFormatter
 
-from analysis.config import identity_dict
+from analysis.config import run_identity
 from analysis.errors import ConfigError
 from analysis.results import RunFolder, atomic_write_bytes, read_table
 from analysis.stages import StageConfig, boundaries, bootstrap, critical_tokens, first_quiet_layer, load_curves
@@ -92,7 +92,7 @@ def has_finished_run(config: TraceConfig | ProbeConfig) -> bool:
     if config.out is None:
         return False
     manifest = RunFolder(Path(config.out), {}).read_manifest()
-    identity = {**identity_dict(config), "split": resolve_split(config.dataset, config.split)}
+    identity = run_identity(config, resolve_split(config.dataset, config.split))
     # The manifest stores the identity as JSON, so compare against its JSON round trip.
     return bool(manifest) and manifest.get("status") == "complete" and manifest.get("identity") == json.loads(
         json.dumps(identity)

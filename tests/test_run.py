@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -208,3 +209,22 @@ def test_sink_statistics_by_hand() -> None:
     assert abs(last["entropy"] - float(-(p * np.log(p)).sum())) < 1e-6
     assert abs(instruction["normalized_entropy"] - 1.0) < 1e-6 and instruction["top_k_share"] == pytest.approx(0.5)
     assert all(index < 4 for index in instruction["top_indices"])
+
+
+def test_resume_refuses_retrained_weights(tmp_path: Path) -> None:
+    """A folder traced with one checkpoint is not resumed with other weights saved at the same path."""
+    import shutil
+
+    from analysis.organism import ORGANISM_DIR
+
+    checkpoint = tmp_path / "organism"
+    shutil.copytree(ORGANISM_DIR, checkpoint)
+    config = _config(tmp_path, model=str(checkpoint), dataset="shapes-vqa", limit=2, batch_size=2)
+    run_trace(config, progress=False)
+    run_trace(config, progress=False)  # the same weights: a finished run, nothing left to do
+    weights = checkpoint / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0xFF  # the last byte belongs to the last tensor: "retrained" weights, same names and shapes
+    weights.write_bytes(bytes(data))
+    with pytest.raises(ConfigError, match="weights: '[0-9a-f]+' -> '[0-9a-f]+'"):
+        run_trace(replace(config, resume=True), progress=False)

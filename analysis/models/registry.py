@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -79,6 +80,39 @@ def resolve(name: str) -> ModelSpec:
         f"unknown model {name!r}: not an alias ({', '.join(sorted(ALIASES))}), not an existing path, "
         "and not a hub id of the form owner/name; run `python -m analysis --list-models`"
     )
+
+
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
+_FINGERPRINT_BYTES = 1 << 20
+
+
+def weights_fingerprint(name: str) -> str | None:
+    """A short hash of a local checkpoint's weight files (None for hub ids and built-in tiny models).
+
+    It reads each file's size and its first and last MiB, so it takes milliseconds even for a 7B checkpoint and
+    still changes when the weights are retrained in place; runs record it so a resume never mixes two models.
+    """
+    spec = resolve(name)
+    if spec.source.startswith("builtin:"):
+        return None
+    if spec.source.startswith("package:"):
+        from analysis.organism import ORGANISM_DIR
+
+        folder = ORGANISM_DIR
+    else:
+        folder = Path(spec.source)
+    if not folder.exists():
+        return None  # a hub id: its revision names the weights
+    files = [folder] if folder.is_file() else sorted(p for p in folder.iterdir() if p.suffix in WEIGHT_SUFFIXES)
+    digest = hashlib.sha256()
+    for path in files:
+        size = path.stat().st_size
+        digest.update(f"{path.name}:{size}".encode())
+        with path.open("rb") as handle:
+            digest.update(handle.read(_FINGERPRINT_BYTES))
+            handle.seek(max(0, size - _FINGERPRINT_BYTES))
+            digest.update(handle.read(_FINGERPRINT_BYTES))
+    return digest.hexdigest()[:16]
 
 
 def load_model(

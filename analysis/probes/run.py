@@ -12,7 +12,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from analysis.config import identity_dict, option, to_dict
+from analysis.config import option, run_identity, to_dict
 from analysis.data.samples import Sample, batched
 from analysis.errors import ConfigError, DataError
 from analysis.models.adapters import ModelInputs
@@ -232,7 +232,7 @@ def run_probes(config: ProbeConfig, *, loaded: LoadedModel | None = None, progre
         if sample.answer is None:
             raise DataError(f"sample {sample.sample_id!r} has no reference answer; probes score the reference answer")
     split = resolve_split(config.dataset, config.split)
-    identity = {**identity_dict(config), "split": split}
+    identity = run_identity(config, split)
     schemas = {name: PROBE_SCHEMAS[name] for name in _tables_for(probes)}
     schemas[SAMPLES_TABLE] = TRACE_SCHEMAS[SAMPLES_TABLE]
     folder = RunFolder(Path(config.out) if config.out else default_run_dir("probe", config.model, config.dataset, split), schemas)

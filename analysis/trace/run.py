@@ -12,7 +12,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from analysis.config import identity_dict, option, to_dict
+from analysis.config import option, run_identity, to_dict
 from analysis.data.samples import Sample, batched
 from analysis.errors import ConfigError, DataError
 from analysis.layout import REGION_NAMES, TokenLayout
@@ -86,7 +86,7 @@ def run_trace(config: TraceConfig, *, loaded: LoadedModel | None = None, progres
     if len(set(ids)) != len(ids):
         duplicate = next(i for i in ids if ids.count(i) > 1)
         raise DataError(f"dataset has duplicate sample id {duplicate!r}; sample ids must be unique")
-    identity = {**identity_dict(config), "split": split}
+    identity = run_identity(config, split)
     folder = RunFolder(config.output_dir(split), TRACE_SCHEMAS)
     folder.check_compatible(identity, resume=config.resume)
     if loaded is None:
