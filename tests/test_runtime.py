@@ -201,6 +201,15 @@ def test_pinned_decisions(tiny: LoadedModel, samples) -> None:
     with pytest.raises(ConfigError, match="outside"):
         bad = Decisions(decisions.selection_layer + 10, decisions.exit_layer, decisions.kept, decisions.n_image)
         _dropped(tiny, inputs, config, decisions=bad)
+    # Frozen decisions compact each layer once per input length: later passes reuse it (no device read-back).
+    with torch.no_grad(), pruned_runtime(tiny.model, config, inputs.layouts, decisions=decisions) as state:
+        calls = []
+        compact = state._compact
+        state._compact = lambda *args: calls.append(args[1]) or compact(*args)
+        first = tiny.model(**inputs.tensors).logits
+        again = tiny.model(**inputs.tensors).logits
+    assert calls == sorted(set(calls)) and calls  # each cut layer compacted in the first pass only
+    assert torch.equal(first, again)
 
 
 def test_model_unchanged_after_exit(tiny: LoadedModel, samples) -> None:

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -107,6 +107,20 @@ def variants(shape: DecoderShape, length: int, n_image: int, batch: int, pinned:
     ]
 
 
+def graphed(step: Callable[[], object], device: torch.device) -> Callable[[], object]:
+    """``step`` captured once as a CUDA graph (after warm-up passes on a side stream); returns its replay."""
+    stream = torch.cuda.Stream(device)
+    stream.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(stream):
+        for _ in range(3):
+            step()
+    torch.cuda.current_stream(device).wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    return graph.replay
+
+
 @contextmanager
 def running(model: torch.nn.Module, variant: Variant, inputs: ModelInputs) -> Iterator[None]:
     """The model as the variant runs it."""
@@ -132,9 +146,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dtype", choices=["float16", "bfloat16", "float32"], default="float16")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--cuda-graphs", action="store_true",
+                        help="time the prefill as a CUDA-graph replay (every variant, the unpruned one too), which "
+                             "takes Python and kernel launches out of the measurement; needs unpadded batches")
     args = parser.parse_args(argv)
     if args.new_tokens < 1:
         parser.error("--new-tokens must be >= 1")
+    if args.cuda_graphs and not args.device.startswith("cuda"):
+        parser.error("--cuda-graphs needs a CUDA device")
     pinned = dict(PINNED[args.preset])
     for key in ("selection_layer", "keep", "exit_layer", "fastv_layer"):
         if getattr(args, key) is not None:
@@ -150,6 +169,7 @@ def main(argv: list[str] | None = None) -> int:
     sys.stdout.write(
         f"device: {name}; preset {args.preset}; dtype {args.dtype}; SDPA; {args.new_tokens} new tokens; "
         f"median of {args.repeats} after {args.warmup} warm-up; decoder only (vision tower excluded); "
+        f"prefill {'replayed as a CUDA graph' if args.cuda_graphs else 'run eagerly'}; "
         f"speedup = unpruned / variant, ideal = FLOPs ratio (exact), ratio = speedup / ideal; host s = prefill time "
         f"until the call returns\n"
     )
@@ -169,6 +189,11 @@ def main(argv: list[str] | None = None) -> int:
                 with torch.inference_mode():
                     return model(inputs_embeds=embeds, attention_mask=inputs.attention_mask, logits_to_keep=1)
 
+            def static_prefill() -> object:
+                # Equal-length prompts need no mask, and without one nothing in the pass reads the device back.
+                with torch.inference_mode():
+                    return model(inputs_embeds=embeds, logits_to_keep=1, use_cache=False)
+
             def generate() -> object:
                 with torch.inference_mode():
                     return model.generate(inputs_embeds=embeds, attention_mask=inputs.attention_mask,
@@ -176,7 +201,8 @@ def main(argv: list[str] | None = None) -> int:
                                           do_sample=False, pad_token_id=pad)
 
             with running(model, variant, inputs):
-                prefill_m: Measurement = measure(prefill, device, args.warmup, args.repeats, model_bytes)
+                prefill_step = graphed(static_prefill, device) if args.cuda_graphs else prefill
+                prefill_m: Measurement = measure(prefill_step, device, args.warmup, args.repeats, model_bytes)
                 generate_m: Measurement = measure(generate, device, args.warmup, args.repeats, model_bytes)
             flops = {"prefill": prefill_flops(shape, variant.tokens)["exact"],
                      "generate": generation_flops(shape, variant.tokens, args.new_tokens)}

@@ -101,6 +101,7 @@ class PrunedRuntime(PruningHooks):
         self._layout: _Layout | None = None
         self._layer_layouts: list[_Layout] = []
         self._prepared: dict[int, dict[str, Any]] = {}
+        self._compacted: dict[tuple[int, int], tuple[_Layout, torch.Tensor]] = {}
 
     # -- decisions ------------------------------------------------------------------------------
     def _pin(self, decisions: Decisions) -> None:
@@ -202,6 +203,19 @@ class PrunedRuntime(PruningHooks):
         slots = order[:, layout.length - width :]
         valid = torch.arange(width, device=counts.device)[None, :] >= (width - counts)[:, None]
         return _Layout(layout.positions.gather(1, slots), valid, identity=False, padded=narrowest < width), slots
+
+    def _compact_once(self, layout: _Layout, layer: int) -> tuple[_Layout, torch.Tensor]:
+        """``_compact``, computed once per layer and input length when decisions are frozen.
+
+        Compacting reads token counts back from the device; with decisions frozen the result only depends on the
+        input length, so later prefills of that length (repeated passes, CUDA-graph capture) run without a sync.
+        """
+        if not self.frozen:
+            return self._compact(layout, layer)
+        key = (layer, self._input_length)
+        if key not in self._compacted:
+            self._compacted[key] = self._compact(layout, layer)
+        return self._compacted[key]
 
     def _image_slots(self, layout: _Layout) -> torch.Tensor:
         """(B, N) slot of each image token in ``layout`` (0 for tokens no longer there)."""
@@ -306,7 +320,7 @@ class PrunedRuntime(PruningHooks):
         """The 2-D mask must be the prompts' left padding followed by real tokens only."""
         expected = self.prompt_valid
         if mask is None:
-            if not bool(expected.all()):
+            if self.prompt_padded:  # known from the layouts, so a pass without a mask needs no device sync
                 raise DataError("this batch is padded: pass its attention_mask")
             return
         if mask.shape != (expected.shape[0], length):
@@ -326,7 +340,7 @@ class PrunedRuntime(PruningHooks):
             hidden = args[0] if args else kwargs["hidden_states"]
             if self._prefill:
                 if self._cuts_before(layer):
-                    self._layout, slots = self._compact(self._layout, layer)
+                    self._layout, slots = self._compact_once(self._layout, layer)
                     hidden = hidden.gather(1, slots[..., None].expand(-1, -1, hidden.shape[-1]))
                     args, kwargs = _with_hidden(args, kwargs, hidden)
                 layout = self._layout
