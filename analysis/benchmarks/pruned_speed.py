@@ -170,11 +170,13 @@ def main(argv: list[str] | None = None) -> int:
         f"device: {name}; preset {args.preset}; dtype {args.dtype}; SDPA; {args.new_tokens} new tokens; "
         f"median of {args.repeats} after {args.warmup} warm-up; decoder only (vision tower excluded); "
         f"prefill {'replayed as a CUDA graph' if args.cuda_graphs else 'run eagerly'}; "
-        f"speedup = unpruned / variant, ideal = FLOPs ratio (exact), ratio = speedup / ideal; host s = prefill time "
+        f"speedup = unpruned / variant, ideal = FLOPs ratio (exact), ratio = speedup / ideal; n-ideal = the speedup "
+        f"if every layer ran as fast as the unpruned model does at that layer's token count; host s = prefill time "
         f"until the call returns\n"
     )
     header = (f"{'batch':>5} {'tokens':>6} {'variant':<34} {'prefill s':>9} {'host s':>7} {'generate s':>10} {'peak GiB':>8} "
-              f"{'prefill x':>9} {'ideal':>6} {'ratio':>6} {'generate x':>10} {'ideal':>6} {'ratio':>6}")
+              f"{'prefill x':>9} {'ideal':>6} {'ratio':>6} {'n-ideal':>8} {'ratio':>6} "
+              f"{'generate x':>10} {'ideal':>6} {'ratio':>6}")
     sys.stdout.write(header + "\n")
     gib = 2**30
     for batch_size in args.batch_sizes:
@@ -184,25 +186,43 @@ def main(argv: list[str] | None = None) -> int:
         length, n_image = inputs.input_ids.shape[1], inputs.layouts[0].n_image_tokens
         pad = model.config.get_text_config().pad_token_id
         base: dict[str, float] = {}
-        for variant in variants(shape, length, n_image, batch_size, pinned):
+        unpruned_seconds: dict[int, float] = {}
+
+        def prefill_step(n_tokens: int) -> Callable[[], object]:
+            """The prefill of the prompts' first ``n_tokens`` positions, eager or as a CUDA-graph replay."""
+            prefix, mask = embeds[:, :n_tokens], inputs.attention_mask[:, :n_tokens]
+
             def prefill() -> object:
                 with torch.inference_mode():
-                    return model(inputs_embeds=embeds, attention_mask=inputs.attention_mask, logits_to_keep=1)
+                    return model(inputs_embeds=prefix, attention_mask=mask, logits_to_keep=1)
 
             def static_prefill() -> object:
                 # Equal-length prompts need no mask, and without one nothing in the pass reads the device back.
                 with torch.inference_mode():
-                    return model(inputs_embeds=embeds, logits_to_keep=1, use_cache=False)
+                    return model(inputs_embeds=prefix, logits_to_keep=1, use_cache=False)
 
+            return graphed(static_prefill, device) if args.cuda_graphs else prefill
+
+        def unpruned_at(n_tokens: int) -> float:
+            """Median unpruned prefill seconds of ``n_tokens``-token prompts (measured once per length)."""
+            if n_tokens not in unpruned_seconds:
+                unpruned_seconds[n_tokens] = measure(prefill_step(n_tokens), device, args.warmup, args.repeats,
+                                                     model_bytes).seconds
+            return unpruned_seconds[n_tokens]
+
+        for variant in variants(shape, length, n_image, batch_size, pinned):
             def generate() -> object:
                 with torch.inference_mode():
                     return model.generate(inputs_embeds=embeds, attention_mask=inputs.attention_mask,
                                           max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens,
                                           do_sample=False, pad_token_id=pad)
 
+            # What the variant would take if each layer ran as fast as the unpruned model at that layer's token
+            # count: the ideal that also knows where a pass is memory- or launch-bound, unlike the FLOPs ratio.
+            at_counts = sum(unpruned_at(layer.total) for layer in variant.tokens) / len(variant.tokens)
             with running(model, variant, inputs):
-                prefill_step = graphed(static_prefill, device) if args.cuda_graphs else prefill
-                prefill_m: Measurement = measure(prefill_step, device, args.warmup, args.repeats, model_bytes)
+                prefill_m: Measurement = measure(prefill_step(length), device, args.warmup, args.repeats,
+                                                 model_bytes)
                 generate_m: Measurement = measure(generate, device, args.warmup, args.repeats, model_bytes)
             flops = {"prefill": prefill_flops(shape, variant.tokens)["exact"],
                      "generate": generation_flops(shape, variant.tokens, args.new_tokens)}
@@ -214,10 +234,12 @@ def main(argv: list[str] | None = None) -> int:
                 speedup = base[f"{kind} s"] / seconds[kind]
                 ideal = base[f"{kind} flops"] / flops[kind]
                 cells.append(f"{speedup:>{9 if kind == 'prefill' else 10}.3f} {ideal:>6.3f} {speedup / ideal:>6.3f}")
+            counts_ideal = base["prefill s"] / at_counts
             sys.stdout.write(
                 f"{batch_size:>5} {length:>6} {variant.name:<34} {prefill_m.seconds:>9.4f} {prefill_m.host_seconds:>7.4f} "
                 f"{generate_m.seconds:>10.4f} "
-                f"{max(prefill_m.extra_bytes, generate_m.extra_bytes) / gib:>8.3f} {cells[0]} {cells[1]}\n"
+                f"{max(prefill_m.extra_bytes, generate_m.extra_bytes) / gib:>8.3f} {cells[0]} "
+                f"{counts_ideal:>8.3f} {base['prefill s'] / seconds['prefill'] / counts_ideal:>6.3f} {cells[1]}\n"
             )
     return 0
 
