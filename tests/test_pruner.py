@@ -109,8 +109,19 @@ def _zeroed_eager(module, query, key, value, attention_mask, scaling, dropout=0.
             if layer == 0 and settings["first_image"]:
                 block[:, :, image[0]] += removed
             weights[row][:, text] = block
+    settings["weights"][layer] = weights
     output = torch.matmul(weights.to(value.dtype), value).transpose(1, 2).contiguous()
     return output, weights
+
+
+class _ObservingHooks(PruningHooks):
+    """The pruning hooks, also handing over layer 1's last-row observation (a layer the rule zeroes)."""
+
+    def wants_last_row(self, layer: int, query_start: int, query_length: int) -> bool:
+        return layer == 1 and query_start == 0
+
+    def observe(self, observation) -> None:
+        self.observation = observation
 
 
 @pytest.mark.parametrize("layer0_rule", ["none", "first_image"])
@@ -133,7 +144,12 @@ def test_authors_shallow_rule_matches_zeroed_eager_weights(samples, layer0_rule:
             "text": [row.nonzero().flatten() for row in masks.queries["instruction"]],
             "image": [row.nonzero().flatten() for row in masks.keys["image"]],
         }
+        _zeroed_eager.settings["weights"] = {}
         ours = _logits(loaded, samples, config)
+        length = inputs.input_ids.shape[1]
+        hooks = _ObservingHooks(config, masks, inputs.layouts, length)
+        with torch.no_grad(), intervene(loaded.adapter, hooks, length - 1):
+            loaded.model(**inputs.tensors)
         text_config = loaded.adapter.text_config
         text_config._attn_implementation = REFERENCE_ATTENTION
         try:
@@ -144,6 +160,8 @@ def test_authors_shallow_rule_matches_zeroed_eager_weights(samples, layer0_rule:
         renormalised = _logits(loaded, samples, replace(config, shallow_rule="mask", layer0_rule="none"))
         real = inputs.tensors["attention_mask"].bool()  # pad rows' outputs differ between eager and SDPA and are unused
         assert torch.allclose(ours[real], reference[real], atol=1e-5)
+        # An observed last row shows the zeroed weights, as the reference computes them.
+        assert torch.allclose(hooks.observation.weights, _zeroed_eager.settings["weights"][1][:, :, -1], atol=1e-6)
         # The rules really differ: neither is the unpruned model nor our renormalising mask.
         assert not torch.allclose(ours[real], unpruned[real], atol=1e-3)
         assert not torch.allclose(ours[real], renormalised[real], atol=1e-3)

@@ -270,7 +270,7 @@ def _rescale_zeroed(
     groups = query.shape[1] // key.shape[1]
     k = key.float().repeat_interleave(groups, dim=1)
     scores = torch.einsum("bhqd,bhkd->bhqk", query[:, :, rows].float(), k) * scaling + mask[:, :, rows].float()
-    _, mass = _zero_weights(torch.softmax(scores, dim=-1), zeroed.edges[:, rows], None)  # (B, H, Q')
+    mass = (torch.softmax(scores, dim=-1) * zeroed.edges[:, None, rows]).sum(-1)  # (B, H, Q')
     share = mass.transpose(1, 2)[..., None]  # (B, Q', H, 1)
     corrected = output[:, rows].float() * (1 - share)
     if zeroed.target is not None:
