@@ -20,7 +20,7 @@ import pandas as pd
 
 from analysis.config import option
 from analysis.errors import ConfigError
-from analysis.models.registry import LoadedModel, load_model
+from analysis.models.registry import LoadedModel, load_model, resolve
 from analysis.pruner.config import PruningConfig
 from analysis.pruner.evaluation import clean_answers, evaluate_pruned, summarize
 from analysis.results import atomic_write_json, read_table
@@ -99,10 +99,22 @@ def derive(run_dir: str | Path, export: ExportConfig, *, loaded: LoadedModel | N
             logger.info("tL=%.3f tT=%.4g: agreement %.1f%%, FLOPs cut %.1f%%", layer_threshold, tokens_threshold,
                         scores["agreement"], scores["flops_cut"])
     search = pd.DataFrame(rows)
-    context = {"run": str(Path(run_dir).resolve()), "model": model_name, "model_source": manifest["model"].get("source"),
+    # Portable provenance: the run relative to the working directory, the model as the registry names it (an
+    # alias's hub id or package path, not this machine's absolute path) and the fingerprint of its weights.
+    context = {"run": _portable(Path(run_dir)), "model": model_name, "model_source": resolve(model_name).source,
+               "weights": manifest.get("identity", {}).get("weights"),
                "dataset": dataset, "split": split, "calibration_samples": len(samples), "num_layers": num_layers,
                "shallow_mid_layer": shallow_end, "norm_grid": norm_grid}
     return choose(search, export.target, context)
+
+
+def _portable(path: Path) -> str:
+    """``path`` relative to the working directory when it lies inside it, else absolute."""
+    resolved = path.resolve()
+    try:
+        return str(resolved.relative_to(Path.cwd()))
+    except ValueError:
+        return str(resolved)
 
 
 def choose(search: pd.DataFrame, target: float, context: dict[str, Any]) -> ExportResult:
@@ -111,8 +123,8 @@ def choose(search: pd.DataFrame, target: float, context: dict[str, Any]) -> Expo
     met = not feasible.empty
     best = (feasible.sort_values(["flops_cut", "agreement"], ascending=False).iloc[0] if met
             else search.sort_values(["agreement", "flops_cut"], ascending=False).iloc[0])
-    provenance = {key: context[key] for key in ("run", "model", "model_source", "dataset", "split",
-                                                "calibration_samples")}
+    provenance = {key: context.get(key) for key in ("run", "model", "model_source", "weights", "dataset", "split",
+                                                    "calibration_samples")}
     chosen = PruningConfig(
         num_layers=context["num_layers"], shallow_mid_layer=context["shallow_mid_layer"],
         layer_threshold=float(best["layer_threshold"]), tokens_threshold=float(best["tokens_threshold"]),
