@@ -658,7 +658,11 @@ def pruning_tradeoff(sweep_table: str | Path | pd.DataFrame) -> Figure:
             ax.set_title(title)
             ax.set_xlabel("prefill FLOPs cut (%, exact count)")
             ax.set_ylabel(f"{column} (%)")
-        left.axhline(float(table["baseline_accuracy"].iloc[0]), color="0.3", lw=1, ls="--", label="unpruned")
+        unpruned = float(table["baseline_accuracy"].iloc[0])
+        left.axhline(unpruned, color="0.3", lw=1, ls="--", label="unpruned")
+        # Lines do not widen the axis, and the unpruned accuracy is usually above every pruned point.
+        bottom, top = left.get_ylim()
+        left.set_ylim(bottom, max(top, unpruned + 0.05 * (top - bottom)))
         handles, names = left.get_legend_handles_labels()
         left.get_legend().remove()
         fig.legend(handles, names, loc="outside lower center", ncols=len(names), fontsize=9)
