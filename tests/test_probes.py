@@ -15,7 +15,9 @@ from analysis.errors import ConfigError
 from analysis.models.registry import LoadedModel, load_model
 from analysis.probes.__main__ import main
 from analysis.probes import measure
-from analysis.probes.intervention import AttentionHooks, Knockout, KnockoutHooks, RegionMasks, intervene
+from analysis.probes.intervention import (
+    AttentionHooks, Knockout, KnockoutHooks, RegionMasks, ZeroedEdges, intervene,
+)
 from analysis.probes.measure import (
     AnswerScores, SuffixScorer, TeacherForced, observe_prefill, score_answers, teacher_forced,
 )
@@ -140,6 +142,24 @@ def test_suffix_scores_match_full_pass(tiny_sdpa: LoadedModel, samples) -> None:
         assert all(layer.get_seq_length() == scorer.split for layer in scorer.cache.layers)
         if knockouts and from_suffix:
             assert not torch.allclose(scores.next_logprobs, clean.next_logprobs, atol=1e-3)
+    # Weights zeroed after the softmax on prefix queries change the prefix too: the full pass is needed.
+    zeroing = _ZeroSystemAttention(masks)
+    assert not scorer._spares_prefix(zeroing)
+    with torch.inference_mode():
+        _assert_scores_close(scorer.score(zeroing), _full_pass_scores(tiny_sdpa, forced, zeroing))
+
+
+class _ZeroSystemAttention(AttentionHooks):
+    """Zeroes system->system attention weights in layer 0 (edges among prefix queries only)."""
+
+    def __init__(self, masks: RegionMasks) -> None:
+        self.masks = masks
+
+    def zeroed(self, layer: int, query_start: int, query_length: int, key_length: int) -> ZeroedEdges | None:
+        if layer != 0:
+            return None
+        rows = self.masks.query_rows("system", query_start, query_length)
+        return ZeroedEdges(rows[:, :, None] & self.masks.key_columns("system", key_length)[:, None, :])
 
 
 def test_probe_batch_matches_full_passes(tiny_sdpa: LoadedModel, samples, monkeypatch: pytest.MonkeyPatch) -> None:

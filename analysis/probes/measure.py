@@ -155,9 +155,10 @@ class SuffixScorer:
         for layer in range(self.adapter.num_layers):
             if hooks.wants_last_row(layer, 0, self.split):
                 return False
-            blocked = hooks.blocked(layer, 0, self.split, self.split)
-            if blocked is not None and bool(blocked.any()):
-                return False
+            zeroed = hooks.zeroed(layer, 0, self.split, self.split)
+            for edges in (hooks.blocked(layer, 0, self.split, self.split), None if zeroed is None else zeroed.edges):
+                if edges is not None and bool(edges.any()):
+                    return False
         return True
 
     def _crop(self) -> None:
