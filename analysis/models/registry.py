@@ -82,6 +82,15 @@ def resolve(name: str) -> ModelSpec:
     )
 
 
+def local_source(spec: ModelSpec) -> str:
+    """What ``from_pretrained`` reads for a spec: the installed folder of a packaged model, else its source."""
+    if spec.source.startswith("package:"):
+        from analysis.organism import ORGANISM_DIR
+
+        return str(ORGANISM_DIR)
+    return spec.source
+
+
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 _FINGERPRINT_BYTES = 1 << 20
 
@@ -95,12 +104,7 @@ def weights_fingerprint(name: str) -> str | None:
     spec = resolve(name)
     if spec.source.startswith("builtin:"):
         return None
-    if spec.source.startswith("package:"):
-        from analysis.organism import ORGANISM_DIR
-
-        folder = ORGANISM_DIR
-    else:
-        folder = Path(spec.source)
+    folder = Path(local_source(spec))
     if not folder.exists():
         return None  # a hub id: its revision names the weights
     files = [folder] if folder.is_file() else sorted(p for p in folder.iterdir() if p.suffix in WEIGHT_SUFFIXES)
@@ -132,12 +136,11 @@ def load_model(
     spec = resolve(name)
     if spec.source.startswith("builtin:"):
         return _load_tiny(spec, dtype=dtype, device=device, attn_implementation=attn_implementation)
-    source = spec.source
-    if source.startswith("package:"):
-        from analysis.organism import ORGANISM_DIR, check_organism_files
+    source = local_source(spec)
+    if spec.source.startswith("package:"):
+        from analysis.organism import check_organism_files
 
-        check_organism_files(ORGANISM_DIR)
-        source = str(ORGANISM_DIR)
+        check_organism_files(Path(source))
     from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
 
     try:
