@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from analysis.benchmarks.trace_overhead import PRESETS, Measurement, build_inputs, build_model, measure, _synchronize
+from analysis.benchmarks.trace_overhead import PRESETS, Measurement, benchmark_model, build_inputs, measure
 from analysis.errors import ConfigError
 from analysis.models.adapters import ModelInputs
 from analysis.pruner.config import PruningConfig
@@ -160,12 +160,9 @@ def main(argv: list[str] | None = None) -> int:
             pinned[key] = getattr(args, key)
     device = torch.device(args.device)
     preset = PRESETS[args.preset]
-    model = build_model(preset, device, getattr(torch, args.dtype))
+    model, model_bytes, name = benchmark_model(preset, device, getattr(torch, args.dtype))
     model.set_attn_implementation("sdpa")
     shape = DecoderShape.from_config(model.config.get_text_config())
-    _synchronize(device)
-    model_bytes = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     sys.stdout.write(
         f"device: {name}; preset {args.preset}; dtype {args.dtype}; SDPA; {args.new_tokens} new tokens; "
         f"median of {args.repeats} after {args.warmup} warm-up; decoder only (vision tower excluded); "
@@ -186,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
         length, n_image = inputs.input_ids.shape[1], inputs.layouts[0].n_image_tokens
         pad = model.config.get_text_config().pad_token_id
         base: dict[str, float] = {}
-        unpruned_seconds: dict[int, float] = {}
+        unpruned: dict[int, Measurement] = {}
 
         def prefill_step(n_tokens: int) -> Callable[[], object]:
             """The prefill of the prompts' first ``n_tokens`` positions, eager or as a CUDA-graph replay."""
@@ -203,12 +200,11 @@ def main(argv: list[str] | None = None) -> int:
 
             return graphed(static_prefill, device) if args.cuda_graphs else prefill
 
-        def unpruned_at(n_tokens: int) -> float:
-            """Median unpruned prefill seconds of ``n_tokens``-token prompts (measured once per length)."""
-            if n_tokens not in unpruned_seconds:
-                unpruned_seconds[n_tokens] = measure(prefill_step(n_tokens), device, args.warmup, args.repeats,
-                                                     model_bytes).seconds
-            return unpruned_seconds[n_tokens]
+        def unpruned_at(n_tokens: int) -> Measurement:
+            """The unpruned prefill of ``n_tokens``-token prompts (measured once per length)."""
+            if n_tokens not in unpruned:
+                unpruned[n_tokens] = measure(prefill_step(n_tokens), device, args.warmup, args.repeats, model_bytes)
+            return unpruned[n_tokens]
 
         for variant in variants(shape, length, n_image, batch_size, pinned):
             def generate() -> object:
@@ -219,10 +215,11 @@ def main(argv: list[str] | None = None) -> int:
 
             # What the variant would take if each layer ran as fast as the unpruned model at that layer's token
             # count: the ideal that also knows where a pass is memory- or launch-bound, unlike the FLOPs ratio.
-            at_counts = sum(unpruned_at(layer.total) for layer in variant.tokens) / len(variant.tokens)
+            at_counts = sum(unpruned_at(layer.total).seconds for layer in variant.tokens) / len(variant.tokens)
             with running(model, variant, inputs):
-                prefill_m: Measurement = measure(prefill_step(length), device, args.warmup, args.repeats,
-                                                 model_bytes)
+                # The unpruned variant's prefill is the full-length one the token-count ideal already measured.
+                prefill_m = (unpruned_at(length) if variant.config is None else
+                             measure(prefill_step(length), device, args.warmup, args.repeats, model_bytes))
                 generate_m: Measurement = measure(generate, device, args.warmup, args.repeats, model_bytes)
             flops = {"prefill": prefill_flops(shape, variant.tokens)["exact"],
                      "generate": generation_flops(shape, variant.tokens, args.new_tokens)}

@@ -86,6 +86,15 @@ def build_model(preset: dict, device: torch.device, dtype: torch.dtype) -> torch
     return model.eval()
 
 
+def benchmark_model(preset: dict, device: torch.device, dtype: torch.dtype) -> tuple[torch.nn.Module, int, str]:
+    """The preset's random model on ``device``, the bytes its weights take there, and the device's name."""
+    model = build_model(preset, device, dtype)
+    _synchronize(device)
+    model_bytes = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    return model, model_bytes, name
+
+
 def build_inputs(model: torch.nn.Module, preset: dict, batch_size: int, device: torch.device) -> ModelInputs:
     """A batch of LLaVA-1.5-shaped prompts (system, 576 image tokens, instruction) of equal length."""
     adapter = get_adapter(model)
@@ -152,11 +161,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     preset = PRESETS[args.preset]
-    model = build_model(preset, device, getattr(torch, args.dtype))
+    model, model_bytes, name = benchmark_model(preset, device, getattr(torch, args.dtype))
     adapter = get_adapter(model)
-    _synchronize(device)
-    model_bytes = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     sys.stdout.write(
         f"device: {name}; preset {args.preset}; dtype {args.dtype}; eager attention; "
         f"model footprint {model_bytes / 2**30:.2f} GiB; median of {args.repeats} after {args.warmup} warm-up\n"
