@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 from analysis.benchmarks import trace_overhead
 
@@ -30,8 +31,34 @@ def test_pruned_speed_runs(capsys: pytest.CaptureFixture[str]) -> None:
     """The pruned-runtime benchmark prints one row per variant and batch size, FastV matched to VisiPruner's FLOPs."""
     from analysis.benchmarks import pruned_speed
 
-    assert pruned_speed.main(["--preset", "tiny", "--batch-sizes", "1", "2", "--repeats", "1", "--warmup", "0",
-                              "--new-tokens", "2", "--device", "cpu", "--dtype", "float32"]) == 0
+    assert pruned_speed.main(["--preset", "tiny", "--batch-sizes", "1", "2", "--repeats", "3", "--rounds", "2",
+                              "--warmup", "0", "--new-tokens", "2", "--device", "cpu", "--dtype", "float32"]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
-    assert lines[0].startswith("device: cpu") and len(lines) == 2 + 2 * 3
-    assert "visipruner keep 4 @1 exit @2" in lines[3] and "fastv keep" in lines[4]
+    assert lines[0].startswith("device: cpu") and len(lines) == 2 + 2 * 4
+    assert lines[2].split()[2] == "unpruned" and "visipruner keep 4 @1 exit @2" in lines[3] and "fastv keep" in lines[4]
+    assert lines[5].startswith("    1 vision tower alone")
+    unpruned = lines[2].split()
+    # The unpruned row is its own baseline: speedups of exactly 1.
+    assert unpruned[-8] == "1.000" and unpruned[-3] == "1.000"
+
+
+def test_interleaved_rotates_and_counts_calls() -> None:
+    """Each step is called warm-up + rounds x ceil(repeats / rounds) times (+1 per round inside a context)."""
+    from contextlib import contextmanager
+
+    from analysis.benchmarks.pruned_speed import Timed, interleaved
+
+    calls: list[str] = []
+    entered: list[str] = []
+
+    @contextmanager
+    def context():  # type: ignore[no-untyped-def]
+        entered.append("b")
+        yield
+
+    entries = [Timed("a", lambda: calls.append("a")), Timed("b", lambda: calls.append("b"), context)]
+    timed = interleaved(entries, torch.device("cpu"), warmup=1, repeats=4, rounds=2)
+    assert calls.count("a") == 1 + 4 and calls.count("b") == 1 + 2 + 4 and len(entered) == 1 + 2
+    # The second round starts with the second entry.
+    assert calls[1 + 1 + 2 + 3] == "b"
+    assert set(timed) == {"a", "b"} and all(m.seconds > 0 and m.spread >= 0 for m in timed.values())

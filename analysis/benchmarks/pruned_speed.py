@@ -1,29 +1,33 @@
 """Speed of the token-dropping pruned runtime vs the unpruned model, on LLaVA-1.5-7B's architecture with random weights.
 
-``python -m analysis.benchmarks.pruned_speed [--preset llava-1.5-7b|tiny] [--batch-sizes 1 8]`` prints, per batch
-size and variant (unpruned; VisiPruner; FastV at the same prefill FLOPs), the median prefill latency, the median
-latency of a greedy ``generate`` of ``--new-tokens`` tokens, peak accelerator memory above the weights, the
-measured speedup next to the ideal one implied by the FLOPs cut (``analysis.pruner.flops``, exact convention) and
-their ratio, and the prefill's host time (until the call returns, before synchronising): where it is about the
-prefill time, the pass is bound by Python and kernel launches, and no FLOPs cut can speed it up. Random weights make the selection rule meaningless, so selections are pinned: VisiPruner keeps
-``--keep`` evenly spaced image tokens after ``--selection-layer`` and drops all after ``--exit-layer``; FastV keeps the
-number of tokens after ``--fastv-layer`` whose prefill FLOPs come closest. The cost of evaluating the rule (a float32
-last-row recomputation in observed layers) is therefore not included. The vision tower is not run: it is the same
-for every variant and pruning does not touch it, so prompts enter as embeddings and the speedups are the decoder's.
+``python -m analysis.benchmarks.pruned_speed [--preset llava-1.5-7b|tiny] [--batch-sizes 1 8] [--cuda-graphs]`` prints,
+per batch size and variant (unpruned; VisiPruner; FastV at the same prefill FLOPs), the median latency of the
+decoder's prefill, the median end-to-end latency of a greedy ``generate`` of ``--new-tokens`` tokens from pixels and
+token ids (vision tower included) with its spread, the peak accelerator memory a call allocates, the measured speedup
+next to the ideal one implied by the FLOPs cut (``analysis.pruner.flops``, exact convention) and their ratio, and the
+prefill's host time (until the call returns, before synchronising): where it is about the prefill time, the pass is
+bound by Python and kernel launches, and no FLOPs cut can speed it up. Every step is timed in rounds that rotate
+through all of them, so drift of the machine falls on all variants alike. Random weights make the selection rule
+meaningless, so selections are pinned: VisiPruner keeps ``--keep`` evenly spaced image tokens after
+``--selection-layer`` and drops all after ``--exit-layer``; FastV keeps the number of tokens after ``--fastv-layer``
+whose prefill FLOPs come closest. The cost of evaluating the rule (a float32 last-row recomputation in observed
+layers) is therefore not included.
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
+import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from analysis.benchmarks.trace_overhead import PRESETS, Measurement, benchmark_model, build_inputs, measure
+from analysis.benchmarks.trace_overhead import PRESETS, Measurement, synchronize, benchmark_model, build_inputs
 from analysis.errors import ConfigError
 from analysis.models.adapters import ModelInputs
 from analysis.pruner.config import PruningConfig
@@ -131,6 +135,65 @@ def running(model: torch.nn.Module, variant: Variant, inputs: ModelInputs) -> It
         yield
 
 
+@dataclass
+class Timed:
+    """A step to time and the context it must run in (None: none, as for a graph replay or the unpruned model)."""
+
+    key: str
+    step: Callable[[], object]
+    context: Callable[[], AbstractContextManager[object]] | None = None
+
+
+def interleaved(entries: list[Timed], device: torch.device, warmup: int, repeats: int, rounds: int) -> dict[
+    str, Measurement
+]:
+    """Median wall and host seconds of each entry, timed in rounds that rotate through all entries."""
+    # Rounds spread slow drift of the host or the device (clocks, other tenants) over every entry alike, where timing
+    # one entry after the other let it fall on one of them: end-to-end generate times moved by 40% between runs.
+    per_round = max(1, -(-repeats // rounds))
+    wall: dict[str, list[float]] = {entry.key: [] for entry in entries}
+    host: dict[str, list[float]] = {entry.key: [] for entry in entries}
+    for entry in entries:
+        with entry.context() if entry.context else nullcontext():
+            for _ in range(warmup):
+                entry.step()
+    for round_index in range(rounds):
+        shift = round_index % len(entries)
+        for entry in entries[shift:] + entries[:shift]:
+            with entry.context() if entry.context else nullcontext():
+                if entry.context:
+                    entry.step()  # untimed: a runtime's first pass after entering builds its per-layer layouts
+                for _ in range(per_round):
+                    synchronize(device)
+                    start = time.perf_counter()
+                    entry.step()
+                    host[entry.key].append(time.perf_counter() - start)
+                    synchronize(device)
+                    wall[entry.key].append(time.perf_counter() - start)
+    return {key: Measurement(statistics.median(wall[key]), 0, statistics.median(host[key]), relative_spread(wall[key]))
+            for key in wall}
+
+
+def relative_spread(seconds: list[float]) -> float:
+    """Interquartile range over the median."""
+    low, _, high = statistics.quantiles(seconds, n=4) if len(seconds) > 1 else (seconds[0],) * 3
+    return (high - low) / statistics.median(seconds)
+
+
+def peak_bytes(step: Callable[[], object], context: Callable[[], AbstractContextManager[object]] | None,
+               device: torch.device) -> int:
+    """Peak accelerator memory one call of ``step`` allocates above what was allocated before it."""
+    if device.type != "cuda":
+        return 0
+    synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    before = torch.cuda.memory_allocated(device)
+    with context() if context else nullcontext():
+        step()
+    synchronize(device)
+    return torch.cuda.max_memory_allocated(device) - before
+
+
 def main(argv: list[str] | None = None) -> int:
     """Measure and print pruned-runtime latency and memory against the ideal FLOPs speedup."""
     parser = argparse.ArgumentParser(prog="python -m analysis.benchmarks.pruned_speed", description=__doc__,
@@ -144,14 +207,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--fastv-layer", type=int, help="FastV's pruning layer K")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", choices=["float16", "bfloat16", "float32"], default="float16")
-    parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--warmup", type=int, default=2, help="untimed calls of each step before the rounds")
+    parser.add_argument("--repeats", type=int, default=10, help="timed calls of each step, in all")
+    parser.add_argument("--rounds", type=int, default=5, help="rounds the timed calls are spread over")
     parser.add_argument("--cuda-graphs", action="store_true",
                         help="time the prefill as a CUDA-graph replay (every variant, the unpruned one too), which "
                              "takes Python and kernel launches out of the measurement; needs unpadded batches")
     args = parser.parse_args(argv)
     if args.new_tokens < 1:
         parser.error("--new-tokens must be >= 1")
+    if args.repeats < 1 or args.rounds < 1 or args.warmup < 0:
+        parser.error("--repeats and --rounds must be >= 1 and --warmup >= 0")
     if args.cuda_graphs and not args.device.startswith("cuda"):
         parser.error("--cuda-graphs needs a CUDA device")
     pinned = dict(PINNED[args.preset])
@@ -160,85 +226,111 @@ def main(argv: list[str] | None = None) -> int:
             pinned[key] = getattr(args, key)
     device = torch.device(args.device)
     preset = PRESETS[args.preset]
-    model, model_bytes, name = benchmark_model(preset, device, getattr(torch, args.dtype))
+    model, _, name = benchmark_model(preset, device, getattr(torch, args.dtype))
     model.set_attn_implementation("sdpa")
     shape = DecoderShape.from_config(model.config.get_text_config())
     sys.stdout.write(
         f"device: {name}; preset {args.preset}; dtype {args.dtype}; SDPA; {args.new_tokens} new tokens; "
-        f"median of {args.repeats} after {args.warmup} warm-up; decoder only (vision tower excluded); "
-        f"prefill {'replayed as a CUDA graph' if args.cuda_graphs else 'run eagerly'}; "
-        f"speedup = unpruned / variant, ideal = FLOPs ratio (exact), ratio = speedup / ideal; n-ideal = the speedup "
-        f"if every layer ran as fast as the unpruned model does at that layer's token count; host s = prefill time "
-        f"until the call returns\n"
+        f"median of {args.repeats} in {args.rounds} rounds over all steps, after {args.warmup} warm-up; "
+        f"prefill: decoder only, {'replayed as a CUDA graph' if args.cuda_graphs else 'run eagerly'}; "
+        f"generate: end to end from pixels and token ids (vision tower included), eager; "
+        f"speedup = unpruned / variant, ideal = decoder FLOPs ratio (exact), ratio = speedup / ideal; n-ideal = the "
+        f"speedup if every layer ran as fast as the unpruned model does at that layer's token count; host s = prefill "
+        f"time until the call returns; spread = interquartile range / median; peak = most memory a prefill or "
+        f"generate call allocates\n"
     )
-    header = (f"{'batch':>5} {'tokens':>6} {'variant':<34} {'prefill s':>9} {'host s':>7} {'generate s':>10} {'peak GiB':>8} "
-              f"{'prefill x':>9} {'ideal':>6} {'ratio':>6} {'n-ideal':>8} {'ratio':>6} "
+    header = (f"{'batch':>5} {'tokens':>6} {'variant':<34} {'prefill s':>9} {'host s':>7} {'generate s':>10} "
+              f"{'spread':>6} {'peak GiB':>8} {'prefill x':>9} {'ideal':>6} {'ratio':>6} {'n-ideal':>8} {'ratio':>6} "
               f"{'generate x':>10} {'ideal':>6} {'ratio':>6}")
     sys.stdout.write(header + "\n")
-    gib = 2**30
     for batch_size in args.batch_sizes:
-        inputs = build_inputs(model, preset, batch_size, device)
-        with torch.inference_mode():
-            embeds = model.get_input_embeddings()(inputs.input_ids)
-        length, n_image = inputs.input_ids.shape[1], inputs.layouts[0].n_image_tokens
-        pad = model.config.get_text_config().pad_token_id
-        base: dict[str, float] = {}
-        unpruned: dict[int, Measurement] = {}
-
-        def prefill_step(n_tokens: int) -> Callable[[], object]:
-            """The prefill of the prompts' first ``n_tokens`` positions, eager or as a CUDA-graph replay."""
-            prefix, mask = embeds[:, :n_tokens], inputs.attention_mask[:, :n_tokens]
-
-            def prefill() -> object:
-                with torch.inference_mode():
-                    return model(inputs_embeds=prefix, attention_mask=mask, logits_to_keep=1)
-
-            def static_prefill() -> object:
-                # Equal-length prompts need no mask, and without one nothing in the pass reads the device back.
-                with torch.inference_mode():
-                    return model(inputs_embeds=prefix, logits_to_keep=1, use_cache=False)
-
-            return graphed(static_prefill, device) if args.cuda_graphs else prefill
-
-        def unpruned_at(n_tokens: int) -> Measurement:
-            """The unpruned prefill of ``n_tokens``-token prompts (measured once per length)."""
-            if n_tokens not in unpruned:
-                unpruned[n_tokens] = measure(prefill_step(n_tokens), device, args.warmup, args.repeats, model_bytes)
-            return unpruned[n_tokens]
-
-        for variant in variants(shape, length, n_image, batch_size, pinned):
-            def generate() -> object:
-                with torch.inference_mode():
-                    return model.generate(inputs_embeds=embeds, attention_mask=inputs.attention_mask,
-                                          max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens,
-                                          do_sample=False, pad_token_id=pad)
-
-            # What the variant would take if each layer ran as fast as the unpruned model at that layer's token
-            # count: the ideal that also knows where a pass is memory- or launch-bound, unlike the FLOPs ratio.
-            at_counts = sum(unpruned_at(layer.total).seconds for layer in variant.tokens) / len(variant.tokens)
-            with running(model, variant, inputs):
-                # The unpruned variant's prefill is the full-length one the token-count ideal already measured.
-                prefill_m = (unpruned_at(length) if variant.config is None else
-                             measure(prefill_step(length), device, args.warmup, args.repeats, model_bytes))
-                generate_m: Measurement = measure(generate, device, args.warmup, args.repeats, model_bytes)
-            flops = {"prefill": prefill_flops(shape, variant.tokens)["exact"],
-                     "generate": generation_flops(shape, variant.tokens, args.new_tokens)}
-            seconds = {"prefill": prefill_m.seconds, "generate": generate_m.seconds}
-            if variant.config is None:
-                base = {**{f"{k} s": v for k, v in seconds.items()}, **{f"{k} flops": v for k, v in flops.items()}}
-            cells = []
-            for kind in ("prefill", "generate"):
-                speedup = base[f"{kind} s"] / seconds[kind]
-                ideal = base[f"{kind} flops"] / flops[kind]
-                cells.append(f"{speedup:>{9 if kind == 'prefill' else 10}.3f} {ideal:>6.3f} {speedup / ideal:>6.3f}")
-            counts_ideal = base["prefill s"] / at_counts
-            sys.stdout.write(
-                f"{batch_size:>5} {length:>6} {variant.name:<34} {prefill_m.seconds:>9.4f} {prefill_m.host_seconds:>7.4f} "
-                f"{generate_m.seconds:>10.4f} "
-                f"{max(prefill_m.extra_bytes, generate_m.extra_bytes) / gib:>8.3f} {cells[0]} "
-                f"{counts_ideal:>8.3f} {base['prefill s'] / seconds['prefill'] / counts_ideal:>6.3f} {cells[1]}\n"
-            )
+        _benchmark_batch(model, preset, shape, pinned, batch_size, device, args)
     return 0
+
+
+def _benchmark_batch(model: torch.nn.Module, preset: dict, shape: DecoderShape, pinned: dict[str, int],
+                     batch_size: int, device: torch.device, args: argparse.Namespace) -> None:
+    """Time every variant's prefill and end-to-end generate for one batch size and print their rows."""
+    inputs = build_inputs(model, preset, batch_size, device)
+    with torch.inference_mode():
+        embeds = model.get_input_embeddings()(inputs.input_ids)
+    length, n_image = inputs.input_ids.shape[1], inputs.layouts[0].n_image_tokens
+    pad = model.config.get_text_config().pad_token_id
+    all_variants = variants(shape, length, n_image, batch_size, pinned)
+
+    def prefill(n_tokens: int) -> Callable[[], object]:
+        """The eager decoder prefill of the prompts' first ``n_tokens`` positions."""
+        prefix, mask = embeds[:, :n_tokens], inputs.attention_mask[:, :n_tokens]
+
+        def step() -> object:
+            with torch.inference_mode():
+                return model(inputs_embeds=prefix, attention_mask=mask, logits_to_keep=1)
+
+        return step
+
+    def static_prefill(n_tokens: int) -> Callable[[], object]:
+        """The same prefill as a CUDA graph's replay (equal-length prompts need no mask, so nothing reads back)."""
+        prefix = embeds[:, :n_tokens]
+
+        def step() -> object:
+            with torch.inference_mode():
+                return model(inputs_embeds=prefix, logits_to_keep=1, use_cache=False)
+
+        return graphed(step, device)
+
+    def generate() -> object:
+        with torch.inference_mode():
+            return model.generate(**inputs.tensors, max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens,
+                                  do_sample=False, pad_token_id=pad)
+
+    def vision_tower() -> object:
+        with torch.inference_mode():
+            return model.model.get_image_features(pixel_values=inputs.tensors["pixel_values"],
+                                                  vision_feature_layer=model.config.vision_feature_layer,
+                                                  vision_feature_select_strategy="default")
+
+    entries = [Timed("vision tower", vision_tower)]
+    # What a variant would take if each layer ran as fast as the unpruned model at that layer's token count: the
+    # ideal that also knows where a pass is memory- or launch-bound, unlike the FLOPs ratio.
+    for n_tokens in sorted({layer.total for variant in all_variants for layer in variant.tokens}):
+        entries.append(Timed(f"unpruned prefill {n_tokens}",
+                             static_prefill(n_tokens) if args.cuda_graphs else prefill(n_tokens)))
+    peaks: dict[str, int] = {}
+    for variant in all_variants:
+        def context(variant: Variant = variant) -> AbstractContextManager[None]:
+            return running(model, variant, inputs)
+
+        if variant.config is not None:
+            if args.cuda_graphs:
+                with context():
+                    entries.append(Timed(f"{variant.name} prefill", static_prefill(length)))
+            else:
+                entries.append(Timed(f"{variant.name} prefill", prefill(length), context))
+        entries.append(Timed(f"{variant.name} generate", generate, context))
+        peaks[variant.name] = max(peak_bytes(prefill(length), context, device), peak_bytes(generate, context, device))
+    timed = interleaved(entries, device, args.warmup, args.repeats, args.rounds)
+
+    base_prefill, base_generate = timed[f"unpruned prefill {length}"], timed["unpruned generate"]
+    full_flops = {"prefill": prefill_flops(shape, all_variants[0].tokens)["exact"],
+                  "generate": generation_flops(shape, all_variants[0].tokens, args.new_tokens)}
+    for variant in all_variants:
+        prefill_m = timed[f"unpruned prefill {length}" if variant.config is None else f"{variant.name} prefill"]
+        generate_m = timed[f"{variant.name} generate"]
+        at_counts = sum(timed[f"unpruned prefill {layer.total}"].seconds for layer in variant.tokens) / len(
+            variant.tokens)
+        prefill_x, generate_x = base_prefill.seconds / prefill_m.seconds, base_generate.seconds / generate_m.seconds
+        prefill_ideal = full_flops["prefill"] / prefill_flops(shape, variant.tokens)["exact"]
+        generate_ideal = full_flops["generate"] / generation_flops(shape, variant.tokens, args.new_tokens)
+        counts_ideal = base_prefill.seconds / at_counts
+        sys.stdout.write(
+            f"{batch_size:>5} {length:>6} {variant.name:<34} {prefill_m.seconds:>9.4f} {prefill_m.host_seconds:>7.4f} "
+            f"{generate_m.seconds:>10.4f} {generate_m.spread:>6.2f} {peaks[variant.name] / 2**30:>8.3f} "
+            f"{prefill_x:>9.3f} {prefill_ideal:>6.3f} {prefill_x / prefill_ideal:>6.3f} "
+            f"{counts_ideal:>8.3f} {prefill_x / counts_ideal:>6.3f} "
+            f"{generate_x:>10.3f} {generate_ideal:>6.3f} {generate_x / generate_ideal:>6.3f}\n"
+        )
+    tower = timed["vision tower"]
+    sys.stdout.write(f"{batch_size:>5} vision tower alone (inside every generate): {tower.seconds:.4f} s\n")
 
 
 if __name__ == "__main__":

@@ -59,6 +59,7 @@ class Measurement:
     # Until the call returns, before waiting for the device: when it is close to ``seconds`` the work is bound by
     # the host launching kernels, not by the device, and fewer FLOPs cannot make it faster.
     host_seconds: float = 0.0
+    spread: float = 0.0  # interquartile range over the median, where measured
 
 
 def build_model(preset: dict, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
@@ -89,7 +90,7 @@ def build_model(preset: dict, device: torch.device, dtype: torch.dtype) -> torch
 def benchmark_model(preset: dict, device: torch.device, dtype: torch.dtype) -> tuple[torch.nn.Module, int, str]:
     """The preset's random model on ``device``, the bytes its weights take there, and the device's name."""
     model = build_model(preset, device, dtype)
-    _synchronize(device)
+    synchronize(device)
     model_bytes = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     return model, model_bytes, name
@@ -128,7 +129,7 @@ def measure(step: Callable[[], object], device: torch.device, warmup: int, repea
     """Median wall time of ``step`` and its peak memory above the model's weights."""
     for _ in range(warmup):
         step()
-    _synchronize(device)
+    synchronize(device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     times, host_times = [], []
@@ -136,13 +137,13 @@ def measure(step: Callable[[], object], device: torch.device, warmup: int, repea
         start = time.perf_counter()
         step()
         host_times.append(time.perf_counter() - start)
-        _synchronize(device)
+        synchronize(device)
         times.append(time.perf_counter() - start)
     peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else model_bytes
     return Measurement(statistics.median(times), peak - model_bytes, statistics.median(host_times))
 
 
-def _synchronize(device: torch.device) -> None:
+def synchronize(device: torch.device) -> None:
     """Wait for queued kernels so wall time covers them."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
