@@ -126,13 +126,13 @@ def graphed(step: Callable[[], object], device: torch.device) -> Callable[[], ob
 
 
 @contextmanager
-def running(model: torch.nn.Module, variant: Variant, inputs: ModelInputs) -> Iterator[None]:
-    """The model as the variant runs it."""
+def running(model: torch.nn.Module, variant: Variant, inputs: ModelInputs) -> Iterator[object]:
+    """The model as the variant runs it; yields the pruned runtime (None for the unmodified model)."""
     if variant.config is None:
-        yield
+        yield None
         return
-    with pruned_runtime(model, variant.config, inputs.layouts, decisions=variant.decisions):
-        yield
+    with pruned_runtime(model, variant.config, inputs.layouts, decisions=variant.decisions) as runtime:
+        yield runtime
 
 
 @dataclass
@@ -194,6 +194,22 @@ def peak_bytes(step: Callable[[], object], context: Callable[[], AbstractContext
     return torch.cuda.max_memory_allocated(device) - before
 
 
+def device_busy_seconds(step: Callable[[], object], context: Callable[[], AbstractContextManager[object]] | None,
+                        device: torch.device) -> float | None:
+    """Seconds the accelerator spends in kernels and copies during one call of ``step`` (None off CUDA)."""
+    # Eager decoding at batch 1 is bound by the host launching kernels, which hides what pruning saves on the device;
+    # the kernels' own time is what a server that launches them faster (CUDA graphs, a compiled loop) would pay.
+    if device.type != "cuda":
+        return None
+    from torch.profiler import ProfilerActivity, profile
+
+    synchronize(device)
+    with context() if context else nullcontext(), profile(activities=[ProfilerActivity.CUDA]) as profiler:
+        step()
+        synchronize(device)
+    return sum(event.self_device_time_total for event in profiler.key_averages()) / 1e6
+
+
 def main(argv: list[str] | None = None) -> int:
     """Measure and print pruned-runtime latency and memory against the ideal FLOPs speedup."""
     parser = argparse.ArgumentParser(prog="python -m analysis.benchmarks.pruned_speed", description=__doc__,
@@ -237,11 +253,11 @@ def main(argv: list[str] | None = None) -> int:
         f"speedup = unpruned / variant, ideal = decoder FLOPs ratio (exact), ratio = speedup / ideal; n-ideal = the "
         f"speedup if every layer ran as fast as the unpruned model does at that layer's token count; host s = prefill "
         f"time until the call returns; spread = interquartile range / median; peak = most memory a prefill or "
-        f"generate call allocates\n"
+        f"generate call allocates; GPU s = time the GPU spends in kernels during one generate (profiled)\n"
     )
     header = (f"{'batch':>5} {'tokens':>6} {'variant':<34} {'prefill s':>9} {'host s':>7} {'generate s':>10} "
               f"{'spread':>6} {'peak GiB':>8} {'prefill x':>9} {'ideal':>6} {'ratio':>6} {'n-ideal':>8} {'ratio':>6} "
-              f"{'generate x':>10} {'ideal':>6} {'ratio':>6}")
+              f"{'generate x':>10} {'ideal':>6} {'ratio':>6} {'GPU s':>7} {'GPU x':>6}")
     sys.stdout.write(header + "\n")
     for batch_size in args.batch_sizes:
         _benchmark_batch(model, preset, shape, pinned, batch_size, device, args)
@@ -296,18 +312,23 @@ def _benchmark_batch(model: torch.nn.Module, preset: dict, shape: DecoderShape, 
         entries.append(Timed(f"unpruned prefill {n_tokens}",
                              static_prefill(n_tokens) if args.cuda_graphs else prefill(n_tokens)))
     peaks: dict[str, int] = {}
+    busy: dict[str, float | None] = {}
+    # A captured graph reads its runtime's per-layer index tensors, which must outlive the block it was captured in.
+    captured_runtimes: list[object] = []
     for variant in all_variants:
-        def context(variant: Variant = variant) -> AbstractContextManager[None]:
+        def context(variant: Variant = variant) -> AbstractContextManager[object]:
             return running(model, variant, inputs)
 
         if variant.config is not None:
             if args.cuda_graphs:
-                with context():
+                with context() as runtime:
                     entries.append(Timed(f"{variant.name} prefill", static_prefill(length)))
+                captured_runtimes.append(runtime)
             else:
                 entries.append(Timed(f"{variant.name} prefill", prefill(length), context))
         entries.append(Timed(f"{variant.name} generate", generate, context))
         peaks[variant.name] = max(peak_bytes(prefill(length), context, device), peak_bytes(generate, context, device))
+        busy[variant.name] = device_busy_seconds(generate, context, device)
     timed = interleaved(entries, device, args.warmup, args.repeats, args.rounds)
 
     base_prefill, base_generate = timed[f"unpruned prefill {length}"], timed["unpruned generate"]
@@ -322,12 +343,14 @@ def _benchmark_batch(model: torch.nn.Module, preset: dict, shape: DecoderShape, 
         prefill_ideal = full_flops["prefill"] / prefill_flops(shape, variant.tokens)["exact"]
         generate_ideal = full_flops["generate"] / generation_flops(shape, variant.tokens, args.new_tokens)
         counts_ideal = base_prefill.seconds / at_counts
+        gpu, base_gpu = busy[variant.name], busy[all_variants[0].name]
+        gpu_cells = f"{gpu:>7.4f} {base_gpu / gpu:>6.3f}" if gpu and base_gpu else f"{'-':>7} {'-':>6}"
         sys.stdout.write(
             f"{batch_size:>5} {length:>6} {variant.name:<34} {prefill_m.seconds:>9.4f} {prefill_m.host_seconds:>7.4f} "
             f"{generate_m.seconds:>10.4f} {generate_m.spread:>6.2f} {peaks[variant.name] / 2**30:>8.3f} "
             f"{prefill_x:>9.3f} {prefill_ideal:>6.3f} {prefill_x / prefill_ideal:>6.3f} "
             f"{counts_ideal:>8.3f} {prefill_x / counts_ideal:>6.3f} "
-            f"{generate_x:>10.3f} {generate_ideal:>6.3f} {generate_x / generate_ideal:>6.3f}\n"
+            f"{generate_x:>10.3f} {generate_ideal:>6.3f} {generate_x / generate_ideal:>6.3f} {gpu_cells}\n"
         )
     tower = timed["vision tower"]
     sys.stdout.write(f"{batch_size:>5} vision tower alone (inside every generate): {tower.seconds:.4f} s\n")
