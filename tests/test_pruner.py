@@ -259,3 +259,52 @@ def test_sweep_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     bad.write_text(json.dumps({"num_layers": 32}))
     assert main(["sweep", str(bad), "--limit", "4", "--device", "cpu"]) == 2
     assert "32-layer model" in capsys.readouterr().err
+
+
+def test_ceiling_reads_exit_cost_and_budgets(tmp_path: Path) -> None:
+    """Per layer: the exact FLOPs cut of exiting vision there, the answers that exit changes, the target's budget."""
+    from analysis.pruner.ceiling import CeilingConfig, ceiling, describe
+    from analysis.pruner.flops import DecoderShape, LayerTokens, prefill_flops
+    from tests.test_stages import DEEP_START, N_LAYERS, write_synthetic_run
+
+    run = write_synthetic_run(tmp_path / "run", 10, image_span=(100, 20, 84))  # 64 image tokens of 100
+    shape = DecoderShape(num_layers=N_LAYERS, hidden=64, intermediate=128, num_heads=4, num_kv_heads=4, head_dim=16)
+    config = CeilingConfig(target_cut=40.0)
+    table = ceiling(run, shape, config)
+
+    def cut(layer: int, keep: int) -> float:
+        layers = [LayerTokens(100, 64)] * layer + [LayerTokens(36 + keep, keep)] * (N_LAYERS - layer)
+        return 100 * (1 - prefill_flops(shape, layers)["exact"] / prefill_flops(shape, [LayerTokens(100, 64)] * N_LAYERS)["exact"])
+
+    assert table["exit_cut"].tolist() == pytest.approx([cut(layer, 0) for layer in range(N_LAYERS)])
+    # The synthetic answers change exactly when the image is hidden from a layer before D.
+    assert table["changed"].tolist() == [1.0] * DEEP_START + [0.0] * (N_LAYERS - DEEP_START)
+    for row in table.itertuples():
+        if row.keep_for_target < 0:
+            assert cut(row.layer, 0) < 40.0
+        else:
+            assert cut(row.layer, row.keep_for_target) >= 40.0
+            assert row.keep_for_target == 64 or cut(row.layer, row.keep_for_target + 1) < 40.0
+    assert (table["keep_for_target"] >= 0).any() and (table["keep_for_target"] < 0).any()
+    text = describe(table, config)
+    assert f"{cut(DEEP_START, 0):.1f}% (vision exits at layer {DEEP_START})" in text
+    last = int(table[table["keep_for_target"] >= 0]["layer"].max())
+    assert f"must drop them at layer {last} or earlier" in text and "changes 100.0% of answers" in text
+
+
+def test_ceiling_bad_input(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A run of another layer count, a run without a model and out-of-range values are named, not tracebacks."""
+    from analysis.pruner.__main__ import main
+    from tests.test_stages import write_synthetic_run
+
+    run = write_synthetic_run(tmp_path / "run", 4, model="tiny-llava", image_span=(30, 5, 21))
+    assert main(["ceiling", str(run)]) != 0
+    assert "has 'from' knockouts for 12 layers but the model has 4" in capsys.readouterr().err
+    assert main(["ceiling", str(run), "--target-cut", "150", "--tolerance", "1.5"]) != 0
+    err = capsys.readouterr().err
+    assert "--target-cut must be in (0, 100)" in err and "--tolerance must be in [0, 1)" in err
+    anonymous = write_synthetic_run(tmp_path / "anonymous", 4, image_span=(30, 5, 21))
+    assert main(["ceiling", str(anonymous)]) != 0
+    assert "names no model" in capsys.readouterr().err
+    assert main(["ceiling", str(tmp_path / "missing")]) != 0
+    assert "no manifest.json" in capsys.readouterr().err

@@ -18,11 +18,13 @@ SHALLOW_END, DEEP_START = 4, 8
 
 
 def write_synthetic_run(root: Path, n_samples: int, *, noise: float = 0.0, effect: float = 1.0, seed: int = 0,
-                        families: tuple[str, ...] = ("a", "b")) -> Path:
+                        families: tuple[str, ...] = ("a", "b"), model: str | None = None,
+                        image_span: tuple[int, int, int] | None = None) -> Path:
     """A probe run whose knockouts change answers exactly when image access in layers [S, D) is cut.
 
     Each sample's answer flips with probability ``effect`` when its fusion band is cut and with
-    probability ``noise`` otherwise.
+    probability ``noise`` otherwise. ``model`` is recorded in the manifest; ``image_span`` = (prompt length, first
+    image position, end of the image) fills every sample's token layout.
     """
     rng = np.random.default_rng(seed)
     effects, kv, samples = [], [], []
@@ -42,9 +44,14 @@ def write_synthetic_run(root: Path, n_samples: int, *, noise: float = 0.0, effec
     schemas = {"effects": PROBE_SCHEMAS["effects"], "kv_removal": PROBE_SCHEMAS["kv_removal"],
                SAMPLES_TABLE: TRACE_SCHEMAS[SAMPLES_TABLE]}
     folder = RunFolder(root, schemas)
-    folder.start({"command": "synthetic"}, {"synthetic": True})
+    folder.start({"command": "synthetic", "config": {"model": model}}, {"synthetic": True})
     sample_rows = {name: [None] * n_samples for name in TRACE_SCHEMAS[SAMPLES_TABLE].names}
     sample_rows["sample_id"] = samples
+    if image_span is not None:
+        length, start, end = image_span
+        sample_rows["n_tokens"] = [length] * n_samples
+        sample_rows["image_starts"] = [[start]] * n_samples
+        sample_rows["image_ends"] = [[end]] * n_samples
     sample_rows["family"] = [families[i % len(families)] for i in range(n_samples)]
     folder.write_part({
         "effects": pa.Table.from_pylist(effects, schema=schemas["effects"]),

@@ -20,6 +20,7 @@ import argparse
 import statistics
 import sys
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
@@ -204,9 +205,12 @@ def device_busy_seconds(step: Callable[[], object], context: Callable[[], Abstra
     from torch.profiler import ProfilerActivity, profile
 
     synchronize(device)
-    with context() if context else nullcontext(), profile(activities=[ProfilerActivity.CUDA]) as profiler:
-        step()
-        synchronize(device)
+    with warnings.catch_warnings():
+        # The profiler warns that it keeps one cycle's events; one call is all this profile is.
+        warnings.filterwarnings("ignore", message="Profiler clears events")
+        with context() if context else nullcontext(), profile(activities=[ProfilerActivity.CUDA]) as profiler:
+            step()
+            synchronize(device)
     return sum(event.self_device_time_total for event in profiler.key_averages()) / 1e6
 
 

@@ -119,6 +119,22 @@ def weights_fingerprint(name: str) -> str | None:
     return digest.hexdigest()[:16]
 
 
+def load_text_config(name: str, revision: str | None = None) -> Any:
+    """The language model's HF config of a named model, without reading its weights."""
+    spec = resolve(name)
+    if spec.source.startswith("builtin:"):
+        return adapter_class(spec.model_type).tiny_model(seed=0).config.get_text_config()
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(local_source(spec), revision=revision).get_text_config()
+    except (OSError, ValueError) as error:
+        raise ModelError(
+            f"cannot load the config of {local_source(spec)!r} ({_first_line(error)}); check the id or path, "
+            "or download the model first (HF_HUB_OFFLINE=1 uses the local cache only)"
+        ) from None
+
+
 def load_model(
     name: str,
     *,

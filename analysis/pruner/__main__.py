@@ -1,4 +1,8 @@
-"""``python -m analysis.pruner export RUN_DIR -o config.json``: derive a pruning config from a calibration run."""
+"""``python -m analysis.pruner export RUN_DIR -o config.json``: derive a pruning config from a calibration run.
+
+``sweep`` evaluates configs against FLOPs-matched baselines; ``ceiling`` reads from a probe run how much any
+image-token pruning can cut before it changes answers.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +12,7 @@ import sys
 from analysis.cli import run_cli
 from analysis.config import add_arguments, from_namespace
 from analysis.errors import ConfigError
+from analysis.pruner.ceiling import CeilingConfig
 from analysis.pruner.export import ExportConfig, derive, describe, write
 from analysis.trace.run import DEFAULT_MODEL
 
@@ -35,9 +40,15 @@ def main(argv: list[str] | None = None) -> int:
                             "the softmax in the prefill only, selection rule in the model's dtype)")
     sweep.add_argument("--device", default=None, help="torch device; default cuda if available")
     sweep.add_argument("-o", "--output", default=None, help="also write the table as CSV")
+    ceiling = commands.add_parser("ceiling", help="FLOPs cut of exiting vision at each layer next to the answers it "
+                                  "changes, from a probe run", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    ceiling.add_argument("run_dir", help="probe run with 'from' knockouts (python -m analysis.probes)")
+    add_arguments(ceiling, CeilingConfig)
     args = parser.parse_args(argv)
     if args.command == "sweep":
         return run_cli(lambda: _sweep(args))
+    if args.command == "ceiling":
+        return run_cli(lambda: _ceiling(args))
     config = from_namespace(ExportConfig, args)
 
     def body() -> int:
@@ -49,6 +60,19 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     return run_cli(body)
+
+
+def _ceiling(args: argparse.Namespace) -> int:
+    """Print the per-layer ceiling table of a probe run and what it says about the target cut."""
+    from analysis.models.registry import load_text_config
+    from analysis.pruner.ceiling import ceiling, describe, model_of
+    from analysis.pruner.flops import DecoderShape
+
+    config = from_namespace(CeilingConfig, args)
+    config.validate()
+    shape = DecoderShape.from_config(load_text_config(model_of(args.run_dir)))
+    sys.stdout.write(describe(ceiling(args.run_dir, shape, config), config) + "\n")
+    return 0
 
 
 def _sweep(args: argparse.Namespace) -> int:

@@ -19,15 +19,19 @@ BASELINES = ("fastv", "random", "pre_llm")
 
 
 def baseline_flops_cut(shape: DecoderShape, per_sample: pd.DataFrame, method: str, prune_layer: int, keep: int) -> float:
-    """Exact prefill FLOPs cut (%) of a one-shot baseline keeping ``keep`` image tokens, over the given samples."""
+    """Exact prefill FLOPs cut (%) of a one-shot baseline keeping ``keep`` image tokens, over the given samples.
+
+    A ``weight`` column, where present, counts how many samples each row stands for.
+    """
     ours = full = 0.0
-    for n_tokens, n_image in zip(per_sample["n_tokens"], per_sample["n_image"]):
+    weights = per_sample["weight"] if "weight" in per_sample else [1] * len(per_sample)
+    for n_tokens, n_image, weight in zip(per_sample["n_tokens"], per_sample["n_image"], weights):
         kept = min(keep, n_image)
         pruned = LayerTokens(n_tokens - n_image + kept, kept)
         start = 0 if method == "pre_llm" else prune_layer
         layers = [LayerTokens(n_tokens, n_image)] * start + [pruned] * (shape.num_layers - start)
-        ours += prefill_flops(shape, layers)["exact"]
-        full += prefill_flops(shape, [LayerTokens(n_tokens, n_image)] * shape.num_layers)["exact"]
+        ours += weight * prefill_flops(shape, layers)["exact"]
+        full += weight * prefill_flops(shape, [LayerTokens(n_tokens, n_image)] * shape.num_layers)["exact"]
     return 100 * (1 - ours / full)
 
 
