@@ -196,6 +196,61 @@ def test_rule_precision_model_reproduces_half_precision_cosines(samples) -> None
     assert fired == {"float32": 1, "model": -1}
 
 
+def test_rule_decisions_follow_the_cosines_row_by_row(samples, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Selection at the first layer where some token's cosine drops below the threshold, keeping tokens above the
+    norm threshold; exit after ``deep_patience`` layers in which every kept token's cosine is negligible."""
+    import analysis.pruner.simulate as simulate
+    from analysis.probes.intervention import LastRowObservation
+
+    loaded = load_model("tiny-llava")
+    inputs = loaded.adapter.build_inputs(loaded.processor, samples[:4])
+    length, batch = inputs.input_ids.shape[1], 4
+    n_image = min(layout.n_image_tokens for layout in inputs.layouts)
+    layers = 8
+    rng = torch.Generator().manual_seed(0)
+    # Cosines near the thresholds so that rows decide at different layers; some rows never select, one keeps nothing.
+    cosines = 0.985 + 0.02 * torch.rand(layers, batch, n_image, generator=rng)
+    norms = torch.rand(batch, n_image, generator=rng)
+    norms[3] = 0.0
+    config = PruningConfig(num_layers=layers, stages=["middle", "deep"], shallow_mid_layer=0, layer_threshold=0.9855,
+                           tokens_threshold=0.5, deep_cosine=0.99, deep_patience=2)
+    hooks = PruningHooks(config, RegionMasks.from_layouts(inputs.layouts, length, inputs.input_ids.device),
+                         inputs.layouts, length)
+    valid = hooks.image_valid
+    current = {}
+
+    def recorded(observation, index, image_valid):  # type: ignore[no-untyped-def]
+        cosine = torch.ones_like(valid, dtype=torch.float32)
+        cosine[:, :n_image] = cosines[current["layer"]]
+        norm = torch.zeros_like(cosine)
+        norm[:, :n_image] = norms
+        return {"cosine": cosine * image_valid, "norm": norm * image_valid}
+
+    monkeypatch.setattr(simulate, "image_contributions", recorded)
+    dummy = torch.zeros(batch, 1, length, 2)
+    for layer in range(1, layers):
+        current["layer"] = layer
+        hooks.observe(LastRowObservation(layer, torch.zeros(batch, 1, 2), dummy, dummy, torch.zeros(batch, 1, length),
+                                         torch.float32))
+    for row in range(batch):
+        # The rule, one row at a time.
+        fired = [layer for layer in range(1, layers) if (cosines[layer, row] < 0.9855).any()]
+        selection = fired[0] if fired else -1
+        keep = norms[row] > 0.5
+        exit_layer, streak = -1, 0
+        for layer in range(selection + 1, layers) if fired else ():
+            if (cosines[layer, row][keep] >= 0.99).all():
+                streak += 1
+                if streak == 2:
+                    exit_layer = layer
+                    break
+        assert int(hooks.selection_layer[row]) == selection, row
+        assert int(hooks.exit_layer[row]) == exit_layer, row
+        if fired:
+            assert torch.equal(hooks.keep[row, :n_image], keep)
+    assert len(set(hooks.selection_layer.tolist())) > 1 and (hooks.exit_layer >= 0).any()
+
+
 def test_config_errors_list_every_problem(tmp_path: Path) -> None:
     """Another depth, thresholds out of range, missing keys and unknown modes are all reported together."""
     bad = {"mode": ["shallow", "sideways"], "shallow_mid_layer": 9, "layer_threshold": 1.5}
