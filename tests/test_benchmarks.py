@@ -32,11 +32,13 @@ def test_pruned_speed_runs(capsys: pytest.CaptureFixture[str]) -> None:
     from analysis.benchmarks import pruned_speed
 
     assert pruned_speed.main(["--preset", "tiny", "--batch-sizes", "1", "2", "--repeats", "3", "--rounds", "2",
-                              "--warmup", "0", "--new-tokens", "2", "--device", "cpu", "--dtype", "float32"]) == 0
+                              "--warmup", "0", "--new-tokens", "2", "--device", "cpu", "--dtype", "float32",
+                              "--rule-cost"]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
-    assert lines[0].startswith("device: cpu") and len(lines) == 2 + 2 * 4
+    assert lines[0].startswith("device: cpu") and len(lines) == 2 + 2 * 5
     assert lines[2].split()[2] == "unpruned" and "visipruner keep 4 @1 exit @2" in lines[3] and "fastv keep" in lines[4]
     assert lines[5].startswith("    1 vision tower alone")
+    assert lines[6].startswith("    1 selection rule evaluated in 3 layers")
     unpruned = lines[2].split()
     # The unpruned row is its own baseline: speedups of exactly 1.
     assert unpruned[-8] == "1.000" and unpruned[-3] == "1.000"

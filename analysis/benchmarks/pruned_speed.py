@@ -230,6 +230,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=2, help="untimed calls of each step before the rounds")
     parser.add_argument("--repeats", type=int, default=10, help="timed calls of each step, in all")
     parser.add_argument("--rounds", type=int, default=5, help="rounds the timed calls are spread over")
+    parser.add_argument("--rule-cost", action="store_true",
+                        help="also time the selection rule itself: a prefill that evaluates it in every layer (it "
+                             "keeps every token and never exits, so the tokens are the unpruned ones) against the "
+                             "same decisions pinned")
     parser.add_argument("--cuda-graphs", action="store_true",
                         help="time the prefill as a CUDA-graph replay (every variant, the unpruned one too), which "
                              "takes Python and kernel launches out of the measurement; needs unpadded batches")
@@ -358,6 +362,35 @@ def _benchmark_batch(model: torch.nn.Module, preset: dict, shape: DecoderShape, 
         )
     tower = timed["vision tower"]
     sys.stdout.write(f"{batch_size:>5} vision tower alone (inside every generate): {tower.seconds:.4f} s\n")
+    if args.rule_cost:
+        _rule_cost(model, inputs, prefill(length), shape.num_layers, batch_size, device, args)
+
+
+def _rule_cost(model: torch.nn.Module, inputs: ModelInputs, prefill: Callable[[], object], num_layers: int,
+               batch_size: int, device: torch.device, args: argparse.Namespace) -> None:
+    """Time an eager prefill that evaluates the selection rule in every layer against the same decisions pinned."""
+    # Decisions freeze after a block's first prefill, so every timed call gets a runtime of its own.
+    config = PruningConfig(num_layers=num_layers, stages=["middle", "deep"], shallow_mid_layer=0, tokens_threshold=0.0,
+                           deep_cosine=1.0, provenance={"source": "rule cost: keeps every token, never exits"})
+    with pruned_runtime(model, config, inputs.layouts) as runtime:
+        prefill()
+    decisions = runtime.decisions(inputs.layouts)
+
+    def fresh(pinned: Decisions | None) -> Callable[[], object]:
+        def step() -> object:
+            with pruned_runtime(model, config, inputs.layouts, decisions=pinned):
+                return prefill()
+
+        return step
+
+    timed = interleaved([Timed("rule", fresh(None)), Timed("pinned", fresh(decisions))], device, args.warmup,
+                        args.repeats, args.rounds)
+    observed = num_layers - 1 - config.shallow_mid_layer
+    extra = timed["rule"].seconds - timed["pinned"].seconds
+    sys.stdout.write(
+        f"{batch_size:>5} selection rule evaluated in {observed} layers: prefill {timed['rule'].seconds:.4f} s "
+        f"(host {timed['rule'].host_seconds:.4f} s) against {timed['pinned'].seconds:.4f} s with the same decisions "
+        f"pinned: {extra * 1e3:.1f} ms, {extra / observed * 1e3:.2f} ms per observed layer\n")
 
 
 if __name__ == "__main__":
