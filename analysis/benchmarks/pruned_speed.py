@@ -207,7 +207,7 @@ def device_busy_seconds(step: Callable[[], object], context: Callable[[], Abstra
     synchronize(device)
     with warnings.catch_warnings():
         # The profiler warns that it keeps one cycle's events; one call is all this profile is.
-        warnings.filterwarnings("ignore", message="Profiler clears events")
+        warnings.filterwarnings("ignore", message=".*Profiler clears events")
         with context() if context else nullcontext(), profile(activities=[ProfilerActivity.CUDA]) as profiler:
             step()
             synchronize(device)
