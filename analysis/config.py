@@ -15,9 +15,12 @@ from analysis.errors import ConfigError
 C = TypeVar("C")
 
 
-def option(default: Any, help: str, *, identity: bool = True, choices: tuple[Any, ...] | None = None) -> Any:
-    """A config field with CLI help; ``identity=False`` marks fields that don't change results."""
-    return dataclasses.field(default=default, metadata={"help": help, "identity": identity, "choices": choices})
+def option(default: Any, help: str, *, identity: bool = True, choices: tuple[Any, ...] | None = None,
+           aliases: tuple[str, ...] = ()) -> Any:
+    """A config field with CLI help; ``identity=False`` marks fields that don't change results; ``aliases`` are
+    further flags for it."""
+    return dataclasses.field(default=default, metadata={"help": help, "identity": identity, "choices": choices,
+                                                        "aliases": aliases})
 
 
 def _base_type(annotation: Any) -> tuple[type, bool]:
@@ -35,14 +38,16 @@ def add_arguments(parser: argparse.ArgumentParser, config_cls: type) -> None:
     """Add one ``--flag`` per dataclass field, with its help text, type and default."""
     for field in dataclasses.fields(config_cls):
         base, optional = _base_type(field.type)
-        flag = "--" + field.name.replace("_", "-")
+        flags = ["--" + field.name.replace("_", "-"), *field.metadata.get("aliases", ())]
         help_text = field.metadata.get("help", "")
         choices = field.metadata.get("choices")
         if base is bool:
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=field.default, help=help_text)
+            parser.add_argument(*flags, action=argparse.BooleanOptionalAction, default=field.default, help=help_text,
+                                dest=field.name)
             continue
         parser.add_argument(
-            flag,
+            *flags,
+            dest=field.name,
             type=base,
             default=field.default,
             choices=choices,

@@ -46,7 +46,8 @@ class EvalConfig:
     device: str | None = option(None, "torch device; default cuda if available")
     out: str | None = option(None, "output folder; default runs/eval/<model>/<dataset>-<split>")
     pruning_config: str | None = option(
-        None, "pruning config JSON (ours or the authors'): also report pruned accuracy, agreement, FLOPs, kept tokens"
+        None, "pruning config JSON (ours or the authors'): also report pruned accuracy, agreement, FLOPs, kept tokens",
+        aliases=("--config",),
     )
     pruning_runtime: str = option(
         "drop", "how the pruned model runs: drop (tokens leave hidden states and KV cache) or mask (same outputs, "
