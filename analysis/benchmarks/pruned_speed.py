@@ -11,7 +11,7 @@ through all of them, so drift of the machine falls on all variants alike. Random
 meaningless, so selections are pinned: VisiPruner keeps ``--keep`` evenly spaced image tokens after
 ``--selection-layer`` and drops all after ``--exit-layer``; FastV keeps the number of tokens after ``--fastv-layer``
 whose prefill FLOPs come closest. The cost of evaluating the rule (a float32 last-row recomputation in observed
-layers) is therefore not included.
+layers) is therefore not in the table; ``--rule-cost`` times it on its own.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from analysis.benchmarks.trace_overhead import PRESETS, Measurement, synchronize, benchmark_model, build_inputs
+from analysis.benchmarks.trace_overhead import PRESETS, Measurement, benchmark_model, build_inputs, synchronize
 from analysis.errors import ConfigError
 from analysis.models.adapters import ModelInputs
 from analysis.pruner.config import PruningConfig
