@@ -179,8 +179,8 @@ def eager_attention(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Plain softmax attention with grouped KV heads; returns (output (B, Q, H, d), weights (B, H, Q, K))."""
     groups = query.shape[1] // key.shape[1]
-    key = key.repeat_interleave(groups, dim=1)
-    value = value.repeat_interleave(groups, dim=1)
+    key = _per_query_head(key, groups)
+    value = _per_query_head(value, groups)
     scores = torch.matmul(query, key.transpose(2, 3)) * scaling
     if attention_mask is not None:
         scores = scores + attention_mask
@@ -268,13 +268,13 @@ def _rescale_zeroed(
     if rows.numel() == 0:
         return output, weights
     groups = query.shape[1] // key.shape[1]
-    k = key.float().repeat_interleave(groups, dim=1)
+    k = _per_query_head(key.float(), groups)
     scores = torch.einsum("bhqd,bhkd->bhqk", query[:, :, rows].float(), k) * scaling + mask[:, :, rows].float()
     mass = (torch.softmax(scores, dim=-1) * zeroed.edges[:, None, rows]).sum(-1)  # (B, H, Q')
     share = mass.transpose(1, 2)[..., None]  # (B, Q', H, 1)
     corrected = output[:, rows].float() * (1 - share)
     if zeroed.target is not None:
-        v = value.float().repeat_interleave(groups, dim=1)  # (B, H, K, d)
+        v = _per_query_head(value.float(), groups)  # (B, H, K, d)
         target = v[torch.arange(v.shape[0], device=v.device), :, zeroed.target]  # (B, H, d)
         corrected = corrected + share * target[:, None]
     output = output.clone()
@@ -287,6 +287,12 @@ def _rescale_zeroed(
     return output, weights
 
 
+def _per_query_head(states: torch.Tensor, groups: int) -> torch.Tensor:
+    """Key or value heads (B, H_kv, K, d) repeated for the query heads that share them."""
+    # Without grouped-query attention there is nothing to repeat, and repeat_interleave would still copy.
+    return states if groups == 1 else states.repeat_interleave(groups, dim=1)
+
+
 def _last_row(
     layer: int, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor, scaling: float,
     row: int, zeroed: ZeroedEdges | None = None,
@@ -294,8 +300,8 @@ def _last_row(
     """The last prompt position's attention recomputed in float32 from its query row only."""
     groups = query.shape[1] // key.shape[1]
     q = query[:, :, row].float()
-    k = key.float().repeat_interleave(groups, dim=1)
-    v = value.float().repeat_interleave(groups, dim=1)
+    k = _per_query_head(key.float(), groups)
+    v = _per_query_head(value.float(), groups)
     scores = torch.einsum("bhd,bhkd->bhk", q, k) * scaling + mask[:, :, row].float()  # (B, 1, K) row per sample
     weights = torch.softmax(scores, dim=-1)
     if zeroed is not None:
