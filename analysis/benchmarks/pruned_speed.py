@@ -30,7 +30,7 @@ import torch
 
 from analysis.benchmarks.trace_overhead import PRESETS, Measurement, benchmark_model, build_inputs, synchronize
 from analysis.errors import ConfigError
-from analysis.models.adapters import ModelInputs
+from analysis.models.adapters import ModelInputs, get_adapter
 from analysis.pruner.config import PruningConfig
 from analysis.pruner.flops import DecoderShape, LayerTokens, decode_flops, prefill_flops
 from analysis.pruner.runtime import pruned_runtime
@@ -214,6 +214,14 @@ def device_busy_seconds(step: Callable[[], object], context: Callable[[], Abstra
     return sum(event.self_device_time_total for event in profiler.key_averages()) / 1e6
 
 
+def compile_around_attention(model: torch.nn.Module) -> None:
+    """Compile, in place, every child module of each decoder layer except its attention."""
+    for layer in get_adapter(model).decoder_layers():
+        for name, child in layer.named_children():
+            if "attn" not in name and any(True for _ in child.parameters()):
+                child.compile()
+
+
 def main(argv: list[str] | None = None) -> int:
     """Measure and print pruned-runtime latency and memory against the ideal FLOPs speedup."""
     parser = argparse.ArgumentParser(prog="python -m analysis.benchmarks.pruned_speed", description=__doc__,
@@ -234,6 +242,10 @@ def main(argv: list[str] | None = None) -> int:
                         help="also time the selection rule itself: a prefill that evaluates it in every layer (it "
                              "keeps every token and never exits, so the tokens are the unpruned ones) against the "
                              "same decisions pinned")
+    parser.add_argument("--compile", action="store_true",
+                        help="compile each decoder layer's modules other than attention (MLP, norms) with "
+                             "torch.compile, for every variant: fused small kernels; attention stays eager, as the "
+                             "runtime's hooks live there")
     parser.add_argument("--cuda-graphs", action="store_true",
                         help="time the prefill as a CUDA-graph replay (every variant, the unpruned one too), which "
                              "takes Python and kernel launches out of the measurement; needs unpadded batches")
@@ -252,11 +264,14 @@ def main(argv: list[str] | None = None) -> int:
     preset = PRESETS[args.preset]
     model, _, name = benchmark_model(preset, device, getattr(torch, args.dtype))
     model.set_attn_implementation("sdpa")
+    if args.compile:
+        compile_around_attention(model)
     shape = DecoderShape.from_config(model.config.get_text_config())
     sys.stdout.write(
         f"device: {name}; preset {args.preset}; dtype {args.dtype}; SDPA; {args.new_tokens} new tokens; "
         f"median of {args.repeats} in {args.rounds} rounds over all steps, after {args.warmup} warm-up; "
-        f"prefill: decoder only, {'replayed as a CUDA graph' if args.cuda_graphs else 'run eagerly'}; "
+        f"prefill: decoder only, {'replayed as a CUDA graph' if args.cuda_graphs else 'run eagerly'}"
+        f"{', MLP and norms compiled' if args.compile else ''}; "
         f"generate: end to end from pixels and token ids (vision tower included), eager; "
         f"speedup = unpruned / variant, ideal = decoder FLOPs ratio (exact), ratio = speedup / ideal; n-ideal = the "
         f"speedup if every layer ran as fast as the unpruned model does at that layer's token count; host s = prefill "
