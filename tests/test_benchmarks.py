@@ -64,3 +64,16 @@ def test_interleaved_rotates_and_counts_calls() -> None:
     # The second round starts with the second entry.
     assert calls[1 + 1 + 2 + 3] == "b"
     assert set(timed) == {"a", "b"} and all(m.seconds > 0 and m.spread >= 0 for m in timed.values())
+
+
+def test_compile_around_attention_leaves_attention_eager() -> None:
+    """--compile wraps each layer's MLP and norms in torch.compile and leaves the attention, where hooks live, alone."""
+    from analysis.benchmarks.pruned_speed import compile_around_attention
+    from analysis.benchmarks.trace_overhead import TINY, build_model
+
+    model = build_model(TINY, torch.device("cpu"), torch.float32)
+    compile_around_attention(model)
+    for layer in model.model.language_model.layers:
+        assert layer.self_attn._compiled_call_impl is None
+        assert all(getattr(layer, name)._compiled_call_impl is not None
+                   for name in ("mlp", "input_layernorm", "post_attention_layernorm"))
