@@ -119,20 +119,25 @@ def weights_fingerprint(name: str) -> str | None:
     return digest.hexdigest()[:16]
 
 
+def _pretrained_config(source: str, revision: str | None) -> Any:
+    """The HF config at ``source``, or a ModelError naming how to get it."""
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(source, revision=revision)
+    except (OSError, ValueError) as error:
+        raise ModelError(
+            f"cannot load the config of {source!r} ({_first_line(error)}); check the id or path, "
+            "or download the model first (HF_HUB_OFFLINE=1 uses the local cache only)"
+        ) from None
+
+
 def load_text_config(name: str, revision: str | None = None) -> Any:
     """The language model's HF config of a named model, without reading its weights."""
     spec = resolve(name)
     if spec.source.startswith("builtin:"):
         return adapter_class(spec.model_type).tiny_model(seed=0).config.get_text_config()
-    from transformers import AutoConfig
-
-    try:
-        return AutoConfig.from_pretrained(local_source(spec), revision=revision).get_text_config()
-    except (OSError, ValueError) as error:
-        raise ModelError(
-            f"cannot load the config of {local_source(spec)!r} ({_first_line(error)}); check the id or path, "
-            "or download the model first (HF_HUB_OFFLINE=1 uses the local cache only)"
-        ) from None
+    return _pretrained_config(local_source(spec), revision).get_text_config()
 
 
 def load_model(
@@ -157,15 +162,9 @@ def load_model(
         from analysis.organism import check_organism_files
 
         check_organism_files(Path(source))
-    from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
+    from transformers import AutoModelForImageTextToText, AutoProcessor
 
-    try:
-        config = AutoConfig.from_pretrained(source, revision=revision)
-    except (OSError, ValueError) as error:
-        raise ModelError(
-            f"cannot load the config of {source!r} ({_first_line(error)}); check the id or path, "
-            "or download the model first (HF_HUB_OFFLINE=1 uses the local cache only)"
-        ) from None
+    config = _pretrained_config(source, revision)
     adapter_class(config.model_type)  # fails before the weights are read when no adapter fits
     # Sharding across devices needs accelerate; a single device is a plain .to() after loading.
     device_kwargs: dict[str, Any] = {"device_map": "auto"} if device == "auto" else {}
