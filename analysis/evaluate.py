@@ -17,6 +17,7 @@ from analysis.data.scoring import is_correct
 from analysis.errors import ConfigError
 from analysis.data.samples import batched
 from analysis.models.registry import DTYPES, LoadedModel, default_device, load_model
+from analysis.pruner.config import PRUNING_RUNTIMES
 from analysis.results import atomic_write_json, atomic_write_table, default_run_dir, git_hash, package_versions
 from analysis.trace.run import DEFAULT_DATASET, DEFAULT_MODEL, generate_answers
 
@@ -51,7 +52,7 @@ class EvalConfig:
     )
     pruning_runtime: str = option(
         "drop", "how the pruned model runs: drop (tokens leave hidden states and KV cache) or mask (same outputs, "
-        "no saving)", choices=("drop", "mask"),
+        "no saving)", choices=PRUNING_RUNTIMES,
     )
 
     def validate(self) -> None:

@@ -16,7 +16,6 @@ the prompt, or with image information still entering late, a FLOPs target can be
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,7 +25,7 @@ from analysis.config import option
 from analysis.errors import ConfigError
 from analysis.pruner.flops import DecoderShape
 from analysis.pruner.sweep import baseline_flops_cut
-from analysis.results import read_table
+from analysis.results import RunFolder, read_table
 from analysis.stages import StageConfig, load_curves
 
 
@@ -107,11 +106,12 @@ def describe(table: pd.DataFrame, config: CeilingConfig) -> str:
 
 def model_of(run_dir: str | Path) -> str:
     """The model a run was made with, as its manifest names it."""
-    manifest_path = Path(run_dir) / "manifest.json"
-    if not manifest_path.is_file():
+    folder = RunFolder(Path(run_dir), {})
+    manifest = folder.read_manifest()
+    if manifest is None:
         raise ConfigError(f"{run_dir} is not a finished run (no manifest.json); run `python -m analysis.probes` first")
-    model = json.loads(manifest_path.read_text()).get("config", {}).get("model")
+    model = manifest.get("config", {}).get("model")
     if not model:
-        raise ConfigError(f"{manifest_path} names no model (config.model); ceiling needs a run of "
+        raise ConfigError(f"{folder.manifest_path} names no model (config.model); ceiling needs a run of "
                           "`python -m analysis.probes`")
     return model

@@ -20,6 +20,8 @@ LAYER0_RULES = ("none", "first_image")
 # Precision of the selection rule's contributions and cosines: float32 (ours), or the model's dtype as in the
 # authors' code, where 0.999 is 2 ulp from 1 in fp16.
 RULE_PRECISIONS = ("float32", "model")
+# How a pruned model runs: tokens dropped from hidden states and KV cache, or hidden by attention masks.
+PRUNING_RUNTIMES = ("drop", "mask")
 
 
 @dataclass

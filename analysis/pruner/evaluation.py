@@ -12,7 +12,7 @@ from analysis.data.scoring import is_correct
 from analysis.errors import ConfigError
 from analysis.models.registry import LoadedModel
 from analysis.probes.intervention import RegionMasks, intervene
-from analysis.pruner.config import PruningConfig
+from analysis.pruner.config import PRUNING_RUNTIMES, PruningConfig
 from analysis.pruner.flops import DecoderShape
 from analysis.pruner.runtime import pruned_runtime
 from analysis.pruner.simulate import PruningHooks, full_flops, sample_flops
@@ -29,8 +29,8 @@ def evaluate_pruned(
     ``runtime`` "drop" runs the pruned model with tokens really dropped (``runtime.py``), "mask" with attention
     masks (``simulate.py``); their outputs are the same (tested), only the compute differs.
     """
-    if runtime not in ("drop", "mask"):
-        raise ConfigError(f"unknown pruning runtime {runtime!r}; choose drop or mask")
+    if runtime not in PRUNING_RUNTIMES:
+        raise ConfigError(f"unknown pruning runtime {runtime!r}; choose {' or '.join(PRUNING_RUNTIMES)}")
     config.validate(loaded.adapter.num_layers)
     shape = DecoderShape.from_config(loaded.adapter.text_config)
     device = next(loaded.model.parameters()).device
