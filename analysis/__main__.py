@@ -1,4 +1,4 @@
-"""``python -m analysis``: list the registered models and datasets."""
+"""``python -m analysis``: list the commands, the registered models and the datasets."""
 
 from __future__ import annotations
 
@@ -8,9 +8,28 @@ import sys
 from analysis.cli import run_cli
 
 
+# Every command of the toolkit, as ``python -m <module>``, with what it does.
+COMMANDS = {
+    "analysis.trace": "per-layer attention statistics of a model over a dataset, to a run folder",
+    "analysis.probes": "causal probes (knockouts, masking, KV removal, logit lens, contributions, token ablation)",
+    "analysis.stages": "stage boundaries S and D with bootstrap intervals, and critical tokens, from a probe run",
+    "analysis.evaluate": "accuracy per question family, optionally under a pruning config",
+    "analysis.pruner": "export a VisiPruner config from a probe run; sweep configs against baselines; ceiling",
+    "analysis.organism.train": "train the model organism",
+    "analysis.benchmarks.trace_overhead": "GPU benchmark: tracing against a plain forward",
+    "analysis.benchmarks.pruned_speed": "GPU benchmark: pruned prefill and generate against the unpruned model",
+    "analysis.benchmarks.probe_time": "CPU time of each probe against a plain evaluation",
+}
+
+
 def main(argv: list[str] | None = None) -> int:
-    """List model aliases and/or dataset names."""
-    parser = argparse.ArgumentParser(prog="python -m analysis", description="VisiPruner analysis toolkit.")
+    """List the commands, model aliases and/or dataset names."""
+    listing = "\n".join(f"  python -m {name:36s} {what}" for name, what in COMMANDS.items())
+    parser = argparse.ArgumentParser(
+        prog="python -m analysis", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="VisiPruner analysis toolkit: how a multimodal LLM fuses vision and language, layer by layer.",
+        epilog=f"commands (each takes --help):\n{listing}",
+    )
     parser.add_argument("--list-models", action="store_true", help="list model aliases and their sources")
     parser.add_argument("--list-datasets", action="store_true", help="list dataset names")
     args = parser.parse_args(argv)

@@ -6,6 +6,7 @@ import argparse
 import dataclasses
 import hashlib
 import json
+import shlex
 import types
 import typing
 from typing import Any, TypeVar
@@ -34,6 +35,36 @@ def _base_type(annotation: Any) -> tuple[type, bool]:
     return annotation, False
 
 
+# What an optional option takes on the command line to mean None ("--limit all": the whole split).
+NONE_WORDS = ("all", "none")
+
+
+LIMIT_HELP = "{verb} the first N samples of the split, or all; default: all"
+
+
+def optional_type(base: type) -> Any:
+    """A CLI type for ``base | None`` options: a value of ``base``, or one of NONE_WORDS for None."""
+
+    def parse(text: str) -> Any:
+        if text.strip().lower() in NONE_WORDS:
+            return None
+        return base(text)
+
+    parse.__name__ = base.__name__  # argparse names the type in its "invalid int value" message
+    return parse
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Appends an option's default to its help, unless the help already says what the default is (None defaults
+    mean "derived", which the help text explains)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        help_text = action.help or ""
+        if "default" in help_text or action.default is None:
+            return help_text
+        return super()._get_help_string(action)
+
+
 def add_arguments(parser: argparse.ArgumentParser, config_cls: type) -> None:
     """Add one ``--flag`` per dataclass field, with its help text, type and default."""
     for field in dataclasses.fields(config_cls):
@@ -48,13 +79,28 @@ def add_arguments(parser: argparse.ArgumentParser, config_cls: type) -> None:
         parser.add_argument(
             *flags,
             dest=field.name,
-            type=base,
+            type=optional_type(base) if optional else base,
             default=field.default,
             choices=choices,
-            # The parsers use ArgumentDefaultsHelpFormatter, which appends the default itself.
+            # The parsers use HelpFormatter, which appends the default itself.
             help=help_text,
             metavar=field.name.upper() if choices is None else None,
         )
+
+
+def command_line(command: str, config_cls: type, values: dict[str, Any]) -> str:
+    """The shell command that runs ``command`` with ``values``: a flag for every field that differs from its default."""
+    words = command.split()
+    for field in dataclasses.fields(config_cls):
+        if field.name not in values or values[field.name] == field.default:
+            continue
+        value = values[field.name]
+        flag = "--" + field.name.replace("_", "-")
+        if isinstance(value, bool):
+            words.append(flag if value else f"--no-{flag[2:]}")
+        else:
+            words += [flag, NONE_WORDS[0] if value is None else str(value)]
+    return shlex.join(words)
 
 
 def from_namespace(config_cls: type[C], namespace: argparse.Namespace) -> C:

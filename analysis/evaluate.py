@@ -5,50 +5,72 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 import pyarrow as pa
 
 from analysis.cli import run_cli
-from analysis.config import add_arguments, from_namespace, option, to_dict
+from analysis.config import LIMIT_HELP, HelpFormatter, add_arguments, from_namespace, option, run_identity, to_dict
+from analysis.data.samples import Sample, batched
 from analysis.data.scoring import is_correct
 from analysis.errors import ConfigError
-from analysis.data.samples import batched
 from analysis.models.registry import DTYPES, LoadedModel, default_device, load_model
 from analysis.pruner.config import PRUNING_RUNTIMES
-from analysis.results import atomic_write_json, atomic_write_table, default_run_dir, git_hash, package_versions
+from analysis.results import (
+    RunFolder, atomic_write_json, default_run_dir, git_hash, package_versions, read_table, table_schema,
+)
 from analysis.trace.run import DEFAULT_DATASET, DEFAULT_MODEL, generate_answers
 
 logger = logging.getLogger(__name__)
 
-PREDICTIONS_SCHEMA = pa.schema(
+PREDICTIONS_TABLE = "predictions"
+PRUNED_TABLE = "pruned_predictions"
+PREDICTIONS_SCHEMA = table_schema(
     [
         ("sample_id", pa.string()), ("family", pa.string()), ("question", pa.string()),
         ("reference", pa.string()), ("prediction", pa.string()), ("correct", pa.bool_()),
     ],
-    metadata={"schema_version": "1"},
+    "One row per sample: the greedy answer of the unpruned model and whether it matches the reference.",
+)
+PRUNED_SCHEMA = table_schema(
+    [
+        ("sample_id", pa.string()), ("family", pa.string()), ("reference", pa.string()),
+        ("baseline_answer", pa.string()), ("pruned_answer", pa.string()), ("baseline_correct", pa.bool_()),
+        ("pruned_correct", pa.bool_()), ("agrees", pa.bool_()), ("selection_layer", pa.int16()),
+        ("exit_layer", pa.int16()), ("n_tokens", pa.int32()), ("n_image", pa.int32()), ("n_kept", pa.int32()),
+        ("flops", pa.float64()), ("flops_full", pa.float64()), ("flops_fastv", pa.float64()),
+        ("flops_fastv_full", pa.float64()), ("vision_attention_flops", pa.float64()),
+        ("vision_attention_flops_full", pa.float64()),
+    ],
+    "One row per sample: unpruned and pruned greedy answers, their correctness and agreement, the pruning "
+    "decisions (selection and exit layer, -1 = never; image tokens kept) and the exact prefill FLOPs of both.",
 )
 
 
 @dataclass
 class EvalConfig:
-    """Everything that defines an evaluation; written beside its results."""
+    """Everything that defines an evaluation; written to its run folder's manifest."""
 
     model: str = option(DEFAULT_MODEL, "model alias, hub id or local path")
     dataset: str = option(DEFAULT_DATASET, "dataset name or local path")
     split: str | None = option(None, "dataset split; default: the dataset's evaluation split")
-    data_dir: str | None = option(None, "local copy of a hub benchmark's parquet files")
-    limit: int | None = option(None, "evaluate the first N samples; none = all")
-    batch_size: int = option(16, "samples per generate call")
+    data_dir: str | None = option(None, "local copy of a hub benchmark's parquet files", identity=False)
+    limit: int | None = option(None, LIMIT_HELP.format(verb="evaluate"))
+    batch_size: int = option(16, "samples per generate call (answers do not depend on it)", identity=False)
     max_new_tokens: int = option(8, "greedy answer length")
     dtype: str = option("auto", "weights dtype", choices=tuple(DTYPES))
-    device: str | None = option(None, "torch device; default cuda if available")
-    out: str | None = option(None, "output folder; default runs/eval/<model>/<dataset>-<split>")
+    device: str | None = option(None, "torch device; default cuda if available", identity=False)
+    out: str | None = option(None, "output folder; default runs/eval/<model>/<dataset>-<split>", identity=False)
+    resume: bool = option(False, "continue an interrupted evaluation in --out (same config required)",
+                          identity=False)
+    # The config's content, not its path, is part of the run's identity (see run_evaluation).
     pruning_config: str | None = option(
         None, "pruning config JSON (ours or the authors'): also report pruned accuracy, agreement, FLOPs, kept tokens",
-        aliases=("--config",),
+        aliases=("--config",), identity=False,
     )
     pruning_runtime: str = option(
         "drop", "how the pruned model runs: drop (tokens leave hidden states and KV cache) or mask (same outputs, "
@@ -58,13 +80,28 @@ class EvalConfig:
     def validate(self) -> None:
         """Reject values that cannot work, before loading anything."""
         if self.limit is not None and self.limit < 1:
-            raise ConfigError("--limit must be >= 1 (omit it for the whole split)")
+            raise ConfigError("--limit must be >= 1 (or all, the default, for the whole split)")
         if self.batch_size < 1 or self.max_new_tokens < 1:
             raise ConfigError("--batch-size and --max-new-tokens must be >= 1")
 
+    def output_dir(self, split: str) -> Path:
+        """The run folder, defaulting to one derived from model, dataset and split."""
+        return Path(self.out) if self.out else default_run_dir("eval", self.model, self.dataset, split)
+
+
+def _prediction_rows(loaded: LoadedModel, batch: Sequence[Sample], max_new_tokens: int) -> list[dict[str, Any]]:
+    """Greedy answers of the unpruned model for one batch, scored."""
+    device = next(loaded.model.parameters()).device
+    inputs = loaded.adapter.build_inputs(loaded.processor, batch, device=device)
+    return [
+        {"sample_id": sample.sample_id, "family": sample.family, "question": sample.question,
+         "reference": sample.answer, "prediction": answer, "correct": is_correct(answer or "", sample)}
+        for sample, answer in zip(batch, generate_answers(loaded, inputs, max_new_tokens))
+    ]
+
 
 def evaluate(config: EvalConfig, *, loaded: LoadedModel | None = None, progress: bool = True) -> pd.DataFrame:
-    """Greedy-decode every sample and score it; returns one row per sample."""
+    """Greedy-decode every sample and score it, in memory; returns one row per sample."""
     from tqdm.auto import tqdm
 
     from analysis.data.loaders import load_samples
@@ -73,18 +110,89 @@ def evaluate(config: EvalConfig, *, loaded: LoadedModel | None = None, progress:
     samples = load_samples(config.dataset, config.split, config.limit, data_dir=config.data_dir)
     if loaded is None:
         loaded = load_model(config.model, dtype=config.dtype, device=config.device or default_device())
-    device = next(loaded.model.parameters()).device
     rows = []
-    for batch in tqdm(batched(samples, config.batch_size), desc="evaluate", disable=not progress):
-        inputs = loaded.adapter.build_inputs(loaded.processor, batch, device=device)
-        for sample, answer in zip(batch, generate_answers(loaded, inputs, config.max_new_tokens)):
-            rows.append(
-                {
-                    "sample_id": sample.sample_id, "family": sample.family, "question": sample.question,
-                    "reference": sample.answer, "prediction": answer, "correct": is_correct(answer or "", sample),
-                }
-            )
+    with tqdm(total=len(samples), desc="evaluate", unit="sample", disable=not progress) as bar:
+        for batch in batched(samples, config.batch_size):
+            rows += _prediction_rows(loaded, batch, config.max_new_tokens)
+            bar.update(len(batch))
     return pd.DataFrame(rows, columns=PREDICTIONS_SCHEMA.names)
+
+
+@dataclass
+class EvalResult:
+    """A finished evaluation: its folder, its per-sample table and the summary written beside it."""
+
+    out_dir: Path
+    per_sample: pd.DataFrame
+    summary: dict[str, Any]
+    n_new: int
+
+
+def run_evaluation(config: EvalConfig, *, loaded: LoadedModel | None = None, progress: bool = True) -> EvalResult:
+    """Evaluate into a run folder (manifest, identity check, resumable parts), unpruned or under a pruning config.
+
+    An unpruned run writes the ``predictions`` table and ``summary.json`` (accuracy per family); a pruned run the
+    ``pruned_predictions`` table and ``pruned_summary.json`` (accuracy of both, agreement, FLOPs cut, kept tokens).
+    """
+    from tqdm.auto import tqdm
+
+    from analysis.data.loaders import load_samples, resolve_split
+    from analysis.pruner.config import load_config
+    from analysis.pruner.evaluation import evaluate_pruned
+
+    config.validate()
+    samples = load_samples(config.dataset, config.split, config.limit, data_dir=config.data_dir)
+    split = resolve_split(config.dataset, config.split)
+    identity = run_identity(config, split)
+    pruned = config.pruning_config is not None
+    if pruned:
+        identity["pruning"] = load_config(config.pruning_config).to_json()
+    table = PRUNED_TABLE if pruned else PREDICTIONS_TABLE
+    folder = RunFolder(config.output_dir(split), {table: PRUNED_SCHEMA if pruned else PREDICTIONS_SCHEMA},
+                       commit_table=table)
+    folder.check_compatible(identity, resume=config.resume, command="analysis.evaluate")
+    if loaded is None:
+        loaded = load_model(config.model, dtype=config.dtype, device=config.device or default_device())
+    pruning = load_config(config.pruning_config, loaded.adapter.num_layers) if config.pruning_config else None
+    if config.resume:
+        folder.clean_uncommitted()
+    done = set(folder.done_sample_ids())
+    pending = [sample for sample in samples if sample.sample_id not in done]
+    folder.start(
+        {"command": "analysis.evaluate", "config": {**to_dict(config), "split": split},
+         "model": {"name": loaded.name, "source": loaded.source, "revision": loaded.revision,
+                   "model_type": loaded.adapter.model_type, "num_layers": loaded.adapter.num_layers},
+         "dataset": {"name": config.dataset, "split": split, "n_samples": len(samples)}},
+        identity,
+    )
+    description = "evaluate (unpruned and pruned)" if pruned else "evaluate"
+    with folder.interruptible(len(samples)), tqdm(total=len(samples), initial=len(done), desc=description,
+                                                  unit="sample", disable=not progress) as bar:
+        for batch in batched(pending, config.batch_size):
+            if pruning is not None:
+                rows = evaluate_pruned(loaded, batch, pruning, batch_size=len(batch),
+                                       max_new_tokens=config.max_new_tokens, runtime=config.pruning_runtime)
+                part = pa.Table.from_pandas(rows, preserve_index=False)
+            else:
+                part = pa.Table.from_pylist(_prediction_rows(loaded, batch, config.max_new_tokens))
+            folder.write_part({table: part})
+            bar.update(len(batch))
+    per_sample = read_table(folder.root, table).to_pandas()
+    summary: dict[str, Any]
+    if pruning is not None:
+        from analysis.pruner.evaluation import summarize
+
+        summary = {"config": {**to_dict(config), "split": split}, "pruning": pruning.to_json(),
+                   "summary": summarize(per_sample)}
+        summary_name = "pruned_summary.json"
+    else:
+        summary = {"config": {**to_dict(config), "split": split},
+                   "accuracy": accuracy_table(per_sample).to_dict(orient="index")}
+        summary_name = "summary.json"
+    summary.update(package_versions=package_versions(), git_hash=git_hash())
+    atomic_write_json(folder.root / summary_name, summary)
+    folder.finish({"n_samples": len(samples)})
+    return EvalResult(folder.root, per_sample, summary, len(pending))
 
 
 def accuracy_table(predictions: pd.DataFrame) -> pd.DataFrame:
@@ -96,55 +204,25 @@ def accuracy_table(predictions: pd.DataFrame) -> pd.DataFrame:
     return table.rename(columns={"mean": "accuracy", "size": "n"})
 
 
-def _evaluate_pruned(config: EvalConfig, split: str, out: Path) -> int:
-    """Evaluate the unpruned and pruned model side by side and print the comparison."""
-    from analysis.data.loaders import load_samples
-    from analysis.pruner.config import load_config
-    from analysis.pruner.evaluation import evaluate_pruned, summarize
-
-    config.validate()
-    samples = load_samples(config.dataset, config.split, config.limit, data_dir=config.data_dir)
-    loaded = load_model(config.model, dtype=config.dtype, device=config.device or default_device())
-    pruning = load_config(config.pruning_config, loaded.adapter.num_layers)
-    per_sample = evaluate_pruned(loaded, samples, pruning, batch_size=config.batch_size,
-                                 max_new_tokens=config.max_new_tokens, runtime=config.pruning_runtime)
-    summary = summarize(per_sample)
-    atomic_write_table(out / "pruned_predictions.parquet", pa.Table.from_pandas(per_sample, preserve_index=False))
-    atomic_write_json(out / "pruned_summary.json", {"config": {**to_dict(config), "split": split},
-                                                   "pruning": pruning.to_json(), "summary": summary,
-                                                   "package_versions": package_versions(), "git_hash": git_hash()})
-    lines = [f"results: {out.resolve()}"] + [f"{key:>22s}: {value:8.2f}" for key, value in summary.items()]
-    sys.stdout.write("\n".join(lines) + "\n")
-    return 0
-
-
 def main(argv: list[str] | None = None) -> int:
     """Evaluate, write predictions and a summary, print the accuracy table."""
     parser = argparse.ArgumentParser(prog="python -m analysis.evaluate", description=__doc__,
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                     formatter_class=HelpFormatter)
     add_arguments(parser, EvalConfig)
     args = parser.parse_args(argv)
     config = from_namespace(EvalConfig, args)
 
     def body() -> int:
-        from analysis.data.loaders import resolve_split
-
-        split = resolve_split(config.dataset, config.split)
-        out = Path(config.out) if config.out else default_run_dir("eval", config.model, config.dataset, split)
+        result = run_evaluation(config, progress=True)
+        lines = [f"results: {result.out_dir.resolve()} ({len(result.per_sample)} samples, {result.n_new} new)"]
         if config.pruning_config:
-            return _evaluate_pruned(config, split, out)
-        predictions = evaluate(config)
-        table = accuracy_table(predictions)
-        atomic_write_table(out / "predictions.parquet", pa.Table.from_pandas(predictions, PREDICTIONS_SCHEMA, preserve_index=False))
-        atomic_write_json(
-            out / "summary.json",
-            {"config": {**to_dict(config), "split": split}, "accuracy": table.to_dict(orient="index"),
-             "package_versions": package_versions(), "git_hash": git_hash()},
-        )
-        sys.stdout.write(f"results: {out.resolve()}\n{table.to_string(float_format=lambda v: f'{v:.2f}')}\n")
+            lines += [f"{key:>22s}: {value:8.2f}" for key, value in result.summary["summary"].items()]
+        else:
+            lines.append(accuracy_table(result.per_sample).to_string(float_format=lambda v: f"{v:.2f}"))
+        sys.stdout.write("\n".join(lines) + "\n")
         return 0
 
-    return run_cli(body)
+    return run_cli(body, command="python -m analysis.evaluate", argv=argv)
 
 
 if __name__ == "__main__":

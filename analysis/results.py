@@ -9,6 +9,8 @@ import platform
 import re
 import subprocess
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
@@ -18,7 +20,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from analysis.config import config_hash
-from analysis.errors import ConfigError
+from analysis.errors import ConfigError, RunInterrupted
 
 logger = logging.getLogger(__name__)
 
@@ -113,6 +115,13 @@ def git_hash() -> str | None:
     return commit + ("-dirty" if dirty else "")
 
 
+def _file_mode() -> int:
+    """The mode a plain ``open()`` would give a new file under the current umask (mkstemp always makes 0600)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write a file so readers see either the old content or the new, never a torn file."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -122,6 +131,7 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
             handle.write(data)
             handle.flush()
             os.fsync(handle.fileno())
+        os.chmod(tmp, _file_mode())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -140,6 +150,7 @@ def atomic_write_table(path: Path, table: pa.Table) -> None:
     os.close(fd)
     try:
         pq.write_table(table, tmp, compression="zstd")
+        os.chmod(tmp, _file_mode())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -155,7 +166,7 @@ def default_run_dir(command: str, model: str, dataset: str, split: str) -> Path:
     return Path("runs") / command / safe(model) / f"{safe(Path(dataset).name)}-{safe(split)}"
 
 
-def _now() -> str:
+def now() -> str:
     """UTC timestamp in ISO format."""
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
@@ -163,13 +174,14 @@ def _now() -> str:
 class RunFolder:
     """One run's output folder: tables of numbered parts, written atomically, plus ``manifest.json``.
 
-    A batch is committed when its ``samples`` part exists; parts of other tables without one are
-    leftovers of an interrupted write and are removed on resume.
+    A batch is committed when its part of the commit table (``samples`` unless told otherwise) exists; parts of
+    other tables without one are leftovers of an interrupted write and are removed on resume.
     """
 
-    def __init__(self, root: Path, schemas: dict[str, pa.Schema]) -> None:
+    def __init__(self, root: Path, schemas: dict[str, pa.Schema], *, commit_table: str = SAMPLES_TABLE) -> None:
         self.root = Path(root)
         self.schemas = schemas
+        self.commit_table = commit_table
 
     @property
     def manifest_path(self) -> Path:
@@ -185,8 +197,9 @@ class RunFolder:
         except json.JSONDecodeError:
             raise ConfigError(f"{self.manifest_path} is not valid JSON; delete the folder or choose another --out") from None
 
-    def check_compatible(self, identity: dict[str, Any], *, resume: bool) -> None:
-        """Refuse a folder holding another config, or an unfinished run of this one without --resume.
+    def check_compatible(self, identity: dict[str, Any], *, resume: bool, command: str | None = None) -> None:
+        """Refuse a folder holding another command's run or another config, or an unfinished run of this one
+        without --resume.
 
         A complete run of the same config is accepted: re-running it finds nothing left to do.
         """
@@ -197,6 +210,9 @@ class RunFolder:
             if self.root.exists() and any(self.root.iterdir()):
                 raise ConfigError(f"{self.root} is not empty and holds no run manifest; choose an empty or new --out")
             return
+        if command is not None and manifest.get("command") != command:
+            raise ConfigError(f"{self.root} holds a run of {manifest.get('command') or 'another command'}, not of "
+                              f"{command}; choose another --out")
         if manifest.get("schema_version") != SCHEMA_VERSION:
             raise ConfigError(
                 f"{self.root} holds schema version {manifest.get('schema_version')}, this toolkit writes "
@@ -223,7 +239,7 @@ class RunFolder:
 
     def clean_uncommitted(self) -> None:
         """Remove temp files and parts of batches whose samples part was never written."""
-        committed = self.part_indices(SAMPLES_TABLE)
+        committed = self.part_indices(self.commit_table)
         for table in self.schemas:
             folder = self.root / table
             if not folder.is_dir():
@@ -237,9 +253,29 @@ class RunFolder:
     def done_sample_ids(self) -> list[str]:
         """Ids of samples in committed parts, in part order."""
         ids: list[str] = []
-        for index in sorted(self.part_indices(SAMPLES_TABLE)):
-            ids.extend(pq.read_table(self._part_path(SAMPLES_TABLE, index), columns=["sample_id"]).column(0).to_pylist())
+        for index in sorted(self.part_indices(self.commit_table)):
+            ids.extend(self.part_sample_ids(index))
         return ids
+
+    def part_sample_ids(self, index: int) -> list[str]:
+        """Ids of the samples of one committed part."""
+        table = pq.read_table(self._part_path(self.commit_table, index), columns=["sample_id"])
+        return table.column(0).to_pylist()
+
+    def missing_tables(self) -> dict[int, list[str]]:
+        """Committed parts that lack some table of the folder's schemas (tables added to an existing run)."""
+        present = {name: self.part_indices(name) for name in self.schemas}
+        missing = {index: [name for name in self.schemas if index not in present[name]]
+                   for index in sorted(self.part_indices(self.commit_table))}
+        return {index: names for index, names in missing.items() if names}
+
+    @contextmanager
+    def interruptible(self, total: int) -> Iterator[None]:
+        """Inside the block, Ctrl-C becomes a RunInterrupted that says what the folder keeps."""
+        try:
+            yield
+        except KeyboardInterrupt:
+            raise RunInterrupted(self.root, len(self.done_sample_ids()), total) from None
 
     def start(self, manifest: dict[str, Any], identity: dict[str, Any]) -> None:
         """Create the folder and write the manifest of a new or resumed run."""
@@ -252,8 +288,9 @@ class RunFolder:
             "schema_version": SCHEMA_VERSION,
             "tables": {name: schema.metadata[b"description"].decode() for name, schema in self.schemas.items()},
             "index_convention": _INDEX_NOTE,
-            "started": previous.get("started", _now()),
-            "resumed": [*previous.get("resumed", []), _now()] if previous else [],
+            "commit_table": self.commit_table,
+            "started": previous.get("started", now()),
+            "resumed": [*previous.get("resumed", []), now()] if previous else [],
             "finished": None,
             "status": "running",
             "package_versions": package_versions(),
@@ -266,17 +303,24 @@ class RunFolder:
         missing = set(self.schemas) - set(tables)
         if missing:
             raise ValueError(f"batch lacks tables {sorted(missing)}")
-        index = max(self.part_indices(SAMPLES_TABLE), default=-1) + 1
-        for name in [*(t for t in self.schemas if t != SAMPLES_TABLE), SAMPLES_TABLE]:
+        index = max(self.part_indices(self.commit_table), default=-1) + 1
+        for name in [*(t for t in self.schemas if t != self.commit_table), self.commit_table]:
             table = tables[name].cast(self.schemas[name])
             atomic_write_table(self._part_path(name, index), table)
         return index
+
+    def add_to_part(self, index: int, tables: dict[str, pa.Table]) -> None:
+        """Write further tables' parts for an already committed batch (a table added to an existing run)."""
+        if index not in self.part_indices(self.commit_table):
+            raise ValueError(f"part {index} is not committed")
+        for name, table in tables.items():
+            atomic_write_table(self._part_path(name, index), table.cast(self.schemas[name]))
 
     def finish(self, extra: dict[str, Any]) -> None:
         """Mark the run complete in the manifest."""
         manifest = self.read_manifest() or {}
         manifest.update(extra)
-        manifest.update({"finished": _now(), "status": "complete"})
+        manifest.update({"finished": now(), "status": "complete"})
         atomic_write_json(self.manifest_path, manifest)
 
     def _part_path(self, table: str, index: int) -> Path:
@@ -295,7 +339,8 @@ def read_table(run_dir: str | Path, table: str) -> pa.Table:
             f"{run_dir} was written with schema version {manifest.get('schema_version')}; this toolkit reads "
             f"{SCHEMA_VERSION}. Re-run the trace with this version"
         )
-    indices = sorted(folder.part_indices(SAMPLES_TABLE))
+    folder.commit_table = manifest.get("commit_table", SAMPLES_TABLE)
+    indices = sorted(folder.part_indices(folder.commit_table))
     paths = [folder._part_path(table, index) for index in indices]
     missing = [str(path) for path in paths if not path.exists()]
     if missing:

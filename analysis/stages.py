@@ -201,6 +201,19 @@ class StageReport:
     by_family: pd.DataFrame
     curves: pd.DataFrame
     critical: pd.DataFrame | None = None
+    run_dir: str = "RUN"
+
+    @property
+    def curves_have_kv(self) -> bool:
+        """Whether the run recorded the KV-removal probe."""
+        return "kv removal from L (changed)" in self.curves.columns
+
+    @property
+    def kv_command(self) -> str:
+        """The command that adds the KV-removal probe to the run."""
+        from analysis.probes.run import extend_command
+
+        return extend_command(self.run_dir, ["kv_removal"])
 
 
 def analyse(run_dir: str | Path, config: StageConfig) -> StageReport:
@@ -219,7 +232,10 @@ def analyse(run_dir: str | Path, config: StageConfig) -> StageReport:
         table["kv removal from L (changed)"] = curves.kv.mean()
     table.index.name = "layer L"
     by_family = pd.DataFrame(per_family).set_index("family") if per_family else pd.DataFrame()
-    return StageReport(overall, intervals, by_family, table, critical_tokens(run_dir, config.critical_threshold))
+    if curves.kv is None:
+        by_family = by_family.drop(columns=["kv_deep_start"], errors="ignore")  # not measured, not "None"
+    return StageReport(overall, intervals, by_family, table, critical_tokens(run_dir, config.critical_threshold),
+                       str(run_dir))
 
 
 def format_report(report: StageReport, config: StageConfig) -> str:
@@ -243,8 +259,9 @@ def format_report(report: StageReport, config: StageConfig) -> str:
     lines += [
         f"shallow -> middle boundary S (image access starts to matter): layer {b.shallow_end}{interval('shallow_end')}",
         f"middle -> deep boundary D (image access no longer matters):   layer {b.deep_start}{interval('deep_start')}",
-        f"KV-removal check (removing image KV from L on changes nothing): layer {b.kv_deep_start}"
-        f"{interval('kv_deep_start')}",
+        "KV-removal check (removing image KV from L on changes nothing): "
+        + (f"layer {b.kv_deep_start}{interval('kv_deep_start')}" if report.curves_have_kv else
+           f"not measured (the run has no kv_removal table; add it with: {report.kv_command})"),
         f"abruptness: {b.layers_holding_mass} layer(s) hold {config.mass:.0%} of the rise of f_upto"
         f"{interval('layers_holding_mass')}",
     ]

@@ -227,7 +227,7 @@ def test_unreachable_hub_dataset_says_how_to_fix(monkeypatch: pytest.MonkeyPatch
         raise ConnectionError("no network")
 
     monkeypatch.setattr(datasets, "load_dataset", offline)
-    with pytest.raises(DataError, match="cannot load lmms-lab/MME.*data_dir"):
+    with pytest.raises(DataError, match="cannot load lmms-lab/MME.*--data-dir"):
         load_samples("mme")
 
 

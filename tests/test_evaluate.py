@@ -31,12 +31,12 @@ def test_answers_do_not_depend_on_batching(tmp_path: Path, model: str) -> None:
 
 
 def test_cli_writes_predictions_and_summary(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    """The CLI prints the table and writes predictions.parquet and summary.json."""
+    """The CLI prints the table and writes the predictions table and summary.json."""
     data = str(write_jsonl(tmp_path / "data", LOCAL_RECORDS))
     out = tmp_path / "eval"
     assert main(["--dataset", data, "--out", str(out), "--device", "cpu"]) == 0
     assert "overall" in capsys.readouterr().out
-    assert len(pd.read_parquet(out / "predictions.parquet")) == len(LOCAL_RECORDS)
+    assert len(pd.read_parquet(out / "predictions")) == len(LOCAL_RECORDS)
     assert "overall" in json.loads((out / "summary.json").read_text())["accuracy"]
     assert main(["--dataset", data, "--limit", "0", "--out", str(tmp_path / "bad")]) == 2
     assert not (tmp_path / "bad").exists()

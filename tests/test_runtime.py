@@ -252,3 +252,48 @@ def test_bad_input_fails_before_the_model_runs(tiny: LoadedModel, samples) -> No
             tiny.model(**inputs.tensors)
     finally:
         handle.remove()
+
+
+def test_generate_is_one_prefill_then_continuations_on_this_transformers(tiny: LoadedModel, samples,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """``generate`` through the runtime, on whatever transformers is installed: the runtime sees one prefill and then
+    one continuation per new token (5.24 renamed the cache argument, and detection by that name took every step for
+    a prefill), and the pruned answers equal the mask-based model's."""
+    from analysis.pruner.runtime import PrunedRuntime
+
+    inputs = _inputs(tiny, samples)
+    config = _configs(tiny)["visipruner"]
+    passes: list[bool] = []
+    detect = PrunedRuntime._is_prefill
+
+    def recorded(self: PrunedRuntime, *args, **kwargs) -> bool:
+        passes.append(detect(self, *args, **kwargs))
+        return passes[-1]
+
+    monkeypatch.setattr(PrunedRuntime, "_is_prefill", recorded)
+    with pruned_runtime(tiny.model, config, inputs.layouts) as state:
+        tokens, _ = _generate(tiny, inputs)
+    assert passes == [True] + [False] * (NEW_TOKENS - 1)
+    assert any(len(kept) < n for kept, n in zip(state.decisions(inputs.layouts).kept, state.decisions(
+        inputs.layouts).n_image))  # tokens were really dropped, so continuations ran on a pruned cache
+    length = inputs.input_ids.shape[1]
+    hooks = PruningHooks(config, RegionMasks.from_layouts(inputs.layouts, length, inputs.input_ids.device),
+                         inputs.layouts, length)
+    with intervene(tiny.adapter, hooks, length - 1):
+        assert torch.equal(_generate(tiny, inputs)[0], tokens)
+
+
+def test_a_cache_the_runtime_did_not_fill_is_a_compatibility_error(tiny: LoadedModel, samples) -> None:
+    """A continuation whose cache holds other than what the runtime put there names transformers, not the user."""
+    from analysis.models import hf
+
+    inputs = _inputs(tiny, samples)
+    config = _configs(tiny)["visipruner"]
+    with torch.no_grad(), pruned_runtime(tiny.model, config, inputs.layouts):
+        cache = hf.new_cache()
+        tiny.model(**inputs.tensors, **hf.cache_kwargs(tiny.model, cache))
+        hf.crop_cache(cache, 3)  # not what the runtime left there
+        step = {"input_ids": inputs.input_ids[:, -1:],
+                "attention_mask": torch.cat([inputs.attention_mask, inputs.attention_mask[:, -1:]], dim=1)}
+        with pytest.raises(hf.CompatibilityError, match=r"transformers \d+\.\d+.*supports transformers"):
+            tiny.model(**step, **hf.cache_kwargs(tiny.model, cache))

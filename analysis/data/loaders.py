@@ -277,7 +277,7 @@ def load_samples(
     # benchmark; such a folder is still reachable as "./gqa".
     if key in _GENERATED:
         if data_dir is not None:
-            raise DataError(f"{key} is generated offline and reads no data_dir; drop it")
+            raise DataError(f"{key} is generated offline and reads no --data-dir; drop it")
         samples = _GENERATED[key].generate(resolve_split(key, split), limit)
     elif key in _BENCHMARKS:
         samples = _load_benchmark(key, _BENCHMARKS[key], split, limit, data_dir)
@@ -292,7 +292,7 @@ def load_samples(
                 f"(a folder with {LOCAL_JSONL}, or .parquet files)"
             )
         if data_dir is not None:
-            raise DataError(f"data_dir applies to benchmark names only; drop it when loading the path {dataset!r}")
+            raise DataError(f"--data-dir applies to benchmark names only; drop it when loading the path {dataset!r}")
         samples = _load_local(path, split, limit)
     logger.info("loaded %d samples from %s", len(samples), dataset)
     return samples
@@ -360,13 +360,13 @@ def _open_split(name: str, hub_id: str, config: str | None, split: str, data_dir
         listed = available.group(1).replace("'", "") if available else "see the dataset card"
         raise DataError(
             f"{name}: split {split!r} does not exist in {hub_id}; available splits: {listed}; "
-            "pass one of them as the split"
+            "pass one of them as --split"
         ) from exc
     except (datasets.exceptions.DatasetsError, ConnectionError, OSError) as exc:
         raise DataError(
             f"{name}: cannot load {hub_id}{f' ({config})' if config else ''} from the Hugging Face Hub "
             f"({type(exc).__name__}: {_one_line(exc)}); check network access and `huggingface-cli login`, "
-            "or download the parquet files and pass data_dir"
+            "or download the parquet files and pass their folder as --data-dir"
         ) from exc
 
 
@@ -374,7 +374,7 @@ def _parquet_files_by_split(name: str, root: Path, config: str | None) -> dict[s
     """Parquet files under ``root`` (or its ``config`` subfolder, as in a hub snapshot), grouped by split."""
     folder = root / config if config is not None and (root / config).is_dir() else root
     if not folder.is_dir():
-        raise DataError(f"{name}: data_dir {root} is not a folder; pass the folder holding the parquet files")
+        raise DataError(f"{name}: --data-dir {root} is not a folder; pass the folder holding the parquet files")
     files = sorted(folder.rglob("*.parquet"))
     if not files:
         raise DataError(

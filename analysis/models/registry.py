@@ -67,6 +67,29 @@ def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def check_device(device: str) -> str:
+    """``device`` if this machine's torch can run on it ("auto" shards over what is visible), else a ModelError."""
+    if device == "auto":
+        return device
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise ModelError(f"unknown device {device!r}; use cpu, cuda, cuda:N, mps or auto") from None
+    if parsed.type == "cuda":
+        if not torch.cuda.is_available():
+            build = "a CPU-only torch build" if torch.version.cuda is None else f"torch built for CUDA {torch.version.cuda}"
+            raise ModelError(f"--device {device}: no CUDA GPU is usable here ({build}); use --device cpu, or install "
+                             "a CUDA build of torch on a machine with an NVIDIA GPU")
+        if parsed.index is not None and parsed.index >= torch.cuda.device_count():
+            raise ModelError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s), "
+                             f"cuda:0..cuda:{torch.cuda.device_count() - 1}")
+    elif parsed.type == "mps" and not torch.backends.mps.is_available():
+        raise ModelError(f"--device {device}: MPS is not available here; use --device cpu")
+    elif parsed.type not in ("cpu", "cuda", "mps"):
+        raise ModelError(f"--device {device}: the toolkit runs on cpu, cuda or mps devices")
+    return device
+
+
 def resolve(name: str) -> ModelSpec:
     """Turn an alias, a local path or a hub id into a ModelSpec (model_type '' until loaded)."""
     if name in ALIASES:
@@ -154,6 +177,7 @@ def load_model(
     """
     if dtype not in DTYPES:
         raise ModelError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
+    check_device(device)
     spec = resolve(name)
     if spec.source.startswith("builtin:"):
         return _load_tiny(spec, dtype=dtype, device=device, attn_implementation=attn_implementation)

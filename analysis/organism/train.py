@@ -31,7 +31,7 @@ from PIL import Image
 from torch import nn
 
 from analysis.cli import run_cli
-from analysis.config import from_dict
+from analysis.config import from_dict, HelpFormatter
 from analysis.data.samples import Sample
 from analysis.data.scoring import is_correct
 from analysis.data.shapes import FAMILIES, ShapesConfig, ShapesItem, caption, generate_items, item_sample, render
@@ -523,7 +523,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m analysis.organism.train",
         description="Train the LLaVA model organism on ShapesVQA (vision pretraining, language, alignment, VQA).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     parser.add_argument("--out", type=Path, required=True, help="folder for the model, processor, config and log")
     parser.add_argument("--preset", choices=PRESETS, default="full", help="full (one GPU) or smoke (CPU, seconds)")

@@ -6,7 +6,7 @@ import argparse
 import sys
 
 from analysis.cli import run_cli
-from analysis.config import add_arguments, from_namespace
+from analysis.config import add_arguments, from_namespace, HelpFormatter
 from analysis.probes.run import ProbeConfig, run_probes
 
 
@@ -15,7 +15,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m analysis.probes",
         description="Run causal probes over a dataset and write parquet tables plus a manifest to a run folder.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     add_arguments(parser, ProbeConfig)
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -32,7 +32,7 @@ def main(argv: list[str] | None = None) -> int:
         sys.stdout.write(f"results: {result.out_dir.resolve()} ({result.n_samples} samples, {result.n_new} new)\n")
         return 0
 
-    return run_cli(body)
+    return run_cli(body, command="python -m analysis.probes", argv=argv)
 
 
 if __name__ == "__main__":

@@ -3,17 +3,15 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
 from analysis.errors import ModelError
 from analysis.layout import TokenLayout
+from analysis.models import hf
 from analysis.models.adapters import FamilyAdapter, ModelInputs
 from analysis.probes.intervention import AttentionHooks, LastRowObservation, intervene
-
-if TYPE_CHECKING:
-    from transformers import DynamicCache
 
 # Tensors of a processor batch laid out along the sequence, and what pads them on the right.
 _SEQUENCE_FILL = {"input_ids": None, "attention_mask": 0, "mm_token_type_ids": 0, "token_type_ids": 0}
@@ -88,7 +86,7 @@ class SuffixScorer:
     """
 
     def __init__(self, model: torch.nn.Module, adapter: FamilyAdapter, batch: TeacherForced, split: int,
-                 language_inputs: dict[str, torch.Tensor | None], cache: DynamicCache) -> None:
+                 language_inputs: dict[str, torch.Tensor | None], cache: Any) -> None:
         embeds = language_inputs.get("inputs_embeds")
         if embeds is None:
             raise ModelError(f"{type(model).__name__} did not pass inputs_embeds to its language model")
@@ -116,14 +114,11 @@ class SuffixScorer:
             names = ("inputs_embeds", "attention_mask", "position_ids")
             language_inputs.update({name: kwargs.get(name) for name in names})
 
-        from transformers import DynamicCache
-
-        # A cache of plain full-length layers whatever the text config says, so cropping it is exact.
-        cache = DynamicCache()
+        cache = hf.new_cache()
         handle = adapter.language_model().register_forward_pre_hook(keep, with_kwargs=True)
         try:
             with torch.inference_mode():
-                logits = model(**batch.tensors, past_key_values=cache, use_cache=True).logits
+                logits = model(**batch.tensors, **hf.cache_kwargs(model, cache)).logits
         finally:
             handle.remove()
         scorer = cls(model, adapter, batch, split, language_inputs, cache)
@@ -140,10 +135,11 @@ class SuffixScorer:
         width = self.batch.answer_ids.shape[1]
         with intervene(self.adapter, hooks, first), torch.inference_mode():
             try:
-                hidden = self.adapter.language_model()(
+                text_model = self.adapter.language_model()
+                hidden = text_model(
                     inputs_embeds=self.embeds[:, self.split :], attention_mask=self.attention_mask,
                     position_ids=None if self.position_ids is None else self.position_ids[..., self.split :],
-                    past_key_values=self.cache, use_cache=True,
+                    **hf.cache_kwargs(text_model, self.cache),
                 ).last_hidden_state
             finally:
                 self._crop()
@@ -163,10 +159,7 @@ class SuffixScorer:
 
     def _crop(self) -> None:
         """Drop every cached position from ``split`` on, so one pass's suffix never reaches the next."""
-        for layer in self.cache.layers:
-            extra = layer.get_seq_length() - self.split
-            if extra > 0:
-                layer.crop(-extra)
+        hf.crop_cache(self.cache, self.split)
 
 
 def kl_divergence(reference: torch.Tensor, other: torch.Tensor) -> torch.Tensor:

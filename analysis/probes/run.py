@@ -12,7 +12,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from analysis.config import option, run_identity, to_dict
+from analysis.config import LIMIT_HELP, command_line, option, run_identity, to_dict
 from analysis.data.samples import Sample, batched
 from analysis.errors import ConfigError, DataError
 from analysis.models.adapters import ModelInputs
@@ -24,7 +24,7 @@ from analysis.probes.measure import (
     AnswerScores, ObserveAll, SuffixScorer, head_projections, kl_divergence, lens_logprobs, observe_prefill,
     teacher_forced,
 )
-from analysis.results import SAMPLES_TABLE, TRACE_SCHEMAS, RunFolder, default_run_dir, table_schema
+from analysis.results import SAMPLES_TABLE, TRACE_SCHEMAS, RunFolder, default_run_dir, now, table_schema
 from analysis.trace.run import DEFAULT_DATASET, DEFAULT_MODEL, _sample_row, generate_answers
 
 logger = logging.getLogger(__name__)
@@ -106,7 +106,7 @@ class ProbeConfig:
     dataset: str = option(DEFAULT_DATASET, "dataset name or local path")
     split: str | None = option(None, "dataset split; default: the dataset's evaluation split")
     data_dir: str | None = option(None, "local copy of a hub benchmark's parquet files", identity=False)
-    limit: int | None = option(16, "probe the first N samples; none = all")
+    limit: int | None = option(None, LIMIT_HELP.format(verb="probe"))
     probes: str = option(",".join(DEFAULT_PROBES), f"comma-separated probes among {', '.join(PROBES)}")
     # "instruction" holds the last prompt position too, so the default is the paper's instruction+last -> image.
     knockout_queries: str = option("instruction", f"query regions for knockouts ({', '.join(QUERY_REGIONS)})")
@@ -142,7 +142,7 @@ class ProbeConfig:
         problems = []
         self.selected()
         if self.limit is not None and self.limit < 1:
-            problems.append("--limit must be >= 1")
+            problems.append("--limit must be >= 1 (or all, the default, for the whole split)")
         if not 0 < self.mask_percent < 100:
             problems.append(f"--mask-percent must be in (0, 100), got {self.mask_percent}")
         for region in self.knockout_queries.split(","):
@@ -161,8 +161,14 @@ class ProbeConfig:
                 if bad:
                     problems.append(f"{flag} {bad} outside the model's layers 0..{num_layers - 1}")
             start, end = self.ablation_band(num_layers)
-            if not 0 <= start < end <= num_layers:
-                problems.append(f"--ablation-layers {start}:{end} outside the model's layers 0..{num_layers}")
+            if start >= end:
+                problems.append(f"--ablation-layers {start}:{end} is empty: START must be below END (a half-open "
+                                f"band; {end}:{start} if you meant those layers)" if end < start else
+                                f"--ablation-layers {start}:{end} is empty: END is exclusive, so {start}:{start + 1} "
+                                f"is layer {start} alone")
+            elif start < 0 or end > num_layers:
+                problems.append(f"--ablation-layers {start}:{end} reaches outside the model's layers "
+                                f"0..{num_layers - 1} (END is exclusive, so at most {num_layers})")
             if self.window > num_layers:
                 problems.append(f"--window {self.window} exceeds the model's {num_layers} layers")
         if problems:
@@ -236,7 +242,11 @@ def run_probes(config: ProbeConfig, *, loaded: LoadedModel | None = None, progre
     schemas = {name: PROBE_SCHEMAS[name] for name in _tables_for(probes)}
     schemas[SAMPLES_TABLE] = TRACE_SCHEMAS[SAMPLES_TABLE]
     folder = RunFolder(Path(config.out) if config.out else default_run_dir("probe", config.model, config.dataset, split), schemas)
-    folder.check_compatible(identity, resume=config.resume)
+    previous = folder.read_manifest() or {}
+    added = added_probes(previous.get("identity", {}), identity) if config.resume and previous else []
+    # A run that gains probes is the stored run plus new tables: its stored identity must match, apart from those.
+    folder.check_compatible(previous["identity"] if added else identity, resume=config.resume,
+                           command="analysis.probes")
     if loaded is None:
         loaded = load_model(config.model, dtype=config.dtype, device=config.device or default_device(),
                             attn_implementation="sdpa")
@@ -245,22 +255,85 @@ def run_probes(config: ProbeConfig, *, loaded: LoadedModel | None = None, progre
         folder.clean_uncommitted()
     done = set(folder.done_sample_ids())
     pending = [sample for sample in samples if sample.sample_id not in done]
+    extended = [*previous.get("extended", []), {"probes": added, "at": now()}] if added else previous.get("extended", [])
     folder.start(
         {"command": "analysis.probes", "config": {**to_dict(config), "split": split},
          "model": {"name": loaded.name, "source": loaded.source, "revision": loaded.revision,
                    "model_type": loaded.adapter.model_type, "num_layers": loaded.adapter.num_layers,
                    "num_heads": loaded.adapter.num_heads},
-         "dataset": {"name": config.dataset, "split": split, "n_samples": len(samples)}},
+         "dataset": {"name": config.dataset, "split": split, "n_samples": len(samples)},
+         "extended": extended},
         identity,
     )
     device = next(loaded.model.parameters()).device
-    with tqdm(total=len(samples), initial=len(done), desc="probe", unit="sample", disable=not progress) as bar:
+    by_id = {sample.sample_id: sample for sample in samples}
+    incomplete = folder.missing_tables()
+    total = len(samples) + sum(len(folder.part_sample_ids(index)) for index in incomplete)
+    with folder.interruptible(len(samples)), tqdm(total=total, initial=len(done), desc="probe", unit="sample",
+                                                  disable=not progress) as bar:
+        for index, tables in incomplete.items():
+            # Tables added to the run (or left unwritten by an interrupted addition) for its committed batches.
+            batch = [by_id[sample_id] for sample_id in folder.part_sample_ids(index)]
+            needed = [probe for probe in probes if set(_tables_for([probe])) & set(tables)]
+            inputs = loaded.adapter.build_inputs(loaded.processor, batch, device=device)
+            results = probe_batch(loaded, config, needed, batch, inputs)
+            folder.add_to_part(index, {name: results[name] for name in tables})
+            bar.update(len(batch))
         for batch in batched(pending, config.batch_size):
             inputs = loaded.adapter.build_inputs(loaded.processor, batch, device=device)
             folder.write_part(probe_batch(loaded, config, probes, batch, inputs))
             bar.update(len(batch))
     folder.finish({"n_samples": len(samples)})
     return ProbeResult(folder.root, len(samples), len(pending))
+
+
+# The options that shape each probe's results alone (so a run that gains a probe may set them).
+PROBE_OPTIONS: dict[str, tuple[str, ...]] = {
+    "knockout": ("knockout_queries", "knockout_key", "knockout_modes", "window"),
+    "masking": ("mask_percent", "mask_layers", "mask_seeds"),
+    "kv_removal": ("kv_layers",),
+    "logit_lens": ("task_words", "lens_top_k"),
+    "contribution": (),
+    "token_ablation": ("ablation_layers",),
+}
+
+
+def _probe_names(text: str) -> list[str]:
+    """The probe names of a comma-separated list."""
+    return [name.strip() for name in str(text).split(",") if name.strip()]
+
+
+def added_probes(stored: dict[str, Any], identity: dict[str, Any]) -> list[str]:
+    """The probes a resumed config adds to a stored run, or [] where it is not such an extension.
+
+    An extension keeps every stored probe and every other setting (the options of the added probes aside), and its
+    new probes write tables the run does not hold yet; anything else is left for the identity check to report.
+    """
+    old, new = _probe_names(stored.get("probes", "")), _probe_names(identity.get("probes", ""))
+    added = [probe for probe in new if probe not in old]
+    if not added or set(old) - set(new):
+        return []
+    free = {"probes", *(option for probe in added for option in PROBE_OPTIONS[probe])}
+    changed = {key for key in set(stored) | set(identity) if stored.get(key) != identity.get(key)}
+    if changed - free:
+        return []
+    shared = sorted(set(_tables_for(added)) & set(_tables_for(old)))
+    if shared:
+        raise ConfigError(f"{', '.join(added)} would write into the {', '.join(shared)} table the run already holds "
+                          f"({', '.join(old)}); record them in a new --out")
+    return added
+
+
+def extend_command(run_dir: str | Path, probes: Sequence[str]) -> str:
+    """The command line that adds ``probes`` to an existing probe run (the same config, those probes, --resume)."""
+    manifest = RunFolder(Path(run_dir), {}).read_manifest()
+    if manifest is None or manifest.get("command") != "analysis.probes":
+        return f"python -m analysis.probes --probes {','.join(probes)} --out NEW_FOLDER"
+    values = dict(manifest["config"])
+    recorded = _probe_names(values["probes"])
+    values["probes"] = ",".join([*recorded, *(probe for probe in probes if probe not in recorded)])
+    values.update(out=str(run_dir), resume=True)
+    return command_line("python -m analysis.probes", ProbeConfig, values)
 
 
 def _tables_for(probes: Sequence[str]) -> list[str]:

@@ -10,7 +10,7 @@ import argparse
 import sys
 
 from analysis.cli import run_cli
-from analysis.config import add_arguments, from_namespace
+from analysis.config import LIMIT_HELP, HelpFormatter, add_arguments, from_namespace, optional_type
 from analysis.errors import ConfigError
 from analysis.pruner.ceiling import CeilingConfig
 from analysis.pruner.export import ExportConfig, derive, describe, write
@@ -22,17 +22,17 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m analysis.pruner", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
     export = commands.add_parser("export", help="choose a VisiPruner config from a probe run",
-                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                 formatter_class=HelpFormatter)
     export.add_argument("run_dir", help="probe run with knockout (upto/from) and contribution probes")
     export.add_argument("-o", "--output", required=True, help="our config JSON; the authors' JSON goes beside it")
     add_arguments(export, ExportConfig)
     sweep = commands.add_parser("sweep", help="accuracy vs FLOPs of VisiPruner configs and FLOPs-matched baselines",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=HelpFormatter)
     sweep.add_argument("configs", nargs="+", help="pruning config JSON files (ours or the authors')")
     sweep.add_argument("--model", default=DEFAULT_MODEL, help="model alias, hub id or local path")
     sweep.add_argument("--dataset", default="shapes-vqa", help="dataset name or local path")
     sweep.add_argument("--split", default=None, help="dataset split")
-    sweep.add_argument("--limit", type=int, default=200, help="samples to evaluate")
+    sweep.add_argument("--limit", type=optional_type(int), default=None, help=LIMIT_HELP.format(verb="evaluate"))
     sweep.add_argument("--prune-layer", type=int, default=2, help="layer K of FastV and random pruning")
     sweep.add_argument("--batch-size", type=int, default=16, help="samples per generate call")
     sweep.add_argument("--authors-rule", action="store_true",
@@ -41,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
     sweep.add_argument("--device", default=None, help="torch device; default cuda if available")
     sweep.add_argument("-o", "--output", default=None, help="also write the table as CSV")
     ceiling = commands.add_parser("ceiling", help="FLOPs cut of exiting vision at each layer next to the answers it "
-                                  "changes, from a probe run", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                  "changes, from a probe run", formatter_class=HelpFormatter)
     ceiling.add_argument("run_dir", help="probe run with 'from' knockouts (python -m analysis.probes)")
     add_arguments(ceiling, CeilingConfig)
     args = parser.parse_args(argv)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import pandas as pd
 import torch
@@ -22,12 +22,14 @@ from analysis.trace.run import generate_answers
 def evaluate_pruned(
     loaded: LoadedModel, samples: Sequence[Sample], config: PruningConfig, *, batch_size: int = 16,
     max_new_tokens: int = 8, baseline: dict[str, str | None] | None = None, runtime: str = "mask",
+    on_batch: Callable[[int], object] | None = None,
 ) -> pd.DataFrame:
     """One row per sample: unpruned and pruned greedy answers, correctness, agreement, decisions and FLOPs.
 
     ``baseline`` maps sample ids to unpruned answers already computed (they are generated otherwise).
     ``runtime`` "drop" runs the pruned model with tokens really dropped (``runtime.py``), "mask" with attention
-    masks (``simulate.py``); their outputs are the same (tested), only the compute differs.
+    masks (``simulate.py``); their outputs are the same (tested), only the compute differs. ``on_batch`` is
+    called with each batch's sample count (progress bars).
     """
     if runtime not in PRUNING_RUNTIMES:
         raise ConfigError(f"unknown pruning runtime {runtime!r}; choose {' or '.join(PRUNING_RUNTIMES)}")
@@ -73,6 +75,8 @@ def evaluate_pruned(
                 "flops_fastv_full": full["fastv"], "vision_attention_flops": ours["vision_attention"],
                 "vision_attention_flops_full": full["vision_attention"],
             })
+        if on_batch is not None:
+            on_batch(len(batch))
     return pd.DataFrame(rows)
 
 
@@ -91,12 +95,15 @@ def summarize(per_sample: pd.DataFrame) -> dict[str, float]:
     }
 
 
-def clean_answers(loaded: LoadedModel, samples: Sequence[Sample], *, batch_size: int, max_new_tokens: int) -> dict[str, str | None]:
-    """Unpruned greedy answers by sample id (to share among several configs)."""
+def clean_answers(loaded: LoadedModel, samples: Sequence[Sample], *, batch_size: int, max_new_tokens: int,
+                  on_batch: Callable[[int], object] | None = None) -> dict[str, str | None]:
+    """Unpruned greedy answers by sample id (to share among several configs); ``on_batch`` as in evaluate_pruned."""
     device = next(loaded.model.parameters()).device
     answers: dict[str, str | None] = {}
     with torch.inference_mode():
         for batch in batched(list(samples), batch_size):
             inputs = loaded.adapter.build_inputs(loaded.processor, batch, device=device)
             answers.update(zip([s.sample_id for s in batch], generate_answers(loaded, inputs, max_new_tokens)))
+            if on_batch is not None:
+                on_batch(len(batch))
     return answers

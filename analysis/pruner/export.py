@@ -58,7 +58,8 @@ class ExportResult:
     context: dict[str, Any]  # what ``choose`` needs to pick again for another target
 
 
-def derive(run_dir: str | Path, export: ExportConfig, *, loaded: LoadedModel | None = None) -> ExportResult:
+def derive(run_dir: str | Path, export: ExportConfig, *, loaded: LoadedModel | None = None,
+           progress: bool = True) -> ExportResult:
     """Search thresholds on the run's samples and pick the cheapest config meeting the target."""
     from analysis.data.loaders import load_samples
 
@@ -71,9 +72,11 @@ def derive(run_dir: str | Path, export: ExportConfig, *, loaded: LoadedModel | N
     try:
         contributions = read_table(run_dir, "contributions").to_pandas()
     except ConfigError:
+        from analysis.probes.run import extend_command
+
         raise ConfigError(
-            f"{run_dir} lacks the contribution probe needed to scale tokens_threshold; run "
-            "`python -m analysis.probes --probes contribution` into the same config"
+            f"{run_dir} lacks the contribution probe needed to scale tokens_threshold; add it to the run with: "
+            f"{extend_command(run_dir, ['contribution'])}"
         ) from None
     model_name = manifest["config"]["model"]
     dataset, split = manifest["dataset"]["name"], manifest["dataset"]["split"]
@@ -84,20 +87,26 @@ def derive(run_dir: str | Path, export: ExportConfig, *, loaded: LoadedModel | N
     ids = read_table(run_dir, "samples").column("sample_id").to_pylist()
     samples = [s for s in load_samples(dataset, None if split == "all" else split, len(ids) if export.limit is None
                                        else min(export.limit, len(ids)))]
-    baseline = clean_answers(loaded, samples, batch_size=export.batch_size, max_new_tokens=export.max_new_tokens)
+    from tqdm.auto import tqdm
+
     num_layers = loaded.adapter.num_layers
     band = contributions[contributions["layer"] > shallow_end]["norm"]
     norm_grid = sorted({float(round(q, 6)) for q in np.quantile(band, NORM_QUANTILES)}) if len(band) else [0.0]
     rows = []
-    for layer_threshold in LAYER_THRESHOLDS:
-        for tokens_threshold in norm_grid:
-            config = PruningConfig(num_layers=num_layers, shallow_mid_layer=shallow_end,
-                                   layer_threshold=layer_threshold, tokens_threshold=tokens_threshold)
-            scores = summarize(evaluate_pruned(loaded, samples, config, batch_size=export.batch_size,
-                                               max_new_tokens=export.max_new_tokens, baseline=baseline))
-            rows.append({"layer_threshold": layer_threshold, "tokens_threshold": tokens_threshold, **scores})
-            logger.info("tL=%.3f tT=%.4g: agreement %.1f%%, FLOPs cut %.1f%%", layer_threshold, tokens_threshold,
-                        scores["agreement"], scores["flops_cut"])
+    passes = 1 + len(LAYER_THRESHOLDS) * len(norm_grid)
+    with tqdm(total=passes * len(samples), desc="threshold search", unit="sample", disable=not progress) as bar:
+        baseline = clean_answers(loaded, samples, batch_size=export.batch_size, max_new_tokens=export.max_new_tokens,
+                                 on_batch=bar.update)
+        for layer_threshold in LAYER_THRESHOLDS:
+            for tokens_threshold in norm_grid:
+                config = PruningConfig(num_layers=num_layers, shallow_mid_layer=shallow_end,
+                                       layer_threshold=layer_threshold, tokens_threshold=tokens_threshold)
+                scores = summarize(evaluate_pruned(loaded, samples, config, batch_size=export.batch_size,
+                                                   max_new_tokens=export.max_new_tokens, baseline=baseline,
+                                                   on_batch=bar.update))
+                rows.append({"layer_threshold": layer_threshold, "tokens_threshold": tokens_threshold, **scores})
+                logger.debug("tL=%.3f tT=%.4g: agreement %.1f%%, FLOPs cut %.1f%%", layer_threshold,
+                             tokens_threshold, scores["agreement"], scores["flops_cut"])
     search = pd.DataFrame(rows)
     # Portable provenance: the run relative to the working directory, the model as the registry names it (an
     # alias's hub id or package path, not this machine's absolute path) and the fingerprint of its weights.

@@ -9,7 +9,8 @@ is hiding it as a key from layer L on, positions kept.
 
 Mechanism, hooks only (nothing of the model is replaced; all of it is removed when the block exits):
 
-- a forward pre-hook on the text model tells a prefill (empty cache) from a continuation and checks the padding;
+- a forward pre-hook on the text model tells a prefill (no or an empty cache) from a continuation of the prompt
+  this block ran (a cache holding what the runtime put there; ``analysis.models.hf`` finds it) and checks the padding;
 - a forward pre-hook on each decoder layer, where a sample's token set shrinks, gathers the kept slots of the hidden
   states, and gives the layer its own mask and the kept tokens' slice of the model's position embeddings;
 - the probe attention of ``analysis.probes.intervention`` observes the last prompt row for the selection rule and
@@ -43,6 +44,7 @@ from torch import nn
 
 from analysis.errors import ConfigError, DataError
 from analysis.layout import TokenLayout
+from analysis.models import hf
 from analysis.models.adapters import FamilyAdapter, get_adapter
 from analysis.probes.intervention import LastRowObservation, RegionMasks, intervene
 from analysis.pruner.config import PruningConfig
@@ -256,13 +258,12 @@ class PrunedRuntime(PruningHooks):
             index = layout.positions.view(batch, -1, *([1] * (values.dim() - 2)))
             return values.gather(1, index.expand(-1, -1, *values.shape[2:]))
 
-        prepared: dict[str, Any] = {"attention_mask": self._mask(layout.valid, layout.padded, layout.length, dtype)}
-        embeddings = kwargs.get("position_embeddings")
-        if embeddings is not None:
-            prepared["position_embeddings"] = tuple(take(part) for part in embeddings)
-        position_ids = kwargs.get("position_ids")
-        if isinstance(position_ids, torch.Tensor) and position_ids.dim() == 2:
-            prepared["position_ids"] = take(position_ids)
+        embeddings, position_ids = hf.layer_positions(kwargs)
+        prepared = hf.layer_overrides(
+            self._mask(layout.valid, layout.padded, layout.length, dtype),
+            None if embeddings is None else tuple(take(part) for part in embeddings),
+            take(position_ids) if isinstance(position_ids, torch.Tensor) and position_ids.dim() == 2 else None,
+        )
         self._prepared[id(layout)] = prepared
         return prepared
 
@@ -273,7 +274,7 @@ class PrunedRuntime(PruningHooks):
             batch = layout.valid.shape[0]
             fresh = layout.valid.new_ones(batch, self._generated + self._query_length)
             keys = torch.cat([layout.valid, fresh], dim=1)
-            cached = {"attention_mask": self._mask(keys, layout.padded, self._query_length, dtype)}
+            cached = hf.layer_overrides(self._mask(keys, layout.padded, self._query_length, dtype))
             self._prepared[id(layout)] = cached
         return cached
 
@@ -282,15 +283,12 @@ class PrunedRuntime(PruningHooks):
         tuple[Any, ...], dict[str, Any]
     ] | None:
         """Text-model pre-hook: prefill or continuation, and a padding check."""
-        source = kwargs.get("inputs_embeds")
-        if source is None:
-            source = kwargs.get("input_ids") if kwargs.get("input_ids") is not None else args[0]
-        length = int(source.shape[1])
-        cache = kwargs.get("past_key_values")
-        self._prefill = cache is None or cache.get_seq_length() == 0
+        call = hf.text_model_call(args, kwargs)
+        length = call.length
+        self._prefill = self._is_prefill(call, sorted(kwargs))
         self._query_length = length
         self._prepared = {}
-        mask = kwargs.get("attention_mask")
+        mask = call.attention_mask
         if mask is not None and not (isinstance(mask, torch.Tensor) and mask.dim() == 2):
             raise DataError("the pruned runtime needs a 2-D attention mask (or none); use a DynamicCache, "
                             "not a static or compiled cache")
@@ -305,16 +303,35 @@ class PrunedRuntime(PruningHooks):
             self._layout = _Layout(positions, self._input_valid(), identity=True, padded=self.prompt_padded)
             self._layer_layouts = []
             return None
+        self._check_mask(mask, self._input_length + self._generated + length)
+        if call.position_ids is None and not self._layer_layouts[0].identity:
+            # The model would count positions from layer 0's cache, which holds only the kept tokens.
+            seen = self._input_length + self._generated
+            return args, hf.with_position_ids(kwargs, torch.arange(seen, seen + length, device=call.device)[None])
+        return None
+
+    def _is_prefill(self, call: hf.TextModelCall, arguments: list[str]) -> bool:
+        """Whether a text-model call starts a new prompt (empty or no cache) or continues the one this block ran.
+
+        The cache is found by type, not by argument name, and a continuation must find in it exactly the tokens the
+        runtime itself put in layer 0; anything else means transformers passes its cache in a way the runtime was
+        not built for, which is reported as that, not as a problem with the user's input.
+        """
+        held = hf.cache_length(call.cache)
+        if held == 0:
+            if call.cache is None and self._layer_layouts and call.length < self.prompt_length:
+                raise hf.compatibility_error(
+                    f"the pruned runtime got a {call.length}-token pass after its prefill but no KV cache in the "
+                    f"text model's call (arguments: {', '.join(arguments)})")
+            return True
         if not self._layer_layouts:
             raise DataError("a pass with a filled cache came before any prefill in this pruned_runtime block; "
                             "run the prompt (or generate) inside the block")
-        self._check_mask(mask, self._input_length + self._generated + length)
-        if kwargs.get("position_ids") is None and not self._layer_layouts[0].identity:
-            # The model would count positions from layer 0's cache, which holds only the kept tokens.
-            seen = self._input_length + self._generated
-            kwargs["position_ids"] = torch.arange(seen, seen + length, device=source.device)[None]
-            return args, kwargs
-        return None
+        expected = self._layer_layouts[0].length + self._generated
+        if held != expected:
+            raise hf.compatibility_error(
+                f"layer 0's KV cache holds {held} tokens where the pruned runtime put {expected}")
+        return False
 
     def _check_mask(self, mask: torch.Tensor | None, length: int) -> None:
         """The 2-D mask must be the prompts' left padding followed by real tokens only."""
@@ -337,12 +354,12 @@ class PrunedRuntime(PruningHooks):
         def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[
             tuple[Any, ...], dict[str, Any]
         ] | None:
-            hidden = args[0] if args else kwargs["hidden_states"]
+            hidden = hf.layer_hidden_states(args, kwargs)
             if self._prefill:
                 if self._cuts_before(layer):
                     self._layout, slots = self._compact_once(self._layout, layer)
                     hidden = hidden.gather(1, slots[..., None].expand(-1, -1, hidden.shape[-1]))
-                    args, kwargs = _with_hidden(args, kwargs, hidden)
+                    args, kwargs = hf.with_layer_hidden_states(args, kwargs, hidden)
                 layout = self._layout
                 self._layer_layouts.append(layout)
                 if layout.identity:
@@ -367,13 +384,12 @@ class PrunedRuntime(PruningHooks):
         logger.debug("prefill slots per layer: %s", self.prefill_lengths)
         if layout.identity:
             return output
-        hidden = output.last_hidden_state
+        hidden = hf.text_model_output_hidden(output)
         batch, _, width = hidden.shape
         full = hidden.new_zeros(batch, self._input_length + 1, width)
         target = torch.where(layout.valid, layout.positions, self._input_length)  # pads go to a spare column
         full.scatter_(1, target[..., None].expand(-1, -1, width), hidden)
-        output.last_hidden_state = full[:, : self._input_length]
-        return output
+        return hf.set_text_model_output_hidden(output, full[:, : self._input_length])
 
     # -- results --------------------------------------------------------------------------------
     @property
@@ -384,15 +400,6 @@ class PrunedRuntime(PruningHooks):
     def layer_token_counts(self) -> torch.Tensor:
         """(layers, B) real tokens each layer processed per sample in the last prefill."""
         return torch.stack([layout.valid.sum(1) for layout in self._layer_layouts]).cpu()
-
-
-def _with_hidden(args: tuple[Any, ...], kwargs: dict[str, Any], hidden: torch.Tensor) -> tuple[
-    tuple[Any, ...], dict[str, Any]
-]:
-    """A layer's call arguments with new hidden states."""
-    if args:
-        return (hidden, *args[1:]), kwargs
-    return args, {**kwargs, "hidden_states": hidden}
 
 
 @contextmanager

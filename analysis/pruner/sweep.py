@@ -47,33 +47,39 @@ AUTHORS_RULE_METHOD = "visipruner_authors"
 
 def sweep(
     loaded: LoadedModel, samples: Sequence[Sample], configs: Sequence[PruningConfig], *, prune_layer: int = 2,
-    batch_size: int = 16, max_new_tokens: int = 8, authors_rule: bool = False,
+    batch_size: int = 16, max_new_tokens: int = 8, authors_rule: bool = False, progress: bool = True,
 ) -> pd.DataFrame:
     """One row per evaluated config: VisiPruner configs, then each baseline at the FLOPs cut each of them reached.
 
     With ``authors_rule`` each VisiPruner config is also run, at the same thresholds, under the authors' rule (row
     method ``visipruner_authors``), so the two rules compare on the same samples.
     """
+    from tqdm.auto import tqdm
+
     shape = DecoderShape.from_config(loaded.adapter.text_config)
-    baseline = clean_answers(loaded, samples, batch_size=batch_size, max_new_tokens=max_new_tokens)
+    passes = 1 + sum(1 + len(BASELINES) + int(authors_rule and config.method == "visipruner") for config in configs)
     rows = []
-    for index, config in enumerate(configs):
-        per_sample = evaluate_pruned(loaded, samples, config, batch_size=batch_size, max_new_tokens=max_new_tokens,
-                                     baseline=baseline)
-        scores = summarize(per_sample)
-        rows.append({"method": config.method, "point": index, "settings": _settings(config), **scores})
-        if authors_rule and config.method == "visipruner":
-            theirs = config.with_authors_rule(config.layer0_rule)
-            theirs_scores = summarize(evaluate_pruned(loaded, samples, theirs, batch_size=batch_size,
-                                                      max_new_tokens=max_new_tokens, baseline=baseline))
-            rows.append({"method": AUTHORS_RULE_METHOD, "point": index, "settings": _settings(theirs),
-                         **theirs_scores})
-        for method in BASELINES:
-            keep = matched_keep(shape, per_sample, method, prune_layer, scores["flops_cut"])
-            matched = replace(config, method=method, prune_layer=prune_layer, keep_tokens=keep, provenance={})
-            matched_scores = summarize(evaluate_pruned(loaded, samples, matched, batch_size=batch_size,
-                                                       max_new_tokens=max_new_tokens, baseline=baseline))
-            rows.append({"method": method, "point": index, "settings": _settings(matched), **matched_scores})
+    with tqdm(total=passes * len(samples), desc="sweep", unit="sample", disable=not progress) as bar:
+        baseline = clean_answers(loaded, samples, batch_size=batch_size, max_new_tokens=max_new_tokens,
+                                 on_batch=bar.update)
+
+        def evaluated(config: PruningConfig) -> pd.DataFrame:
+            return evaluate_pruned(loaded, samples, config, batch_size=batch_size, max_new_tokens=max_new_tokens,
+                                   baseline=baseline, on_batch=bar.update)
+
+        for index, config in enumerate(configs):
+            per_sample = evaluated(config)
+            scores = summarize(per_sample)
+            rows.append({"method": config.method, "point": index, "settings": _settings(config), **scores})
+            if authors_rule and config.method == "visipruner":
+                theirs = config.with_authors_rule(config.layer0_rule)
+                rows.append({"method": AUTHORS_RULE_METHOD, "point": index, "settings": _settings(theirs),
+                             **summarize(evaluated(theirs))})
+            for method in BASELINES:
+                keep = matched_keep(shape, per_sample, method, prune_layer, scores["flops_cut"])
+                matched = replace(config, method=method, prune_layer=prune_layer, keep_tokens=keep, provenance={})
+                rows.append({"method": method, "point": index, "settings": _settings(matched),
+                             **summarize(evaluated(matched))})
     return pd.DataFrame(rows)
 
 

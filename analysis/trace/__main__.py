@@ -6,7 +6,7 @@ import argparse
 import sys
 
 from analysis.cli import run_cli
-from analysis.config import add_arguments, from_namespace
+from analysis.config import add_arguments, from_namespace, HelpFormatter
 from analysis.trace.run import TraceConfig, run_trace
 from analysis.trace.summary import format_summary, layer_summary
 
@@ -19,7 +19,7 @@ def build_parser() -> argparse.ArgumentParser:
             "Trace per-layer, per-head attention statistics (mass on system / image / instruction tokens, "
             "image-token sinks, value norms) and write parquet tables plus a manifest to a run folder."
         ),
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     add_arguments(parser, TraceConfig)
     parser.add_argument("--quiet", action="store_true", help="no progress bar and no per-layer summary")
@@ -39,7 +39,7 @@ def main(argv: list[str] | None = None) -> int:
             sys.stdout.write(format_summary(layer_summary(result.out_dir)) + "\n")
         return 0
 
-    return run_cli(body)
+    return run_cli(body, command="python -m analysis.trace", argv=argv)
 
 
 if __name__ == "__main__":

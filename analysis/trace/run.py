@@ -12,7 +12,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from analysis.config import option, run_identity, to_dict
+from analysis.config import LIMIT_HELP, option, run_identity, to_dict
 from analysis.data.samples import Sample, batched
 from analysis.errors import ConfigError, DataError
 from analysis.layout import REGION_NAMES, TokenLayout
@@ -37,13 +37,15 @@ class TraceConfig:
     data_dir: str | None = option(
         None, "folder with a local copy of a hub benchmark's parquet files; default: load from the hub", identity=False
     )
-    limit: int | None = option(16, "trace the first N samples of the split; none = all")
+    limit: int | None = option(None, LIMIT_HELP.format(verb="trace"))
     batch_size: int = option(4, "samples per forward pass (results do not depend on it)", identity=False)
     out: str | None = option(None, "output folder; default runs/trace/<model>/<dataset>-<split>", identity=False)
     resume: bool = option(False, "continue an interrupted run in --out (same config required)", identity=False)
     dtype: str = option("auto", "weights dtype; statistics are always computed in float32", choices=tuple(DTYPES))
     device: str | None = option(None, "torch device (cpu, cuda, cuda:1) or auto (shard); default cuda if available", identity=False)
-    top_k: int = option(5, "sink statistics: share of image-directed attention on the top-k image tokens")
+    top_k: int = option(5, "sink statistics: share of image-directed attention on the top-k image tokens (at most "
+                        "a sample's image tokens; a smaller image caps it, and the sinks table's top_k column holds "
+                        "the k used)")
     max_new_tokens: int = option(8, "greedy answer length for the model_answer column; 0 skips generation")
     revision: str | None = option(None, "hub revision (branch, tag or commit) of the model")
 
@@ -51,7 +53,7 @@ class TraceConfig:
         """Reject values that cannot work, before any model or data is loaded."""
         problems = []
         if self.limit is not None and self.limit < 1:
-            problems.append("--limit must be >= 1 (omit it for the whole split)")
+            problems.append("--limit must be >= 1 (or all, the default, for the whole split)")
         if self.batch_size < 1:
             problems.append("--batch-size must be >= 1")
         if self.top_k < 1:
@@ -88,12 +90,13 @@ def run_trace(config: TraceConfig, *, loaded: LoadedModel | None = None, progres
         raise DataError(f"dataset has duplicate sample id {duplicate!r}; sample ids must be unique")
     identity = run_identity(config, split)
     folder = RunFolder(config.output_dir(split), TRACE_SCHEMAS)
-    folder.check_compatible(identity, resume=config.resume)
+    folder.check_compatible(identity, resume=config.resume, command="analysis.trace")
     if loaded is None:
         loaded = load_model(
             config.model, dtype=config.dtype, device=config.device or default_device(),
             attn_implementation="eager", revision=config.revision,
         )
+    _check_top_k(config.top_k, loaded, samples[0])
     if config.resume:
         folder.clean_uncommitted()
     done = set(folder.done_sample_ids())
@@ -116,7 +119,7 @@ def run_trace(config: TraceConfig, *, loaded: LoadedModel | None = None, progres
     from tqdm.auto import tqdm
 
     bar = tqdm(total=len(samples), initial=len(done), desc="trace", unit="sample", disable=not progress)
-    with bar, traced(loaded.model) as traced_model:
+    with folder.interruptible(len(samples)), bar, traced(loaded.model) as traced_model:
         for batch in batched(pending, config.batch_size):
             inputs = loaded.adapter.build_inputs(loaded.processor, batch, device=device)
             stats, _ = trace_batch(traced_model, loaded.adapter, inputs, top_k=config.top_k)
@@ -126,6 +129,15 @@ def run_trace(config: TraceConfig, *, loaded: LoadedModel | None = None, progres
     folder.finish({"n_samples": len(samples)})
     logger.info("wrote %d samples (%d new) to %s", len(samples), len(pending), folder.root)
     return TraceResult(out_dir=folder.root, n_samples=len(samples), n_new=len(pending))
+
+
+def _check_top_k(top_k: int, loaded: LoadedModel, sample: Sample) -> None:
+    """Refuse a sink top-k larger than a sample's image (checked on the first sample, before anything is written)."""
+    device = next(loaded.model.parameters()).device
+    n_image = loaded.adapter.build_inputs(loaded.processor, [sample], device=device).layouts[0].n_image_tokens
+    if top_k > n_image:
+        raise ConfigError(f"--top-k {top_k} exceeds the {n_image} image tokens of sample {sample.sample_id!r}; "
+                          f"choose --top-k <= {n_image}")
 
 
 def generate_answers(loaded: LoadedModel, inputs: ModelInputs, max_new_tokens: int) -> list[str | None]:
