@@ -84,11 +84,6 @@ def cache_length(cache: Any | None) -> int:
     return int(cache.get_seq_length())
 
 
-def cache_layer_lengths(cache: Any) -> list[int]:
-    """Tokens held by each layer of a KV cache."""
-    return [int(layer.get_seq_length()) for layer in cache.layers]
-
-
 def crop_cache(cache: Any, length: int) -> None:
     """Keep only the first ``length`` positions in every layer of a KV cache."""
     for layer in cache.layers:
