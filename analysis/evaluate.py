@@ -19,7 +19,7 @@ from analysis.data.samples import Sample, batched
 from analysis.data.scoring import is_correct
 from analysis.errors import ConfigError
 from analysis.models.registry import DTYPES, LoadedModel, default_device, load_model
-from analysis.pruner.config import PRUNING_RUNTIMES
+from analysis.pruner.config import LAYER0_RULES, PRUNING_RUNTIMES
 from analysis.results import (
     RunFolder, atomic_write_json, default_run_dir, git_hash, package_versions, read_table, table_schema,
 )
@@ -71,6 +71,10 @@ class EvalConfig:
     pruning_config: str | None = option(
         None, "pruning config JSON (ours or the authors'): also report pruned accuracy, agreement, FLOPs, kept tokens",
         aliases=("--config",), identity=False,
+    )
+    authors_layer0: str = option(
+        "auto", "for an authors' JSON with a shallow stage: which of their layer-0 rules runs; auto: theirs for a "
+        "LLaVA-1.5-7B or -13B architecture (other models must name one)", choices=("auto", *LAYER0_RULES),
     )
     pruning_runtime: str = option(
         "drop", "how the pruned model runs: drop (tokens leave hidden states and KV cache) or mask (same outputs, "
@@ -137,7 +141,7 @@ def run_evaluation(config: EvalConfig, *, loaded: LoadedModel | None = None, pro
     from tqdm.auto import tqdm
 
     from analysis.data.loaders import load_samples, resolve_split
-    from analysis.pruner.config import load_config
+    from analysis.pruner.config import config_for_model, read_config_values
     from analysis.pruner.evaluation import evaluate_pruned
 
     config.validate()
@@ -146,14 +150,17 @@ def run_evaluation(config: EvalConfig, *, loaded: LoadedModel | None = None, pro
     identity = run_identity(config, split)
     pruned = config.pruning_config is not None
     if pruned:
-        identity["pruning"] = load_config(config.pruning_config).to_json()
+        identity["pruning"] = read_config_values(config.pruning_config)
     table = PRUNED_TABLE if pruned else PREDICTIONS_TABLE
     folder = RunFolder(config.output_dir(split), {table: PRUNED_SCHEMA if pruned else PREDICTIONS_SCHEMA},
                        commit_table=table)
     folder.check_compatible(identity, resume=config.resume, command="analysis.evaluate")
     if loaded is None:
         loaded = load_model(config.model, dtype=config.dtype, device=config.device or default_device())
-    pruning = load_config(config.pruning_config, loaded.adapter.num_layers) if config.pruning_config else None
+    adapter = loaded.adapter
+    pruning = (config_for_model(config.pruning_config, adapter.model_type, adapter.text_config,
+                                config.authors_layer0)
+               if config.pruning_config else None)
     if config.resume:
         folder.clean_uncommitted()
     done = set(folder.done_sample_ids())
@@ -216,6 +223,10 @@ def main(argv: list[str] | None = None) -> int:
         result = run_evaluation(config, progress=True)
         lines = [f"results: {result.out_dir.resolve()} ({len(result.per_sample)} samples, {result.n_new} new)"]
         if config.pruning_config:
+            pruning = result.summary["pruning"]
+            rule = f"{pruning['rule']} rule" + (f", layer 0: {pruning['provenance']['layer0_rule']}"
+                                                if "layer0_rule" in pruning["provenance"] else "")
+            lines.append(f"{'pruning':>22s}: {pruning['method']}, {rule}")
             lines += [f"{key:>22s}: {value:8.2f}" for key, value in result.summary["summary"].items()]
         else:
             lines.append(accuracy_table(result.per_sample).to_string(float_format=lambda v: f"{v:.2f}"))

@@ -93,8 +93,10 @@ REFERENCE_ATTENTION = "test_zeroed_eager"
 
 
 def _zeroed_eager(module, query, key, value, attention_mask, scaling, dropout=0.0, **_):
-    """Independent reference of the authors' shallow rule: eager attention, then text->image weights set to 0
-    after the softmax in layers < S (not renormalised), and in layer 0 their mass put on the first image token."""
+    """Independent reference of the authors' shallow rule (custom_modeling_llama.py lines 687-699): eager attention,
+    then weights set to 0 after the softmax (not renormalised) in layers < S: text->image in layers 1..S-1; in layer 0
+    their 7B rule (every row from the image on against the image keys, text rows' mass put on the first image
+    token), their 13B rule (image->image and text->the first half of the image), or text->image ("none")."""
     settings = _zeroed_eager.settings
     groups = query.shape[1] // key.shape[1]
     key, value = key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)
@@ -102,13 +104,20 @@ def _zeroed_eager(module, query, key, value, attention_mask, scaling, dropout=0.
     weights = torch.softmax(scores.float(), dim=-1)
     layer = module.layer_idx
     if layer < settings["shallow_mid_layer"]:
-        for row, (text, image) in enumerate(zip(settings["text"], settings["image"])):
-            removed = weights[row][:, text][:, :, image].sum(-1)  # (H, text queries)
-            block = weights[row][:, text]
-            block[:, :, image] = 0.0
-            if layer == 0 and settings["first_image"]:
-                block[:, :, image[0]] += removed
-            weights[row][:, text] = block
+        rule = settings["layer0"] if layer == 0 else "none"
+        for row, (text, image_rows, image) in enumerate(zip(settings["text"], settings["image_rows"], settings["image"])):
+            sample = weights[row]  # (H, Q, K), edited in place
+            if rule == "authors_7b":
+                removed = sample[:, text][:, :, image].sum(-1)  # (H, text queries)
+                rows = torch.cat([image_rows, text])
+                sample[:, rows[:, None], image[None, :]] = 0.0
+                sample[:, text, image[0]] = removed
+            elif rule == "authors_13b":
+                sample[:, image_rows[:, None], image[None, :]] = 0.0
+                half = image[: len(image) // 2]
+                sample[:, text[:, None], half[None, :]] = 0.0
+            else:
+                sample[:, text[:, None], image[None, :]] = 0.0
     settings["weights"][layer] = weights
     output = torch.matmul(weights.to(value.dtype), value).transpose(1, 2).contiguous()
     return output, weights
@@ -124,9 +133,9 @@ class _ObservingHooks(PruningHooks):
         self.observation = observation
 
 
-@pytest.mark.parametrize("layer0_rule", ["none", "first_image"])
+@pytest.mark.parametrize("layer0_rule", ["none", "authors_7b", "authors_13b"])
 def test_authors_shallow_rule_matches_zeroed_eager_weights(samples, layer0_rule: str) -> None:
-    """The authors' rule (zeroed after the softmax, optional layer-0 mass move) on SDPA equals a reference eager
+    """The authors' rule (zeroed after the softmax; in layer 0 their 7B or 13B rule) on SDPA equals a reference eager
     computation that edits the attention weights directly, for both families in a left-padded batch."""
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface, eager_mask
@@ -140,8 +149,9 @@ def test_authors_shallow_rule_matches_zeroed_eager_weights(samples, layer0_rule:
         inputs = loaded.adapter.build_inputs(loaded.processor, samples)
         masks = RegionMasks.from_layouts(inputs.layouts, inputs.input_ids.shape[1], inputs.input_ids.device)
         _zeroed_eager.settings = {
-            "shallow_mid_layer": 2, "first_image": layer0_rule == "first_image",
+            "shallow_mid_layer": 2, "layer0": layer0_rule,
             "text": [row.nonzero().flatten() for row in masks.queries["instruction"]],
+            "image_rows": [row.nonzero().flatten() for row in masks.queries["image"]],
             "image": [row.nonzero().flatten() for row in masks.keys["image"]],
         }
         _zeroed_eager.settings["weights"] = {}
@@ -219,7 +229,7 @@ def test_rule_decisions_follow_the_cosines_row_by_row(samples, monkeypatch: pyte
     valid = hooks.image_valid
     current = {}
 
-    def recorded(observation, index, image_valid):  # type: ignore[no-untyped-def]
+    def recorded(observation, index, image_valid, **_):  # type: ignore[no-untyped-def]
         cosine = torch.ones_like(valid, dtype=torch.float32)
         cosine[:, :n_image] = cosines[current["layer"]]
         norm = torch.zeros_like(cosine)
@@ -264,7 +274,7 @@ def test_config_errors_list_every_problem(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="unknown keys"):
         parse_config({"num_layers": 4, "speed": "fast"})
     with pytest.raises(ConfigError) as error:
-        parse_config({"num_layers": 4, "shallow_rule": "halve", "rule_precision": "int8", "layer0_rule": "first_image"})
+        parse_config({"num_layers": 4, "shallow_rule": "halve", "rule_precision": "int8", "layer0_rule": "authors_7b"})
     for part in ("unknown shallow_rule 'halve'", "unknown rule_precision 'int8'", "needs shallow_rule 'zero'"):
         assert part in str(error.value)
     (tmp_path / "broken.json").write_text("{")
@@ -276,12 +286,12 @@ def test_authors_json_round_trip(tmp_path: Path) -> None:
     """Our config exports the authors' JSON, which parses back to the same rule."""
     ours = PruningConfig(num_layers=32, shallow_mid_layer=6, layer_threshold=0.995, tokens_threshold=0.2)
     (tmp_path / "a.json").write_text(json.dumps(ours.authors_json()))
-    theirs = load_config(tmp_path / "a.json", num_layers=32)
+    theirs = load_config(tmp_path / "a.json", num_layers=32, layer0_rule="authors_7b")
     assert (theirs.shallow_mid_layer, theirs.layer_threshold, theirs.tokens_threshold, theirs.stages) == (
         6, 0.995, 0.2, ["shallow", "middle", "deep"])
     # Their rule: text blinded in the prefill only, weights zeroed after the softmax, cosines in the model's dtype.
-    assert (theirs.shallow_in_decode, theirs.shallow_rule, theirs.rule_precision, theirs.layer0_rule) == (
-        False, "zero", "model", "none")
+    assert (theirs.rule, theirs.shallow_in_decode, theirs.shallow_rule, theirs.rule_precision, theirs.layer0_rule) == (
+        "authors", False, "zero", "model", "authors_7b")
 
 
 def test_sweep_matches_baseline_flops(tiny: LoadedModel, samples) -> None:
@@ -290,7 +300,7 @@ def test_sweep_matches_baseline_flops(tiny: LoadedModel, samples) -> None:
 
     config = PruningConfig(num_layers=tiny.adapter.num_layers, shallow_mid_layer=1, layer_threshold=0.9999,
                            tokens_threshold=0.02)
-    table = sweep(tiny, samples, [config], prune_layer=2, batch_size=4, authors_rule=True)
+    table = sweep(tiny, samples, [config], prune_layer=2, batch_size=4, authors_rule=True, authors_layer0="authors_7b")
     assert list(table["method"]) == ["visipruner", "visipruner_authors", *BASELINES]
     assert "shallow=zero" in table.loc[1, "settings"] and "shallow=mask" in table.loc[0, "settings"]
     visipruner_cut = table.loc[0, "flops_cut"]

@@ -47,10 +47,10 @@ def _configs(loaded: LoadedModel) -> dict[str, PruningConfig]:
         # The shallow stage too (text->image hidden in layer 0, also while decoding), then selection at layer >= 2.
         "shallow": PruningConfig(num_layers=layers, shallow_mid_layer=1, layer_threshold=0.9999,
                                  tokens_threshold=TOKENS_THRESHOLD[loaded.adapter.model_type]),
-        # The authors' rule: text->image weights zeroed after the softmax (prefill only), layer 0's mass moved.
+        # The authors' rule: text->image weights zeroed after the softmax (prefill only), their 7B layer-0 rule.
         "authors": PruningConfig(num_layers=layers, shallow_mid_layer=1, layer_threshold=0.9999,
                                  tokens_threshold=TOKENS_THRESHOLD[loaded.adapter.model_type],
-                                 ).with_authors_rule("first_image"),
+                                 ).with_authors_rule("authors_7b"),
         "fastv": PruningConfig(method="fastv", num_layers=layers, prune_layer=2, keep_tokens=3),
         "random": PruningConfig(method="random", num_layers=layers, prune_layer=1, keep_tokens=3),
         "pre_llm": PruningConfig(method="pre_llm", num_layers=layers, keep_tokens=3),

@@ -107,17 +107,26 @@ class LastRowObservation:
     values: torch.Tensor  # (B, H, K, d)
     weights: torch.Tensor  # (B, H, K) softmax row incl. the intervention's mask and zeroed edges
     model_dtype: torch.dtype = torch.float32  # the dtype the model computes attention in
+    mask: torch.Tensor | None = None  # (B, 1, K) the row's additive mask (the intervention's blocked edges included)
 
 
 @dataclass
 class ZeroedEdges:
     """Query->key edges whose attention weights are zeroed after the softmax, without renormalising the row.
 
-    With ``target`` (B,) key indices, the zeroed mass of each query row moves onto that key instead of vanishing.
+    With ``target`` (B,) key indices, the zeroed mass of each query row moves onto that key instead of vanishing;
+    ``moved_rows`` (B, Q) limits that to some rows (the others lose their zeroed mass).
     """
 
     edges: torch.Tensor  # (B, Q, K) bool
     target: torch.Tensor | None = None
+    moved_rows: torch.Tensor | None = None
+
+    def moved_share(self, rows: slice | torch.Tensor) -> torch.Tensor | None:
+        """(B, Q') 1.0 where the zeroed mass of a query row (of ``rows``) moves to the target, else 0; None: all rows."""
+        if self.target is None or self.moved_rows is None:
+            return None
+        return self.moved_rows[:, rows].float()
 
 
 class AttentionHooks:
@@ -238,13 +247,18 @@ def _full_mask(attention_mask: torch.Tensor | None, query: torch.Tensor, key_len
     return torch.where(allowed, zero, torch.full((), minimum, dtype=query.dtype, device=query.device))
 
 
-def _zero_weights(weights: torch.Tensor, edges: torch.Tensor, target: torch.Tensor | None) -> tuple[
-    torch.Tensor, torch.Tensor
-]:
-    """Softmax rows (B, H, Q, K) with ``edges`` (B, Q, K) zeroed, and the zeroed mass (B, H, Q), moved to ``target``."""
+def _zero_weights(weights: torch.Tensor, edges: torch.Tensor, target: torch.Tensor | None,
+                  moved: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Softmax rows (B, H, Q, K) with ``edges`` (B, Q, K) zeroed, and the zeroed mass (B, H, Q), moved to ``target``
+    (in the rows where ``moved`` (B, Q) is 1, or all rows without it)."""
     edges = edges[:, None].expand_as(weights)
     mass = (weights * edges).sum(-1)
-    return _add_on_target(weights.masked_fill(edges, 0.0), mass, target), mass
+    return _add_on_target(weights.masked_fill(edges, 0.0), _moved_mass(mass, moved), target), mass
+
+
+def _moved_mass(mass: torch.Tensor, moved: torch.Tensor | None) -> torch.Tensor:
+    """The part (B, H, Q) of the zeroed mass that moves to the target: all of it, or the rows ``moved`` (B, Q) marks."""
+    return mass if moved is None else mass * moved[:, None].to(mass.dtype)
 
 
 def _add_on_target(weights: torch.Tensor, mass: torch.Tensor, target: torch.Tensor | None) -> torch.Tensor:
@@ -273,15 +287,18 @@ def _rescale_zeroed(
     mass = (torch.softmax(scores, dim=-1) * zeroed.edges[:, None, rows]).sum(-1)  # (B, H, Q')
     share = mass.transpose(1, 2)[..., None]  # (B, Q', H, 1)
     corrected = output[:, rows].float() * (1 - share)
+    moved = zeroed.moved_share(rows)
     if zeroed.target is not None:
         v = _per_query_head(value.float(), groups)  # (B, H, K, d)
         target = v[torch.arange(v.shape[0], device=v.device), :, zeroed.target]  # (B, H, d)
-        corrected = corrected + share * target[:, None]
+        moved_share = share if moved is None else share * moved[:, :, None, None]
+        corrected = corrected + moved_share * target[:, None]
     output = output.clone()
     output[:, rows] = corrected.to(output.dtype)
     if weights is not None:
         # Eager attention also returns the weights: give the zeroed ones, as the authors' code would see them.
-        rescaled = _add_on_target(weights[:, :, rows].float() * (1 - mass[..., None]), mass, zeroed.target)
+        rescaled = _add_on_target(weights[:, :, rows].float() * (1 - mass[..., None]), _moved_mass(mass, moved),
+                                  zeroed.target)
         weights = weights.clone()
         weights[:, :, rows] = rescaled.to(weights.dtype)
     return output, weights
@@ -305,9 +322,10 @@ def _last_row(
     scores = torch.einsum("bhd,bhkd->bhk", q, k) * scaling + mask[:, :, row].float()  # (B, 1, K) row per sample
     weights = torch.softmax(scores, dim=-1)
     if zeroed is not None:
-        zeroed_weights, _ = _zero_weights(weights[:, :, None], zeroed.edges[:, row : row + 1], zeroed.target)
+        zeroed_weights, _ = _zero_weights(weights[:, :, None], zeroed.edges[:, row : row + 1], zeroed.target,
+                                          zeroed.moved_share(slice(row, row + 1)))
         weights = zeroed_weights[:, :, 0]
-    return LastRowObservation(layer, q, k, v, weights, query.dtype)
+    return LastRowObservation(layer, q, k, v, weights, query.dtype, mask[:, :, row].float())
 
 
 # The mask builder of the implementation under intervention: masks are made exactly as the model

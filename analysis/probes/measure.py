@@ -192,12 +192,15 @@ class ObserveAll(AttentionHooks):
 
 
 def image_contributions(
-    observation: LastRowObservation, image_index: torch.Tensor, image_valid: torch.Tensor
+    observation: LastRowObservation, image_index: torch.Tensor, image_valid: torch.Tensor, *,
+    authors_formulas: bool = False,
 ) -> dict[str, torch.Tensor]:
     """Each image token's contribution c_j = concat_h(a_j v_h[j]) to the last row's attention output o.
 
     Returns float32 tensors: ``output`` o (B, H*d), ``head_output`` (B, H, d), and per image token (B, N)
     ``cosine`` cos(o - c_j, o), ``norm`` ||c_j||_2 and ``attention`` (head-mean a_j); zero on padding slots.
+    ``authors_formulas`` computes them as the authors' code does, in the observation's dtype: the norm as
+    ||(o - c_j) - o|| and the cosine with torch's default eps (value_aware_token_selection, lines 541-558).
     """
     weights, values = observation.weights, observation.values  # (B, H, K), (B, H, K, d)
     batch, heads, _, dim = values.shape
@@ -207,12 +210,18 @@ def image_contributions(
     image_values = torch.gather(values, 2, index[..., None].expand(-1, -1, -1, dim))
     contributions = (image_weights[..., None] * image_values).permute(0, 2, 1, 3).reshape(batch, -1, heads * dim)
     flat_output = output.reshape(batch, 1, heads * dim)
-    cosine = torch.nn.functional.cosine_similarity(flat_output - contributions, flat_output, dim=-1, eps=1e-12)
+    without = flat_output - contributions
+    if authors_formulas:
+        cosine = torch.nn.functional.cosine_similarity(without, flat_output, dim=-1)
+        norm = torch.norm(without - flat_output, p=2, dim=-1)
+    else:
+        cosine = torch.nn.functional.cosine_similarity(without, flat_output, dim=-1, eps=1e-12)
+        norm = contributions.norm(dim=-1)
     return {
         "output": output.reshape(batch, heads * dim),
         "head_output": output,
         "cosine": cosine * image_valid,
-        "norm": contributions.norm(dim=-1) * image_valid,
+        "norm": norm * image_valid,
         "attention": image_weights.mean(1),
     }
 

@@ -13,6 +13,7 @@ from analysis.cli import run_cli
 from analysis.config import LIMIT_HELP, HelpFormatter, add_arguments, from_namespace, optional_type
 from analysis.errors import ConfigError
 from analysis.pruner.ceiling import CeilingConfig
+from analysis.pruner.config import LAYER0_RULES
 from analysis.pruner.export import ExportConfig, derive, describe, write
 from analysis.trace.run import DEFAULT_MODEL
 
@@ -38,6 +39,9 @@ def main(argv: list[str] | None = None) -> int:
     sweep.add_argument("--authors-rule", action="store_true",
                        help="also run each VisiPruner config under the authors' rule (shallow weights zeroed after "
                             "the softmax in the prefill only, selection rule in the model's dtype)")
+    sweep.add_argument("--authors-layer0", default="auto", choices=("auto", *LAYER0_RULES),
+                       help="with --authors-rule or an authors' JSON: which of their layer-0 rules runs; auto: theirs "
+                            "for a LLaVA-1.5-7B or -13B architecture (other models with a shallow stage must name one)")
     sweep.add_argument("--device", default=None, help="torch device; default cuda if available")
     sweep.add_argument("-o", "--output", default=None, help="also write the table as CSV")
     ceiling = commands.add_parser("ceiling", help="FLOPs cut of exiting vision at each layer next to the answers it "
@@ -55,8 +59,7 @@ def main(argv: list[str] | None = None) -> int:
         result = derive(args.run_dir, config)
         if not result.met:
             raise ConfigError(describe(result))
-        ours, authors = write(result, args.output)
-        sys.stdout.write(f"{describe(result)}\nwrote {ours} and {authors}\n")
+        sys.stdout.write(f"{describe(result)}\n{write(result, args.output).describe()}\n")
         return 0
 
     return run_cli(body)
@@ -81,15 +84,18 @@ def _sweep(args: argparse.Namespace) -> int:
 
     from analysis.data.loaders import load_samples
     from analysis.models.registry import default_device, load_model
-    from analysis.pruner.config import load_config
+    from analysis.pruner.config import config_for_model
     from analysis.pruner.sweep import sweep
     from analysis.results import atomic_write_bytes
 
     samples = load_samples(args.dataset, args.split, args.limit)
     loaded = load_model(args.model, device=args.device or default_device())
-    configs = [load_config(path, loaded.adapter.num_layers) for path in args.configs]
+    adapter = loaded.adapter
+    configs = [config_for_model(path, adapter.model_type, adapter.text_config, args.authors_layer0)
+               for path in args.configs]
     table = sweep(loaded, samples, configs, prune_layer=args.prune_layer, batch_size=args.batch_size,
-                  authors_rule=args.authors_rule)
+                  authors_rule=args.authors_rule,
+                  authors_layer0=None if args.authors_layer0 == "auto" else args.authors_layer0)
     columns = ["method", "settings", "accuracy", "agreement", "flops_cut", "flops_cut_fastv", "kept_tokens"]
     sys.stdout.write(table[columns].to_string(index=False, float_format=lambda v: f"{v:.2f}") + "\n")
     if args.output:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
@@ -16,7 +17,21 @@ STAGES = ("shallow", "middle", "deep")
 # the authors' code does; the removed mass is lost, or, with ``layer0_rule`` "first_image", moved in layer 0 onto
 # the sample's first image token (their LLaVA-1.5-7B rule).
 SHALLOW_RULES = ("mask", "zero")
-LAYER0_RULES = ("none", "first_image")
+# Layer 0 of the shallow stage. "none": a shallow layer like the others. The authors' code has one rule per
+# checkpoint size (custom_modeling_llama.py, VisiPrunerLlamaAttention.forward, lines 688-694): "authors_7b" zeroes
+# every query row from the first image token on (image and text) against the image keys and puts each text row's
+# removed mass on the first image token (image rows lose theirs); "authors_13b" zeroes image->image and text->the
+# first half of the image tokens, moving nothing.
+LAYER0_RULES = ("none", "authors_7b", "authors_13b")
+# Which implementation of VisiPruner a config follows: ours, or the authors' code (their arithmetic, limits and the
+# keep-everything behaviour; the README lists every difference).
+RULES = ("ours", "authors")
+# The authors' deep stage (value_aware_token_selection with tokens given, line 559-565; the exit at line 1399):
+# the image leaves once, in two layers after the selection, no kept token moved the last row's output below 0.999.
+AUTHORS_DEEP_COSINE = 0.999
+AUTHORS_DEEP_PATIENCE = 2
+# LLaVA-1.5's decoders (Vicuna-7B and -13B): the shapes the authors' two layer-0 rules were written for.
+AUTHORS_ARCHITECTURES = {(32, 4096, 32, 11008): "authors_7b", (40, 5120, 40, 13824): "authors_13b"}
 # Precision of the selection rule's contributions and cosines: float32 (ours), or the model's dtype as in the
 # authors' code, where 0.999 is 2 ulp from 1 in fp16.
 RULE_PRECISIONS = ("float32", "model")
@@ -40,6 +55,7 @@ class PruningConfig:
     shallow_rule: str = "mask"
     layer0_rule: str = "none"
     rule_precision: str = "float32"
+    rule: str = "ours"
     prune_layer: int = 2
     keep_tokens: int = 64
     seed: int = 0
@@ -70,8 +86,15 @@ class PruningConfig:
             if value not in allowed:
                 problems.append(f"unknown {name} {value!r} (choose from {', '.join(allowed)})")
         if self.layer0_rule != "none" and self.shallow_rule != "zero":
-            problems.append(f"layer0_rule {self.layer0_rule!r} moves zeroed attention mass, so it needs "
+            problems.append(f"layer0_rule {self.layer0_rule!r} zeroes attention weights, so it needs "
                             "shallow_rule 'zero'")
+        if self.layer0_rule == "first_image":
+            problems.append("layer0_rule 'first_image' left image->image attention alone, unlike the authors' code; "
+                            "use 'authors_7b'")
+        if self.rule not in RULES:
+            problems.append(f"unknown rule {self.rule!r} (choose from {', '.join(RULES)})")
+        elif self.rule == "authors":
+            problems += self._authors_problems(depth)
         if self.tokens_threshold < 0:
             problems.append(f"tokens_threshold {self.tokens_threshold} must be >= 0 (an absolute norm)")
         if self.deep_patience < 1 or self.keep_tokens < 0:
@@ -79,43 +102,150 @@ class PruningConfig:
         if problems:
             raise ConfigError("invalid pruning config: " + "; ".join(problems))
 
+    def _authors_problems(self, depth: int) -> list[str]:
+        """What the authors' mode does not allow: their validation (validate_pruning_config, lines 103-126) and
+        their fixed choices."""
+        problems = []
+        if self.method != "visipruner":
+            problems.append(f"the authors' rule is VisiPruner's, not {self.method!r}")
+        stages = set(self.stages)
+        if stages & {"shallow", "middle"} and (self.shallow_mid_layer < 1 or (depth and self.shallow_mid_layer >= depth)):
+            problems.append(f"their shallow_mid_layer must lie in [1, {depth - 1 if depth else 'num_layers - 1'}], "
+                            f"not {self.shallow_mid_layer}")
+        if stages & {"middle", "deep"}:
+            for name in ("layer_threshold", "tokens_threshold"):
+                if not 0 < getattr(self, name) < 1:
+                    problems.append(f"their {name} must lie strictly inside (0, 1), not {getattr(self, name)}")
+        if "deep" in stages and "middle" not in stages:
+            problems.append("their deep stage without the middle one needs mid_deep_layer, which their code never "
+                            "reads (it cannot exit without a selection)")
+        fixed = {"shallow_rule": "zero", "shallow_in_decode": False, "rule_precision": "model",
+                 "deep_cosine": AUTHORS_DEEP_COSINE, "deep_patience": AUTHORS_DEEP_PATIENCE}
+        problems += [f"their {name} is {value!r}, not {getattr(self, name)!r}" for name, value in fixed.items()
+                     if getattr(self, name) != value]
+        return problems
+
     def to_json(self) -> dict[str, Any]:
         """A JSON-ready mapping."""
         return asdict(self)
 
     def with_authors_rule(self, layer0_rule: str = "none") -> PruningConfig:
-        """The same thresholds under the authors' rule: shallow weights zeroed in the prefill only, rule in the model dtype."""
-        return replace(self, shallow_rule="zero", shallow_in_decode=False, rule_precision="model",
-                       layer0_rule=layer0_rule)
+        """The same thresholds under the authors' rule: shallow weights zeroed in the prefill only, their layer-0 rule,
+        the selection in the model's dtype with their formulas, their deep constants and keep-everything behaviour."""
+        return replace(self, rule="authors", shallow_rule="zero", shallow_in_decode=False, rule_precision="model",
+                       layer0_rule=layer0_rule, deep_cosine=AUTHORS_DEEP_COSINE, deep_patience=AUTHORS_DEEP_PATIENCE)
 
     def authors_json(self) -> dict[str, Any]:
-        """The authors' ``--pruning-config`` JSON (their code reads only these keys)."""
+        """The authors' ``--pruning-config`` JSON of a config their validation accepts (see ``authors_equivalent``)."""
         if self.method != "visipruner":
             raise ConfigError(f"the authors' code runs VisiPruner only, not {self.method!r}")
         return {"mode": list(self.stages), "shallow_mid_layer": self.shallow_mid_layer,
-                "layer_threshold": self.layer_threshold, "tokens_threshold": self.tokens_threshold}
+                "layer_threshold": float(self.layer_threshold), "tokens_threshold": float(self.tokens_threshold)}
+
+
+# The largest float below 1 and the smallest above 0: their validation wants thresholds strictly inside (0, 1), and
+# these round to 1 and 0 in float32 and float16, where the rule compares, so they decide exactly as 1 and 0 do.
+_BELOW_ONE = math.nextafter(1.0, 0.0)
+_ABOVE_ZERO = math.ulp(0.0)
+
+
+def authors_equivalent(config: PruningConfig, layer0_rule: str = "none") -> tuple[PruningConfig, list[str]]:
+    """The authors'-mode config closest to ``config`` that their validation accepts, and what differs from it.
+
+    Raises a ConfigError where no valid config comes close (a token threshold >= 1, which is an absolute norm
+    there too, or a deep stage without the middle one).
+    """
+    if config.method != "visipruner":
+        raise ConfigError(f"the authors' format holds VisiPruner configs only, not {config.method!r}")
+    stages, differences = list(config.stages), []
+    shallow_mid_layer, layer_threshold, tokens_threshold = (config.shallow_mid_layer, config.layer_threshold,
+                                                            config.tokens_threshold)
+    if "deep" in stages and "middle" not in stages:
+        raise ConfigError("a deep stage without the middle one cannot be expressed in the authors' format (their code "
+                          "exits only after a selection)")
+    if shallow_mid_layer == 0 and "shallow" in stages:
+        stages.remove("shallow")
+        differences.append("mode drops 'shallow': with shallow_mid_layer 0 our shallow stage is empty, and their "
+                           "shallow_mid_layer must be >= 1")
+    if shallow_mid_layer == 0 and "middle" in stages:
+        shallow_mid_layer = 1
+        differences.append("shallow_mid_layer 0 -> 1 (their minimum): the selection rule can first fire at layer 2, "
+                           "not at layer 1")
+    if stages and {"middle", "deep"} & set(stages):
+        if tokens_threshold >= 1:
+            raise ConfigError(f"tokens_threshold {tokens_threshold} is an absolute norm >= 1, which the authors' "
+                              "validation refuses (it wants (0, 1)); no config in their format keeps the same tokens")
+        if layer_threshold >= 1:
+            layer_threshold = _BELOW_ONE
+            differences.append(f"layer_threshold {config.layer_threshold} -> {_BELOW_ONE!r} (equivalent: rounds to 1 "
+                               "in float32 and float16)")
+        if tokens_threshold <= 0:
+            tokens_threshold = _ABOVE_ZERO
+            differences.append(f"tokens_threshold {config.tokens_threshold} -> {_ABOVE_ZERO!r} (equivalent: rounds to "
+                               "0 in float32 and float16)")
+    for name, value in (("deep_cosine", AUTHORS_DEEP_COSINE), ("deep_patience", AUTHORS_DEEP_PATIENCE)):
+        if "deep" in stages and getattr(config, name) != value:
+            differences.append(f"{name} {getattr(config, name)} -> {value} (fixed in their code)")
+    theirs = replace(config, stages=stages, shallow_mid_layer=shallow_mid_layer, layer_threshold=layer_threshold,
+                     tokens_threshold=tokens_threshold, provenance={}).with_authors_rule(
+                         layer0_rule if "shallow" in stages else "none")
+    theirs.validate()
+    return theirs, differences
+
+
+def authors_layer0_rule(model_type: str, text_config: object) -> str | None:
+    """The authors' layer-0 rule for a LLaVA-1.5-7B or -13B architecture (their code picks it from the checkpoint's
+    path name); None for any other model."""
+    if model_type != "llava":
+        return None
+    shape = tuple(int(getattr(text_config, name, 0) or 0) for name in (
+        "num_hidden_layers", "hidden_size", "num_attention_heads", "intermediate_size"))
+    return AUTHORS_ARCHITECTURES.get(shape)
 
 
 _AUTHORS_KEYS = {"mode", "shallow_mid_layer", "layer_threshold", "tokens_threshold", "mid_deep_layer"}
 
 
-def parse_config(values: dict[str, Any], num_layers: int | None = None) -> PruningConfig:
-    """Our config or the authors' JSON (recognised by its ``mode`` key), validated; all problems reported at once."""
+def _authors_type_problems(values: dict[str, Any]) -> list[str]:
+    """Their validation's type checks on the raw JSON (an integer threshold such as 1 is refused there)."""
+    problems = []
+    if not isinstance(values.get("mode"), list):
+        problems.append("'mode' must be a list of strings")
+    if "shallow_mid_layer" in values and (not isinstance(values["shallow_mid_layer"], int)
+                                          or isinstance(values["shallow_mid_layer"], bool)):
+        problems.append("their shallow_mid_layer must be an integer")
+    for name in ("layer_threshold", "tokens_threshold"):
+        if name in values and not isinstance(values[name], float):
+            problems.append(f"their {name} must be a JSON float (written with a decimal point)")
+    return problems
+
+
+def parse_config(values: dict[str, Any], num_layers: int | None = None, *, layer0_rule: str | None = None) -> PruningConfig:
+    """Our config or the authors' JSON (recognised by its ``mode`` key), validated; all problems reported at once.
+
+    An authors' JSON with the shallow stage runs one of their layer-0 rules, which their format does not name:
+    ``layer0_rule`` gives it (``config_for_model`` picks it from a LLaVA-1.5 architecture).
+    """
     problems: list[str] = []
     defaults = PruningConfig()
     if "mode" in values:
         unknown = sorted(set(values) - _AUTHORS_KEYS)
         missing = sorted({"mode", "shallow_mid_layer", "layer_threshold", "tokens_threshold"} - set(values))
         problems += [f"unknown keys {unknown}"] * bool(unknown) + [f"missing keys {missing}"] * bool(missing)
+        problems += _authors_type_problems(values)
         mode = values["mode"]
+        stages = list(mode) if isinstance(mode, list) else [str(mode)]
+        if "shallow" in stages and layer0_rule is None:
+            problems.append("an authors' JSON with the shallow stage runs one of their layer-0 rules: LLaVA-1.5-7B and "
+                            "-13B get theirs from the architecture; for another model choose --authors-layer0 "
+                            f"({', '.join(LAYER0_RULES)})")
         config = PruningConfig(
-            method="visipruner", num_layers=num_layers or 0,
-            stages=list(mode) if isinstance(mode, list) else [str(mode)],
+            method="visipruner", num_layers=num_layers or 0, stages=stages,
             shallow_mid_layer=int(values.get("shallow_mid_layer", defaults.shallow_mid_layer)),
             layer_threshold=float(values.get("layer_threshold", defaults.layer_threshold)),
             tokens_threshold=float(values.get("tokens_threshold", defaults.tokens_threshold)),
             provenance={"source": "authors' --pruning-config JSON"},
-        ).with_authors_rule()  # their layer-0 handling depends on the checkpoint, so it stays an explicit option
+        ).with_authors_rule(layer0_rule if "shallow" in stages and layer0_rule is not None else "none")
     else:
         known = {f.name for f in fields(PruningConfig)}
         unknown = sorted(set(values) - known)
@@ -133,8 +263,8 @@ def parse_config(values: dict[str, Any], num_layers: int | None = None) -> Pruni
     return config
 
 
-def load_config(path: str | Path, num_layers: int | None = None) -> PruningConfig:
-    """Read and validate a pruning config file."""
+def read_config_values(path: str | Path) -> dict[str, Any]:
+    """The JSON object of a pruning config file, unvalidated."""
     try:
         values = json.loads(Path(path).read_text())
     except FileNotFoundError:
@@ -143,4 +273,23 @@ def load_config(path: str | Path, num_layers: int | None = None) -> PruningConfi
         raise ConfigError(f"pruning config {path} is not valid JSON ({error.msg} at line {error.lineno})") from None
     if not isinstance(values, dict):
         raise ConfigError(f"pruning config {path} must hold a JSON object")
-    return parse_config(values, num_layers)
+    return values
+
+
+def load_config(path: str | Path, num_layers: int | None = None, *, layer0_rule: str | None = None) -> PruningConfig:
+    """Read and validate a pruning config file (``layer0_rule`` as in ``parse_config``)."""
+    return parse_config(read_config_values(path), num_layers, layer0_rule=layer0_rule)
+
+
+def config_for_model(path: str | Path, model_type: str, text_config: object,
+                     layer0_rule: str | None = None) -> PruningConfig:
+    """A pruning config for a loaded model, its depth checked; an authors' JSON runs their layer-0 rule for a
+    LLaVA-1.5-7B or -13B architecture unless ``layer0_rule`` names one ("auto" or None: from the architecture), and
+    its provenance says which ran and why."""
+    given = layer0_rule not in (None, "auto")
+    chosen = layer0_rule if given else authors_layer0_rule(model_type, text_config)
+    config = load_config(path, int(text_config.num_hidden_layers), layer0_rule=chosen)
+    if config.rule == "authors" and "shallow" in config.stages:
+        reason = "given" if given else "from the LLaVA-1.5 architecture"
+        config.provenance = {**config.provenance, "layer0_rule": f"{config.layer0_rule} ({reason})"}
+    return config

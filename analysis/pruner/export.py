@@ -21,7 +21,7 @@ import pandas as pd
 from analysis.config import option
 from analysis.errors import ConfigError
 from analysis.models.registry import LoadedModel, load_model, resolve
-from analysis.pruner.config import PruningConfig
+from analysis.pruner.config import PruningConfig, authors_equivalent
 from analysis.pruner.evaluation import clean_answers, evaluate_pruned, summarize
 from analysis.results import atomic_write_json, read_table
 from analysis.stages import StageConfig, analyse
@@ -150,13 +150,43 @@ def choose(search: pd.DataFrame, target: float, context: dict[str, Any]) -> Expo
     return ExportResult(chosen, met, search, context)
 
 
-def write(result: ExportResult, out: str | Path) -> tuple[Path, Path]:
-    """Write our config and the authors' JSON beside it."""
+@dataclass
+class Written:
+    """What ``write`` wrote: our config, and the authors' JSON with what differs from ours (or why there is none)."""
+
+    ours: Path
+    authors: Path | None
+    differences: list[str]
+    refused: str | None = None
+
+    def describe(self) -> str:
+        """Where the files went and how the authors' JSON differs from our config."""
+        if self.authors is None:
+            return f"wrote {self.ours}; no authors' JSON: {self.refused}"
+        lines = [f"wrote {self.ours} and {self.authors} (accepted by the authors' validation)"]
+        lines += [f"  the authors' JSON differs: {difference}" for difference in self.differences]
+        return "\n".join(lines)
+
+
+def write(result: ExportResult, out: str | Path) -> Written:
+    """Write our config and beside it the closest authors' JSON their validation accepts (or none, with why).
+
+    What differs between the two is printed by ``Written.describe`` and recorded in our config's provenance.
+    """
     path = Path(out)
     authors = path.with_name(path.stem + ".authors.json")
-    atomic_write_json(path, result.config.to_json())
-    atomic_write_json(authors, result.config.authors_json())
-    return path, authors
+    config = result.config
+    try:
+        theirs, differences = authors_equivalent(config)
+    except ConfigError as error:
+        config.provenance = {**config.provenance, "authors_json": f"not written: {error}"}
+        atomic_write_json(path, config.to_json())
+        authors.unlink(missing_ok=True)  # never leave an older export's JSON beside a config it does not match
+        return Written(path, None, [], str(error))
+    config.provenance = {**config.provenance, "authors_json": {"path": authors.name, "differences": differences}}
+    atomic_write_json(path, config.to_json())
+    atomic_write_json(authors, theirs.authors_json())
+    return Written(path, authors, differences)
 
 
 def describe(result: ExportResult) -> str:

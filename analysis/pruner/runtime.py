@@ -48,7 +48,7 @@ from analysis.models import hf
 from analysis.models.adapters import FamilyAdapter, get_adapter
 from analysis.probes.intervention import LastRowObservation, RegionMasks, intervene
 from analysis.pruner.config import PruningConfig
-from analysis.pruner.simulate import Decisions, PruningHooks
+from analysis.pruner.simulate import Decisions, PruningHooks, ShallowRegions
 
 logger = logging.getLogger(__name__)
 
@@ -151,22 +151,32 @@ class PrunedRuntime(PruningHooks):
             return None
         return self.shallow_edges(layer, query_start, query_length, key_length)
 
-    def shallow_edges(self, layer: int, query_start: int, query_length: int, key_length: int) -> torch.Tensor | None:
-        """The shallow stage's text->image edges in this layer's slots, or None where it is not active."""
+    def shallow_active(self, layer: int, query_start: int) -> bool:
+        """The shallow stage in this layer: in a prefill, or while decoding where the config says so."""
         config = self.config
-        if not (config.method == "visipruner" and "shallow" in config.stages and layer < config.shallow_mid_layer):
-            return None
-        if not self._prefill and not config.shallow_in_decode:
-            return None
+        return (config.method == "visipruner" and "shallow" in config.stages and layer < config.shallow_mid_layer
+                and (self._prefill or config.shallow_in_decode))
+
+    def shallow_regions(self, layer: int, query_start: int, query_length: int, key_length: int) -> ShallowRegions:
+        """Text and image queries and image keys in this layer's slots (generated tokens are text, never image)."""
         layout = self._layer_layout(layer)
         length = self._input_length
-        image = self.masks.key_columns("image", length).gather(1, layout.positions) & layout.valid
-        text = self.masks.query_rows("instruction", 0, length).gather(1, layout.positions) & layout.valid
-        extra = key_length - layout.length  # generated tokens: text, never image
-        batch = image.shape[0]
-        image = torch.cat([image, image.new_zeros(batch, extra)], dim=1)
-        text = torch.cat([text, text.new_ones(batch, extra)], dim=1)[:, query_start : query_start + query_length]
-        return text[:, :, None] & image[:, None, :]
+        batch = layout.positions.shape[0]
+        extra = key_length - layout.length
+
+        def keys(columns: torch.Tensor) -> torch.Tensor:
+            slots = columns.gather(1, layout.positions) & layout.valid
+            return torch.cat([slots, slots.new_zeros(batch, extra)], dim=1)
+
+        def rows(region: str, generated: bool) -> torch.Tensor:
+            slots = self.masks.query_rows(region, 0, length).gather(1, layout.positions) & layout.valid
+            tail = slots.new_full((batch, extra), generated)
+            return torch.cat([slots, tail], dim=1)[:, query_start : query_start + query_length]
+
+        first_half = torch.cat([self.first_half_positions(), self.prompt_valid.new_zeros(batch, length - self.prompt_length)],
+                               dim=1)
+        return ShallowRegions(text_rows=rows("instruction", True), image_rows=rows("image", False),
+                              image_keys=keys(self.masks.key_columns("image", length)), first_half_keys=keys(first_half))
 
     def first_image_key(self, layer: int) -> torch.Tensor:
         """(B,) slot of each sample's first image token in this layer."""

@@ -9,6 +9,7 @@ as each layer's KV cache keeps what that layer had at prefill.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -45,6 +46,35 @@ class Decisions:
         return counts
 
 
+@dataclass(frozen=True)
+class ShallowRegions:
+    """Text and image queries (B, Q) and image keys (B, K) of one layer's attention call, for the shallow stage."""
+
+    text_rows: torch.Tensor
+    image_rows: torch.Tensor
+    image_keys: torch.Tensor
+    first_half_keys: torch.Tensor  # the first half of each sample's image tokens (the authors' 13B layer-0 rule)
+
+
+def _widen(columns: torch.Tensor, length: int) -> torch.Tensor:
+    """(B, T) key membership cut or padded with False to ``length`` keys (generated tokens are never image)."""
+    batch, known = columns.shape
+    if length <= known:
+        return columns[:, :length]
+    return torch.cat([columns, columns.new_zeros(batch, length - known)], dim=1)
+
+
+def authors_row_weights(observation: LastRowObservation) -> torch.Tensor:
+    """The last row's attention weights as the authors' code computes them: scores in the model's dtype (q k^T /
+    sqrt(d)), the mask added, a float32 softmax cast back (custom_modeling_llama.py lines 666-681)."""
+    dtype = observation.model_dtype
+    query, keys = observation.query.to(dtype), observation.keys.to(dtype)
+    scores = torch.einsum("bhd,bhkd->bhk", query, keys) / math.sqrt(query.shape[-1])
+    if observation.mask is not None:
+        scores = scores + observation.mask.to(dtype)
+    return torch.softmax(scores, dim=-1, dtype=torch.float32).to(dtype)
+
+
 class PruningHooks(AttentionHooks):
     """VisiPruner's three stages, or a one-shot baseline (FastV, random, pre-LLM), as attention masks."""
 
@@ -58,6 +88,12 @@ class PruningHooks(AttentionHooks):
         self.selection_layer = torch.full((batch,), -1, dtype=torch.long)
         self.exit_layer = torch.full((batch,), -1, dtype=torch.long)
         self.negligible = torch.zeros(batch, dtype=torch.long)
+        # Under the authors' rule a selection that keeps every image token never shortens the sequence, so their
+        # exit (which looks for the shortened length) is never reached: those samples keep the image to the end.
+        self.never_exit = torch.zeros(batch, dtype=torch.bool)
+        self.first_half = torch.zeros_like(self.image_valid)  # the first half of each sample's image tokens
+        for row, count in enumerate(self.image_valid.sum(1).tolist()):
+            self.first_half[row, : count // 2] = True
         if config.method == "pre_llm":
             self._keep_spread(config.keep_tokens)
             self.selection_layer[:] = -2  # pruned before layer 0: applies everywhere
@@ -79,11 +115,13 @@ class PruningHooks(AttentionHooks):
         if self.config.method in ("fastv", "random"):
             self._one_shot(observation)
             return
+        authors = self.config.rule == "authors"
         if self.config.rule_precision == "model":
             dtype = observation.model_dtype
+            weights = authors_row_weights(observation) if authors else observation.weights.to(dtype)
             observation = replace(observation, query=observation.query.to(dtype), keys=observation.keys.to(dtype),
-                                  values=observation.values.to(dtype), weights=observation.weights.to(dtype))
-        recorded = image_contributions(observation, self.image_index, self.image_valid)
+                                  values=observation.values.to(dtype), weights=weights)
+        recorded = image_contributions(observation, self.image_index, self.image_valid, authors_formulas=authors)
         cosine, norm = recorded["cosine"], recorded["norm"]
         layer = observation.layer
         valid = self.image_valid
@@ -99,8 +137,10 @@ class PruningHooks(AttentionHooks):
             self.keep = torch.where(selected.to(valid.device)[:, None], (norm > self.config.tokens_threshold) & valid,
                                     self.keep)
             self.selection_layer[selected] = layer
+            if authors:
+                self.never_exit |= selected & (self.keep == valid).all(1).cpu()
         if "deep" in self.config.stages:
-            quiet = ~undecided & (self.exit_layer < 0) & (layer > self.selection_layer) & negligible
+            quiet = ~undecided & (self.exit_layer < 0) & (layer > self.selection_layer) & negligible & ~self.never_exit
             self.negligible[quiet] += 1
             self.exit_layer[quiet & (self.negligible >= self.config.deep_patience)] = layer
 
@@ -136,30 +176,53 @@ class PruningHooks(AttentionHooks):
         return self.image_valid & (exited.to(device)[:, None] | (active.to(device)[:, None] & ~self.keep))
 
     # -- masks ----------------------------------------------------------------------------------
-    def shallow_edges(self, layer: int, query_start: int, query_length: int, key_length: int) -> torch.Tensor | None:
-        """(B, Q, K) text->image edges the shallow stage removes in this layer, or None where it is not active."""
+    def shallow_active(self, layer: int, query_start: int) -> bool:
+        """Whether the shallow stage acts in this layer and pass."""
         config = self.config
         decoding = query_start >= self.prompt_length
-        if not (config.method == "visipruner" and "shallow" in config.stages and layer < config.shallow_mid_layer
-                and (config.shallow_in_decode or not decoding)):
+        return (config.method == "visipruner" and "shallow" in config.stages and layer < config.shallow_mid_layer
+                and (config.shallow_in_decode or not decoding))
+
+    def shallow_regions(self, layer: int, query_start: int, query_length: int, key_length: int) -> ShallowRegions:
+        """Which queries and keys of this layer's attention are text and image."""
+        return ShallowRegions(
+            text_rows=self.masks.query_rows("instruction", query_start, query_length),
+            image_rows=self.masks.query_rows("image", query_start, query_length),
+            image_keys=self.masks.key_columns("image", key_length),
+            first_half_keys=_widen(self.first_half_positions(), key_length),
+        )
+
+    def first_half_positions(self) -> torch.Tensor:
+        """(B, prompt length) the positions of the first half of each sample's image tokens."""
+        positions = torch.zeros(self.keep.shape[0], self.prompt_length, dtype=torch.bool, device=self.keep.device)
+        rows, ordinals = self.first_half.nonzero(as_tuple=True)
+        positions[rows, self.image_index[rows, ordinals]] = True
+        return positions
+
+    def shallow_edges(self, layer: int, query_start: int, query_length: int, key_length: int) -> torch.Tensor | None:
+        """(B, Q, K) text->image edges the shallow stage removes in this layer, or None where it is not active."""
+        if not self.shallow_active(layer, query_start):
             return None
-        rows = self.masks.query_rows("instruction", query_start, query_length)
-        cols = self.masks.key_columns("image", key_length)
-        return rows[:, :, None] & cols[:, None, :]
+        regions = self.shallow_regions(layer, query_start, query_length, key_length)
+        return regions.text_rows[:, :, None] & regions.image_keys[:, None, :]
 
     def first_image_key(self, layer: int) -> torch.Tensor:
         """(B,) key index of each sample's first image token in ``layer``."""
         return self.image_index[:, 0]
 
     def zeroed(self, layer: int, query_start: int, query_length: int, key_length: int) -> ZeroedEdges | None:
-        """The shallow stage under the authors' rule: text->image weights zeroed after the softmax."""
-        if self.config.shallow_rule != "zero":
+        """The shallow stage under the authors' rule: weights zeroed after the softmax (text->image, or in layer 0
+        their 7B or 13B rule)."""
+        if self.config.shallow_rule != "zero" or not self.shallow_active(layer, query_start):
             return None
-        edges = self.shallow_edges(layer, query_start, query_length, key_length)
-        if edges is None:
-            return None
-        moved = layer == 0 and self.config.layer0_rule == "first_image"
-        return ZeroedEdges(edges, self.first_image_key(layer) if moved else None)
+        regions = self.shallow_regions(layer, query_start, query_length, key_length)
+        text, image, keys = regions.text_rows[:, :, None], regions.image_rows[:, :, None], regions.image_keys[:, None]
+        rule = self.config.layer0_rule if layer == 0 else "none"
+        if rule == "authors_7b":  # rows from the first image token on, against every image key; text rows' mass moves
+            return ZeroedEdges((text | image) & keys, self.first_image_key(layer), regions.text_rows)
+        if rule == "authors_13b":  # image->image, and text->the first half of the image tokens; nothing moves
+            return ZeroedEdges((image & keys) | (text & regions.first_half_keys[:, None]))
+        return ZeroedEdges(text & keys)
 
     def blocked(self, layer: int, query_start: int, query_length: int, key_length: int) -> torch.Tensor | None:
         """Edges hidden in this layer: shallow text->image (our rule), and image tokens pruned or exited."""

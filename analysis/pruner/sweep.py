@@ -11,7 +11,8 @@ import pandas as pd
 
 from analysis.data.samples import Sample
 from analysis.models.registry import LoadedModel
-from analysis.pruner.config import PruningConfig
+from analysis.errors import ConfigError
+from analysis.pruner.config import LAYER0_RULES, PruningConfig, authors_equivalent, authors_layer0_rule
 from analysis.pruner.evaluation import clean_answers, evaluate_pruned, summarize
 from analysis.pruner.flops import DecoderShape, LayerTokens, prefill_flops
 
@@ -48,12 +49,18 @@ AUTHORS_RULE_METHOD = "visipruner_authors"
 def sweep(
     loaded: LoadedModel, samples: Sequence[Sample], configs: Sequence[PruningConfig], *, prune_layer: int = 2,
     batch_size: int = 16, max_new_tokens: int = 8, authors_rule: bool = False, progress: bool = True,
+    authors_layer0: str | None = None,
 ) -> pd.DataFrame:
     """One row per evaluated config: VisiPruner configs, then each baseline at the FLOPs cut each of them reached.
 
-    With ``authors_rule`` each VisiPruner config is also run, at the same thresholds, under the authors' rule (row
-    method ``visipruner_authors``), so the two rules compare on the same samples.
+    With ``authors_rule`` each VisiPruner config is also run under the authors' rule (row method
+    ``visipruner_authors``), as the closest config their format expresses (``authors_equivalent``), so the two rules
+    compare on the same samples. Its layer-0 rule is ``authors_layer0``, or theirs for a LLaVA-1.5 architecture.
     """
+    layer0 = authors_layer0 or authors_layer0_rule(loaded.adapter.model_type, loaded.adapter.text_config)
+    # Their versions of the configs are made (and refused, where they cannot be) before anything runs.
+    authors_versions = {index: authors_equivalent(config, _authors_layer0(config, layer0))[0]
+                        for index, config in enumerate(configs) if authors_rule and config.method == "visipruner"}
     from tqdm.auto import tqdm
 
     shape = DecoderShape.from_config(loaded.adapter.text_config)
@@ -71,8 +78,8 @@ def sweep(
             per_sample = evaluated(config)
             scores = summarize(per_sample)
             rows.append({"method": config.method, "point": index, "settings": _settings(config), **scores})
-            if authors_rule and config.method == "visipruner":
-                theirs = config.with_authors_rule(config.layer0_rule)
+            theirs = authors_versions.get(index)
+            if theirs is not None:
                 rows.append({"method": AUTHORS_RULE_METHOD, "point": index, "settings": _settings(theirs),
                              **summarize(evaluated(theirs))})
             for method in BASELINES:
@@ -83,11 +90,21 @@ def sweep(
     return pd.DataFrame(rows)
 
 
+def _authors_layer0(config: PruningConfig, layer0: str | None) -> str:
+    """The layer-0 rule the authors' mode of ``config`` runs; a ConfigError where it needs one nobody chose."""
+    if layer0 is not None:
+        return layer0
+    if "shallow" in config.stages and config.shallow_mid_layer > 0:
+        raise ConfigError("the authors' rule runs one of their layer-0 rules, chosen from a LLaVA-1.5-7B or -13B "
+                          f"architecture; for this model choose --authors-layer0 ({', '.join(LAYER0_RULES)})")
+    return "none"
+
+
 def _settings(config: PruningConfig) -> str:
     """A short description of the parameters that matter for a method."""
     if config.method == "visipruner":
-        rule = (f" shallow={config.shallow_rule} layer0={config.layer0_rule} precision={config.rule_precision}"
-                f" in_decode={config.shallow_in_decode}")
+        rule = (f" rule={config.rule} shallow={config.shallow_rule} layer0={config.layer0_rule}"
+                f" precision={config.rule_precision} in_decode={config.shallow_in_decode}")
         return (f"S={config.shallow_mid_layer} tL={config.layer_threshold} tT={config.tokens_threshold:.4g} "
                 f"stages={'+'.join(config.stages)}{rule}")
     if config.method == "pre_llm":
