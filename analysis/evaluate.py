@@ -21,7 +21,13 @@ from analysis.errors import ConfigError
 from analysis.models.registry import DTYPES, LoadedModel, default_device, load_model
 from analysis.pruner.config import LAYER0_RULES, PRUNING_RUNTIMES
 from analysis.results import (
-    RunFolder, atomic_write_json, default_run_dir, git_hash, package_versions, read_table, table_schema,
+    RunFolder,
+    atomic_write_json,
+    default_run_dir,
+    git_hash,
+    package_versions,
+    read_table,
+    table_schema,
 )
 from analysis.trace.run import DEFAULT_DATASET, DEFAULT_MODEL, generate_answers
 

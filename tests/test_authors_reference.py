@@ -2,9 +2,10 @@
 
 The reference follows GitHub EIT-NLP/VisiPruner, ``llava/model/language_model/custom_modeling_llama.py``, and shares no
 code with ``analysis.pruner``: ``VisiPrunerLlamaAttention.forward`` (lines 605-719: scores q k^T / sqrt(d), float32
-softmax, the shallow rule after it at lines 687-699, the selection and the deep check at lines 711-715) with
+softmax, the shallow rule after it at lines 687-699, the selection and the deep check at lines 715-719) with
 ``value_aware_token_selection`` (lines 541-568), and ``LlamaModel.forward``'s layer loop (lines 1366-1416: the
-sequence shrinks at the start of the layer after a selection, and the image leaves when the deep count is 2).
+sequence shrinks at the start of the layer after a selection, lines 1389-1396, and the image leaves when the deep
+count is 2, lines 1398-1403).
 Batch 1, float32, attention and RoPE computed by hand; norms and MLPs are the model's own modules.
 """
 

@@ -373,3 +373,55 @@ def test_ceiling_bad_input(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -
     assert "names no model" in capsys.readouterr().err
     assert main(["ceiling", str(tmp_path / "missing")]) != 0
     assert "no manifest.json" in capsys.readouterr().err
+
+
+def test_authors_mode_decides_in_half_precision_with_their_formulas(samples) -> None:
+    """On an fp16 model their mode recomputes the last row's scores in fp16 and takes cos(o - c_j, o) and
+    ||(o - c_j) - o|| in fp16, as their value_aware_token_selection does: a direct fp16 restatement keeps the same
+    tokens; our mode keeps those of float32 ||c_j||."""
+    import math
+
+    import torch.nn.functional as F
+
+    from analysis.probes.intervention import LastRowObservation
+
+    loaded = load_model("tiny-llava")
+    inputs = loaded.adapter.build_inputs(loaded.processor, samples[:1])
+    layout, length = inputs.layouts[0], inputs.input_ids.shape[1]
+    generator = torch.Generator().manual_seed(0)
+    heads, dim = 4, 16
+    query = torch.randn(1, heads, dim, generator=generator).half().float()
+    keys = torch.randn(1, heads, length, dim, generator=generator).half().float()
+    values = (3 * torch.randn(1, heads, length, dim, generator=generator)).half().float()
+    mask = torch.zeros(1, 1, length)
+    image = torch.as_tensor(layout.padded(layout.image_positions))
+    # Their computation, restated: fp16 scores / sqrt(d), float32 softmax cast to fp16, fp16 everything after.
+    scores = torch.einsum("bhd,bhkd->bhk", query.half(), keys.half()) / math.sqrt(dim)
+    weights = torch.softmax(scores, dim=-1, dtype=torch.float32).half()
+    output = torch.einsum("bhk,bhkd->bhd", weights, values.half()).reshape(1, -1)
+    contributions = (weights[:, :, image, None] * values.half()[:, :, image]).permute(0, 2, 1, 3).reshape(
+        1, len(image), -1)
+    masked = output[:, None] - contributions
+    cosine = F.cosine_similarity(masked, output[:, None], dim=-1)[0]
+    norm = torch.norm(masked - output[:, None], p=2, dim=-1)[0]
+    threshold = float(norm.float().median())
+    layer_threshold = min(float(cosine.float().max()) + 1e-3, 0.9999)
+    observation = LastRowObservation(1, query, keys, values, torch.softmax(
+        torch.einsum("bhd,bhkd->bhk", query, keys) / math.sqrt(dim), dim=-1), torch.float16, mask)
+    kept = {}
+    for rule in ("authors", "ours"):
+        config = PruningConfig(num_layers=loaded.adapter.num_layers, stages=["middle"], shallow_mid_layer=0,
+                               layer_threshold=layer_threshold, tokens_threshold=threshold)
+        if rule == "authors":
+            config = replace(config.with_authors_rule(), shallow_mid_layer=0)
+        hooks = PruningHooks(config, RegionMasks.from_layouts(inputs.layouts, length, inputs.input_ids.device),
+                             inputs.layouts, length)
+        hooks.observe(observation)
+        assert int(hooks.selection_layer[0]) == 1
+        kept[rule] = hooks.keep[0, : layout.n_image_tokens]
+    assert torch.equal(kept["authors"], norm > threshold)
+    # Ours: float32 weights and ||c_j||, from the same observation.
+    ours_norm = (observation.weights[:, :, image, None] * values[:, :, image]).permute(0, 2, 1, 3).reshape(
+        1, len(image), -1).norm(dim=-1)[0]
+    assert torch.equal(kept["ours"], ours_norm > threshold)
+    assert not torch.equal(norm.float(), ours_norm)  # the two arithmetics really differ

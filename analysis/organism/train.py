@@ -31,7 +31,7 @@ from PIL import Image
 from torch import nn
 
 from analysis.cli import run_cli
-from analysis.config import from_dict, HelpFormatter
+from analysis.config import HelpFormatter, from_dict
 from analysis.data.samples import Sample
 from analysis.data.scoring import is_correct
 from analysis.data.shapes import FAMILIES, ShapesConfig, ShapesItem, caption, generate_items, item_sample, render

@@ -18,10 +18,22 @@ from analysis.errors import ConfigError, DataError
 from analysis.models.adapters import ModelInputs
 from analysis.models.registry import DTYPES, LoadedModel, default_device, load_model
 from analysis.probes.intervention import (
-    KEY_REGIONS, QUERY_REGIONS, SUBSET_KEY, Knockout, KnockoutHooks, RegionMasks, intervene,
+    KEY_REGIONS,
+    QUERY_REGIONS,
+    SUBSET_KEY,
+    Knockout,
+    KnockoutHooks,
+    RegionMasks,
+    intervene,
 )
 from analysis.probes.measure import (
-    AnswerScores, ObserveAll, SuffixScorer, head_projections, kl_divergence, lens_logprobs, observe_prefill,
+    AnswerScores,
+    ObserveAll,
+    SuffixScorer,
+    head_projections,
+    kl_divergence,
+    lens_logprobs,
+    observe_prefill,
     teacher_forced,
 )
 from analysis.results import SAMPLES_TABLE, TRACE_SCHEMAS, RunFolder, default_run_dir, now, table_schema

@@ -14,11 +14,10 @@ METHODS = ("visipruner", "fastv", "random", "pre_llm", "none")
 STAGES = ("shallow", "middle", "deep")
 # How the shallow stage removes text->image attention. "mask": hidden before the softmax, so the text's attention
 # renormalises over the remaining keys (ours). "zero": weights zeroed after the softmax without renormalising, as
-# the authors' code does; the removed mass is lost, or, with ``layer0_rule`` "first_image", moved in layer 0 onto
-# the sample's first image token (their LLaVA-1.5-7B rule).
+# the authors' code does; the removed mass is lost (in layer 0 their rules below decide).
 SHALLOW_RULES = ("mask", "zero")
 # Layer 0 of the shallow stage. "none": a shallow layer like the others. The authors' code has one rule per
-# checkpoint size (custom_modeling_llama.py, VisiPrunerLlamaAttention.forward, lines 688-694): "authors_7b" zeroes
+# checkpoint size (custom_modeling_llama.py, VisiPrunerLlamaAttention.forward, lines 687-699): "authors_7b" zeroes
 # every query row from the first image token on (image and text) against the image keys and puts each text row's
 # removed mass on the first image token (image rows lose theirs); "authors_13b" zeroes image->image and text->the
 # first half of the image tokens, moving nothing.
@@ -26,8 +25,9 @@ LAYER0_RULES = ("none", "authors_7b", "authors_13b")
 # Which implementation of VisiPruner a config follows: ours, or the authors' code (their arithmetic, limits and the
 # keep-everything behaviour; the README lists every difference).
 RULES = ("ours", "authors")
-# The authors' deep stage (value_aware_token_selection with tokens given, line 559-565; the exit at line 1399):
-# the image leaves once, in two layers after the selection, no kept token moved the last row's output below 0.999.
+# The authors' deep stage (value_aware_token_selection given the kept tokens, lines 560-568; the exit in
+# LlamaModel.forward, lines 1398-1403): the image leaves once, in two layers after the selection, no kept token
+# moved the last row's output below a cosine of 0.999.
 AUTHORS_DEEP_COSINE = 0.999
 AUTHORS_DEEP_PATIENCE = 2
 # LLaVA-1.5's decoders (Vicuna-7B and -13B): the shapes the authors' two layer-0 rules were written for.

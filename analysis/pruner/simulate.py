@@ -66,7 +66,7 @@ def _widen(columns: torch.Tensor, length: int) -> torch.Tensor:
 
 def authors_row_weights(observation: LastRowObservation) -> torch.Tensor:
     """The last row's attention weights as the authors' code computes them: scores in the model's dtype (q k^T /
-    sqrt(d)), the mask added, a float32 softmax cast back (custom_modeling_llama.py lines 666-681)."""
+    sqrt(d)), the mask added, a float32 softmax cast back (custom_modeling_llama.py lines 669-685)."""
     dtype = observation.model_dtype
     query, keys = observation.query.to(dtype), observation.keys.to(dtype)
     scores = torch.einsum("bhd,bhkd->bhk", query, keys) / math.sqrt(query.shape[-1])

@@ -10,8 +10,8 @@ import numpy as np
 import pandas as pd
 
 from analysis.data.samples import Sample
-from analysis.models.registry import LoadedModel
 from analysis.errors import ConfigError
+from analysis.models.registry import LoadedModel
 from analysis.pruner.config import LAYER0_RULES, PruningConfig, authors_equivalent, authors_layer0_rule
 from analysis.pruner.evaluation import clean_answers, evaluate_pruned, summarize
 from analysis.pruner.flops import DecoderShape, LayerTokens, prefill_flops

@@ -6,7 +6,7 @@ import argparse
 import sys
 
 from analysis.cli import run_cli
-from analysis.config import add_arguments, from_namespace, HelpFormatter
+from analysis.config import HelpFormatter, add_arguments, from_namespace
 from analysis.trace.run import TraceConfig, run_trace
 from analysis.trace.summary import format_summary, layer_summary
 
