@@ -173,10 +173,11 @@ class PrunedRuntime(PruningHooks):
             tail = slots.new_full((batch, extra), generated)
             return torch.cat([slots, tail], dim=1)[:, query_start : query_start + query_length]
 
-        first_half = torch.cat([self.first_half_positions(), self.prompt_valid.new_zeros(batch, length - self.prompt_length)],
-                               dim=1)
+        continuation = self.prompt_valid.new_zeros(batch, length - self.prompt_length)
+        first_half = torch.cat([self.first_half_positions(), continuation], dim=1)
         return ShallowRegions(text_rows=rows("instruction", True), image_rows=rows("image", False),
-                              image_keys=keys(self.masks.key_columns("image", length)), first_half_keys=keys(first_half))
+                              image_keys=keys(self.masks.key_columns("image", length)),
+                              first_half_keys=keys(first_half))
 
     def first_image_key(self, layer: int) -> torch.Tensor:
         """(B,) slot of each sample's first image token in this layer."""
