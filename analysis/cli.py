@@ -35,6 +35,11 @@ def run_cli(body: Callable[[], int], *, verbose: bool = False, command: str | No
     )
     for noisy in ("httpx", "urllib3", "filelock", "datasets", "huggingface_hub"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    from analysis.models.hf import untested_release
+
+    warning = untested_release()
+    if warning:
+        logging.getLogger("analysis").warning(warning)
     try:
         return body()
     except RunInterrupted as stop:

@@ -50,3 +50,16 @@ def test_the_installed_transformers_is_in_the_declared_range() -> None:
     from packaging.specifiers import SpecifierSet
 
     assert hf.installed_transformers() in SpecifierSet(hf.supported_transformers())
+
+
+def test_an_untested_release_is_named_at_the_start_of_every_command(monkeypatch: pytest.MonkeyPatch,
+                                                                    caplog: pytest.LogCaptureFixture) -> None:
+    """A transformers outside the declared range gets one warning line naming it, the range and the fix."""
+    from analysis import __main__ as toolkit_main
+
+    assert hf.untested_release() is None
+    monkeypatch.setattr(hf, "installed_transformers", lambda: "5.99.0")
+    warning = hf.untested_release()
+    assert warning is not None and "5.99.0" in warning and hf.supported_transformers() in warning
+    assert toolkit_main.main(["--list-datasets"]) == 0
+    assert [r.message for r in caplog.records if "outside the range" in r.message] == [warning]

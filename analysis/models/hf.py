@@ -50,6 +50,22 @@ def supported_transformers() -> str:
     return "unknown"
 
 
+def untested_release() -> str | None:
+    """A warning when the installed transformers lies outside the declared range (None when inside it)."""
+    from packaging.specifiers import InvalidSpecifier, SpecifierSet
+    from packaging.version import InvalidVersion
+
+    declared, installed = supported_transformers(), installed_transformers()
+    try:
+        inside = installed in SpecifierSet(declared)
+    except (InvalidSpecifier, InvalidVersion):
+        return None  # no declared range to compare with (the toolkit is not installed as a package)
+    if inside:
+        return None
+    return (f"transformers {installed} is outside the range this toolkit was tested on ({declared}); results may "
+            f"differ or commands fail: pip install 'transformers{declared}'")
+
+
 def compatibility_error(problem: str) -> CompatibilityError:
     """An error for an internal mismatch with transformers, naming the installed version and the supported range."""
     return CompatibilityError(
