@@ -294,3 +294,18 @@ def test_toolkit_help_lists_every_command(capsys: pytest.CaptureFixture[str]) ->
         assert spec is not None, name
         module = importlib.import_module(f"{name}.__main__" if spec.submodule_search_locations else name)
         assert callable(module.main)
+
+
+def test_offline_hub_benchmark_names_the_flag(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """--dataset gqa without network ends in one line naming --data-dir (the flag), not data_dir."""
+    import datasets
+
+    def offline(*args: object, **kwargs: object) -> None:
+        raise ConnectionError("no network")
+
+    monkeypatch.setattr(datasets, "load_dataset", offline)
+    assert trace_main(["--model", "tiny-llava", "--dataset", "gqa", "--out", str(tmp_path / "out")]) == 2
+    line = _error_line(capsys)
+    assert "--data-dir" in line and "pass data_dir" not in line
+    assert not (tmp_path / "out").exists()
