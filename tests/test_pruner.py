@@ -425,3 +425,22 @@ def test_authors_mode_decides_in_half_precision_with_their_formulas(samples) -> 
         1, len(image), -1).norm(dim=-1)[0]
     assert torch.equal(kept["ours"], ours_norm > threshold)
     assert not torch.equal(norm.float(), ours_norm)  # the two arithmetics really differ
+
+
+def test_sweep_authors_rows_need_a_layer0_rule_and_skip_what_their_format_cannot_hold(
+        tiny: LoadedModel, samples, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
+    """On a model that is not LLaVA-1.5, their rule on a shallow stage needs --authors-layer0, refused before any
+    sample runs; a config with a token threshold >= 1 gets no authors' row, with a warning saying why."""
+    import analysis.pruner.sweep as sweep_module
+    from analysis.pruner.sweep import BASELINES, sweep
+
+    layers = tiny.adapter.num_layers
+    shallow = PruningConfig(num_layers=layers, shallow_mid_layer=1, layer_threshold=0.9999, tokens_threshold=0.02)
+    with monkeypatch.context() as patch:
+        patch.setattr(sweep_module, "clean_answers", lambda *a, **k: pytest.fail("ran before the refusal"))
+        with pytest.raises(ConfigError, match="--authors-layer0"):
+            sweep(tiny, samples, [shallow], batch_size=4, authors_rule=True)
+    absolute = replace(shallow, tokens_threshold=2.5)
+    table = sweep(tiny, samples, [absolute], batch_size=4, authors_rule=True, authors_layer0="authors_13b")
+    assert list(table["method"]) == ["visipruner", *BASELINES]
+    assert any("no authors'-rule row" in record.message and "2.5" in record.message for record in caplog.records)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
@@ -15,6 +16,8 @@ from analysis.models.registry import LoadedModel
 from analysis.pruner.config import LAYER0_RULES, PruningConfig, authors_equivalent, authors_layer0_rule
 from analysis.pruner.evaluation import clean_answers, evaluate_pruned, summarize
 from analysis.pruner.flops import DecoderShape, LayerTokens, prefill_flops
+
+logger = logging.getLogger(__name__)
 
 BASELINES = ("fastv", "random", "pre_llm")
 
@@ -58,13 +61,20 @@ def sweep(
     compare on the same samples. Its layer-0 rule is ``authors_layer0``, or theirs for a LLaVA-1.5 architecture.
     """
     layer0 = authors_layer0 or authors_layer0_rule(loaded.adapter.model_type, loaded.adapter.text_config)
-    # Their versions of the configs are made (and refused, where they cannot be) before anything runs.
-    authors_versions = {index: authors_equivalent(config, _authors_layer0(config, layer0))[0]
-                        for index, config in enumerate(configs) if authors_rule and config.method == "visipruner"}
+    # Their versions of the configs are made before anything runs; a config their format cannot hold gets no row.
+    authors_versions = {}
+    for index, config in enumerate(configs):
+        if not (authors_rule and config.method == "visipruner"):
+            continue
+        config_layer0 = _authors_layer0(config, layer0)  # a missing choice stops the sweep here, before any work
+        try:
+            authors_versions[index] = authors_equivalent(config, config_layer0)[0]
+        except ConfigError as error:
+            logger.warning("config %d has no authors'-rule row: %s", index, error)
     from tqdm.auto import tqdm
 
     shape = DecoderShape.from_config(loaded.adapter.text_config)
-    passes = 1 + sum(1 + len(BASELINES) + int(authors_rule and config.method == "visipruner") for config in configs)
+    passes = 1 + len(authors_versions) + len(configs) * (1 + len(BASELINES))
     rows = []
     with tqdm(total=passes * len(samples), desc="sweep", unit="sample", disable=not progress) as bar:
         baseline = clean_answers(loaded, samples, batch_size=batch_size, max_new_tokens=max_new_tokens,
@@ -115,7 +125,7 @@ def _settings(config: PruningConfig) -> str:
 def pruning_study(
     calibration_run: str | Path, out: str | Path, *, targets: Sequence[float], split: str | None, limit: int | None,
     prune_layer: int = 2, batch_size: int = 16, calibration_limit: int | None = None, authors_rule: bool = True,
-    loaded: LoadedModel | None = None,
+    authors_layer0: str | None = None, loaded: LoadedModel | None = None,
 ) -> pd.DataFrame:
     """Export one config per agreement target from a calibration run, then sweep them (under our rule and, with
     ``authors_rule``, the authors') and the baselines.
@@ -134,12 +144,19 @@ def pruning_study(
     manifest = json.loads((Path(calibration_run) / "manifest.json").read_text())
     study = {"calibration_run": str(Path(calibration_run).resolve()), "calibration_identity": manifest.get("identity"),
              "targets": [float(t) for t in targets], "split": split, "limit": limit, "prune_layer": prune_layer,
-             "calibration_limit": calibration_limit, "authors_rule": authors_rule}
+             "calibration_limit": calibration_limit, "authors_rule": authors_rule, "authors_layer0": authors_layer0}
     table_path, study_path = folder / "sweep.csv", folder / "study.json"
     if table_path.is_file() and study_path.is_file() and json.loads(study_path.read_text()) == study:
         return pd.read_csv(table_path)
     model_name = manifest["config"]["model"]
     loaded = loaded or load_model(model_name, device=default_device())
+    if authors_rule and authors_layer0 is None:
+        # Refused before the threshold search, not after it: their rule on a shallow stage needs a layer-0 rule.
+        from analysis.stages import StageConfig, analyse
+
+        shallow_end = analyse(calibration_run, StageConfig(n_bootstrap=0)).overall.shallow_end or 0
+        layer0 = authors_layer0_rule(loaded.adapter.model_type, loaded.adapter.text_config)
+        _authors_layer0(PruningConfig(num_layers=loaded.adapter.num_layers, shallow_mid_layer=shallow_end), layer0)
     configs = []
     # One threshold search serves every target.
     searched = derive(calibration_run, ExportConfig(target=float(targets[0]), limit=calibration_limit), loaded=loaded)
@@ -148,7 +165,8 @@ def pruning_study(
         write(result, folder / f"config-{target:g}.json")
         configs.append(result.config)
     samples = load_samples(manifest["dataset"]["name"], split, limit)
-    table = sweep(loaded, samples, configs, prune_layer=prune_layer, batch_size=batch_size, authors_rule=authors_rule)
+    table = sweep(loaded, samples, configs, prune_layer=prune_layer, batch_size=batch_size, authors_rule=authors_rule,
+                  authors_layer0=authors_layer0)
     table.insert(1, "target", [float(targets[point]) for point in table["point"]])
     atomic_write_bytes(table_path, table.to_csv(index=False).encode())
     atomic_write_json(study_path, study)
