@@ -16,6 +16,7 @@ from torch import nn
 from analysis.data.samples import IMAGE_PLACEHOLDER, Sample
 from analysis.errors import DataError, ModelError
 from analysis.layout import TokenLayout, compute_layouts
+from analysis.registry import Registry
 
 # A private-use character never produced by a tokenizer; rendering a chat template around it
 # tells us where user content begins without knowing the template.
@@ -192,24 +193,24 @@ def _content_parts(sample: Sample) -> list[dict[str, str]]:
     return parts
 
 
-_ADAPTERS: dict[str, type[FamilyAdapter]] = {}
+# One registration entry per built-in family (model_type -> its adapter class), imported on first use.
+FAMILIES: Registry[type[FamilyAdapter]] = Registry(
+    "adapter for model_type",
+    {"llava": "analysis.models.llava:LlavaAdapter", "qwen2_5_vl": "analysis.models.qwen2_5_vl:Qwen25VLAdapter"},
+    hint="Write a FamilyAdapter subclass and add it to FAMILIES in analysis/models/adapters.py, or call "
+         "register_adapter(YourAdapter) before loading the model",
+    error=ModelError,
+)
 
 
 def register_adapter(cls: type[FamilyAdapter]) -> type[FamilyAdapter]:
-    """Class decorator adding an adapter to the ``model_type`` registry."""
-    _ADAPTERS[cls.model_type] = cls
-    return cls
+    """Add a family adapter under its ``model_type`` (an error if that model_type already has one)."""
+    return FAMILIES.register(cls.model_type, cls)
 
 
 def adapter_class(model_type: str) -> type[FamilyAdapter]:
     """The adapter class for an HF ``model_type``, or a ModelError naming the supported ones."""
-    _load_builtin_adapters()
-    if model_type not in _ADAPTERS:
-        raise ModelError(
-            f"no adapter for model_type {model_type!r}; supported: {', '.join(sorted(_ADAPTERS))}. "
-            "Add a FamilyAdapter subclass in analysis/models/ and decorate it with @register_adapter"
-        )
-    return _ADAPTERS[model_type]
+    return FAMILIES.get(model_type)
 
 
 def get_adapter(model: nn.Module) -> FamilyAdapter:
@@ -222,10 +223,4 @@ def get_adapter(model: nn.Module) -> FamilyAdapter:
 
 def supported_model_types() -> list[str]:
     """The ``model_type`` values an adapter exists for."""
-    _load_builtin_adapters()
-    return sorted(_ADAPTERS)
-
-
-def _load_builtin_adapters() -> None:
-    """Import the built-in adapter modules so they register themselves."""
-    from analysis.models import llava, qwen2_5_vl  # noqa: F401
+    return FAMILIES.names()

@@ -10,7 +10,7 @@ from torch import nn
 
 from analysis.data.samples import IMAGE_PLACEHOLDER, Sample
 from analysis.errors import ModelError
-from analysis.models.adapters import FamilyAdapter, RenderedPrompt, register_adapter
+from analysis.models.adapters import FamilyAdapter, RenderedPrompt
 
 # LLaVA-1.5 was trained and evaluated with the Vicuna v1 conversation format, not the hub
 # processor's chat template (which drops the system prompt); the paper's stage analysis relies on
@@ -21,7 +21,6 @@ VICUNA_V1_SYSTEM = (
 )
 
 
-@register_adapter
 class LlavaAdapter(FamilyAdapter):
     """LLaVA: CLIP tower -> MLP projector -> Llama decoder; a fixed number of tokens per image, 1-D RoPE."""
 

@@ -10,7 +10,7 @@ from torch import nn
 
 from analysis.data.samples import Sample
 from analysis.errors import ModelError
-from analysis.models.adapters import FamilyAdapter, RenderedPrompt, register_adapter
+from analysis.models.adapters import FamilyAdapter, RenderedPrompt
 
 # Written for the tiny test processor only; real checkpoints ship their own template.
 _TINY_CHAT_TEMPLATE = (
@@ -29,7 +29,6 @@ _TINY_CHAT_TEMPLATE = (
 _TINY_SPECIALS = ["<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]
 
 
-@register_adapter
 class Qwen25VLAdapter(FamilyAdapter):
     """Qwen2.5-VL: native-resolution ViT with 2x2 patch merging; image-token count depends on image size."""
 
