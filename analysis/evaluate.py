@@ -15,10 +15,12 @@ import pyarrow as pa
 
 from analysis.cli import run_cli
 from analysis.config import LIMIT_HELP, HelpFormatter, add_arguments, from_namespace, option, run_identity, to_dict
+from analysis.data import DEFAULT_DATASET
 from analysis.data.samples import Sample, batched
 from analysis.data.scoring import is_correct
 from analysis.errors import ConfigError
-from analysis.models.registry import DTYPES, LoadedModel, default_device, load_model
+from analysis.generation import generate_answers
+from analysis.models.registry import DEFAULT_MODEL, DTYPES, LoadedModel, default_device, load_model
 from analysis.pruner.config import LAYER0_RULES, PRUNING_RUNTIMES
 from analysis.results import (
     RunFolder,
@@ -29,7 +31,6 @@ from analysis.results import (
     read_table,
     table_schema,
 )
-from analysis.trace.run import DEFAULT_DATASET, DEFAULT_MODEL, generate_answers
 
 logger = logging.getLogger(__name__)
 

@@ -9,21 +9,37 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from conftest import FAMILIES
 from fixtures_data import LOCAL_RECORDS, write_jsonl
 
 from analysis.errors import ConfigError
 from analysis.models.registry import LoadedModel, load_model
-from analysis.probes.__main__ import main
 from analysis.probes import measure
+from analysis.probes.__main__ import main
 from analysis.probes.intervention import (
-    AttentionHooks, Knockout, KnockoutHooks, RegionMasks, ZeroedEdges, intervene,
+    AttentionHooks,
+    Knockout,
+    KnockoutHooks,
+    RegionMasks,
+    ZeroedEdges,
+    intervene,
 )
 from analysis.probes.measure import (
-    AnswerScores, SuffixScorer, TeacherForced, observe_prefill, score_answers, teacher_forced,
+    AnswerScores,
+    SuffixScorer,
+    TeacherForced,
+    observe_prefill,
+    score_answers,
+    teacher_forced,
 )
-from analysis.probes.run import PROBE_SCHEMAS, PROBES, ProbeConfig, _first_text_query, probe_batch, run_probes
-
-FAMILIES = {"llava": "tiny-llava", "qwen2_5_vl": "tiny-qwen2.5-vl"}
+from analysis.probes.run import (
+    PROBE_SCHEMAS,
+    PROBES,
+    ProbeConfig,
+    _first_text_query,
+    probe_batch,
+    run_probes,
+)
 
 
 @pytest.fixture(scope="module", params=sorted(FAMILIES))

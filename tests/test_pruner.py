@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import FAMILIES
 
 from analysis.errors import ConfigError
 from analysis.models.registry import LoadedModel, load_model
@@ -15,8 +16,6 @@ from analysis.probes.intervention import RegionMasks, intervene
 from analysis.pruner.config import PruningConfig, load_config, parse_config
 from analysis.pruner.evaluation import evaluate_pruned, summarize
 from analysis.pruner.simulate import PruningHooks
-
-FAMILIES = {"llava": "tiny-llava", "qwen2_5_vl": "tiny-qwen2.5-vl"}
 
 
 @pytest.fixture(scope="module", params=sorted(FAMILIES))

@@ -6,6 +6,7 @@ from collections.abc import Iterator
 
 import pytest
 import torch
+from conftest import FAMILIES
 
 from analysis.errors import ConfigError, DataError
 from analysis.models.adapters import ModelInputs
@@ -15,7 +16,6 @@ from analysis.pruner.config import PruningConfig
 from analysis.pruner.runtime import pruned_runtime
 from analysis.pruner.simulate import Decisions, PruningHooks
 
-FAMILIES = {"llava": "tiny-llava", "qwen2_5_vl": "tiny-qwen2.5-vl"}
 NEW_TOKENS = 5
 
 

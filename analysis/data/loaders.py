@@ -237,8 +237,10 @@ def _shapes_vqa(split: str, limit: int | None) -> list[Sample]:
     return generate_samples(split, limit)
 
 
+# Every command's default dataset: generated offline, the organism's own questions.
+DEFAULT_DATASET = "shapes-vqa"
 _GENERATED: dict[str, _Generated] = {
-    "shapes-vqa": _Generated(
+    DEFAULT_DATASET: _Generated(
         default_split="test",
         description="ShapesVQA, synthetic shapes/colours/counts/digits questions generated offline "
         "(the model organism's dataset) [splits train/validation/test, default split 'test']",

@@ -17,6 +17,7 @@ from analysis.models.adapters import FamilyAdapter, adapter_class, get_adapter
 logger = logging.getLogger(__name__)
 
 ORGANISM_ALIAS = "shapes-llava"
+DEFAULT_MODEL = ORGANISM_ALIAS  # every command's default model: the organism that ships with the package
 
 
 @dataclass(frozen=True)

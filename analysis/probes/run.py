@@ -13,10 +13,12 @@ import pyarrow as pa
 import torch
 
 from analysis.config import LIMIT_HELP, command_line, option, run_identity, to_dict
+from analysis.data import DEFAULT_DATASET
 from analysis.data.samples import Sample, batched
 from analysis.errors import ConfigError, DataError
+from analysis.generation import add_sample_row, generate_answers
 from analysis.models.adapters import ModelInputs
-from analysis.models.registry import DTYPES, LoadedModel, default_device, load_model
+from analysis.models.registry import DEFAULT_MODEL, DTYPES, LoadedModel, default_device, load_model
 from analysis.probes.intervention import (
     KEY_REGIONS,
     QUERY_REGIONS,
@@ -37,7 +39,6 @@ from analysis.probes.measure import (
     teacher_forced,
 )
 from analysis.results import SAMPLES_TABLE, TRACE_SCHEMAS, RunFolder, default_run_dir, now, table_schema
-from analysis.trace.run import DEFAULT_DATASET, DEFAULT_MODEL, _sample_row, generate_answers
 
 logger = logging.getLogger(__name__)
 
@@ -408,7 +409,7 @@ def probe_batch(
         tables["token_ablation"] = _token_ablation_table(scorer, config, batch, inputs, masks, clean)
     sample_columns: dict[str, list[Any]] = {name: [] for name in TRACE_SCHEMAS[SAMPLES_TABLE].names}
     for sample, layout, answer in zip(batch, inputs.layouts, answers):
-        _sample_row(sample_columns, sample, layout, answer, bool(is_correct(answer or "", sample)))
+        add_sample_row(sample_columns, sample, layout, answer, bool(is_correct(answer or "", sample)))
     tables[SAMPLES_TABLE] = pa.table(sample_columns, schema=TRACE_SCHEMAS[SAMPLES_TABLE])
     return tables
 

@@ -12,10 +12,10 @@ import sys
 from analysis.cli import run_cli
 from analysis.config import LIMIT_HELP, HelpFormatter, add_arguments, from_namespace, optional_type
 from analysis.errors import ConfigError
+from analysis.models.registry import DEFAULT_MODEL
 from analysis.pruner.ceiling import CeilingConfig
 from analysis.pruner.config import LAYER0_RULES
 from analysis.pruner.export import ExportConfig, derive, describe, write
-from analysis.trace.run import DEFAULT_MODEL
 
 
 def main(argv: list[str] | None = None) -> int:

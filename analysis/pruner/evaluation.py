@@ -10,13 +10,13 @@ import torch
 from analysis.data.samples import Sample, batched
 from analysis.data.scoring import is_correct
 from analysis.errors import ConfigError
+from analysis.generation import generate_answers
 from analysis.models.registry import LoadedModel
 from analysis.probes.intervention import RegionMasks, intervene
 from analysis.pruner.config import PRUNING_RUNTIMES, PruningConfig
 from analysis.pruner.flops import DecoderShape
 from analysis.pruner.runtime import pruned_runtime
 from analysis.pruner.simulate import PruningHooks, full_flops, sample_flops
-from analysis.trace.run import generate_answers
 
 
 def evaluate_pruned(

@@ -13,19 +13,17 @@ import pyarrow as pa
 import torch
 
 from analysis.config import LIMIT_HELP, option, run_identity, to_dict
+from analysis.data import DEFAULT_DATASET
 from analysis.data.samples import Sample, batched
 from analysis.errors import ConfigError, DataError
+from analysis.generation import add_sample_row, generate_answers
 from analysis.layout import REGION_NAMES, TokenLayout
 from analysis.models.adapters import ModelInputs
-from analysis.models.registry import DTYPES, LoadedModel, default_device, load_model
+from analysis.models.registry import DEFAULT_MODEL, DTYPES, LoadedModel, default_device, load_model
 from analysis.results import SAMPLES_TABLE, TRACE_SCHEMAS, RunFolder, default_run_dir
 from analysis.trace.tracer import QUERY_GROUPS, LayerStats, trace_batch, traced
 
 logger = logging.getLogger(__name__)
-
-DEFAULT_MODEL = "shapes-llava"
-DEFAULT_DATASET = "shapes-vqa"
-
 
 @dataclass
 class TraceConfig:
@@ -140,20 +138,6 @@ def _check_top_k(top_k: int, loaded: LoadedModel, sample: Sample) -> None:
                           f"choose --top-k <= {n_image}")
 
 
-def generate_answers(loaded: LoadedModel, inputs: ModelInputs, max_new_tokens: int) -> list[str | None]:
-    """Greedy answers of the unmodified model for a batch (None when generation is off)."""
-    if max_new_tokens == 0:
-        return [None] * inputs.input_ids.shape[0]
-    tokenizer = loaded.processor.tokenizer
-    with torch.inference_mode():
-        generated = loaded.model.generate(
-            **inputs.tensors, max_new_tokens=max_new_tokens, do_sample=False,
-            pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
-        )
-    new_tokens = generated[:, inputs.input_ids.shape[1] :]
-    return [text.strip() for text in tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
-
-
 def batch_tables(
     batch: Sequence[Sample],
     inputs: ModelInputs,
@@ -185,7 +169,7 @@ def batch_tables(
         )
         answer = answers[row]
         correct = None if answer is None or sample.answer is None else bool(is_correct(answer, sample))
-        _sample_row(sample_columns, sample, layout, answer, correct)
+        add_sample_row(sample_columns, sample, layout, answer, correct)
     tables = {name: pa.concat_tables(tables) for name, tables in parts.items() if name != SAMPLES_TABLE}
     tables[SAMPLES_TABLE] = pa.table(sample_columns, schema=TRACE_SCHEMAS[SAMPLES_TABLE])
     return tables
@@ -267,24 +251,3 @@ def _image_token_table(sample_id: str, layout: TokenLayout, rows: np.ndarray, va
         },
         schema=TRACE_SCHEMAS["image_tokens"],
     )
-
-
-def _sample_row(out: dict[str, list[Any]], sample: Sample, layout: TokenLayout, answer: str | None, correct: bool | None) -> None:
-    """Append one sample's text, answers and layout."""
-    out["sample_id"].append(sample.sample_id)
-    out["dataset"].append(sample.dataset)
-    out["family"].append(sample.family)
-    out["question"].append(sample.question)
-    out["prompt"].append(sample.prompt)
-    out["reference"].append(sample.answer)
-    out["model_answer"].append(answer)
-    out["correct"].append(correct)
-    out["n_tokens"].append(layout.length)
-    out["system_start"].append(layout.system.start)
-    out["system_end"].append(layout.system.end)
-    out["image_starts"].append([span.start for span in layout.images])
-    out["image_ends"].append([span.end for span in layout.images])
-    out["image_rows"].append([grid[0] for grid in layout.image_grids])
-    out["image_cols"].append([grid[1] for grid in layout.image_grids])
-    out["instruction_positions"].append(layout.instruction_positions.tolist())
-    out["last_position"].append(layout.last)
