@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,11 +11,16 @@ import numpy as np
 import pytest
 import seaborn as sns
 import torch
+from fixtures_runs import (
+    DEEP_START,
+    SHALLOW_END,
+    variable_grid_dataset,
+    write_synthetic_run,
+)
 from matplotlib.colors import to_hex
 from matplotlib.container import BarContainer
 from matplotlib.figure import Figure
 from PIL import Image
-from test_stages import DEEP_START, SHALLOW_END, write_synthetic_run
 
 from analysis import plots
 from analysis.probes.run import ProbeConfig, run_probes
@@ -28,24 +32,6 @@ PROBES = "knockout,masking,kv_removal,logit_lens,contribution,token_ablation"
 FAST = StageConfig(n_bootstrap=50, critical_threshold=0.001)  # a tiny threshold so random models have critical tokens
 
 
-def variable_grid_dataset(root: Path) -> Path:
-    """A local dataset whose images give Qwen2.5-VL non-square grids of different shapes, one sample with two images."""
-    root.mkdir(parents=True, exist_ok=True)
-    for index, (height, width) in enumerate([(40, 90), (80, 60), (56, 56), (120, 40)]):
-        pixels = np.random.default_rng(index).integers(0, 256, size=(height, width, 3), dtype=np.uint8)
-        Image.fromarray(pixels).save(root / f"image{index}.png")
-    records = [
-        {"id": "wide", "image": "image0.png", "question": "What color is the circle?", "answer": "red",
-         "family": "color"},
-        {"id": "tall", "image": "image1.png", "question": "How many squares are there?", "answer": "2",
-         "family": "count"},
-        {"id": "pair", "images": ["image2.png", "image3.png"], "prompt": "<image> and <image>: which is red?",
-         "question": "Which is red?", "answer": "first", "family": "compare"},
-        {"id": "thin", "image": "image3.png", "question": "Is there a blue square?", "answer": "yes",
-         "family": "exist"},
-    ]
-    (root / "samples.jsonl").write_text("\n".join(json.dumps(record) for record in records) + "\n")
-    return root
 
 
 @dataclass
