@@ -192,16 +192,14 @@ def run_evaluation(config: EvalConfig, *, loaded: LoadedModel | None = None, pro
             folder.write_part({table: part})
             bar.update(len(batch))
     per_sample = read_table(folder.root, table).to_pandas()
-    summary: dict[str, Any]
+    summary: dict[str, Any] = {"config": {**to_dict(config), "split": split}}
     if pruning is not None:
         from analysis.pruner.evaluation import summarize
 
-        summary = {"config": {**to_dict(config), "split": split}, "pruning": pruning.to_json(),
-                   "summary": summarize(per_sample)}
+        summary.update(pruning=pruning.to_json(), summary=summarize(per_sample))
         summary_name = "pruned_summary.json"
     else:
-        summary = {"config": {**to_dict(config), "split": split},
-                   "accuracy": accuracy_table(per_sample).to_dict(orient="index")}
+        summary["accuracy"] = accuracy_table(per_sample).to_dict(orient="index")
         summary_name = "summary.json"
     summary.update(package_versions=package_versions(), git_hash=git_hash())
     atomic_write_json(folder.root / summary_name, summary)

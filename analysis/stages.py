@@ -192,6 +192,10 @@ def critical_tokens(run_dir: str | Path, threshold: float) -> pd.DataFrame | Non
     return pd.DataFrame(rows).set_index("sample_id")
 
 
+# The report's column of the KV-removal curve (present only when the run recorded that probe).
+KV_CURVE = "kv removal from L (changed)"
+
+
 @dataclass
 class StageReport:
     """Everything ``python -m analysis.stages`` prints."""
@@ -206,7 +210,7 @@ class StageReport:
     @property
     def curves_have_kv(self) -> bool:
         """Whether the run recorded the KV-removal probe."""
-        return "kv removal from L (changed)" in self.curves.columns
+        return KV_CURVE in self.curves.columns
 
     @property
     def kv_command(self) -> str:
@@ -229,7 +233,7 @@ def analyse(run_dir: str | Path, config: StageConfig) -> StageReport:
             per_family.append({"family": name, **vars(boundaries(subset(curves, members), config))})
     table = pd.DataFrame({"upto (changed)": curves.upto.mean(), "from (changed)": curves.from_.mean()})
     if curves.kv is not None:
-        table["kv removal from L (changed)"] = curves.kv.mean()
+        table[KV_CURVE] = curves.kv.mean()
     table.index.name = "layer L"
     by_family = pd.DataFrame(per_family).set_index("family") if per_family else pd.DataFrame()
     if curves.kv is None:

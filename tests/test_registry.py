@@ -89,3 +89,22 @@ def test_the_package_has_no_import_cycles() -> None:
 
     for name in sorted(graph):
         visit(name, [])
+
+
+# Hugging Face submodule names of a decoder layer: only the family adapters may spell them.
+HF_MODULE_NAMES = ("self_attn", "q_proj", "k_proj", "v_proj", "o_proj")
+
+
+def test_hf_module_names_stay_in_the_adapters() -> None:
+    """Code outside analysis/models/ reaches a layer's parts through the adapter, never by HF attribute name."""
+    import re
+
+    pattern = re.compile(r"\.(" + "|".join(HF_MODULE_NAMES) + r")\b")
+    found = []
+    for path in PACKAGE.rglob("*.py"):
+        if path.is_relative_to(PACKAGE / "models"):
+            continue
+        for number, line in enumerate(path.read_text().splitlines(), 1):
+            if pattern.search(line):
+                found.append(f"{path.relative_to(PACKAGE.parent)}:{number}: {line.strip()}")
+    assert not found, "\n".join(found)

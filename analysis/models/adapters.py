@@ -71,6 +71,23 @@ class FamilyAdapter(ABC):
     def decoder_layers(self, root: Any | None = None) -> Sequence[Any]:
         """The language model's decoder layers in execution order (of ``root``, default the model)."""
 
+    def attention(self, layer: Any) -> Any:
+        """The attention module of a decoder layer (a module, or its nnsight envoy inside a trace)."""
+        return layer.self_attn
+
+    def value_projection(self, layer: Any) -> Any:
+        """The value projection of a decoder layer's attention, whose output holds every KV head's values."""
+        return self.attention(layer).v_proj
+
+    def output_projection(self, layer: Any) -> Any:
+        """The projection after a decoder layer's attention that mixes the concatenated heads."""
+        return self.attention(layer).o_proj
+
+    @staticmethod
+    def attention_weights(output: Any) -> Any:
+        """The attention weights (B, H, Q, K) in an attention module's output (None unless eager computed them)."""
+        return output[1]
+
     def language_model(self) -> nn.Module:
         """The text model that runs the decoder layers (embeddings, layers, final norm; no vision, no LM head)."""
         return self.model.model.language_model

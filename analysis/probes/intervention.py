@@ -77,18 +77,18 @@ class RegionMasks:
 
     def query_rows(self, name: str, start: int, length: int) -> torch.Tensor:
         """(B, length) membership of absolute query positions [start, start+length) in a query group."""
-        return _extend(self.queries[name], start, length, fill=name in ("instruction", "last"))
+        return extend_membership(self.queries[name], start, length, fill=name in ("instruction", "last"))
 
     def key_columns(self, name: str, length: int) -> torch.Tensor:
         """(B, length) membership of key positions [0, length) in a key region (or a named key subset)."""
         source = self.extra_keys.get(name, self.keys.get(name))
         if source is None:
             raise ConfigError(f"unknown key region {name!r}")
-        return _extend(source, 0, length, fill=name == "instruction")
+        return extend_membership(source, 0, length, fill=name == "instruction")
 
 
-def _extend(membership: torch.Tensor, start: int, length: int, *, fill: bool) -> torch.Tensor:
-    """Slice positions [start, start+length) of a (B, T) mask, padding positions >= T with ``fill``."""
+def extend_membership(membership: torch.Tensor, start: int, length: int, *, fill: bool) -> torch.Tensor:
+    """Positions [start, start+length) of a (B, T) membership mask, those >= T filled with ``fill``."""
     batch, known = membership.shape
     inside = membership[:, start : min(start + length, known)]
     missing = length - inside.shape[1]
@@ -376,7 +376,7 @@ def intervene(adapter: FamilyAdapter, hooks: AttentionHooks, last_position: int)
     text_config = adapter.text_config
     previous = text_config._attn_implementation
     base = _base_attention(previous)
-    modules = [layer.self_attn for layer in adapter.decoder_layers()]
+    modules = [adapter.attention(layer) for layer in adapter.decoder_layers()]
     for module in modules:
         _ACTIVE[module] = _LayerHook(hooks, base, last_position)
     _MASK_BASE.append(ALL_MASK_ATTENTION_FUNCTIONS[previous])

@@ -271,9 +271,8 @@ def lens_logprobs(adapter: FamilyAdapter, hidden: torch.Tensor) -> torch.Tensor:
 
 
 def head_projections(adapter: FamilyAdapter, layer: int, head_output: torch.Tensor) -> torch.Tensor:
-    """Each head's output at the last position through its slice of o_proj: (B, H, d) -> (B, H, D)."""
-    o_proj = adapter.decoder_layers()[layer].self_attn.o_proj
-    weight = o_proj.weight.float()  # (D, H*d)
+    """Each head's output at the last position through its slice of the output projection: (B, H, d) -> (B, H, D)."""
+    weight = adapter.output_projection(adapter.decoder_layers()[layer]).weight.float()  # (D, H*d)
     batch, heads, dim = head_output.shape
     slices = weight.reshape(weight.shape[0], heads, dim)  # (D, H, d)
     return torch.einsum("bhd,Dhd->bhD", head_output.float(), slices)

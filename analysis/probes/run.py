@@ -144,7 +144,7 @@ class ProbeConfig:
 
     def selected(self) -> list[str]:
         """The probes to run, validated."""
-        names = [name.strip() for name in self.probes.split(",") if name.strip()]
+        names = _probe_names(self.probes)
         unknown = sorted(set(names) - set(PROBES))
         if unknown or not names:
             raise ConfigError(f"unknown probes {unknown or self.probes!r}; choose from {', '.join(PROBES)}")
@@ -280,13 +280,13 @@ def run_probes(config: ProbeConfig, *, loaded: LoadedModel | None = None, progre
     )
     device = next(loaded.model.parameters()).device
     by_id = {sample.sample_id: sample for sample in samples}
-    incomplete = folder.missing_tables()
-    total = len(samples) + sum(len(folder.part_sample_ids(index)) for index in incomplete)
+    # Tables added to the run (or left unwritten by an interrupted addition), with the committed batches lacking them.
+    incomplete = {index: (tables, [by_id[sample_id] for sample_id in folder.part_sample_ids(index)])
+                  for index, tables in folder.missing_tables().items()}
+    total = len(samples) + sum(len(batch) for _, batch in incomplete.values())
     with folder.interruptible(len(samples)), tqdm(total=total, initial=len(done), desc="probe", unit="sample",
                                                   disable=not progress) as bar:
-        for index, tables in incomplete.items():
-            # Tables added to the run (or left unwritten by an interrupted addition) for its committed batches.
-            batch = [by_id[sample_id] for sample_id in folder.part_sample_ids(index)]
+        for index, (tables, batch) in incomplete.items():
             needed = [probe for probe in probes if set(_tables_for([probe])) & set(tables)]
             inputs = loaded.adapter.build_inputs(loaded.processor, batch, device=device)
             results = probe_batch(loaded, config, needed, batch, inputs)

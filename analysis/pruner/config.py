@@ -171,7 +171,7 @@ def authors_equivalent(config: PruningConfig, layer0_rule: str = "none") -> tupl
         shallow_mid_layer = 1
         differences.append("shallow_mid_layer 0 -> 1 (their minimum): the selection rule can first fire at layer 2, "
                            "not at layer 1")
-    if stages and {"middle", "deep"} & set(stages):
+    if {"middle", "deep"} & set(stages):
         if tokens_threshold >= 1:
             raise ConfigError(f"tokens_threshold {tokens_threshold} is an absolute norm >= 1, which the authors' "
                               "validation refuses (it wants (0, 1)); no config in their format keeps the same tokens")

@@ -46,7 +46,7 @@ from analysis.errors import ConfigError, DataError
 from analysis.layout import TokenLayout
 from analysis.models import hf
 from analysis.models.adapters import FamilyAdapter, get_adapter
-from analysis.probes.intervention import LastRowObservation, RegionMasks, intervene
+from analysis.probes.intervention import LastRowObservation, RegionMasks, extend_membership, intervene
 from analysis.pruner.config import PruningConfig
 from analysis.pruner.simulate import Decisions, PruningHooks, ShallowRegions
 
@@ -151,11 +151,9 @@ class PrunedRuntime(PruningHooks):
             return None
         return self.shallow_edges(layer, query_start, query_length, key_length)
 
-    def shallow_active(self, layer: int, query_start: int) -> bool:
-        """The shallow stage in this layer: in a prefill, or while decoding where the config says so."""
-        config = self.config
-        return (config.method == "visipruner" and "shallow" in config.stages and layer < config.shallow_mid_layer
-                and (self._prefill or config.shallow_in_decode))
+    def decoding(self, query_start: int) -> bool:
+        """Told by the pass, not by positions: a pruned layer's cache holds fewer keys than the prompt had."""
+        return not self._prefill
 
     def shallow_regions(self, layer: int, query_start: int, query_length: int, key_length: int) -> ShallowRegions:
         """Text and image queries and image keys in this layer's slots (generated tokens are text, never image)."""
@@ -173,8 +171,7 @@ class PrunedRuntime(PruningHooks):
             tail = slots.new_full((batch, extra), generated)
             return torch.cat([slots, tail], dim=1)[:, query_start : query_start + query_length]
 
-        continuation = self.prompt_valid.new_zeros(batch, length - self.prompt_length)
-        first_half = torch.cat([self.first_half_positions(), continuation], dim=1)
+        first_half = extend_membership(self.first_half_keys, 0, length, fill=False)
         return ShallowRegions(text_rows=rows("instruction", True), image_rows=rows("image", False),
                               image_keys=keys(self.masks.key_columns("image", length)),
                               first_half_keys=keys(first_half))

@@ -17,7 +17,13 @@ import numpy as np
 import torch
 
 from analysis.layout import TokenLayout
-from analysis.probes.intervention import AttentionHooks, LastRowObservation, RegionMasks, ZeroedEdges
+from analysis.probes.intervention import (
+    AttentionHooks,
+    LastRowObservation,
+    RegionMasks,
+    ZeroedEdges,
+    extend_membership,
+)
 from analysis.probes.measure import image_contributions, image_index_tensors
 from analysis.pruner.config import PruningConfig
 from analysis.pruner.flops import DecoderShape, LayerTokens, prefill_flops
@@ -56,14 +62,6 @@ class ShallowRegions:
     first_half_keys: torch.Tensor  # the first half of each sample's image tokens (the authors' 13B layer-0 rule)
 
 
-def _widen(columns: torch.Tensor, length: int) -> torch.Tensor:
-    """(B, T) key membership cut or padded with False to ``length`` keys (generated tokens are never image)."""
-    batch, known = columns.shape
-    if length <= known:
-        return columns[:, :length]
-    return torch.cat([columns, columns.new_zeros(batch, length - known)], dim=1)
-
-
 def authors_row_weights(observation: LastRowObservation) -> torch.Tensor:
     """The last row's attention weights as the authors' code computes them: scores in the model's dtype (q k^T /
     sqrt(d)), the mask added, a float32 softmax cast back (custom_modeling_llama.py lines 669-685)."""
@@ -88,12 +86,10 @@ class PruningHooks(AttentionHooks):
         self.selection_layer = torch.full((batch,), -1, dtype=torch.long)
         self.exit_layer = torch.full((batch,), -1, dtype=torch.long)
         self.negligible = torch.zeros(batch, dtype=torch.long)
-        # Under the authors' rule a selection that keeps every image token never shortens the sequence, so their
-        # exit (which looks for the shortened length) is never reached: those samples keep the image to the end.
-        self.never_exit = torch.zeros(batch, dtype=torch.bool)
-        self.first_half = torch.zeros_like(self.image_valid)  # the first half of each sample's image tokens
+        # (B, prompt length) the first half of each sample's image tokens (the authors' 13B layer-0 rule), made once.
+        self.first_half_keys = torch.zeros(batch, prompt_length, dtype=torch.bool, device=self.image_valid.device)
         for row, count in enumerate(self.image_valid.sum(1).tolist()):
-            self.first_half[row, : count // 2] = True
+            self.first_half_keys[row, self.image_index[row, : count // 2]] = True
         if config.method == "pre_llm":
             self._keep_spread(config.keep_tokens)
             self.selection_layer[:] = -2  # pruned before layer 0: applies everywhere
@@ -130,17 +126,20 @@ class PruningHooks(AttentionHooks):
         fires = ((cosine < self.config.layer_threshold) & valid).any(1)
         # A selection keeping no token counts as negligible, as an empty set's "all" does.
         negligible = ((cosine >= self.config.deep_cosine) | ~self.keep).all(1)
-        fires, negligible = torch.stack([fires, negligible]).cpu()
+        keeps_all = (self.keep | ~valid).all(1)
+        fires, negligible, keeps_all = torch.stack([fires, negligible, keeps_all]).cpu()
         undecided = self.selection_layer < 0
         selected = undecided & fires
         if selected.any():
             self.keep = torch.where(selected.to(valid.device)[:, None], (norm > self.config.tokens_threshold) & valid,
                                     self.keep)
             self.selection_layer[selected] = layer
-            if authors:
-                self.never_exit |= selected & (self.keep == valid).all(1).cpu()
+        if authors:
+            # A selection that kept every image token never shortens their sequence, so their exit (which looks for
+            # the shortened length) is never reached: those samples keep the image to the end.
+            negligible &= ~keeps_all
         if "deep" in self.config.stages:
-            quiet = ~undecided & (self.exit_layer < 0) & (layer > self.selection_layer) & negligible & ~self.never_exit
+            quiet = ~undecided & (self.exit_layer < 0) & (layer > self.selection_layer) & negligible
             self.negligible[quiet] += 1
             self.exit_layer[quiet & (self.negligible >= self.config.deep_patience)] = layer
 
@@ -176,12 +175,15 @@ class PruningHooks(AttentionHooks):
         return self.image_valid & (exited.to(device)[:, None] | (active.to(device)[:, None] & ~self.keep))
 
     # -- masks ----------------------------------------------------------------------------------
+    def decoding(self, query_start: int) -> bool:
+        """Whether a pass whose first query sits at ``query_start`` continues the prompt (a decoding step)."""
+        return query_start >= self.prompt_length
+
     def shallow_active(self, layer: int, query_start: int) -> bool:
         """Whether the shallow stage acts in this layer and pass."""
         config = self.config
-        decoding = query_start >= self.prompt_length
         return (config.method == "visipruner" and "shallow" in config.stages and layer < config.shallow_mid_layer
-                and (config.shallow_in_decode or not decoding))
+                and (config.shallow_in_decode or not self.decoding(query_start)))
 
     def shallow_regions(self, layer: int, query_start: int, query_length: int, key_length: int) -> ShallowRegions:
         """Which queries and keys of this layer's attention are text and image."""
@@ -189,15 +191,8 @@ class PruningHooks(AttentionHooks):
             text_rows=self.masks.query_rows("instruction", query_start, query_length),
             image_rows=self.masks.query_rows("image", query_start, query_length),
             image_keys=self.masks.key_columns("image", key_length),
-            first_half_keys=_widen(self.first_half_positions(), key_length),
+            first_half_keys=extend_membership(self.first_half_keys, 0, key_length, fill=False),
         )
-
-    def first_half_positions(self) -> torch.Tensor:
-        """(B, prompt length) the positions of the first half of each sample's image tokens."""
-        positions = torch.zeros(self.keep.shape[0], self.prompt_length, dtype=torch.bool, device=self.keep.device)
-        rows, ordinals = self.first_half.nonzero(as_tuple=True)
-        positions[rows, self.image_index[rows, ordinals]] = True
-        return positions
 
     def shallow_edges(self, layer: int, query_start: int, query_length: int, key_length: int) -> torch.Tensor | None:
         """(B, Q, K) text->image edges the shallow stage removes in this layer, or None where it is not active."""

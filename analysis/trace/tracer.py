@@ -131,8 +131,8 @@ def trace_batch(
     layers = adapter.decoder_layers(traced_model)
     with torch.inference_mode(), traced_model.trace(**inputs.tensors):
         for layer in layers:
-            values = layer.self_attn.v_proj.output
-            attention = layer.self_attn.output[1]
+            values = adapter.value_projection(layer).output
+            attention = adapter.attention_weights(adapter.attention(layer).output)
             reduced.append(nnsight.save(reduce_layer(attention, values, plan)))
         if return_logits:
             logits.append(nnsight.save(traced_model.output.logits))
