@@ -20,7 +20,7 @@ import torch
 
 from analysis.data.samples import Sample
 from analysis.models.registry import LoadedModel, load_model
-from analysis.probes.intervention import RegionMasks, intervene
+from analysis.hooks.attention import RegionMasks, route_attention
 from analysis.pruner.config import PruningConfig
 from analysis.pruner.runtime import pruned_runtime
 from analysis.pruner.simulate import PruningHooks
@@ -221,11 +221,11 @@ def _ours(loaded: LoadedModel, sample: Sample, config: PruningConfig, runtime: s
         else:
             hooks = PruningHooks(config, RegionMasks.from_layouts(inputs.layouts, length, inputs.input_ids.device),
                                  inputs.layouts, length)
-            with intervene(loaded.adapter, hooks, length - 1):
+            with route_attention(loaded.adapter, hooks, length - 1):
                 logits = loaded.model(**inputs.tensors).logits[0, -1]
             fresh = PruningHooks(config, RegionMasks.from_layouts(inputs.layouts, length, inputs.input_ids.device),
                                  inputs.layouts, length)
-            with intervene(loaded.adapter, fresh, length - 1):
+            with route_attention(loaded.adapter, fresh, length - 1):
                 out = loaded.model.generate(**inputs.tensors, **generate)
     decisions = hooks.decisions(inputs.layouts)
     return {"selection_layer": int(decisions.selection_layer[0]), "kept": decisions.kept[0],

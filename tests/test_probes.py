@@ -16,13 +16,13 @@ from analysis.errors import ConfigError
 from analysis.models.registry import LoadedModel, load_model
 from analysis.probes import measure
 from analysis.probes.__main__ import main
-from analysis.probes.intervention import (
+from analysis.hooks.attention import (
     AttentionHooks,
     Knockout,
     KnockoutHooks,
     RegionMasks,
     ZeroedEdges,
-    intervene,
+    route_attention,
 )
 from analysis.probes.measure import (
     AnswerScores,
@@ -61,7 +61,7 @@ def test_noop_intervention_is_exact(tiny_sdpa: LoadedModel, samples) -> None:
     masks = RegionMasks.from_layouts(inputs.layouts, inputs.input_ids.shape[1], inputs.input_ids.device)
     last = inputs.input_ids.shape[1] - 1
     for knockouts in ([], [Knockout("last", "image", frozenset())]):
-        with intervene(tiny_sdpa.adapter, KnockoutHooks(masks, knockouts), last):
+        with route_attention(tiny_sdpa.adapter, KnockoutHooks(masks, knockouts), last):
             assert torch.equal(_forward(tiny_sdpa, inputs.tensors), reference)
     assert tiny_sdpa.adapter.text_config._attn_implementation == "sdpa"
 
@@ -72,7 +72,7 @@ def test_full_image_knockout_equals_masked_model(tiny_sdpa: LoadedModel, samples
     batch, seq_len = inputs.input_ids.shape
     masks = RegionMasks.from_layouts(inputs.layouts, seq_len, inputs.input_ids.device)
     layers = frozenset(range(tiny_sdpa.adapter.num_layers))
-    with intervene(tiny_sdpa.adapter, KnockoutHooks(masks, [Knockout("instruction", "image", layers)]), seq_len - 1):
+    with route_attention(tiny_sdpa.adapter, KnockoutHooks(masks, [Knockout("instruction", "image", layers)]), seq_len - 1):
         knocked = _forward(tiny_sdpa, inputs.tensors)
     # Independent computation: causal + padding mask, with image columns hidden from non-image rows.
     allowed = torch.ones(seq_len, seq_len).tril().bool()[None].expand(batch, -1, -1).clone()
@@ -122,7 +122,7 @@ def test_contribution_output_matches_attention(tiny_sdpa: LoadedModel, samples) 
 
 def _full_pass_scores(loaded: LoadedModel, forced: TeacherForced, hooks: AttentionHooks) -> AnswerScores:
     """The reference: a whole teacher-forced forward pass under the hooks."""
-    with intervene(loaded.adapter, hooks, forced.prompt_length - 1):
+    with route_attention(loaded.adapter, hooks, forced.prompt_length - 1):
         return score_answers(loaded.model, forced)
 
 

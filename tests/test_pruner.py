@@ -12,7 +12,7 @@ from conftest import FAMILIES
 
 from analysis.errors import ConfigError
 from analysis.models.registry import LoadedModel, load_model
-from analysis.probes.intervention import RegionMasks, intervene
+from analysis.hooks.attention import RegionMasks, route_attention
 from analysis.pruner.config import PruningConfig, load_config, parse_config
 from analysis.pruner.evaluation import evaluate_pruned, summarize
 from analysis.pruner.simulate import PruningHooks
@@ -33,7 +33,7 @@ def _logits(loaded: LoadedModel, samples, config: PruningConfig | None) -> torch
         length = inputs.input_ids.shape[1]
         hooks = PruningHooks(config, RegionMasks.from_layouts(inputs.layouts, length, inputs.input_ids.device),
                              inputs.layouts, length)
-        with intervene(loaded.adapter, hooks, length - 1):
+        with route_attention(loaded.adapter, hooks, length - 1):
             return loaded.model(**inputs.tensors).logits
 
 
@@ -157,7 +157,7 @@ def test_authors_shallow_rule_matches_zeroed_eager_weights(samples, layer0_rule:
         ours = _logits(loaded, samples, config)
         length = inputs.input_ids.shape[1]
         hooks = _ObservingHooks(config, masks, inputs.layouts, length)
-        with torch.no_grad(), intervene(loaded.adapter, hooks, length - 1):
+        with torch.no_grad(), route_attention(loaded.adapter, hooks, length - 1):
             loaded.model(**inputs.tensors)
         text_config = loaded.adapter.text_config
         text_config._attn_implementation = REFERENCE_ATTENTION
@@ -178,7 +178,7 @@ def test_authors_shallow_rule_matches_zeroed_eager_weights(samples, layer0_rule:
 
 def test_rule_precision_model_reproduces_half_precision_cosines(samples) -> None:
     """In an fp16 model a cosine of 0.99985 is 1.0: the authors' precision misses a selection that float32 makes."""
-    from analysis.probes.intervention import LastRowObservation
+    from analysis.hooks.attention import LastRowObservation
 
     loaded = load_model("tiny-llava")
     inputs = loaded.adapter.build_inputs(loaded.processor, samples[:1])
@@ -209,7 +209,7 @@ def test_rule_decisions_follow_the_cosines_row_by_row(samples, monkeypatch: pyte
     """Selection at the first layer where some token's cosine drops below the threshold, keeping tokens above the
     norm threshold; exit after ``deep_patience`` layers in which every kept token's cosine is negligible."""
     import analysis.pruner.simulate as simulate
-    from analysis.probes.intervention import LastRowObservation
+    from analysis.hooks.attention import LastRowObservation
 
     loaded = load_model("tiny-llava")
     inputs = loaded.adapter.build_inputs(loaded.processor, samples[:4])
@@ -382,7 +382,7 @@ def test_authors_mode_decides_in_half_precision_with_their_formulas(samples) -> 
 
     import torch.nn.functional as F
 
-    from analysis.probes.intervention import LastRowObservation
+    from analysis.hooks.attention import LastRowObservation
 
     loaded = load_model("tiny-llava")
     inputs = loaded.adapter.build_inputs(loaded.processor, samples[:1])

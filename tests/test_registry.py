@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -93,18 +94,37 @@ def test_the_package_has_no_import_cycles() -> None:
 
 # Hugging Face submodule names of a decoder layer: only the family adapters may spell them.
 HF_MODULE_NAMES = ("self_attn", "q_proj", "k_proj", "v_proj", "o_proj")
+# Hugging Face call arguments, config internals and output fields: only analysis/models/ may spell them.
+HF_ARGUMENT_NAMES = (
+    "_attn_implementation", "layer_idx", "inputs_embeds", "logits_to_keep", "use_cache", "output_attentions",
+    "output_hidden_states", "past_key_values", "cache_position", "position_ids", "pixel_values", "image_grid_thw",
+    "last_hidden_state", "attentions",
+)
+# The organism builds and trains Hugging Face models from scratch (a model zoo, like analysis/models/); the rule
+# is that the analysis (tracing, probes, pruning, stages) never depends on how transformers spells things.
+MODEL_BUILDERS = ("models", "organism")
 
 
-def test_hf_module_names_stay_in_the_adapters() -> None:
-    """Code outside analysis/models/ reaches a layer's parts through the adapter, never by HF attribute name."""
-    import re
-
-    pattern = re.compile(r"\.(" + "|".join(HF_MODULE_NAMES) + r")\b")
+def _lines_outside(pattern: re.Pattern[str], folders: tuple[str, ...]) -> list[str]:
+    """Every line of analysis/ outside the given subpackages that matches ``pattern``."""
     found = []
     for path in PACKAGE.rglob("*.py"):
-        if path.is_relative_to(PACKAGE / "models"):
+        if any(path.is_relative_to(PACKAGE / folder) for folder in folders):
             continue
         for number, line in enumerate(path.read_text().splitlines(), 1):
             if pattern.search(line):
                 found.append(f"{path.relative_to(PACKAGE.parent)}:{number}: {line.strip()}")
+    return found
+
+
+def test_hf_module_names_stay_in_the_adapters() -> None:
+    """Code outside analysis/models/ reaches a layer's parts through the adapter, never by HF attribute name."""
+    found = _lines_outside(re.compile(r"\.(" + "|".join(HF_MODULE_NAMES) + r")\b"), ("models",))
+    assert not found, "\n".join(found)
+
+
+def test_hf_argument_names_stay_in_the_models_package() -> None:
+    """Outside analysis/models/ no HF argument, config internal or output field is spelled (keyword, key or attribute)."""
+    names = "|".join(HF_ARGUMENT_NAMES)
+    found = _lines_outside(re.compile(rf"\b({names})=|[\"']({names})[\"']|\.({names})\b"), MODEL_BUILDERS)
     assert not found, "\n".join(found)

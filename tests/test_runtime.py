@@ -11,7 +11,7 @@ from conftest import FAMILIES
 from analysis.errors import ConfigError, DataError
 from analysis.models.adapters import ModelInputs
 from analysis.models.registry import LoadedModel, load_model
-from analysis.probes.intervention import RegionMasks, intervene
+from analysis.hooks.attention import RegionMasks, route_attention
 from analysis.pruner.config import PruningConfig
 from analysis.pruner.runtime import pruned_runtime
 from analysis.pruner.simulate import Decisions, PruningHooks
@@ -67,7 +67,7 @@ def _masked(loaded: LoadedModel, inputs: ModelInputs, config: PruningConfig) -> 
     length = inputs.input_ids.shape[1]
     hooks = PruningHooks(config, RegionMasks.from_layouts(inputs.layouts, length, inputs.input_ids.device),
                          inputs.layouts, length)
-    with torch.no_grad(), intervene(loaded.adapter, hooks, length - 1):
+    with torch.no_grad(), route_attention(loaded.adapter, hooks, length - 1):
         logits = loaded.model(**inputs.tensors).logits
     return logits, hooks.decisions(inputs.layouts)
 
@@ -144,7 +144,7 @@ def test_dropping_equals_masking(tiny: LoadedModel, samples, method: str) -> Non
     length = inputs.input_ids.shape[1]
     hooks = PruningHooks(config, RegionMasks.from_layouts(inputs.layouts, length, inputs.input_ids.device),
                          inputs.layouts, length)
-    with intervene(tiny.adapter, hooks, length - 1):
+    with route_attention(tiny.adapter, hooks, length - 1):
         masked_tokens, masked_logits = _generate(tiny, inputs)
     with pruned_runtime(tiny.model, config, inputs.layouts):
         tokens, logits = _generate(tiny, inputs)
@@ -279,7 +279,7 @@ def test_generate_is_one_prefill_then_continuations_on_this_transformers(tiny: L
     length = inputs.input_ids.shape[1]
     hooks = PruningHooks(config, RegionMasks.from_layouts(inputs.layouts, length, inputs.input_ids.device),
                          inputs.layouts, length)
-    with intervene(tiny.adapter, hooks, length - 1):
+    with route_attention(tiny.adapter, hooks, length - 1):
         assert torch.equal(_generate(tiny, inputs)[0], tokens)
 
 

@@ -2,12 +2,29 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import numpy as np
+import pytest
 import torch
 
 from analysis.layout import REGION_IMAGE, REGION_INSTRUCTION, REGION_SYSTEM
+from analysis.models import hf
 from analysis.models.registry import LoadedModel
-from analysis.trace.tracer import trace_batch, traced
+from analysis.trace.tracer import trace_batch
+
+IMPLEMENTATIONS = ("sdpa", "eager")
+
+
+@contextmanager
+def attention(loaded: LoadedModel, implementation: str) -> Iterator[None]:
+    """The model runs with ``implementation`` inside the block (same weights), eager again after it."""
+    hf.set_attention_implementation(loaded.adapter.text_config, implementation)
+    try:
+        yield
+    finally:
+        hf.set_attention_implementation(loaded.adapter.text_config, "eager")
 
 TOL = 1e-5
 
@@ -60,11 +77,12 @@ def _stack(stats) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     )
 
 
-def test_tracer_matches_eager_attention(tiny_eager: LoadedModel, samples) -> None:
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+def test_tracer_matches_eager_attention(tiny_eager: LoadedModel, samples, implementation: str) -> None:
     """Every layer and head's masses, image-token rows and value norms equal HF eager attention's."""
     inputs = tiny_eager.adapter.build_inputs(tiny_eager.processor, samples)
-    with traced(tiny_eager.model) as model:
-        stats, _ = trace_batch(model, tiny_eager.adapter, inputs)
+    with attention(tiny_eager, implementation):
+        stats, _ = trace_batch(tiny_eager.adapter, inputs)
     mass, rows, value_l1 = _stack(stats)
     ref_mass, ref_rows, ref_value = _reference_stats(tiny_eager, inputs)
     assert mass.shape == ref_mass.shape == (tiny_eager.adapter.num_layers, 4, tiny_eager.adapter.num_heads, 3, 3)
@@ -75,14 +93,15 @@ def test_tracer_matches_eager_attention(tiny_eager: LoadedModel, samples) -> Non
     np.testing.assert_allclose(mass[:, :, :, :2].sum(-1), 1.0, atol=TOL)
 
 
-def test_batch_equals_single(tiny_eager: LoadedModel, samples) -> None:
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+def test_batch_equals_single(tiny_eager: LoadedModel, samples, implementation: str) -> None:
     """A left-padded batch of 4 gives each sample the numbers it gets alone."""
     batch_inputs = tiny_eager.adapter.build_inputs(tiny_eager.processor, samples)
     assert len({layout.length for layout in batch_inputs.layouts}) > 1, "prompts must differ in length"
-    with traced(tiny_eager.model) as model:
-        mass, rows, value_l1 = _stack(trace_batch(model, tiny_eager.adapter, batch_inputs)[0])
+    with attention(tiny_eager, implementation):
+        mass, rows, value_l1 = _stack(trace_batch(tiny_eager.adapter, batch_inputs)[0])
         singles = [
-            _stack(trace_batch(model, tiny_eager.adapter, tiny_eager.adapter.build_inputs(tiny_eager.processor, [s]))[0])
+            _stack(trace_batch(tiny_eager.adapter, tiny_eager.adapter.build_inputs(tiny_eager.processor, [s]))[0])
             for s in samples
         ]
     for b, (s_mass, s_rows, s_value) in enumerate(singles):
@@ -92,13 +111,40 @@ def test_batch_equals_single(tiny_eager: LoadedModel, samples) -> None:
         np.testing.assert_allclose(value_l1[:, b, :n], s_value[:, 0, :n], rtol=TOL, atol=TOL)
 
 
-def test_tracing_changes_no_logits(tiny_eager: LoadedModel, samples) -> None:
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+def test_tracing_changes_no_logits(tiny_eager: LoadedModel, samples, implementation: str) -> None:
     """Logits under the tracer equal a plain forward pass exactly."""
     inputs = tiny_eager.adapter.build_inputs(tiny_eager.processor, samples)
-    with traced(tiny_eager.model) as model:
-        _, traced_logits = trace_batch(model, tiny_eager.adapter, inputs, return_logits=True)
-    with torch.no_grad():
-        plain = tiny_eager.model(**inputs.tensors).logits
+    with attention(tiny_eager, implementation):
+        _, traced_logits = trace_batch(tiny_eager.adapter, inputs, return_logits=True)
+        with torch.no_grad():
+            plain = tiny_eager.model(**inputs.tensors).logits
     assert torch.equal(traced_logits, plain)
     # The wrapper is gone afterwards: no module keeps an instance-level forward.
     assert not [name for name, module in tiny_eager.model.named_modules() if "forward" in module.__dict__]
+
+
+def test_tracing_leaves_no_registration_behind(tiny_eager: LoadedModel, samples) -> None:
+    """After the block the model's attention implementation is its own again and no routed name stays registered."""
+    before = hf.registered_attention_names()
+    inputs = tiny_eager.adapter.build_inputs(tiny_eager.processor, samples[:1])
+    trace_batch(tiny_eager.adapter, inputs)
+    assert hf.attention_implementation(tiny_eager.adapter.text_config) == "eager"
+    assert hf.registered_attention_names() == before
+
+
+def test_a_users_nnsight_trace_records_the_tables(tiny_eager: LoadedModel, samples) -> None:
+    """Inside a user's own nnsight trace, record_trace gives the same statistics as trace_batch."""
+    from nnsight import NNsight
+
+    from analysis.trace.tracer import record_trace
+
+    inputs = tiny_eager.adapter.build_inputs(tiny_eager.processor, samples)
+    expected = _stack(trace_batch(tiny_eager.adapter, inputs)[0])
+    wrapped = NNsight(tiny_eager.model)
+    with record_trace(tiny_eager.adapter, inputs) as statistics, torch.inference_mode():
+        with wrapped.trace(**inputs.tensors):
+            last_hidden = tiny_eager.adapter.decoder_layers(wrapped)[-1].output.save()
+    for got, want in zip(_stack(statistics.layer_stats()), expected):
+        np.testing.assert_allclose(got, want, atol=TOL)
+    assert last_hidden is not None

@@ -30,6 +30,7 @@ import torch
 
 from analysis.benchmarks.trace_overhead import PRESETS, Measurement, benchmark_model, build_inputs, synchronize
 from analysis.errors import ConfigError
+from analysis.models import hf
 from analysis.models.adapters import ModelInputs, get_adapter
 from analysis.pruner.config import PruningConfig
 from analysis.pruner.flops import DecoderShape, LayerTokens, decode_flops, prefill_flops
@@ -303,7 +304,7 @@ def _benchmark_batch(model: torch.nn.Module, preset: dict, shape: DecoderShape, 
 
         def step() -> object:
             with torch.inference_mode():
-                return model(inputs_embeds=prefix, attention_mask=mask, logits_to_keep=1)
+                return hf.embeds_forward(model, prefix, mask)
 
         return step
 
@@ -313,7 +314,7 @@ def _benchmark_batch(model: torch.nn.Module, preset: dict, shape: DecoderShape, 
 
         def step() -> object:
             with torch.inference_mode():
-                return model(inputs_embeds=prefix, logits_to_keep=1, use_cache=False)
+                return hf.embeds_forward(model, prefix, cache=False)
 
         return graphed(step, device)
 
@@ -322,11 +323,11 @@ def _benchmark_batch(model: torch.nn.Module, preset: dict, shape: DecoderShape, 
             return model.generate(**inputs.tensors, max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens,
                                   do_sample=False, pad_token_id=pad)
 
+    adapter = get_adapter(model)
+
     def vision_tower() -> object:
         with torch.inference_mode():
-            return model.model.get_image_features(pixel_values=inputs.tensors["pixel_values"],
-                                                  vision_feature_layer=model.config.vision_feature_layer,
-                                                  vision_feature_select_strategy="default")
+            return adapter.image_features(inputs.tensors)
 
     entries = [Timed("vision tower", vision_tower)]
     # What a variant would take if each layer ran as fast as the unpruned model at that layer's token count: the

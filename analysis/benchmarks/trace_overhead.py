@@ -1,9 +1,10 @@
-"""Tracing cost vs a plain eager forward on a model with LLaVA-1.5-7B's architecture and random weights.
+"""Tracing cost vs a plain SDPA forward on a model with LLaVA-1.5-7B's architecture and random weights.
 
 ``python -m analysis.benchmarks.trace_overhead [--preset llava-1.5-7b|tiny] [--batch-sizes 1 8]``
-prints, per batch size, the time of a plain eager forward, of the traced forward (reductions
-included) and of the traced forward plus building the parquet tables, the overhead ratios, and
-peak accelerator memory above the model's own footprint.
+prints, per batch size and in one run: a plain SDPA forward (the baseline), HF's own
+eager forward returning every layer's attention weights plus the same reductions done on the returned
+matrices (what a user would write), the toolkit's tracer, and the tracer plus building the parquet tables; each as a
+ratio to the baseline, with peak accelerator memory above the baseline's.
 """
 
 from __future__ import annotations
@@ -20,8 +21,9 @@ import torch
 from analysis.data.samples import Sample
 from analysis.layout import compute_layouts
 from analysis.models.adapters import ModelInputs, RenderedPrompt, get_adapter
+from analysis.models import hf
 from analysis.trace.run import batch_tables
-from analysis.trace.tracer import trace_batch, traced
+from analysis.trace.tracer import build_plan, trace_batch
 
 # The shape of llava-hf/llava-1.5-7b-hf's config.json (CLIP ViT-L/14-336 + Vicuna-7B).
 LLAVA_15_7B = {
@@ -63,7 +65,7 @@ class Measurement:
 
 
 def build_model(preset: dict, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
-    """A LlavaForConditionalGeneration of the preset's shape with HF's random initialisation, eager attention."""
+    """A LlavaForConditionalGeneration of the preset's shape with HF's random initialisation, SDPA attention."""
     from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
     config = LlavaConfig(
@@ -74,7 +76,7 @@ def build_model(preset: dict, device: torch.device, dtype: torch.dtype) -> torch
         vision_feature_select_strategy="default",
         projector_hidden_act="gelu",
     )
-    config._attn_implementation = "eager"
+    hf.set_attention_implementation(config, "sdpa")
     # Built directly on the target device in the target dtype: no 28 GB float32 copy on the host.
     previous = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
@@ -116,37 +118,61 @@ def build_inputs(model: torch.nn.Module, preset: dict, batch_size: int, device: 
         [[n_image]] * batch_size, [[(side, side)]] * batch_size,
     )
     dtype = next(model.parameters()).dtype
-    pixel_values = torch.randn(batch_size, 3, vision["image_size"], vision["image_size"], generator=generator)
-    tensors = {
-        "input_ids": input_ids.to(device), "attention_mask": attention_mask.to(device),
-        "pixel_values": pixel_values.to(device, dtype),
-    }
+    pixels = torch.randn(batch_size, 3, vision["image_size"], vision["image_size"], generator=generator)
+    tensors = hf.with_pixel_values({"input_ids": input_ids.to(device), "attention_mask": attention_mask.to(device)},
+                                   pixels.to(device, dtype))
     prompts = [RenderedPrompt(text="", content_start=0)] * batch_size
     return ModelInputs(tensors=tensors, prompts=prompts, layouts=layouts)
 
 
-def measure(step: Callable[[], object], device: torch.device, warmup: int, repeats: int, model_bytes: int) -> Measurement:
-    """Median wall time of ``step`` and its peak memory above the model's weights."""
+def measure_interleaved(steps: dict[str, Callable[[], object]], device: torch.device, warmup: int, repeats: int,
+                        model_bytes: int) -> dict[str, Measurement]:
+    """Median wall time and peak memory of each step, the steps taking turns in every round.
+
+    Taking turns matters at batch 1, where a forward pass is bound by the host: the host's speed drifts during a
+    run, and steps timed one after another would compare different machines.
+    """
     for _ in range(warmup):
-        step()
+        for step in steps.values():
+            step()
     synchronize(device)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    times, host_times = [], []
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    host_times: dict[str, list[float]] = {name: [] for name in steps}
+    peaks = dict.fromkeys(steps, model_bytes)
     for _ in range(repeats):
-        start = time.perf_counter()
-        step()
-        host_times.append(time.perf_counter() - start)
-        synchronize(device)
-        times.append(time.perf_counter() - start)
-    peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else model_bytes
-    return Measurement(statistics.median(times), peak - model_bytes, statistics.median(host_times))
+        for name, step in steps.items():
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+            start = time.perf_counter()
+            step()
+            host_times[name].append(time.perf_counter() - start)
+            synchronize(device)
+            times[name].append(time.perf_counter() - start)
+            if device.type == "cuda":
+                peaks[name] = max(peaks[name], torch.cuda.max_memory_allocated(device))
+    results = {}
+    for name in steps:
+        median = statistics.median(times[name])
+        quartiles = statistics.quantiles(times[name], n=4) if len(times[name]) > 1 else [median, median, median]
+        results[name] = Measurement(median, peaks[name] - model_bytes, statistics.median(host_times[name]),
+                                    (quartiles[2] - quartiles[0]) / median)
+    return results
 
 
 def synchronize(device: torch.device) -> None:
     """Wait for queued kernels so wall time covers them."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def reduce_attentions(attentions: tuple[torch.Tensor, ...], inputs: ModelInputs) -> list[torch.Tensor]:
+    """The tracer's region masses computed the naive way, from every layer's returned (B, H, T, T) matrix."""
+    plan = build_plan(inputs.layouts, inputs.input_ids.shape[1], 5, inputs.input_ids.device)
+    reduced = []
+    for weights in attentions:
+        rows = torch.einsum("bgq,bhqk->bhgk", plan.query_weights, weights.float())
+        reduced.append(torch.einsum("bhgk,bkr->bhgr", rows, plan.region_onehot))
+    return reduced
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -157,19 +183,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", choices=["float16", "bfloat16", "float32"], default="float16")
-    parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=15)
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     preset = PRESETS[args.preset]
     model, model_bytes, name = benchmark_model(preset, device, getattr(torch, args.dtype))
     adapter = get_adapter(model)
+    text_config = adapter.text_config
     sys.stdout.write(
-        f"device: {name}; preset {args.preset}; dtype {args.dtype}; eager attention; "
-        f"model footprint {model_bytes / 2**30:.2f} GiB; median of {args.repeats} after {args.warmup} warm-up\n"
+        f"device: {name}; preset {args.preset}; dtype {args.dtype}; torch {torch.__version__}; "
+        f"transformers {hf.installed_transformers()}; model footprint {model_bytes / 2**30:.2f} GiB; "
+        f"median of {args.repeats} interleaved rounds after {args.warmup} warm-up; memory: peak above the SDPA "
+        "forward's peak\n"
     )
-    header = (f"{'batch':>5} {'tokens':>6} {'plain s':>8} {'trace s':>8} {'+tables s':>9} {'trace/plain':>11} "
-              f"{'+tables/plain':>13} {'plain extra GiB':>15} {'trace extra GiB':>15} {'trace-plain GiB':>15}")
+    header = (f"{'batch':>5} {'tokens':>6} {'sdpa ms':>8} {'out_attn ms':>11} {'trace ms':>8} {'+tables ms':>10} "
+              f"{'out_attn/sdpa':>13} {'trace/sdpa':>10} {'+tables/sdpa':>12} {'trace IQR/med':>12} "
+              f"{'out_attn +GiB':>13} {'trace +GiB':>10}")
     sys.stdout.write(header + "\n")
     for batch_size in args.batch_sizes:
         inputs = build_inputs(model, preset, batch_size, device)
@@ -177,26 +207,38 @@ def main(argv: list[str] | None = None) -> int:
 
         def plain() -> object:
             with torch.inference_mode():
-                return model(**inputs.tensors)
+                return model(**inputs.tensors).logits
 
-        plain_m = measure(plain, device, args.warmup, args.repeats, model_bytes)
-        with traced(model) as traced_model:
-            def trace_only() -> object:
-                stats, _ = trace_batch(traced_model, adapter, inputs)
-                return [s.region_mass.cpu() for s in stats]
+        def with_output_attentions() -> object:
+            hf.set_attention_implementation(text_config, "eager")
+            try:
+                with torch.inference_mode():
+                    output = model(**inputs.tensors, **hf.attention_weights_kwargs())
+                    return [mass.cpu() for mass in reduce_attentions(hf.returned_attentions(output), inputs)]
+            finally:
+                hf.set_attention_implementation(text_config, "sdpa")
 
-            def trace_and_tables() -> object:
-                stats, _ = trace_batch(traced_model, adapter, inputs)
-                return batch_tables(samples, inputs, stats, [None] * batch_size, top_k=5)
+        def trace_only() -> object:
+            stats, _ = trace_batch(adapter, inputs)
+            return torch.stack([s.region_mass for s in stats]).cpu()
 
-            trace_m = measure(trace_only, device, args.warmup, args.repeats, model_bytes)
-            tables_m = measure(trace_and_tables, device, args.warmup, args.repeats, model_bytes)
-        gib = 2**30
+        def trace_and_tables() -> object:
+            stats, _ = trace_batch(adapter, inputs)
+            return batch_tables(samples, inputs, stats, [None] * batch_size, top_k=5)
+
+        measured = measure_interleaved(
+            {"plain": plain, "naive": with_output_attentions, "trace": trace_only, "tables": trace_and_tables},
+            device, args.warmup, args.repeats, model_bytes,
+        )
+        plain_m, naive_m, trace_m, tables_m = (measured[name] for name in ("plain", "naive", "trace", "tables"))
+        gib, ms = 2**30, 1e3
         sys.stdout.write(
-            f"{batch_size:>5} {inputs.input_ids.shape[1]:>6} {plain_m.seconds:>8.4f} {trace_m.seconds:>8.4f} "
-            f"{tables_m.seconds:>9.4f} {trace_m.seconds / plain_m.seconds:>11.3f} "
-            f"{tables_m.seconds / plain_m.seconds:>13.3f} {plain_m.extra_bytes / gib:>15.3f} "
-            f"{trace_m.extra_bytes / gib:>15.3f} {(trace_m.extra_bytes - plain_m.extra_bytes) / gib:>15.3f}\n"
+            f"{batch_size:>5} {inputs.input_ids.shape[1]:>6} {plain_m.seconds * ms:>8.1f} {naive_m.seconds * ms:>11.1f} "
+            f"{trace_m.seconds * ms:>8.1f} {tables_m.seconds * ms:>10.1f} {naive_m.seconds / plain_m.seconds:>13.3f} "
+            f"{trace_m.seconds / plain_m.seconds:>10.3f} {tables_m.seconds / plain_m.seconds:>12.3f} "
+            f"{trace_m.spread:>12.3f} "
+            f"{(naive_m.extra_bytes - plain_m.extra_bytes) / gib:>13.3f} "
+            f"{(trace_m.extra_bytes - plain_m.extra_bytes) / gib:>10.3f}\n"
         )
     return 0
 

@@ -100,6 +100,13 @@ class FamilyAdapter(ABC):
         """The output projection to vocabulary logits."""
         return self.model.lm_head
 
+    # Processor outputs the vision tower reads (the rest are sequence-aligned: ids, mask).
+    image_input_keys: ClassVar[tuple[str, ...]] = ("pixel_values",)
+
+    def image_features(self, tensors: dict[str, torch.Tensor]) -> Any:
+        """The vision tower and projector alone on a batch's images: what the language model receives for them."""
+        return self.model.model.get_image_features(**{key: tensors[key] for key in self.image_input_keys})
+
     @property
     def num_layers(self) -> int:
         """Number of decoder layers."""

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import inspect
 import re
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import lru_cache
 from importlib import metadata
@@ -139,7 +141,7 @@ class TextModelCall:
     length: int  # tokens in this pass
     device: torch.device
     attention_mask: Any  # the 2-D padding mask, or whatever else the caller passed (None if nothing)
-    position_ids: torch.Tensor | None
+    positions: torch.Tensor | None  # the call's position ids
     cache: Any | None
 
 
@@ -200,3 +202,107 @@ def set_text_model_output_hidden(output: Any, hidden: torch.Tensor) -> Any:
     """A text-model output with its final hidden states replaced."""
     output.last_hidden_state = hidden
     return output
+
+
+# --- attention implementations ------------------------------------------------------------------------------------
+def attention_implementation(config: Any) -> str:
+    """The attention implementation a (text) config selects: eager, sdpa, flash_attention_2, ..."""
+    return str(getattr(config, "_attn_implementation", None) or "eager")
+
+
+def set_attention_implementation(config: Any, name: str) -> None:
+    """Select an attention implementation in a config (read at every forward call)."""
+    config._attn_implementation = name
+
+
+def attention_function(name: str) -> Callable[..., tuple[torch.Tensor, torch.Tensor | None]]:
+    """transformers' registered attention function of an implementation name."""
+    from analysis.errors import ConfigError
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    if name not in ALL_ATTENTION_FUNCTIONS:
+        raise ConfigError(f"attention implementation {name!r} cannot be intervened on; load with sdpa or eager")
+    return ALL_ATTENTION_FUNCTIONS[name]
+
+
+@contextmanager
+def attention_routed(config: Any, name: str, function: Callable[..., Any]) -> Iterator[None]:
+    """Inside the block ``config`` selects ``function`` (registered as ``name``, masks made as before); undone on exit.
+
+    transformers looks attention and mask builders up by the config's implementation name at every call, so a
+    registration of our own plus the name in the config is all it takes; both are removed on exit.
+    """
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
+
+    previous = attention_implementation(config)
+    AttentionInterface.register(name, function)
+    AttentionMaskInterface.register(name, ALL_MASK_ATTENTION_FUNCTIONS[previous])
+    set_attention_implementation(config, name)
+    try:
+        yield
+    finally:
+        set_attention_implementation(config, previous)
+        # GeneralInterface has no unregister; its class-wide mapping is where register() put the names.
+        AttentionInterface._global_mapping.pop(name, None)
+        AttentionMaskInterface._global_mapping.pop(name, None)
+
+
+def registered_attention_names() -> set[str]:
+    """Every attention implementation name transformers currently knows."""
+    from transformers import AttentionInterface
+
+    return set(AttentionInterface._global_mapping)
+
+
+def attention_weights_kwargs() -> dict[str, Any]:
+    """Forward keyword arguments that make an eager model return every layer's attention weights."""
+    return {"output_attentions": True}
+
+
+def returned_attentions(output: Any) -> tuple[torch.Tensor, ...]:
+    """The per-layer attention weights (B, H, T, T) of a forward called with ``attention_weights_kwargs``."""
+    return tuple(output.attentions)
+
+
+# --- calls the toolkit makes itself ---------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class LanguageModelInputs:
+    """What a multimodal model handed its language model: merged embeddings, padding mask, positions."""
+
+    embeds: torch.Tensor | None
+    attention_mask: torch.Tensor | None
+    positions: torch.Tensor | None  # position ids; None: derived from the cache length; M-RoPE ids for Qwen2.5-VL
+
+
+def language_model_inputs(kwargs: dict[str, Any]) -> LanguageModelInputs:
+    """The language model's inputs, read from its forward call's keyword arguments (a forward pre-hook's)."""
+    return LanguageModelInputs(kwargs.get("inputs_embeds"), kwargs.get("attention_mask"), kwargs.get("position_ids"))
+
+
+def run_language_model(text_model: nn.Module, inputs: LanguageModelInputs, cache: Any) -> torch.Tensor:
+    """The text model's final hidden states for given embeddings, continuing ``cache``."""
+    output = text_model(inputs_embeds=inputs.embeds, attention_mask=inputs.attention_mask,
+                        position_ids=inputs.positions, **cache_kwargs(text_model, cache))
+    return text_model_output_hidden(output)
+
+
+def embeds_forward(model: nn.Module, embeds: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
+                   cache: bool = True) -> Any:
+    """A forward of the whole model from input embeddings, computing only the last position's logits."""
+    options: dict[str, Any] = {"logits_to_keep": 1}
+    if attention_mask is not None:
+        options["attention_mask"] = attention_mask
+    if not cache:
+        options["use_cache"] = False
+    return model(inputs_embeds=embeds, **options)
+
+
+def pixel_values(tensors: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The image pixels in a processor's output."""
+    return tensors["pixel_values"]
+
+
+def with_pixel_values(tensors: dict[str, torch.Tensor], pixels: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Processor-style model inputs with image pixels added."""
+    return {**tensors, "pixel_values": pixels}

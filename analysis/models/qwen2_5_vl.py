@@ -34,6 +34,7 @@ class Qwen25VLAdapter(FamilyAdapter):
 
     model_type = "qwen2_5_vl"
     description = "Qwen2.5-VL: dynamic image-token count from image size, multimodal RoPE"
+    image_input_keys = ("pixel_values", "image_grid_thw")
 
     def decoder_layers(self, root: Any | None = None) -> Sequence[Any]:
         """The Qwen2 decoder layers of ``root`` (default: the wrapped model)."""

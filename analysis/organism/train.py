@@ -39,7 +39,8 @@ from analysis.errors import ConfigError, ModelError
 from analysis.models.adapters import FamilyAdapter, get_adapter
 from analysis.organism import check_organism_files
 from analysis.organism.build import IMAGE_TOKEN, build_processor, organism_config
-from analysis.organism.data import SequenceSet, build_training_data, pixel_values, text_only_sample
+from analysis.models import hf
+from analysis.organism.data import SequenceSet, TrainingData, build_training_data, pixel_values, text_only_sample
 from analysis.organism.vision import VisionPretrainer
 
 logger = logging.getLogger(__name__)
@@ -352,7 +353,7 @@ def _trainable(modules: Iterable[nn.Module], everything: nn.Module) -> list[nn.P
 def train(config: OrganismTrainConfig, out: Path, device: torch.device, preset: str = "full") -> dict[str, float]:
     """Run all four stages, save model and processor to ``out`` and return the reloaded model's test accuracy."""
     import transformers
-    from transformers import AutoModelForImageTextToText, AutoProcessor, LlavaForConditionalGeneration
+    from transformers import AutoModelForImageTextToText, AutoProcessor
 
     out.mkdir(parents=True, exist_ok=True)
     log = TrainingLog(out / LOG_NAME)
@@ -364,6 +365,28 @@ def train(config: OrganismTrainConfig, out: Path, device: torch.device, preset: 
     shapes_config = ShapesConfig(
         train_size=config.train_size, validation_size=config.validation_size, test_size=config.test_size
     )
+    _train_and_save(config, shapes_config, out, log, device)
+
+    # Score what was written, as a user would load it: float32 from the float16 file.
+    reloaded = AutoModelForImageTextToText.from_pretrained(out, dtype=torch.float32).to(device)
+    reloaded_processor = AutoProcessor.from_pretrained(out)
+    reloaded_adapter = get_adapter(reloaded)
+    scores: dict[str, float] = {}
+    for split, n in (("validation", config.validation_size), ("test", config.test_size)):
+        if not n:
+            continue
+        _, samples = eval_items(split, n, shapes_config)
+        eval_set = build_eval_set(split, samples, reloaded_processor, reloaded_adapter, config.eval_batch_size, device)
+        scores = record_eval(log, "saved", 0, 0, reloaded, reloaded_processor.tokenizer, eval_set, autocast=False)
+    logger.info("done in %.0f s; organism files in %s", log.elapsed, out)
+    return scores
+
+
+def _train_and_save(config: OrganismTrainConfig, shapes_config: ShapesConfig, out: Path, log: TrainingLog,
+                    device: torch.device) -> None:
+    """Stages 0-3 (vision pretraining, language, alignment, VQA fine-tuning), then the organism saved to ``out``."""
+    from transformers import LlavaForConditionalGeneration
+
     processor = build_processor(shapes_config)
     tokenizer = processor.tokenizer
     model_config = organism_config(
@@ -374,7 +397,7 @@ def train(config: OrganismTrainConfig, out: Path, device: torch.device, preset: 
         text_hidden_size=config.text_hidden_size, text_intermediate_size=config.text_intermediate_size,
         text_layers=config.text_layers, text_heads=config.text_heads,
     )
-    model_config._attn_implementation = "sdpa"
+    hf.set_attention_implementation(model_config, "sdpa")
     model = LlavaForConditionalGeneration(model_config).to(device)
     for name in ("pad_token_id", "bos_token_id", "eos_token_id"):
         setattr(model.generation_config, name, getattr(tokenizer, name))
@@ -392,30 +415,7 @@ def train(config: OrganismTrainConfig, out: Path, device: torch.device, preset: 
     image_processor = processor.image_processor
 
     # Stage 0: the vision tower, pretrained on its own and then frozen for good.
-    pretrainer = VisionPretrainer(
-        model_config.vision_config, vocab_size=len(tokenizer), max_caption_length=data.caption_ids.shape[1],
-        text_hidden_size=config.pretrain_text_hidden_size, text_layers=config.pretrain_text_layers,
-        captioner_layers=config.captioner_layers, pad_token_id=tokenizer.pad_token_id,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-    ).to(device)
-
-    def vision_loss(rows: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        mask = data.caption_mask[rows]
-        width = int(mask.sum(dim=1).max())
-        contrastive, captioning = pretrainer(
-            pixel_values(data.pixels[rows], image_processor), data.caption_ids[rows][:, :width], mask[:, :width]
-        )
-        return contrastive + config.caption_loss_weight * captioning, {
-            "contrastive": contrastive, "captioning": captioning
-        }
-
-    run_stage(
-        Stage("vision", [(list(pretrainer.parameters()), config.vision_lr)], vision_loss,
-              torch.arange(len(data.pixels)), config.vision_batch_size, config.vision_steps),
-        config, log, device,
-    )
-    copy_vision_tower(pretrainer.vision_model, model.model.vision_tower)
-    del pretrainer
+    _pretrain_vision(model, tokenizer, data, image_processor, config, log, device)
     model.train()
 
     def chat_loss(sequences: SequenceSet, with_images: bool) -> LossFn:
@@ -462,22 +462,34 @@ def train(config: OrganismTrainConfig, out: Path, device: torch.device, preset: 
         config, log, device,
     )
     save_organism(model, processor, out)
-    del data, model
 
-    # Score what was written, as a user would load it: float32 from the float16 file.
-    reloaded = AutoModelForImageTextToText.from_pretrained(out, dtype=torch.float32).to(device)
-    reloaded_processor = AutoProcessor.from_pretrained(out)
-    reloaded_adapter = get_adapter(reloaded)
-    scores: dict[str, float] = {}
-    for split, n in (("validation", config.validation_size), ("test", config.test_size)):
-        if not n:
-            continue
-        _, samples = eval_items(split, n, shapes_config)
-        eval_set = build_eval_set(split, samples, reloaded_processor, reloaded_adapter, config.eval_batch_size, device)
-        scores = record_eval(log, "saved", 0, 0, reloaded, reloaded_processor.tokenizer, eval_set, autocast=False)
-    logger.info("done in %.0f s; organism files in %s", log.elapsed, out)
-    return scores
+def _pretrain_vision(model: nn.Module, tokenizer: Any, data: TrainingData, image_processor: Any,
+                     config: OrganismTrainConfig, log: TrainingLog, device: torch.device) -> None:
+    """Stage 0: a CLIP-style tower pretrained with its own text side and captioner, copied into ``model``."""
+    model_config = model.config
+    pretrainer = VisionPretrainer(
+        model_config.vision_config, vocab_size=len(tokenizer), max_caption_length=data.caption_ids.shape[1],
+        text_hidden_size=config.pretrain_text_hidden_size, text_layers=config.pretrain_text_layers,
+        captioner_layers=config.captioner_layers, pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+    ).to(device)
 
+    def vision_loss(rows: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        mask = data.caption_mask[rows]
+        width = int(mask.sum(dim=1).max())
+        contrastive, captioning = pretrainer(
+            pixel_values(data.pixels[rows], image_processor), data.caption_ids[rows][:, :width], mask[:, :width]
+        )
+        return contrastive + config.caption_loss_weight * captioning, {
+            "contrastive": contrastive, "captioning": captioning
+        }
+
+    run_stage(
+        Stage("vision", [(list(pretrainer.parameters()), config.vision_lr)], vision_loss,
+              torch.arange(len(data.pixels)), config.vision_batch_size, config.vision_steps),
+        config, log, device,
+    )
+    copy_vision_tower(pretrainer.vision_model, model.model.vision_tower)
 
 def copy_vision_tower(source: nn.Module, target: nn.Module) -> None:
     """Load the pretrained CLIP tower into LLaVA's, whichever of them wraps its weights in ``vision_model.``."""

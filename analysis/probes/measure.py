@@ -11,7 +11,8 @@ from analysis.errors import ModelError
 from analysis.layout import TokenLayout
 from analysis.models import hf
 from analysis.models.adapters import FamilyAdapter, ModelInputs
-from analysis.probes.intervention import AttentionHooks, LastRowObservation, intervene
+from analysis.hooks.attention import AttentionHooks, LastRowObservation, route_attention
+from analysis.hooks.contributions import image_contributions, image_index_tensors
 
 # Tensors of a processor batch laid out along the sequence, and what pads them on the right.
 _SEQUENCE_FILL = {"input_ids": None, "attention_mask": 0, "mm_token_type_ids": 0, "token_type_ids": 0}
@@ -86,18 +87,18 @@ class SuffixScorer:
     """
 
     def __init__(self, model: torch.nn.Module, adapter: FamilyAdapter, batch: TeacherForced, split: int,
-                 language_inputs: dict[str, torch.Tensor | None], cache: Any) -> None:
-        embeds = language_inputs.get("inputs_embeds")
+                 language_inputs: hf.LanguageModelInputs, cache: Any) -> None:
+        embeds = language_inputs.embeds
         if embeds is None:
-            raise ModelError(f"{type(model).__name__} did not pass inputs_embeds to its language model")
+            raise ModelError(f"{type(model).__name__} did not pass input embeddings to its language model")
         self.model = model
         self.adapter = adapter
         self.batch = batch
         self.split = split
         # What the language model received for the whole sequence.
         self.embeds = embeds
-        self.attention_mask = language_inputs.get("attention_mask")
-        self.position_ids = language_inputs.get("position_ids")
+        self.attention_mask = language_inputs.attention_mask
+        self.positions = language_inputs.positions
         self.cache = cache  # clean keys/values of positions [0, split) in every layer
 
     @classmethod
@@ -106,13 +107,12 @@ class SuffixScorer:
         """Run the clean teacher-forced pass, keeping what the language model received and its KV cache."""
         # The last prompt position must be recomputed: it is where the next-token distribution is read.
         split = max(0, min(split, batch.prompt_length - 1))
-        language_inputs: dict[str, torch.Tensor | None] = {}
+        received: list[hf.LanguageModelInputs] = []
 
         def keep(_module: Any, _args: Any, kwargs: dict[str, Any]) -> None:
-            # Image features are already merged into inputs_embeds; position_ids may be None (derived from the
-            # cache length, as it is again in the suffix pass) or Qwen2.5-VL's M-RoPE ids.
-            names = ("inputs_embeds", "attention_mask", "position_ids")
-            language_inputs.update({name: kwargs.get(name) for name in names})
+            # Image features are already merged into the embeddings; positions may be absent (derived from the
+            # cache length, as they are again in the suffix pass) or Qwen2.5-VL's M-RoPE ids.
+            received.append(hf.language_model_inputs(kwargs))
 
         cache = hf.new_cache()
         handle = adapter.language_model().register_forward_pre_hook(keep, with_kwargs=True)
@@ -121,26 +121,25 @@ class SuffixScorer:
                 logits = model(**batch.tensors, **hf.cache_kwargs(model, cache)).logits
         finally:
             handle.remove()
-        scorer = cls(model, adapter, batch, split, language_inputs, cache)
+        scorer = cls(model, adapter, batch, split, received[0], cache)
         scorer._crop()
         return scorer, answer_scores(logits, batch)
 
     def score(self, hooks: AttentionHooks) -> AnswerScores:
         """Answer scores with ``hooks`` applied, from the suffix alone when the hooks spare the prefix."""
         if not self._spares_prefix(hooks):
-            with intervene(self.adapter, hooks, self.batch.prompt_length - 1):
+            with route_attention(self.adapter, hooks, self.batch.prompt_length - 1):
                 return score_answers(self.model, self.batch)
         # Only the logits that are scored go through the LM head.
         first = self.batch.prompt_length - 1
         width = self.batch.answer_ids.shape[1]
-        with intervene(self.adapter, hooks, first), torch.inference_mode():
+        with route_attention(self.adapter, hooks, first), torch.inference_mode():
             try:
-                text_model = self.adapter.language_model()
-                hidden = text_model(
-                    inputs_embeds=self.embeds[:, self.split :], attention_mask=self.attention_mask,
-                    position_ids=None if self.position_ids is None else self.position_ids[..., self.split :],
-                    **hf.cache_kwargs(text_model, self.cache),
-                ).last_hidden_state
+                suffix = hf.LanguageModelInputs(
+                    self.embeds[:, self.split :], self.attention_mask,
+                    None if self.positions is None else self.positions[..., self.split :],
+                )
+                hidden = hf.run_language_model(self.adapter.language_model(), suffix, self.cache)
             finally:
                 self._crop()
             logits = self.adapter.lm_head()(hidden[:, first - self.split : first - self.split + width])
@@ -191,53 +190,6 @@ class ObserveAll(AttentionHooks):
         self.records[observation.layer] = image_contributions(observation, self.image_index, self.image_valid)
 
 
-def image_contributions(
-    observation: LastRowObservation, image_index: torch.Tensor, image_valid: torch.Tensor, *,
-    authors_formulas: bool = False,
-) -> dict[str, torch.Tensor]:
-    """Each image token's contribution c_j = concat_h(a_j v_h[j]) to the last row's attention output o.
-
-    Returns float32 tensors: ``output`` o (B, H*d), ``head_output`` (B, H, d), and per image token (B, N)
-    ``cosine`` cos(o - c_j, o), ``norm`` ||c_j||_2 and ``attention`` (head-mean a_j); zero on padding slots.
-    ``authors_formulas`` computes them as the authors' code does, in the observation's dtype: the norm as
-    ||(o - c_j) - o|| and the cosine with torch's default eps (value_aware_token_selection, lines 541-558).
-    """
-    weights, values = observation.weights, observation.values  # (B, H, K), (B, H, K, d)
-    batch, heads, _, dim = values.shape
-    output = torch.einsum("bhk,bhkd->bhd", weights, values)
-    index = image_index[:, None, :].expand(-1, heads, -1)
-    image_weights = torch.gather(weights, 2, index) * image_valid[:, None, :]
-    image_values = torch.gather(values, 2, index[..., None].expand(-1, -1, -1, dim))
-    contributions = (image_weights[..., None] * image_values).permute(0, 2, 1, 3).reshape(batch, -1, heads * dim)
-    flat_output = output.reshape(batch, 1, heads * dim)
-    without = flat_output - contributions
-    if authors_formulas:
-        cosine = torch.nn.functional.cosine_similarity(without, flat_output, dim=-1)
-        norm = torch.norm(without - flat_output, p=2, dim=-1)
-    else:
-        cosine = torch.nn.functional.cosine_similarity(without, flat_output, dim=-1, eps=1e-12)
-        norm = contributions.norm(dim=-1)
-    return {
-        "output": output.reshape(batch, heads * dim),
-        "head_output": output,
-        "cosine": cosine * image_valid,
-        "norm": norm * image_valid,
-        "attention": image_weights.mean(1),
-    }
-
-
-def image_index_tensors(layouts: list[TokenLayout], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """(B, N) padded positions of each sample's image tokens and their validity."""
-    n_max = max(layout.n_image_tokens for layout in layouts)
-    index = torch.zeros(len(layouts), n_max, dtype=torch.long)
-    valid = torch.zeros(len(layouts), n_max, dtype=torch.bool)
-    for row, layout in enumerate(layouts):
-        positions = torch.as_tensor(layout.padded(layout.image_positions))
-        index[row, : len(positions)] = positions
-        valid[row, : len(positions)] = True
-    return index.to(device), valid.to(device)
-
-
 def observe_prefill(model: torch.nn.Module, adapter: FamilyAdapter, batch: TeacherForced, inputs: ModelInputs,
                     *, lens: bool = True) -> tuple[ObserveAll, dict[int, torch.Tensor]]:
     """A clean teacher-forced pass recording every layer's last-row contributions and (optionally) residuals."""
@@ -253,7 +205,7 @@ def observe_prefill(model: torch.nn.Module, adapter: FamilyAdapter, batch: Teach
 
             handles.append(layer.register_forward_hook(keep))
     try:
-        with intervene(adapter, observer, batch.prompt_length - 1), torch.inference_mode():
+        with route_attention(adapter, observer, batch.prompt_length - 1), torch.inference_mode():
             model(**batch.tensors)
     finally:
         for handle in handles:

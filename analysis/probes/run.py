@@ -19,14 +19,14 @@ from analysis.errors import ConfigError, DataError
 from analysis.generation import add_sample_row, generate_answers
 from analysis.models.adapters import ModelInputs
 from analysis.models.registry import DEFAULT_MODEL, DTYPES, LoadedModel, default_device, load_model
-from analysis.probes.intervention import (
+from analysis.hooks.attention import (
     KEY_REGIONS,
     QUERY_REGIONS,
     SUBSET_KEY,
     Knockout,
     KnockoutHooks,
     RegionMasks,
-    intervene,
+    route_attention,
 )
 from analysis.probes.measure import (
     AnswerScores,
@@ -395,7 +395,7 @@ def probe_batch(
         rows = []
         for depth in config.kv_depths(num_layers):
             hooks = KnockoutHooks(masks, [Knockout("last", "image", frozenset(range(depth, num_layers)))])
-            with intervene(adapter, hooks, forced.prompt_length - 1):
+            with route_attention(adapter, hooks, forced.prompt_length - 1):
                 removed = generate_answers(loaded, inputs, config.max_new_tokens)
             for sample, baseline, answer in zip(batch, answers, removed):
                 rows.append({"sample_id": sample.sample_id, "layer_start": depth, "answer": answer,

@@ -12,7 +12,7 @@ from analysis.data.scoring import is_correct
 from analysis.errors import ConfigError
 from analysis.generation import generate_answers
 from analysis.models.registry import LoadedModel
-from analysis.probes.intervention import RegionMasks, intervene
+from analysis.hooks.attention import RegionMasks, route_attention
 from analysis.pruner.config import PRUNING_RUNTIMES, PruningConfig
 from analysis.pruner.flops import DecoderShape
 from analysis.pruner.runtime import pruned_runtime
@@ -53,7 +53,7 @@ def evaluate_pruned(
             if config.method == "none":
                 pruned = clean
             else:
-                with intervene(loaded.adapter, hooks, prompt_length - 1):
+                with route_attention(loaded.adapter, hooks, prompt_length - 1):
                     pruned = generate_answers(loaded, inputs, max_new_tokens)
         decisions = hooks.decisions(inputs.layouts)
         for row, (sample, layout) in enumerate(zip(batch, inputs.layouts)):

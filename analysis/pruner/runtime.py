@@ -13,7 +13,7 @@ Mechanism, hooks only (nothing of the model is replaced; all of it is removed wh
   this block ran (a cache holding what the runtime put there; ``analysis.models.hf`` finds it) and checks the padding;
 - a forward pre-hook on each decoder layer, where a sample's token set shrinks, gathers the kept slots of the hidden
   states, and gives the layer its own mask and the kept tokens' slice of the model's position embeddings;
-- the probe attention of ``analysis.probes.intervention`` observes the last prompt row for the selection rule and
+- the probe attention of ``analysis.hooks.attention`` observes the last prompt row for the selection rule and
   removes shallow text->image edges (hidden before the softmax, or zeroed after it under the authors' rule);
 - a forward hook on the text model scatters the final hidden states back to the input positions, so outputs keep
   the input's shape (rows of dropped tokens are zero).
@@ -46,7 +46,7 @@ from analysis.errors import ConfigError, DataError
 from analysis.layout import TokenLayout
 from analysis.models import hf
 from analysis.models.adapters import FamilyAdapter, get_adapter
-from analysis.probes.intervention import LastRowObservation, RegionMasks, extend_membership, intervene
+from analysis.hooks.attention import LastRowObservation, RegionMasks, extend_membership, route_attention
 from analysis.pruner.config import PruningConfig
 from analysis.pruner.simulate import Decisions, PruningHooks, ShallowRegions
 
@@ -312,7 +312,7 @@ class PrunedRuntime(PruningHooks):
             self._layer_layouts = []
             return None
         self._check_mask(mask, self._input_length + self._generated + length)
-        if call.position_ids is None and not self._layer_layouts[0].identity:
+        if call.positions is None and not self._layer_layouts[0].identity:
             # The model would count positions from layer 0's cache, which holds only the kept tokens.
             seen = self._input_length + self._generated
             return args, hf.with_position_ids(kwargs, torch.arange(seen, seen + length, device=call.device)[None])
@@ -419,7 +419,7 @@ def pruned_runtime(model: nn.Module, config: PruningConfig, layouts: Sequence[To
     """
     adapter = get_adapter(model)
     config.validate(adapter.num_layers)
-    implementation = adapter.text_config._attn_implementation
+    implementation = hf.attention_implementation(adapter.text_config)
     if implementation not in ATTENTION_IMPLEMENTATIONS:
         raise ConfigError(f"the pruned runtime supports {' and '.join(ATTENTION_IMPLEMENTATIONS)} attention, not "
                           f"{implementation!r}; load the model with attn_implementation='sdpa'")
@@ -433,7 +433,7 @@ def pruned_runtime(model: nn.Module, config: PruningConfig, layouts: Sequence[To
     try:
         handles += [layer.register_forward_pre_hook(runtime.layer_hook(index), with_kwargs=True)
                     for index, layer in enumerate(adapter.decoder_layers())]
-        with intervene(adapter, runtime, runtime.prompt_length - 1):
+        with route_attention(adapter, runtime, runtime.prompt_length - 1):
             yield runtime
     finally:
         for handle in handles:

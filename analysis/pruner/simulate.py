@@ -17,14 +17,14 @@ import numpy as np
 import torch
 
 from analysis.layout import TokenLayout
-from analysis.probes.intervention import (
+from analysis.hooks.attention import (
     AttentionHooks,
     LastRowObservation,
     RegionMasks,
     ZeroedEdges,
     extend_membership,
 )
-from analysis.probes.measure import image_contributions, image_index_tensors
+from analysis.hooks.contributions import image_contributions, image_index_tensors
 from analysis.pruner.config import PruningConfig
 from analysis.pruner.flops import DecoderShape, LayerTokens, prefill_flops
 

@@ -21,7 +21,7 @@ from analysis.layout import REGION_NAMES, TokenLayout
 from analysis.models.adapters import ModelInputs
 from analysis.models.registry import DEFAULT_MODEL, DTYPES, LoadedModel, default_device, load_model
 from analysis.results import SAMPLES_TABLE, TRACE_SCHEMAS, RunFolder, default_run_dir
-from analysis.trace.tracer import QUERY_GROUPS, LayerStats, trace_batch, traced
+from analysis.trace.tracer import QUERY_GROUPS, LayerStats, trace_batch
 
 logger = logging.getLogger(__name__)
 
@@ -92,7 +92,7 @@ def run_trace(config: TraceConfig, *, loaded: LoadedModel | None = None, progres
     if loaded is None:
         loaded = load_model(
             config.model, dtype=config.dtype, device=config.device or default_device(),
-            attn_implementation="eager", revision=config.revision,
+            attn_implementation="sdpa", revision=config.revision,
         )
     _check_top_k(config.top_k, loaded, samples[0])
     if config.resume:
@@ -117,10 +117,10 @@ def run_trace(config: TraceConfig, *, loaded: LoadedModel | None = None, progres
     from tqdm.auto import tqdm
 
     bar = tqdm(total=len(samples), initial=len(done), desc="trace", unit="sample", disable=not progress)
-    with folder.interruptible(len(samples)), bar, traced(loaded.model) as traced_model:
+    with folder.interruptible(len(samples)), bar:
         for batch in batched(pending, config.batch_size):
             inputs = loaded.adapter.build_inputs(loaded.processor, batch, device=device)
-            stats, _ = trace_batch(traced_model, loaded.adapter, inputs, top_k=config.top_k)
+            stats, _ = trace_batch(loaded.adapter, inputs, top_k=config.top_k)
             answers = generate_answers(loaded, inputs, config.max_new_tokens)
             folder.write_part(batch_tables(batch, inputs, stats, answers, config.top_k))
             bar.update(len(batch))

@@ -1,15 +1,17 @@
-"""Attention interventions: the language model's attention routed, for the duration of a context, through
-one function that can block query->key edges per layer and observe each layer's last-row attention.
+"""The one instrumentation layer: a model's attention routed, for the duration of a context, through a function
+that can block query->key edges per layer, zero edges after the softmax, observe the last prompt row and inspect
+every call's queries and keys (the tracer's statistics).
 
-The function is registered with transformers' AttentionInterface under ``PROBE_ATTENTION`` and is
-only selected by the text config of a model inside ``intervene``; on exit the model's own attention
-implementation is restored. Queries and keys arrive after RoPE (M-RoPE for Qwen2.5-VL) and after the
-KV cache update, so the same code serves prefill, teacher forcing and decoding for every family.
+Tracing, probes and pruning all enter it through ``route_attention``. Everything it needs lives in the
+``AttentionRoute`` object of that context: the route registers its own attention function with transformers
+under a name of its own, selects it in the text config, and on exit restores the model's implementation and
+removes the registration, so nothing outlives the block. Queries and keys arrive after RoPE (M-RoPE for
+Qwen2.5-VL) and after the KV cache update, so the same code serves prefill, teacher forcing and decoding.
 """
 
 from __future__ import annotations
 
-import weakref
+import itertools
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -20,15 +22,14 @@ from torch import nn
 
 from analysis.errors import ConfigError
 from analysis.layout import REGION_IMAGE, REGION_INSTRUCTION, REGION_SYSTEM, TokenLayout
+from analysis.models import hf
 from analysis.models.adapters import FamilyAdapter
 
-PROBE_ATTENTION = "visipruner_probe"
+ROUTE_PREFIX = "visipruner_route"
 QUERY_REGIONS = ("system", "image", "instruction", "last")
 KEY_REGIONS = ("system", "image", "instruction")
 SUBSET_KEY = "subset"  # keys given per sample in RegionMasks.extra_keys[SUBSET_KEY] (e.g. some image tokens)
-
-# Attention modules currently under an intervention -> what to do there.
-_ACTIVE: "weakref.WeakKeyDictionary[nn.Module, _LayerHook]" = weakref.WeakKeyDictionary()
+_ROUTE_NUMBERS = itertools.count()
 
 
 @dataclass(frozen=True)
@@ -148,9 +149,16 @@ class AttentionHooks:
         return False
 
     def last_row_position(self, layer: int, default: int) -> int:
-        """Key index of the last prompt position in ``layer`` (``default``: the index given to ``intervene``)."""
+        """Key index of the last prompt position in ``layer`` (``default``: the index given to the route)."""
         # Hooks that physically drop tokens (analysis.pruner.runtime) move it from layer to layer.
         return default
+
+    def wants_call(self, layer: int, query_start: int, query_length: int) -> bool:
+        """Whether ``inspect`` should see this layer's attention call."""
+        return False
+
+    def inspect(self, call: AttentionCall) -> None:
+        """Receive one attention call's inputs, unchanged (called only when ``wants_call`` says so)."""
 
 
 class KnockoutHooks(AttentionHooks):
@@ -174,12 +182,20 @@ class KnockoutHooks(AttentionHooks):
 
 
 @dataclass
-class _LayerHook:
-    """The hooks and the underlying attention implementation for one attention module."""
+class AttentionCall:
+    """One attention call as the model made it: queries and keys after RoPE, the model's own mask."""
 
-    hooks: AttentionHooks
-    base: Callable[..., tuple[torch.Tensor, torch.Tensor | None]]
-    last_position: int
+    layer: int
+    query: torch.Tensor  # (B, H, Q, d)
+    key: torch.Tensor  # (B, H_kv, K, d)
+    value: torch.Tensor  # (B, H_kv, K, d)
+    attention_mask: torch.Tensor | None  # as the model's mask builder made it: additive float, bool, or None (causal)
+    scaling: float
+    query_start: int  # absolute position of the first query (cache-aware)
+
+    def row_mask(self, rows: torch.Tensor | slice) -> torch.Tensor:
+        """The additive float32 mask (B, 1, R, K) of some query rows (indices into this call's queries)."""
+        return row_mask(self.attention_mask, self.query, self.key.shape[2], self.query_start, rows)
 
 
 def eager_attention(
@@ -188,8 +204,8 @@ def eager_attention(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Plain softmax attention with grouped KV heads; returns (output (B, Q, H, d), weights (B, H, Q, K))."""
     groups = query.shape[1] // key.shape[1]
-    key = _per_query_head(key, groups)
-    value = _per_query_head(value, groups)
+    key = per_query_head(key, groups)
+    value = per_query_head(value, groups)
     scores = torch.matmul(query, key.transpose(2, 3)) * scaling
     if attention_mask is not None:
         scores = scores + attention_mask
@@ -198,37 +214,73 @@ def eager_attention(
     return output, weights
 
 
-def _probe_attention(
-    module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-    attention_mask: torch.Tensor | None, scaling: float, dropout: float = 0.0, **kwargs: Any,
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The registered attention function: apply the module's hooks, then its base implementation."""
-    hook = _ACTIVE.get(module)
-    if hook is None:
-        raise RuntimeError(f"{PROBE_ATTENTION} attention used outside an intervention; restore the model's attention")
-    layer = int(module.layer_idx)
-    query_length, key_length = query.shape[2], key.shape[2]
-    query_start = key_length - query_length  # absolute position of the first query (cache-aware)
-    blocked = hook.hooks.blocked(layer, query_start, query_length, key_length)
-    zeroed = hook.hooks.zeroed(layer, query_start, query_length, key_length)
-    observe = hook.hooks.wants_last_row(layer, query_start, query_length)
-    if blocked is None and zeroed is None and not observe:
-        # Untouched layers see exactly the mask the model made, so a no-op intervention is bit-identical.
-        return hook.base(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
-    mask = _full_mask(attention_mask, query, key_length, query_start)
-    minimum = torch.finfo(mask.dtype).min
-    if blocked is not None:
-        mask = mask.masked_fill(blocked[:, None], minimum)
-    if observe:
-        row = hook.hooks.last_row_position(layer, hook.last_position) - query_start
-        hook.hooks.observe(_last_row(layer, query, key, value, mask, scaling, row, zeroed))
-    if zeroed is None:
-        return hook.base(module, query, key, value, mask, scaling=scaling, dropout=dropout, **kwargs)
-    # The base computes the output renormalised over the keys that survive; the rows with zeroed edges are then
-    # rescaled by the share of attention those edges would have had (and that share added on the target's value).
-    output, weights = hook.base(module, query, key, value, mask.masked_fill(zeroed.edges[:, None], minimum),
-                                scaling=scaling, dropout=dropout, **kwargs)
-    return _rescale_zeroed(output, weights, query, key, value, mask, scaling, zeroed)
+class AttentionRoute:
+    """The attention function of one ``route_attention`` context: the hooks, each module's layer, the base."""
+
+    def __init__(self, adapter: FamilyAdapter, hooks: AttentionHooks, last_position: int,
+                 base: Callable[..., tuple[torch.Tensor, torch.Tensor | None]]) -> None:
+        self.hooks = hooks
+        self.last_position = last_position
+        self.base = base
+        self.layers = {adapter.attention(layer): index for index, layer in enumerate(adapter.decoder_layers())}
+        # Hooks that only inspect take a short path: at batch 1 every Python call per layer shows in the time.
+        cls = type(hooks)
+        self.inspect_only = all(getattr(cls, name) is getattr(AttentionHooks, name)
+                                for name in ("blocked", "zeroed", "wants_last_row"))
+
+    def __call__(
+        self, module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+        attention_mask: torch.Tensor | None, scaling: float, dropout: float = 0.0, **kwargs: Any,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Apply the module's hooks, then the base implementation."""
+        layer = self.layers.get(module)
+        if layer is None:
+            raise RuntimeError("the routed attention was called by a module outside the routed model")
+        hooks = self.hooks
+        query_length, key_length = query.shape[2], key.shape[2]
+        query_start = key_length - query_length  # absolute position of the first query (cache-aware)
+        if hooks.wants_call(layer, query_start, query_length):
+            hooks.inspect(AttentionCall(layer, query, key, value, attention_mask, scaling, query_start))
+        if self.inspect_only:
+            return self.base(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
+        blocked = hooks.blocked(layer, query_start, query_length, key_length)
+        zeroed = hooks.zeroed(layer, query_start, query_length, key_length)
+        observe = hooks.wants_last_row(layer, query_start, query_length)
+        if blocked is None and zeroed is None and not observe:
+            # Untouched layers see exactly the mask the model made, so a no-op intervention is bit-identical.
+            return self.base(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
+        mask = _full_mask(attention_mask, query, key_length, query_start)
+        minimum = torch.finfo(mask.dtype).min
+        if blocked is not None:
+            mask = mask.masked_fill(blocked[:, None], minimum)
+        if observe:
+            row = hooks.last_row_position(layer, self.last_position) - query_start
+            hooks.observe(_last_row(layer, query, key, value, mask, scaling, row, zeroed))
+        if zeroed is None:
+            return self.base(module, query, key, value, mask, scaling=scaling, dropout=dropout, **kwargs)
+        # The base computes the output renormalised over the keys that survive; the rows with zeroed edges are
+        # then rescaled by the share of attention those edges would have had (and that share added on the
+        # target's value).
+        output, weights = self.base(module, query, key, value, mask.masked_fill(zeroed.edges[:, None], minimum),
+                                    scaling=scaling, dropout=dropout, **kwargs)
+        return _rescale_zeroed(output, weights, query, key, value, mask, scaling, zeroed)
+
+
+def row_mask(attention_mask: torch.Tensor | None, query: torch.Tensor, key_length: int, query_start: int,
+             rows: torch.Tensor | slice) -> torch.Tensor:
+    """The additive float32 mask (B, 1, R, K) of some query rows, from a model's float, bool or absent mask."""
+    batch = query.shape[0]
+    minimum = torch.finfo(torch.float32).min
+    if attention_mask is None:
+        positions = torch.arange(query.shape[2], device=query.device)[rows] + query_start
+        allowed = torch.arange(key_length, device=query.device)[None, :] <= positions[:, None]
+        allowed = allowed[None, None].expand(batch, 1, -1, -1)
+    else:
+        selected = attention_mask[:, :, rows, :key_length].expand(batch, 1, -1, -1)
+        if selected.dtype != torch.bool:
+            return selected.float().clamp(min=minimum)
+        allowed = selected
+    return torch.zeros((), device=query.device).masked_fill(~allowed, minimum)
 
 
 def _full_mask(attention_mask: torch.Tensor | None, query: torch.Tensor, key_length: int, query_start: int) -> torch.Tensor:
@@ -282,14 +334,14 @@ def _rescale_zeroed(
     if rows.numel() == 0:
         return output, weights
     groups = query.shape[1] // key.shape[1]
-    k = _per_query_head(key.float(), groups)
+    k = per_query_head(key.float(), groups)
     scores = torch.einsum("bhqd,bhkd->bhqk", query[:, :, rows].float(), k) * scaling + mask[:, :, rows].float()
     mass = (torch.softmax(scores, dim=-1) * zeroed.edges[:, None, rows]).sum(-1)  # (B, H, Q')
     share = mass.transpose(1, 2)[..., None]  # (B, Q', H, 1)
     corrected = output[:, rows].float() * (1 - share)
     moved = zeroed.moved_share(rows)
     if zeroed.target is not None:
-        v = _per_query_head(value.float(), groups)  # (B, H, K, d)
+        v = per_query_head(value.float(), groups)  # (B, H, K, d)
         target = v[torch.arange(v.shape[0], device=v.device), :, zeroed.target]  # (B, H, d)
         moved_share = share if moved is None else share * moved[:, :, None, None]
         corrected = corrected + moved_share * target[:, None]
@@ -304,7 +356,7 @@ def _rescale_zeroed(
     return output, weights
 
 
-def _per_query_head(states: torch.Tensor, groups: int) -> torch.Tensor:
+def per_query_head(states: torch.Tensor, groups: int) -> torch.Tensor:
     """Key or value heads (B, H_kv, K, d) repeated for the query heads that share them."""
     # Without grouped-query attention there is nothing to repeat, and repeat_interleave would still copy.
     return states if groups == 1 else states.repeat_interleave(groups, dim=1)
@@ -317,8 +369,8 @@ def _last_row(
     """The last prompt position's attention recomputed in float32 from its query row only."""
     groups = query.shape[1] // key.shape[1]
     q = query[:, :, row].float()
-    k = _per_query_head(key.float(), groups)
-    v = _per_query_head(value.float(), groups)
+    k = per_query_head(key.float(), groups)
+    v = per_query_head(value.float(), groups)
     scores = torch.einsum("bhd,bhkd->bhk", q, k) * scaling + mask[:, :, row].float()  # (B, 1, K) row per sample
     weights = torch.softmax(scores, dim=-1)
     if zeroed is not None:
@@ -328,63 +380,18 @@ def _last_row(
     return LastRowObservation(layer, q, k, v, weights, query.dtype, mask[:, :, row].float())
 
 
-# The mask builder of the implementation under intervention: masks are made exactly as the model
-# would make them. Interventions do not nest, so one slot suffices.
-_MASK_BASE: list[Callable[..., Any]] = []
-
-
-def _probe_mask(*args: Any, **kwargs: Any) -> Any:
-    """The registered mask builder: delegate to the intervened model's own implementation."""
-    if not _MASK_BASE:
-        raise RuntimeError(f"{PROBE_ATTENTION} mask requested outside an intervention")
-    return _MASK_BASE[0](*args, **kwargs)
-
-
-def _ensure_registered() -> None:
-    """Register the probe attention and mask builder with transformers (idempotent)."""
-    from transformers import AttentionInterface
-    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
-
-    if PROBE_ATTENTION not in ALL_MASK_ATTENTION_FUNCTIONS._global_mapping:
-        AttentionInterface.register(PROBE_ATTENTION, _probe_attention)
-        AttentionMaskInterface.register(PROBE_ATTENTION, _probe_mask)
-
-
-def _base_attention(name: str) -> Callable[..., tuple[torch.Tensor, torch.Tensor | None]]:
-    """The attention implementation the model used before the intervention."""
-    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-
-    if name == "eager":
-        return eager_attention
-    if name == PROBE_ATTENTION:
-        raise ConfigError("interventions cannot be nested; apply one intervention at a time")
-    if name not in ALL_ATTENTION_FUNCTIONS:
-        raise ConfigError(f"attention implementation {name!r} cannot be intervened on; load with sdpa or eager")
-    return ALL_ATTENTION_FUNCTIONS[name]
-
-
 @contextmanager
-def intervene(adapter: FamilyAdapter, hooks: AttentionHooks, last_position: int) -> Iterator[None]:
+def route_attention(adapter: FamilyAdapter, hooks: AttentionHooks, last_position: int) -> Iterator[AttentionRoute]:
     """Route the language model's attention through ``hooks`` inside the block; restore it on exit.
 
     ``last_position`` is the padded index of the last prompt position (the same for every row of a
-    left-padded batch).
+    left-padded batch). Routes do not nest: one set of hooks decides a model's attention at a time.
     """
-    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
+    previous = hf.attention_implementation(adapter.text_config)
+    if previous.startswith(ROUTE_PREFIX):
+        raise ConfigError("interventions cannot be nested; apply one intervention at a time")
+    base = eager_attention if previous == "eager" else hf.attention_function(previous)
+    route = AttentionRoute(adapter, hooks, last_position, base)
+    with hf.attention_routed(adapter.text_config, f"{ROUTE_PREFIX}_{next(_ROUTE_NUMBERS)}", route):
+        yield route
 
-    _ensure_registered()
-    text_config = adapter.text_config
-    previous = text_config._attn_implementation
-    base = _base_attention(previous)
-    modules = [adapter.attention(layer) for layer in adapter.decoder_layers()]
-    for module in modules:
-        _ACTIVE[module] = _LayerHook(hooks, base, last_position)
-    _MASK_BASE.append(ALL_MASK_ATTENTION_FUNCTIONS[previous])
-    text_config._attn_implementation = PROBE_ATTENTION
-    try:
-        yield
-    finally:
-        text_config._attn_implementation = previous
-        _MASK_BASE.clear()
-        for module in modules:
-            _ACTIVE.pop(module, None)
