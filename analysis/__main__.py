@@ -7,7 +7,6 @@ import sys
 
 from analysis.cli import run_cli
 
-
 # Every command of the toolkit, as ``python -m <module>``, with what it does.
 COMMANDS = {
     "analysis.trace": "per-layer attention statistics of a model over a dataset, to a run folder",
@@ -26,7 +25,8 @@ def main(argv: list[str] | None = None) -> int:
     """List the commands, model aliases and/or dataset names."""
     listing = "\n".join(f"  python -m {name:36s} {what}" for name, what in COMMANDS.items())
     parser = argparse.ArgumentParser(
-        prog="python -m analysis", formatter_class=argparse.RawDescriptionHelpFormatter,
+        prog="python -m analysis",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
         description="VisiPruner analysis toolkit: how a multimodal LLM fuses vision and language, layer by layer.",
         epilog=f"commands (each takes --help):\n{listing}",
     )

@@ -47,8 +47,14 @@ def _frames(tables: dict[str, Any]) -> dict[str, pd.DataFrame]:
     return {name: table.to_pandas() for name, table in tables.items()}
 
 
-def trace(loaded: LoadedModel, images: Image.Image | Sequence[Image.Image], question: str, *, top_k: int = 5,
-          max_new_tokens: int = 8) -> dict[str, pd.DataFrame]:
+def trace(
+    loaded: LoadedModel,
+    images: Image.Image | Sequence[Image.Image],
+    question: str,
+    *,
+    top_k: int = 5,
+    max_new_tokens: int = 8,
+) -> dict[str, pd.DataFrame]:
     """The trace tables (attention, sinks, image_tokens, samples) of one image-question pair, no run folder."""
     from analysis.generation import generate_answers
     from analysis.trace.run import batch_tables
@@ -64,8 +70,15 @@ def trace(loaded: LoadedModel, images: Image.Image | Sequence[Image.Image], ques
     return _frames(batch_tables(samples, inputs, stats, answers, top_k))
 
 
-def probe(loaded: LoadedModel, images: Image.Image | Sequence[Image.Image], question: str, answer: str, *,
-          probes: Sequence[str] = ("knockout", "logit_lens", "contribution"), **options: Any) -> dict[str, pd.DataFrame]:
+def probe(
+    loaded: LoadedModel,
+    images: Image.Image | Sequence[Image.Image],
+    question: str,
+    answer: str,
+    *,
+    probes: Sequence[str] = ("knockout", "logit_lens", "contribution"),
+    **options: Any,
+) -> dict[str, pd.DataFrame]:
     """The tables of the chosen probes for one image, question and reference answer (options as ProbeConfig's)."""
     from analysis.probes.run import ProbeConfig, probe_batch
 
@@ -123,8 +136,12 @@ class PrunedAnswers:
 
 
 @contextmanager
-def pruned(loaded: LoadedModel, pruning: PruningConfig | str | Path | dict[str, Any],
-           images: Image.Image | Sequence[Image.Image], question: str) -> Iterator[Any]:
+def pruned(
+    loaded: LoadedModel,
+    pruning: PruningConfig | str | Path | dict[str, Any],
+    images: Image.Image | Sequence[Image.Image],
+    question: str,
+) -> Iterator[Any]:
     """Inside the block the model runs one image-question pair with the config's image tokens really dropped.
 
     Yields the model inputs; call ``loaded.model`` on them (forward or generate) inside the block.
@@ -137,22 +154,33 @@ def pruned(loaded: LoadedModel, pruning: PruningConfig | str | Path | dict[str, 
         yield inputs
 
 
-def generate(loaded: LoadedModel, images: Image.Image | Sequence[Image.Image], question: str, *,
-             pruning: PruningConfig | str | Path | dict[str, Any] | None = None,
-             max_new_tokens: int = 8) -> PrunedAnswers:
+def generate(
+    loaded: LoadedModel,
+    images: Image.Image | Sequence[Image.Image],
+    question: str,
+    *,
+    pruning: PruningConfig | str | Path | dict[str, Any] | None = None,
+    max_new_tokens: int = 8,
+) -> PrunedAnswers:
     """The greedy answer to one image and question, pruned by ``pruning`` (None: the unpruned model)."""
     from analysis.generation import generate_answers
     from analysis.pruner.runtime import pruned_runtime
 
-    config = (_config(loaded, pruning) if pruning is not None
-              else PruningConfig(method="none", num_layers=loaded.adapter.num_layers))
+    config = (
+        _config(loaded, pruning)
+        if pruning is not None
+        else PruningConfig(method="none", num_layers=loaded.adapter.num_layers)
+    )
     inputs = loaded.adapter.build_inputs(loaded.processor, _samples(images, question, None), device=_device(loaded))
     with pruned_runtime(loaded.model, config, inputs.layouts) as runtime:
         answers = generate_answers(loaded, inputs, max_new_tokens)
     decisions = runtime.decisions(inputs.layouts)
-    return PrunedAnswers(answers, [list(map(int, kept)) for kept in decisions.kept],
-                         [int(layer) for layer in decisions.selection_layer],
-                         [int(layer) for layer in decisions.exit_layer])
+    return PrunedAnswers(
+        answers,
+        [list(map(int, kept)) for kept in decisions.kept],
+        [int(layer) for layer in decisions.selection_layer],
+        [int(layer) for layer in decisions.exit_layer],
+    )
 
 
 def _device(loaded: LoadedModel) -> torch.device:

@@ -24,14 +24,17 @@ def resume_command(command: str, argv: Sequence[str], root: Path) -> str:
     return shlex.join([*command.split(), *args])
 
 
-def run_cli(body: Callable[[], int], *, verbose: bool = False, command: str | None = None,
-            argv: Sequence[str] | None = None) -> int:
+def run_cli(
+    body: Callable[[], int], *, verbose: bool = False, command: str | None = None, argv: Sequence[str] | None = None
+) -> int:
     """Run a command body; a ToolkitError becomes one line on stderr and exit status 2, Ctrl-C one line and 130.
 
     ``command`` and ``argv`` (default ``sys.argv[1:]``) make the interrupt message print the command that resumes.
     """
     logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
     )
     for noisy in ("httpx", "urllib3", "filelock", "datasets", "huggingface_hub"):
         logging.getLogger(noisy).setLevel(logging.WARNING)

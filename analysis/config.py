@@ -9,19 +9,29 @@ import json
 import shlex
 import types
 import typing
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
+
+if TYPE_CHECKING:
+    from _typeshed import DataclassInstance
 
 from analysis.errors import ConfigError
 
-C = TypeVar("C")
+C = TypeVar("C", bound="DataclassInstance")
 
 
-def option(default: Any, help: str, *, identity: bool = True, choices: tuple[Any, ...] | None = None,
-           aliases: tuple[str, ...] = ()) -> Any:
+def option(
+    default: Any,
+    help: str,
+    *,
+    identity: bool = True,
+    choices: tuple[Any, ...] | None = None,
+    aliases: tuple[str, ...] = (),
+) -> Any:
     """A config field with CLI help; ``identity=False`` marks fields that don't change results; ``aliases`` are
     further flags for it."""
-    return dataclasses.field(default=default, metadata={"help": help, "identity": identity, "choices": choices,
-                                                        "aliases": aliases})
+    return dataclasses.field(
+        default=default, metadata={"help": help, "identity": identity, "choices": choices, "aliases": aliases}
+    )
 
 
 def _base_type(annotation: Any) -> tuple[type, bool]:
@@ -62,7 +72,7 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         help_text = action.help or ""
         if "default" in help_text or action.default is None:
             return help_text
-        return super()._get_help_string(action)
+        return super()._get_help_string(action) or help_text
 
 
 def add_arguments(parser: argparse.ArgumentParser, config_cls: type) -> None:
@@ -73,8 +83,9 @@ def add_arguments(parser: argparse.ArgumentParser, config_cls: type) -> None:
         help_text = field.metadata.get("help", "")
         choices = field.metadata.get("choices")
         if base is bool:
-            parser.add_argument(*flags, action=argparse.BooleanOptionalAction, default=field.default, help=help_text,
-                                dest=field.name)
+            parser.add_argument(
+                *flags, action=argparse.BooleanOptionalAction, default=field.default, help=help_text, dest=field.name
+            )
             continue
         parser.add_argument(
             *flags,

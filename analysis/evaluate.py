@@ -38,19 +38,35 @@ PREDICTIONS_TABLE = "predictions"
 PRUNED_TABLE = "pruned_predictions"
 PREDICTIONS_SCHEMA = table_schema(
     [
-        ("sample_id", pa.string()), ("family", pa.string()), ("question", pa.string()),
-        ("reference", pa.string()), ("prediction", pa.string()), ("correct", pa.bool_()),
+        ("sample_id", pa.string()),
+        ("family", pa.string()),
+        ("question", pa.string()),
+        ("reference", pa.string()),
+        ("prediction", pa.string()),
+        ("correct", pa.bool_()),
     ],
     "One row per sample: the greedy answer of the unpruned model and whether it matches the reference.",
 )
 PRUNED_SCHEMA = table_schema(
     [
-        ("sample_id", pa.string()), ("family", pa.string()), ("reference", pa.string()),
-        ("baseline_answer", pa.string()), ("pruned_answer", pa.string()), ("baseline_correct", pa.bool_()),
-        ("pruned_correct", pa.bool_()), ("agrees", pa.bool_()), ("selection_layer", pa.int16()),
-        ("exit_layer", pa.int16()), ("n_tokens", pa.int32()), ("n_image", pa.int32()), ("n_kept", pa.int32()),
-        ("flops", pa.float64()), ("flops_full", pa.float64()), ("flops_fastv", pa.float64()),
-        ("flops_fastv_full", pa.float64()), ("vision_attention_flops", pa.float64()),
+        ("sample_id", pa.string()),
+        ("family", pa.string()),
+        ("reference", pa.string()),
+        ("baseline_answer", pa.string()),
+        ("pruned_answer", pa.string()),
+        ("baseline_correct", pa.bool_()),
+        ("pruned_correct", pa.bool_()),
+        ("agrees", pa.bool_()),
+        ("selection_layer", pa.int16()),
+        ("exit_layer", pa.int16()),
+        ("n_tokens", pa.int32()),
+        ("n_image", pa.int32()),
+        ("n_kept", pa.int32()),
+        ("flops", pa.float64()),
+        ("flops_full", pa.float64()),
+        ("flops_fastv", pa.float64()),
+        ("flops_fastv_full", pa.float64()),
+        ("vision_attention_flops", pa.float64()),
         ("vision_attention_flops_full", pa.float64()),
     ],
     "One row per sample: unpruned and pruned greedy answers, their correctness and agreement, the pruning "
@@ -72,20 +88,24 @@ class EvalConfig:
     dtype: str = option("auto", "weights dtype", choices=tuple(DTYPES))
     device: str | None = option(None, "torch device; default cuda if available", identity=False)
     out: str | None = option(None, "output folder; default runs/eval/<model>/<dataset>-<split>", identity=False)
-    resume: bool = option(False, "continue an interrupted evaluation in --out (same config required)",
-                          identity=False)
+    resume: bool = option(False, "continue an interrupted evaluation in --out (same config required)", identity=False)
     # The config's content, not its path, is part of the run's identity (see run_evaluation).
     pruning_config: str | None = option(
-        None, "pruning config JSON (ours or the authors'): also report pruned accuracy, agreement, FLOPs, kept tokens",
-        aliases=("--config",), identity=False,
+        None,
+        "pruning config JSON (ours or the authors'): also report pruned accuracy, agreement, FLOPs, kept tokens",
+        aliases=("--config",),
+        identity=False,
     )
     authors_layer0: str = option(
-        "auto", "for an authors' JSON with a shallow stage: which of their layer-0 rules runs; auto: theirs for a "
-        "LLaVA-1.5-7B or -13B architecture (other models must name one)", choices=("auto", *LAYER0_RULES),
+        "auto",
+        "for an authors' JSON with a shallow stage: which of their layer-0 rules runs; auto: theirs for a "
+        "LLaVA-1.5-7B or -13B architecture (other models must name one)",
+        choices=("auto", *LAYER0_RULES),
     )
     pruning_runtime: str = option(
-        "drop", "how the pruned model runs: drop (tokens leave hidden states and KV cache) or mask (same outputs, "
-        "no saving)", choices=PRUNING_RUNTIMES,
+        "drop",
+        "how the pruned model runs: drop (tokens leave hidden states and KV cache) or mask (same outputs, no saving)",
+        choices=PRUNING_RUNTIMES,
     )
 
     def validate(self) -> None:
@@ -105,9 +125,15 @@ def _prediction_rows(loaded: LoadedModel, batch: Sequence[Sample], max_new_token
     device = next(loaded.model.parameters()).device
     inputs = loaded.adapter.build_inputs(loaded.processor, batch, device=device)
     return [
-        {"sample_id": sample.sample_id, "family": sample.family, "question": sample.question,
-         "reference": sample.answer, "prediction": answer, "correct": is_correct(answer or "", sample)}
-        for sample, answer in zip(batch, generate_answers(loaded, inputs, max_new_tokens))
+        {
+            "sample_id": sample.sample_id,
+            "family": sample.family,
+            "question": sample.question,
+            "reference": sample.answer,
+            "prediction": answer,
+            "correct": is_correct(answer or "", sample),
+        }
+        for sample, answer in zip(batch, generate_answers(loaded, inputs, max_new_tokens), strict=True)
     ]
 
 
@@ -156,36 +182,55 @@ def run_evaluation(config: EvalConfig, *, loaded: LoadedModel | None = None, pro
     split = resolve_split(config.dataset, config.split)
     identity = run_identity(config, split)
     pruned = config.pruning_config is not None
-    if pruned:
+    if config.pruning_config is not None:
         identity["pruning"] = read_config_values(config.pruning_config)
     table = PRUNED_TABLE if pruned else PREDICTIONS_TABLE
-    folder = RunFolder(config.output_dir(split), {table: PRUNED_SCHEMA if pruned else PREDICTIONS_SCHEMA},
-                       commit_table=table)
+    folder = RunFolder(
+        config.output_dir(split), {table: PRUNED_SCHEMA if pruned else PREDICTIONS_SCHEMA}, commit_table=table
+    )
     folder.check_compatible(identity, resume=config.resume, command="analysis.evaluate")
     if loaded is None:
         loaded = load_model(config.model, dtype=config.dtype, device=config.device or default_device())
     adapter = loaded.adapter
-    pruning = (config_for_model(config.pruning_config, adapter.model_type, adapter.text_config,
-                                config.authors_layer0)
-               if config.pruning_config else None)
+    pruning = (
+        config_for_model(config.pruning_config, adapter.model_type, adapter.text_config, config.authors_layer0)
+        if config.pruning_config
+        else None
+    )
     if config.resume:
         folder.clean_uncommitted()
     done = set(folder.done_sample_ids())
     pending = [sample for sample in samples if sample.sample_id not in done]
     folder.start(
-        {"command": "analysis.evaluate", "config": {**to_dict(config), "split": split},
-         "model": {"name": loaded.name, "source": loaded.source, "revision": loaded.revision,
-                   "model_type": loaded.adapter.model_type, "num_layers": loaded.adapter.num_layers},
-         "dataset": {"name": config.dataset, "split": split, "n_samples": len(samples)}},
+        {
+            "command": "analysis.evaluate",
+            "config": {**to_dict(config), "split": split},
+            "model": {
+                "name": loaded.name,
+                "source": loaded.source,
+                "revision": loaded.revision,
+                "model_type": loaded.adapter.model_type,
+                "num_layers": loaded.adapter.num_layers,
+            },
+            "dataset": {"name": config.dataset, "split": split, "n_samples": len(samples)},
+        },
         identity,
     )
     description = "evaluate (unpruned and pruned)" if pruned else "evaluate"
-    with folder.interruptible(len(samples)), tqdm(total=len(samples), initial=len(done), desc=description,
-                                                  unit="sample", disable=not progress) as bar:
+    with (
+        folder.interruptible(len(samples)),
+        tqdm(total=len(samples), initial=len(done), desc=description, unit="sample", disable=not progress) as bar,
+    ):
         for batch in batched(pending, config.batch_size):
             if pruning is not None:
-                rows = evaluate_pruned(loaded, batch, pruning, batch_size=len(batch),
-                                       max_new_tokens=config.max_new_tokens, runtime=config.pruning_runtime)
+                rows = evaluate_pruned(
+                    loaded,
+                    batch,
+                    pruning,
+                    batch_size=len(batch),
+                    max_new_tokens=config.max_new_tokens,
+                    runtime=config.pruning_runtime,
+                )
                 part = pa.Table.from_pandas(rows, preserve_index=False)
             else:
                 part = pa.Table.from_pylist(_prediction_rows(loaded, batch, config.max_new_tokens))
@@ -218,8 +263,9 @@ def accuracy_table(predictions: pd.DataFrame) -> pd.DataFrame:
 
 def main(argv: list[str] | None = None) -> int:
     """Evaluate, write predictions and a summary, print the accuracy table."""
-    parser = argparse.ArgumentParser(prog="python -m analysis.evaluate", description=__doc__,
-                                     formatter_class=HelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m analysis.evaluate", description=__doc__, formatter_class=HelpFormatter
+    )
     add_arguments(parser, EvalConfig)
     args = parser.parse_args(argv)
     config = from_namespace(EvalConfig, args)
@@ -229,8 +275,9 @@ def main(argv: list[str] | None = None) -> int:
         lines = [f"results: {result.out_dir.resolve()} ({len(result.per_sample)} samples, {result.n_new} new)"]
         if config.pruning_config:
             pruning = result.summary["pruning"]
-            rule = f"{pruning['rule']} rule" + (f", layer 0: {pruning['provenance']['layer0_rule']}"
-                                                if "layer0_rule" in pruning["provenance"] else "")
+            rule = f"{pruning['rule']} rule" + (
+                f", layer 0: {pruning['provenance']['layer0_rule']}" if "layer0_rule" in pruning["provenance"] else ""
+            )
             lines.append(f"{'pruning':>22s}: {pruning['method']}, {rule}")
             lines += [f"{key:>22s}: {value:8.2f}" for key, value in result.summary["summary"].items()]
         else:

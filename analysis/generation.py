@@ -19,15 +19,19 @@ def generate_answers(loaded: LoadedModel, inputs: ModelInputs, max_new_tokens: i
     tokenizer = loaded.processor.tokenizer
     with torch.inference_mode():
         generated = loaded.model.generate(
-            **inputs.tensors, max_new_tokens=max_new_tokens, do_sample=False,
-            pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+            **inputs.tensors,
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=tokenizer.eos_token_id,
         )
     new_tokens = generated[:, inputs.input_ids.shape[1] :]
     return [text.strip() for text in tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
 
 
-def add_sample_row(out: dict[str, list[Any]], sample: Sample, layout: TokenLayout, answer: str | None,
-                   correct: bool | None) -> None:
+def add_sample_row(
+    out: dict[str, list[Any]], sample: Sample, layout: TokenLayout, answer: str | None, correct: bool | None
+) -> None:
     """Append one sample's text, answers and layout to the columns of a run's samples table."""
     out["sample_id"].append(sample.sample_id)
     out["dataset"].append(sample.dataset)

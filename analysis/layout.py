@@ -72,7 +72,7 @@ class TokenLayout:
 def common_prefix_length(a: Sequence[int], b: Sequence[int]) -> int:
     """Number of leading elements two sequences share."""
     n = 0
-    for x, y in zip(a, b):
+    for x, y in zip(a, b, strict=False):
         if x != y:
             break
         n += 1
@@ -96,7 +96,7 @@ def compute_layouts(
     layouts = []
     ids_rows = input_ids.detach().cpu().numpy()
     mask_rows = attention_mask.detach().cpu().numpy().astype(bool)
-    for row, (ids, mask) in enumerate(zip(ids_rows, mask_rows)):
+    for row, (ids, mask) in enumerate(zip(ids_rows, mask_rows, strict=True)):
         real = np.flatnonzero(mask)
         if real.size == 0:
             raise DataError(f"batch row {row} is all padding; every sample needs a prompt")
@@ -114,7 +114,7 @@ def compute_layouts(
                 f"batch row {row} has {image_positions.size} image tokens but its images need {sum(counts)}; "
                 "the processor and model disagree on image size"
             )
-        images = []
+        images: list[Span] = []
         cursor = 0
         for count in counts:
             positions = image_positions[cursor : cursor + count]
@@ -134,7 +134,7 @@ def compute_layouts(
                 length=int(tokens.size),
                 system=Span(0, system_end),
                 images=tuple(images),
-                image_grids=tuple(tuple(g) for g in image_grids[row]),
+                image_grids=tuple((int(g[0]), int(g[1])) for g in image_grids[row]),
                 regions=regions,
             )
         )

@@ -13,27 +13,28 @@ import json
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeAlias
 
 import matplotlib as mpl
 import numpy as np
 import pandas as pd
 import seaborn as sns
-from matplotlib import cycler
+from matplotlib import cycler  # type: ignore[attr-defined]  # re-exported at run time, not in its stubs
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
+from matplotlib.layout_engine import ConstrainedLayoutEngine
 from matplotlib.ticker import MaxNLocator, PercentFormatter
 
 from analysis.config import run_identity
 from analysis.errors import ConfigError
 from analysis.results import RunFolder, atomic_write_bytes, read_table
-from analysis.stages import StageConfig, boundaries, bootstrap, critical_tokens, first_quiet_layer, load_curves
+from analysis.stages import StageConfig, bootstrap, boundaries, critical_tokens, first_quiet_layer, load_curves
 
 if TYPE_CHECKING:
     from analysis.probes.run import ProbeConfig
     from analysis.trace.run import TraceConfig
 
-RunLike = str | Path | pd.DataFrame
+RunLike: TypeAlias = "str | Path | pd.DataFrame"
 DPI = 150
 PALETTE = "colorblind"
 SEQUENTIAL = "viridis"
@@ -44,7 +45,7 @@ MASK_ORDER = ("top", "random", "bottom", "all")
 QUERY_NAMES = {"last": "last prompt position", "instruction": "instruction tokens (mean)"}
 
 
-def _style_rc() -> dict[str, Any]:
+def _style_rc() -> Any:
     """rcParams of the toolkit's figure style: seaborn whitegrid, notebook font sizes, colour-blind palette."""
     return {
         **sns.axes_style("whitegrid"),
@@ -94,9 +95,9 @@ def has_finished_run(config: TraceConfig | ProbeConfig) -> bool:
     manifest = RunFolder(Path(config.out), {}).read_manifest()
     identity = run_identity(config, resolve_split(config.dataset, config.split))
     # The manifest stores the identity as JSON, so compare against its JSON round trip.
-    return bool(manifest) and manifest.get("status") == "complete" and manifest.get("identity") == json.loads(
-        json.dumps(identity)
-    )
+    if not manifest:
+        return False
+    return manifest.get("status") == "complete" and manifest.get("identity") == json.loads(json.dumps(identity))
 
 
 # --- shared helpers ----------------------------------------------------------------------------
@@ -237,8 +238,16 @@ def _shade_bands(ax: Axes, layers: np.ndarray, bands: Sequence[tuple[str, int, i
             continue
         ax.axvspan(start - 0.5, end - 0.5, color=STAGE_COLORS[name], zorder=0, lw=0)
         # Names sit just above the frame, where no curve can hide them.
-        ax.text((start + end - 1) / 2, 1.01, name, transform=ax.get_xaxis_transform(), ha="center", va="bottom",
-                fontsize=10, color="0.25")
+        ax.text(
+            (start + end - 1) / 2,
+            1.01,
+            name,
+            transform=ax.get_xaxis_transform(),
+            ha="center",
+            va="bottom",
+            fontsize=10,
+            color="0.25",
+        )
     ax.set_xlim(int(layers.min()) - 0.5, int(layers.max()) + 0.5)
 
 
@@ -267,8 +276,12 @@ def _mean_curve(
 
 
 def attention_sink_heatmaps(
-    trace_run: RunLike, sample_id: str | None = None, layers: Sequence[int] | None = None, *,
-    image_index: int = 0, query: str = "last",
+    trace_run: RunLike,
+    sample_id: str | None = None,
+    layers: Sequence[int] | None = None,
+    *,
+    image_index: int = 0,
+    query: str = "last",
 ) -> Figure:
     """Small multiples over layers of the attention each image-grid cell receives from the text."""
     _check_query(query)
@@ -284,11 +297,12 @@ def attention_sink_heatmaps(
     panel = 2.4
     height = panel * min(max(n_rows / n_cols, 0.4), 1.6)
     with _styled():
-        fig = Figure(figsize=(panel * min(len(layers), 4) + 1.2, height * -(-len(layers) // 4) + 0.9),
-                     layout="constrained")
+        fig = Figure(
+            figsize=(panel * min(len(layers), 4) + 1.2, height * -(-len(layers) // 4) + 0.9), layout="constrained"
+        )
         axes = _panel_grid(fig, len(layers), max_cols=4)
         image = None
-        for ax, layer in zip(axes, layers):
+        for ax, layer in zip(axes, layers, strict=False):
             cells = tokens[tokens["layer"] == layer]
             grid = np.full((n_rows, n_cols), np.nan)
             grid[cells["row"].to_numpy(), cells["col"].to_numpy()] = cells[column].to_numpy()
@@ -300,9 +314,12 @@ def attention_sink_heatmaps(
                 ax.set_ylabel("grid row")
             if index >= len(axes) - 4:
                 ax.set_xlabel("grid column")
+        assert image is not None, "at least one layer is drawn"
         fig.colorbar(image, ax=axes, shrink=0.85, label=f"attention from the {QUERY_NAMES[query]}\n(mean over heads)")
-        fig.suptitle(f"Attention to image tokens, sample {sample_id}, image {image_index} ({n_rows}×{n_cols} grid)"
-                     + _question_line(trace_run, sample_id))
+        fig.suptitle(
+            f"Attention to image tokens, sample {sample_id}, image {image_index} ({n_rows}×{n_cols} grid)"
+            + _question_line(trace_run, sample_id)
+        )
     return fig
 
 
@@ -321,8 +338,17 @@ def value_norm_vs_attention(trace_run: RunLike, layer: int, *, top_k: int = 5, q
         ax = fig.subplots()
         rest, sinks = tokens[~tokens["sink"]], tokens[tokens["sink"]]
         ax.scatter(rest[column], rest["value_l1"], s=14, alpha=0.45, color=colors[0], lw=0, label="other image tokens")
-        ax.scatter(sinks[column], sinks["value_l1"], s=40, alpha=0.9, color=colors[3], marker="D",
-                   edgecolor="black", lw=0.4, label=f"top-{top_k} attended per sample (sinks)")
+        ax.scatter(
+            sinks[column],
+            sinks["value_l1"],
+            s=40,
+            alpha=0.9,
+            color=colors[3],
+            marker="D",
+            edgecolor="black",
+            lw=0.4,
+            label=f"top-{top_k} attended per sample (sinks)",
+        )
         positive = tokens[column][tokens[column] > 0]
         # Sink attention can be orders of magnitude above the rest; a log axis keeps both readable.
         if len(positive) and positive.max() / positive.min() > 100:
@@ -347,7 +373,7 @@ def sink_profile(trace_run: str | Path, *, query: str = "last", confidence: floa
         fig = Figure(figsize=(11, 4.2), layout="constrained")
         left, right = fig.subplots(1, 2)
         mass = attention.groupby(["key_region", "sample_id", "layer"])["mass"].mean()
-        for color, region in zip(colors, ("system", "image", "instruction")):
+        for color, region in zip(colors, ("system", "image", "instruction"), strict=False):
             if region in mass.index.get_level_values(0):
                 _mean_curve(left, mass.loc[region].unstack(), region, color, (n_boot, confidence, 0))
         _share_axis(left, "share of attention (mean over heads)")
@@ -355,8 +381,14 @@ def sink_profile(trace_run: str | Path, *, query: str = "last", confidence: floa
         left.set_title(f"Where the {QUERY_NAMES[query]} attends")
         left.legend(title="key region", fontsize=9)
         top_k = int(sinks["top_k"].max())
-        for color, (column, label) in zip(colors[3:], (("top_k_share", f"share on the top-{top_k} image tokens"),
-                                                       ("normalized_entropy", "entropy / log(n image tokens)"))):
+        for color, (column, label) in zip(
+            colors[3:],
+            (
+                ("top_k_share", f"share on the top-{top_k} image tokens"),
+                ("normalized_entropy", "entropy / log(n image tokens)"),
+            ),
+            strict=False,
+        ):
             per_sample = sinks.groupby(["sample_id", "layer"])[column].mean().unstack()
             _mean_curve(right, per_sample, label, color, (n_boot, confidence, 0))
         right.set_ylim(-0.03, 1.03)
@@ -388,8 +420,10 @@ def logit_lens_heatmap(probe_run: RunLike, sample_id: str | None = None, *, by_f
     if by_family:
         families = read_table(_run_dir(probe_run, "by_family"), "samples").to_pandas().set_index("sample_id")["family"]
         lens = lens.assign(family=lens["sample_id"].map(families).fillna(""))
-        groups = {f"{name or 'no family'} (n = {part['sample_id'].nunique()})": logit_lens_ranks(part)
-                  for name, part in lens.groupby("family")}
+        groups = {
+            f"{name or 'no family'} (n = {part['sample_id'].nunique()})": logit_lens_ranks(part)
+            for name, part in lens.groupby("family")
+        }
     else:
         title = f"sample {sample_id}" if sample_id else f"median over {lens['sample_id'].nunique()} samples"
         groups = {title: logit_lens_ranks(lens, sample_id)}
@@ -399,17 +433,24 @@ def logit_lens_heatmap(probe_run: RunLike, sample_id: str | None = None, *, by_f
     panel_width = min(max(0.45 * n_layers + 1.6, 3.6), 12 / max_cols + 1)
     n_rows = -(-len(groups) // max_cols)
     with _styled():
-        fig = Figure(figsize=(panel_width * max_cols + 1.6, (0.4 * n_targets + 1.1) * n_rows + 0.8),
-                     layout="constrained")
+        fig = Figure(
+            figsize=(panel_width * max_cols + 1.6, (0.4 * n_targets + 1.1) * n_rows + 0.8), layout="constrained"
+        )
         axes = _panel_grid(fig, len(groups), max_cols)
         image = None
-        for index, (ax, (title, ranks)) in enumerate(zip(axes, groups.items())):
+        for index, (ax, (title, ranks)) in enumerate(zip(axes, groups.items(), strict=False)):
             log_rank = np.log10(ranks.to_numpy(dtype=float) + 1)
             layers = ranks.columns.to_numpy(dtype=int)
             # The extent puts cell centres on the layer numbers, so the x axis reads in layers directly.
-            image = ax.imshow(log_rank, aspect="auto", cmap=f"{SEQUENTIAL}_r", vmin=0, vmax=vmax,
-                              interpolation="nearest",
-                              extent=(layers[0] - 0.5, layers[-1] + 0.5, len(ranks.index) - 0.5, -0.5))
+            image = ax.imshow(
+                log_rank,
+                aspect="auto",
+                cmap=f"{SEQUENTIAL}_r",
+                vmin=0,
+                vmax=vmax,
+                interpolation="nearest",
+                extent=(layers[0] - 0.5, layers[-1] + 0.5, len(ranks.index) - 0.5, -0.5),
+            )
             ax.grid(False)
             ax.set_yticks(range(len(ranks.index)), ranks.index)
             ax.tick_params(labelleft=index % max_cols == 0)
@@ -418,13 +459,22 @@ def logit_lens_heatmap(probe_run: RunLike, sample_id: str | None = None, *, by_f
             if n_layers <= 32:
                 for (i, j), rank in np.ndenumerate(ranks.to_numpy()):
                     label = f"{rank:.0f}" if rank < 1000 else f"{rank / 1000:.0f}k"
-                    ax.text(layers[j], i, label, ha="center", va="center", fontsize=7 if n_layers > 12 else 8,
-                            color="white" if log_rank[i, j] > vmax / 2 else "black")
+                    ax.text(
+                        layers[j],
+                        i,
+                        label,
+                        ha="center",
+                        va="center",
+                        fontsize=7 if n_layers > 12 else 8,
+                        color="white" if log_rank[i, j] > vmax / 2 else "black",
+                    )
             _layer_axis(ax, "layer" if index >= len(groups) - max_cols else "")
             ax.set_title(title, fontsize=11)
         axes[0].set_ylabel("target token")
-        fig.colorbar(image, ax=axes, shrink=min(0.9, 0.5 + 0.4 / n_rows),
-                     label="log10(median rank + 1)\n(0 = top-1 token)")
+        assert image is not None, "at least one group is drawn"
+        fig.colorbar(
+            image, ax=axes, shrink=min(0.9, 0.5 + 0.4 / n_rows), label="log10(median rank + 1)\n(0 = top-1 token)"
+        )
         fig.suptitle("Logit lens at the last prompt position (residual stream): rank of the answer and task words")
     return fig
 
@@ -449,13 +499,17 @@ def knockout_curves(probe_run: str | Path, stage_config: StageConfig | None = No
         _mean_curve(ax, curves.upto, "hidden in layers 0..L (upto)", colors[0], ci)
         # Distinct markers and dashes keep both curves visible where they coincide.
         _mean_curve(ax, curves.from_, "hidden in layers L..last (from)", colors[1], ci, "s", "--")
-        for value, name, key, style in ((found.shallow_end, "S", "shallow_end", "-."),
-                                        (found.deep_start, "D", "deep_start", ":")):
+        for value, name, key, style in (
+            (found.shallow_end, "S", "shallow_end", "-."),
+            (found.deep_start, "D", "deep_start", ":"),
+        ):
             _boundary_line(ax, value, _boundary_label(name, value, intervals, key, config.confidence), style)
         _share_axis(ax, "answers changed (% of samples, top-1)")
         _layer_axis(ax, "layer L")
-        fig.suptitle(f"Knocking out {config.query} → {config.key} attention "
-                     f"({found.n_samples} samples, {config.confidence:.0%} bootstrap CIs)")
+        fig.suptitle(
+            f"Knocking out {config.query} → {config.key} attention "
+            f"({found.n_samples} samples, {config.confidence:.0%} bootstrap CIs)"
+        )
         fig.legend(loc="outside lower center", ncols=2, fontsize=9)
     return fig
 
@@ -491,8 +545,9 @@ def kv_removal_curve(probe_run: RunLike, stage_config: StageConfig | None = None
         _boundary_line(ax, deep_start, label, ":")
         _share_axis(ax, "% of samples (greedy answer)")
         _layer_axis(ax, "image tokens removed from the KV cache of layers L..last")
-        fig.suptitle(f"KV-cache removal of image tokens ({len(changed)} samples, "
-                     f"{config.confidence:.0%} bootstrap CIs)")
+        fig.suptitle(
+            f"KV-cache removal of image tokens ({len(changed)} samples, {config.confidence:.0%} bootstrap CIs)"
+        )
         fig.legend(loc="outside lower center", ncols=2, fontsize=9)
     return fig
 
@@ -513,8 +568,12 @@ def masking_bars(probe_run: RunLike, *, confidence: float = 0.95, n_boot: int = 
     percent = _manifest_config(probe_run).get("mask_percent")
     size = f"{percent:g}%" if percent is not None else "p%"
     seeds = effects.loc[effects["variant"] == "random", "seed"].nunique()
-    labels = {"top": f"top {size} most attended", "random": f"random {size} ({seeds} seeds)",
-              "bottom": f"all but the top {size}", "all": "all image tokens"}
+    labels = {
+        "top": f"top {size} most attended",
+        "random": f"random {size} ({seeds} seeds)",
+        "bottom": f"all but the top {size}",
+        "all": "all image tokens",
+    }
     per_sample["hidden tokens"] = per_sample["variant"].map(labels)
     per_sample["masked layers"] = per_sample["layer_end"].map(lambda end: _span(0, end))
     depths = [_span(0, end) for end in sorted(per_sample["layer_end"].unique())]
@@ -523,9 +582,21 @@ def masking_bars(probe_run: RunLike, *, confidence: float = 0.95, n_boot: int = 
         fig = Figure(figsize=(11, 4.6), layout="constrained")
         left, right = fig.subplots(1, 2)
         for ax, column in ((left, "delta_logprob"), (right, "changed")):
-            sns.barplot(per_sample, x="masked layers", y=column, hue="hidden tokens", order=depths, hue_order=hue_order,
-                        errorbar=("ci", confidence * 100) if n_boot else None, n_boot=n_boot, seed=seed, ax=ax,
-                        capsize=0.1, err_kws={"linewidth": 1.2}, legend=ax is left)
+            sns.barplot(
+                per_sample,
+                x="masked layers",
+                y=column,
+                hue="hidden tokens",
+                order=depths,
+                hue_order=hue_order,
+                errorbar=("ci", confidence * 100) if n_boot else None,
+                n_boot=n_boot,
+                seed=seed,
+                ax=ax,
+                capsize=0.1,
+                err_kws={"linewidth": 1.2},
+                legend=ax is left,
+            )
         left.axhline(0, color="0.3", lw=0.8)
         left.set_ylabel("Δ log p(reference answer) (nats)")
         left.set_title("Answer log-probability")
@@ -535,10 +606,13 @@ def masking_bars(probe_run: RunLike, *, confidence: float = 0.95, n_boot: int = 
             ax.set_xlabel("image tokens hidden from the instruction in layers")
         handles, names = left.get_legend_handles_labels()
         left.get_legend().remove()
-        fig.legend(handles, names, title="hidden image tokens", loc="outside lower center", ncols=len(names),
-                   fontsize=9)
-        fig.suptitle(f"Redundancy paradox: masking image tokens ({per_sample['sample_id'].nunique()} samples, "
-                     f"{confidence:.0%} bootstrap CIs)")
+        fig.legend(
+            handles, names, title="hidden image tokens", loc="outside lower center", ncols=len(names), fontsize=9
+        )
+        fig.suptitle(
+            f"Redundancy paradox: masking image tokens ({per_sample['sample_id'].nunique()} samples, "
+            f"{confidence:.0%} bootstrap CIs)"
+        )
     return fig
 
 
@@ -549,11 +623,21 @@ def token_grid_positions(samples: pd.DataFrame) -> pd.DataFrame:
     """(sample_id, ordinal) -> image_index, row, col, n_rows, n_cols of every image token, from the samples table."""
     # Ordinals count a sample's image tokens over its images in order, each image's tokens row-major.
     parts = []
-    for sample_id, rows, cols in zip(samples["sample_id"], samples["image_rows"], samples["image_cols"]):
-        for image_index, (n_rows, n_cols) in enumerate(zip(rows, cols)):
+    for sample_id, rows, cols in zip(samples["sample_id"], samples["image_rows"], samples["image_cols"], strict=True):
+        for image_index, (n_rows, n_cols) in enumerate(zip(rows, cols, strict=True)):
             row, col = np.divmod(np.arange(int(n_rows) * int(n_cols)), int(n_cols))
-            parts.append(pd.DataFrame({"sample_id": sample_id, "image_index": image_index, "row": row, "col": col,
-                                       "n_rows": int(n_rows), "n_cols": int(n_cols)}))
+            parts.append(
+                pd.DataFrame(
+                    {
+                        "sample_id": sample_id,
+                        "image_index": image_index,
+                        "row": row,
+                        "col": col,
+                        "n_rows": int(n_rows),
+                        "n_cols": int(n_cols),
+                    }
+                )
+            )
     grid = pd.concat(parts, ignore_index=True)
     grid.insert(1, "ordinal", grid.groupby("sample_id").cumcount())
     return grid
@@ -565,8 +649,10 @@ def critical_token_figure(probe_run: str | Path, stage_config: StageConfig | Non
     run_dir = _run_dir(probe_run, "critical_token_figure")
     critical = critical_tokens(run_dir, config.critical_threshold)
     if critical is None:
-        raise ConfigError(f"{run_dir} has no token_ablation table; run `python -m analysis.probes --probes "
-                          "token_ablation,contribution`")
+        raise ConfigError(
+            f"{run_dir} has no token_ablation table; run `python -m analysis.probes --probes "
+            "token_ablation,contribution`"
+        )
     ablation = read_table(run_dir, "token_ablation").to_pandas()
     positions = token_grid_positions(read_table(run_dir, "samples").to_pandas())
     positions = positions[positions["sample_id"].isin(critical.index)]
@@ -586,8 +672,7 @@ def critical_token_figure(probe_run: str | Path, stage_config: StageConfig | Non
     counts = critical["n_critical"].to_numpy()
     colors = sns.color_palette(PALETTE)
     with _styled():
-        fig = Figure(figsize=(15, 4.6), layout="constrained")
-        fig.get_layout_engine().set(wspace=0.06)
+        fig = Figure(figsize=(15, 4.6), layout=ConstrainedLayoutEngine(wspace=0.06))
         hist, grid_ax, overlap_ax = fig.subplots(1, 3, width_ratios=[1.1, 1, 1.1])
         hist.hist(counts, bins=np.arange(counts.max() + 2) - 0.5, color=colors[0], edgecolor="white")
         # Explicit integer ticks: a locator finds none when every sample has the same count.
@@ -596,47 +681,71 @@ def critical_token_figure(probe_run: str | Path, stage_config: StageConfig | Non
         hist.set_xlabel(f"critical tokens per sample (of median {critical['n_image_tokens'].median():.0f})")
         hist.set_ylabel("samples")
         hist.set_title(f"Critical tokens: mean {counts.mean():.2f}, none in {(counts == 0).mean():.0%}")
-        image = grid_ax.imshow(heat, cmap=SEQUENTIAL, vmin=0, vmax=float(heat.max()) or 1.0,
-                               interpolation="nearest")
+        image = grid_ax.imshow(heat, cmap=SEQUENTIAL, vmin=0, vmax=float(heat.max()) or 1.0, interpolation="nearest")
         _grid_ticks(grid_ax, grid_rows, grid_cols)
         grid_ax.set_xlabel("grid column")
         grid_ax.set_ylabel("grid row")
-        grid_ax.set_title(f"Where they sit on the {'median ' if rescaled else ''}{grid_rows}×{grid_cols} grid"
-                          + (" (grids rescaled)" if rescaled else ""))
+        grid_ax.set_title(
+            f"Where they sit on the {'median ' if rescaled else ''}{grid_rows}×{grid_cols} grid"
+            + (" (grids rescaled)" if rescaled else "")
+        )
         fig.colorbar(image, ax=grid_ax, shrink=0.85, label="critical tokens per sample")
         _overlap_bars(overlap_ax, critical, config, colors)
         band = f"layer{'s' if end - start > 1 else ''} {_span(start, end)}"
-        fig.suptitle(f"Critical image tokens: hiding one in {band} flips the answer or costs "
-                     f"> {config.critical_threshold:g} nats ({len(critical)} samples)")
+        fig.suptitle(
+            f"Critical image tokens: hiding one in {band} flips the answer or costs "
+            f"> {config.critical_threshold:g} nats ({len(critical)} samples)"
+        )
     return fig
 
 
 def _overlap_bars(ax: Axes, critical: pd.DataFrame, config: StageConfig, colors: Sequence[Any]) -> None:
     """Share of each sample's critical tokens that other rankings (same number of tokens) also pick."""
-    names = {"overlap_top_attended": "most attended\n(fusion band)", "overlap_sinks": "shallow sinks",
-             "overlap_top_contribution": "largest ‖c_j‖\n(VisiPruner)"}
+    names = {
+        "overlap_top_attended": "most attended\n(fusion band)",
+        "overlap_sinks": "shallow sinks",
+        "overlap_top_contribution": "largest ‖c_j‖\n(VisiPruner)",
+    }
     present = [column for column in names if column in critical.columns]
     ax.set_title("Do attention or contribution find them?")
     if not present or critical[present].dropna(how="all").empty:
-        ax.text(0.5, 0.5, "no critical tokens\n(or no contributions table)", ha="center", va="center",
-                transform=ax.transAxes, color="0.4")
+        ax.text(
+            0.5,
+            0.5,
+            "no critical tokens\n(or no contributions table)",
+            ha="center",
+            va="center",
+            transform=ax.transAxes,
+            color="0.4",
+        )
         ax.set_xticks([])
         _share_axis(ax, "share of critical tokens also picked")
         return
     values = critical[present].dropna(how="all")
     means = values.mean().to_numpy()
     low, high = _bootstrap_ci(values.to_numpy(), config.n_bootstrap, config.confidence, config.seed)
-    ax.bar(range(len(present)), means, color=colors[1:1 + len(present)],
-           yerr=np.vstack([means - low, high - means]).clip(min=0), capsize=4)
+    ax.bar(
+        range(len(present)),
+        means,
+        color=colors[1 : 1 + len(present)],
+        yerr=np.vstack([means - low, high - means]).clip(min=0),
+        capsize=4,
+    )
     ax.set_xticks(range(len(present)), [names[column] for column in present], fontsize=9)
-    _share_axis(ax, f"share of critical tokens also picked\n({len(values)} samples with any, "
-                    f"{config.confidence:.0%} CI)")
+    _share_axis(
+        ax, f"share of critical tokens also picked\n({len(values)} samples with any, {config.confidence:.0%} CI)"
+    )
 
 
 # --- finding 6: pruning ------------------------------------------------------------------------
 
-METHOD_NAMES = {"visipruner": "VisiPruner", "visipruner_authors": "VisiPruner, authors' rule", "fastv": "FastV",
-                "random": "random", "pre_llm": "before the LLM"}
+METHOD_NAMES = {
+    "visipruner": "VisiPruner",
+    "visipruner_authors": "VisiPruner, authors' rule",
+    "fastv": "FastV",
+    "random": "random",
+    "pre_llm": "before the LLM",
+}
 
 
 def pruning_tradeoff(sweep_table: str | Path | pd.DataFrame) -> Figure:
@@ -644,17 +753,30 @@ def pruning_tradeoff(sweep_table: str | Path | pd.DataFrame) -> Figure:
     table = pd.read_csv(sweep_table) if not isinstance(sweep_table, pd.DataFrame) else sweep_table
     missing = {"method", "accuracy", "agreement", "flops_cut", "baseline_accuracy"} - set(table.columns)
     if missing:
-        raise ConfigError(f"not a sweep table (missing columns {sorted(missing)}); make one with "
-                          "`python -m analysis.pruner sweep CONFIG.json ... -o table.csv`")
+        raise ConfigError(
+            f"not a sweep table (missing columns {sorted(missing)}); make one with "
+            "`python -m analysis.pruner sweep CONFIG.json ... -o table.csv`"
+        )
     table = table.assign(method_name=table["method"].map(lambda m: METHOD_NAMES.get(m, m)))
     order = [METHOD_NAMES[m] for m in METHOD_NAMES if m in set(table["method"])]
     with _styled():
         fig = Figure(figsize=(11, 4.4), layout="constrained")
         left, right = fig.subplots(1, 2, sharex=True)
         for ax, column, title in ((left, "accuracy", "Accuracy"), (right, "agreement", "Same answer as unpruned")):
-            sns.lineplot(table.sort_values("flops_cut"), x="flops_cut", y=column, hue="method_name", hue_order=order,
-                         style="method_name", style_order=order, markers=True, dashes=False, ax=ax,
-                         legend=ax is left, markersize=8)
+            sns.lineplot(
+                table.sort_values("flops_cut"),
+                x="flops_cut",
+                y=column,
+                hue="method_name",
+                hue_order=order,
+                style="method_name",
+                style_order=order,
+                markers=True,
+                dashes=False,
+                ax=ax,
+                legend=ax is left,
+                markersize=8,
+            )
             ax.set_title(title)
             ax.set_xlabel("prefill FLOPs cut (%, exact count)")
             ax.set_ylabel(f"{column} (%)")

@@ -19,8 +19,9 @@ T = TypeVar("T")
 class Registry(Generic[T]):
     """Entries of one kind by name, built-in (lazily imported) or registered."""
 
-    def __init__(self, kind: str, builtin: Mapping[str, str], *, hint: str,
-                 error: type[ToolkitError] = ConfigError) -> None:
+    def __init__(
+        self, kind: str, builtin: Mapping[str, str], *, hint: str, error: type[ToolkitError] = ConfigError
+    ) -> None:
         self.kind = kind
         self._builtin = dict(builtin)  # name -> "module:attribute"
         self._loaded: dict[str, T] = {}

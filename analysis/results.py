@@ -47,17 +47,27 @@ def table_schema(fields: list[tuple[str, pa.DataType]], description: str) -> pa.
 TRACE_SCHEMAS: dict[str, pa.Schema] = {
     "attention": table_schema(
         [
-            ("sample_id", pa.string()), ("layer", pa.int16()), ("head", pa.int16()),
-            ("query", pa.string()), ("key_region", pa.string()), ("mass", pa.float32()),
+            ("sample_id", pa.string()),
+            ("layer", pa.int16()),
+            ("head", pa.int16()),
+            ("query", pa.string()),
+            ("key_region", pa.string()),
+            ("mass", pa.float32()),
         ],
         "Attention mass from a query group (last = last prompt position; instruction = mean over instruction "
         "tokens incl. the last; image = mean over image tokens) onto a key region (system/image/instruction).",
     ),
     "sinks": table_schema(
         [
-            ("sample_id", pa.string()), ("layer", pa.int16()), ("head", pa.int16()), ("query", pa.string()),
-            ("image_mass", pa.float32()), ("top_k", pa.int16()), ("top_k_share", pa.float32()),
-            ("entropy", pa.float32()), ("normalized_entropy", pa.float32()),
+            ("sample_id", pa.string()),
+            ("layer", pa.int16()),
+            ("head", pa.int16()),
+            ("query", pa.string()),
+            ("image_mass", pa.float32()),
+            ("top_k", pa.int16()),
+            ("top_k_share", pa.float32()),
+            ("entropy", pa.float32()),
+            ("normalized_entropy", pa.float32()),
             ("top_indices", pa.list_(pa.int32())),
         ],
         "Concentration of a query group's image-directed attention: share of it on the top_k image tokens, "
@@ -66,22 +76,39 @@ TRACE_SCHEMAS: dict[str, pa.Schema] = {
     ),
     "image_tokens": table_schema(
         [
-            ("sample_id", pa.string()), ("layer", pa.int16()), ("image_index", pa.int16()),
-            ("token_index", pa.int32()), ("row", pa.int16()), ("col", pa.int16()), ("position", pa.int32()),
-            ("value_l1", pa.float32()), ("last_attention", pa.float32()), ("instruction_attention", pa.float32()),
+            ("sample_id", pa.string()),
+            ("layer", pa.int16()),
+            ("image_index", pa.int16()),
+            ("token_index", pa.int32()),
+            ("row", pa.int16()),
+            ("col", pa.int16()),
+            ("position", pa.int32()),
+            ("value_l1", pa.float32()),
+            ("last_attention", pa.float32()),
+            ("instruction_attention", pa.float32()),
         ],
         "Per image token and layer: L1 norm of its value vector over all KV heads, and the attention it "
         "receives from the last position and from the instruction tokens (mean over query heads).",
     ),
     SAMPLES_TABLE: table_schema(
         [
-            ("sample_id", pa.string()), ("dataset", pa.string()), ("family", pa.string()),
-            ("question", pa.string()), ("prompt", pa.string()), ("reference", pa.string()),
-            ("model_answer", pa.string()), ("correct", pa.bool_()), ("n_tokens", pa.int32()),
-            ("system_start", pa.int32()), ("system_end", pa.int32()),
-            ("image_starts", pa.list_(pa.int32())), ("image_ends", pa.list_(pa.int32())),
-            ("image_rows", pa.list_(pa.int16())), ("image_cols", pa.list_(pa.int16())),
-            ("instruction_positions", pa.list_(pa.int32())), ("last_position", pa.int32()),
+            ("sample_id", pa.string()),
+            ("dataset", pa.string()),
+            ("family", pa.string()),
+            ("question", pa.string()),
+            ("prompt", pa.string()),
+            ("reference", pa.string()),
+            ("model_answer", pa.string()),
+            ("correct", pa.bool_()),
+            ("n_tokens", pa.int32()),
+            ("system_start", pa.int32()),
+            ("system_end", pa.int32()),
+            ("image_starts", pa.list_(pa.int32())),
+            ("image_ends", pa.list_(pa.int32())),
+            ("image_rows", pa.list_(pa.int16())),
+            ("image_cols", pa.list_(pa.int16())),
+            ("instruction_positions", pa.list_(pa.int32())),
+            ("last_position", pa.int32()),
         ],
         "One row per sample: text, reference and greedy model answer, and the token layout (half-open spans).",
     ),
@@ -107,7 +134,10 @@ def git_hash() -> str | None:
             ["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True, timeout=10
         ).stdout.strip()
         dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"], cwd=root, capture_output=True, text=True,
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=root,
+            capture_output=True,
+            text=True,
             timeout=10,
         ).stdout.strip()
     except (OSError, subprocess.SubprocessError):
@@ -195,7 +225,9 @@ class RunFolder:
         try:
             return json.loads(self.manifest_path.read_text())
         except json.JSONDecodeError:
-            raise ConfigError(f"{self.manifest_path} is not valid JSON; delete the folder or choose another --out") from None
+            raise ConfigError(
+                f"{self.manifest_path} is not valid JSON; delete the folder or choose another --out"
+            ) from None
 
     def check_compatible(self, identity: dict[str, Any], *, resume: bool, command: str | None = None) -> None:
         """Refuse a folder holding another command's run or another config, or an unfinished run of this one
@@ -211,8 +243,10 @@ class RunFolder:
                 raise ConfigError(f"{self.root} is not empty and holds no run manifest; choose an empty or new --out")
             return
         if command is not None and manifest.get("command") != command:
-            raise ConfigError(f"{self.root} holds a run of {manifest.get('command') or 'another command'}, not of "
-                              f"{command}; choose another --out")
+            raise ConfigError(
+                f"{self.root} holds a run of {manifest.get('command') or 'another command'}, not of "
+                f"{command}; choose another --out"
+            )
         if manifest.get("schema_version") != SCHEMA_VERSION:
             raise ConfigError(
                 f"{self.root} holds schema version {manifest.get('schema_version')}, this toolkit writes "
@@ -223,11 +257,13 @@ class RunFolder:
             changed = sorted(key for key in set(stored) | set(identity) if stored.get(key) != identity.get(key))
             details = ", ".join(f"{key}: {stored.get(key)!r} -> {identity.get(key)!r}" for key in changed)
             raise ConfigError(
-                f"{self.root} holds a run with a different config ({details}); choose a new --out or use the same config"
+                f"{self.root} holds a run with a different config ({details}); "
+                "choose a new --out or use the same config"
             )
         if not resume and manifest.get("status") != "complete":
             raise ConfigError(
-                f"{self.root} holds an unfinished run of this config; pass --resume to continue it or choose a new --out"
+                f"{self.root} holds an unfinished run of this config; "
+                "pass --resume to continue it or choose a new --out"
             )
 
     def part_indices(self, table: str) -> set[int]:
@@ -265,8 +301,10 @@ class RunFolder:
     def missing_tables(self) -> dict[int, list[str]]:
         """Committed parts that lack some table of the folder's schemas (tables added to an existing run)."""
         present = {name: self.part_indices(name) for name in self.schemas}
-        missing = {index: [name for name in self.schemas if index not in present[name]]
-                   for index in sorted(self.part_indices(self.commit_table))}
+        missing = {
+            index: [name for name in self.schemas if index not in present[name]]
+            for index in sorted(self.part_indices(self.commit_table))
+        }
         return {index: names for index, names in missing.items() if names}
 
     @contextmanager

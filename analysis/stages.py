@@ -37,7 +37,9 @@ class StageConfig:
     onset: float = option(0.1, "S: share of the all-layer effect at which image access starts to matter")
     tolerance: float = option(0.01, "D: largest share of changed answers that counts as 'no change'")
     mass: float = option(0.8, "abruptness: share of the total rise held by the fewest layers")
-    critical_threshold: float = option(1.0, "critical token: hiding it flips the answer or costs more than this many nats")
+    critical_threshold: float = option(
+        1.0, "critical token: hiding it flips the answer or costs more than this many nats"
+    )
     n_bootstrap: int = option(1000, "bootstrap resamples of samples for confidence intervals")
     confidence: float = option(0.95, "confidence level of the intervals")
     seed: int = option(0, "bootstrap seed")
@@ -134,7 +136,8 @@ def first_quiet_layer(curve: pd.Series, tolerance: float) -> int | None:
 def subset(curves: Curves, samples: pd.Index) -> Curves:
     """The curves of some samples (repeats allowed, for bootstrapping)."""
     return Curves(
-        curves.upto.loc[samples], curves.from_.loc[samples],
+        curves.upto.loc[samples],
+        curves.from_.loc[samples],
         None if curves.kv is None else curves.kv.loc[samples],
     )
 
@@ -149,8 +152,9 @@ def bootstrap(curves: Curves, config: StageConfig) -> pd.DataFrame:
         draws.append(vars(boundaries(subset(curves, picked), config)))
     table = pd.DataFrame(draws).drop(columns="n_samples").astype(float)
     alpha = (1 - config.confidence) / 2
-    return pd.DataFrame({"low": table.quantile(alpha), "high": table.quantile(1 - alpha),
-                         "undefined": table.isna().mean()})
+    return pd.DataFrame(
+        {"low": table.quantile(alpha), "high": table.quantile(1 - alpha), "undefined": table.isna().mean()}
+    )
 
 
 def critical_tokens(run_dir: str | Path, threshold: float) -> pd.DataFrame | None:
@@ -175,15 +179,22 @@ def critical_tokens(run_dir: str | Path, threshold: float) -> pd.DataFrame | Non
     rows = []
     for sample_id, group in ablation.groupby("sample_id", sort=False):
         critical = set(group.loc[group["critical"], "ordinal"])
-        row = {"sample_id": sample_id, "n_image_tokens": len(group), "n_critical": len(critical),
-               "critical_ordinals": sorted(critical)}
+        row = {
+            "sample_id": sample_id,
+            "n_image_tokens": len(group),
+            "n_critical": len(critical),
+            "critical_ordinals": sorted(critical),
+        }
         if contributions is not None and critical:
             tokens = contributions[contributions["sample_id"] == sample_id]
             tokens = tokens.assign(ordinal=tokens.groupby("layer").cumcount())
             band = tokens[(tokens["layer"] >= start) & (tokens["layer"] < end)].groupby("ordinal")
             shallow = tokens[tokens["layer"] < start].groupby("ordinal")
-            rankings = {"top_attended": band["attention"].mean(), "sinks": shallow["attention"].mean(),
-                        "top_contribution": band["norm"].mean()}
+            rankings = {
+                "top_attended": band["attention"].mean(),
+                "sinks": shallow["attention"].mean(),
+                "top_contribution": band["norm"].mean(),
+            }
             for name, score in rankings.items():
                 if len(score):
                     picked = set(score.nlargest(len(critical)).index)
@@ -238,8 +249,9 @@ def analyse(run_dir: str | Path, config: StageConfig) -> StageReport:
     by_family = pd.DataFrame(per_family).set_index("family") if per_family else pd.DataFrame()
     if curves.kv is None:
         by_family = by_family.drop(columns=["kv_deep_start"], errors="ignore")  # not measured, not "None"
-    return StageReport(overall, intervals, by_family, table, critical_tokens(run_dir, config.critical_threshold),
-                       str(run_dir))
+    return StageReport(
+        overall, intervals, by_family, table, critical_tokens(run_dir, config.critical_threshold), str(run_dir)
+    )
 
 
 def format_report(report: StageReport, config: StageConfig) -> str:
@@ -264,8 +276,11 @@ def format_report(report: StageReport, config: StageConfig) -> str:
         f"shallow -> middle boundary S (image access starts to matter): layer {b.shallow_end}{interval('shallow_end')}",
         f"middle -> deep boundary D (image access no longer matters):   layer {b.deep_start}{interval('deep_start')}",
         "KV-removal check (removing image KV from L on changes nothing): "
-        + (f"layer {b.kv_deep_start}{interval('kv_deep_start')}" if report.curves_have_kv else
-           f"not measured (the run has no kv_removal table; add it with: {report.kv_command})"),
+        + (
+            f"layer {b.kv_deep_start}{interval('kv_deep_start')}"
+            if report.curves_have_kv
+            else f"not measured (the run has no kv_removal table; add it with: {report.kv_command})"
+        ),
         f"abruptness: {b.layers_holding_mass} layer(s) hold {config.mass:.0%} of the rise of f_upto"
         f"{interval('layers_holding_mass')}",
     ]
@@ -291,8 +306,9 @@ def format_report(report: StageReport, config: StageConfig) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     """Print the stage report of a probe run."""
-    parser = argparse.ArgumentParser(prog="python -m analysis.stages", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m analysis.stages", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("run_dir", help="a probe run folder (python -m analysis.probes)")
     add_arguments(parser, StageConfig)
     args = parser.parse_args(argv)

@@ -24,12 +24,19 @@ def make_samples() -> list[Sample]:
         Sample("s0", [noise_image(0)], prompt="what is the colour of the circle ?", question="colour?", answer="red"),
         Sample("s1", [noise_image(1, 80, 60)], prompt="how many", question="how many", answer="2"),
         Sample(
-            "s2", [noise_image(2), noise_image(3, 60, 90)],
-            prompt="compare <image> and <image> which is red ?", question="which is red?", answer="first",
+            "s2",
+            [noise_image(2), noise_image(3, 60, 90)],
+            prompt="compare <image> and <image> which is red ?",
+            question="which is red?",
+            answer="first",
         ),
         Sample(
-            "s3", [noise_image(4, 56, 56)], prompt="is there a blue square left of the red circle in this image ?",
-            question="blue square left of red circle?", answer="yes", answer_type="yes_no",
+            "s3",
+            [noise_image(4, 56, 56)],
+            prompt="is there a blue square left of the red circle in this image ?",
+            question="blue square left of red circle?",
+            answer="yes",
+            answer_type="yes_no",
         ),
     ]
 

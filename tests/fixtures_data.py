@@ -177,10 +177,30 @@ def write_textvqa(root: Path) -> Path:
             "question_tokens": [["what", "is"], ["what", "does"]],
             "image": [hub_image(RED, "cam.jpg"), hub_image(GREEN, "txt.jpg")],
             "answers": [
-                ["nous les gosses", "dakota", "clos culombu", "dakota digital", "dakota", "dakota", "Dakota.",
-                 "dakota digital", "dakota", "dakota"],
-                ["copenhagen", "copenhagen", "Copenhagen", "thursday", "copenhagen", "copenhagen", "copenhagen",
-                 "copenhagen", "copenhagen", "copenhagen"],
+                [
+                    "nous les gosses",
+                    "dakota",
+                    "clos culombu",
+                    "dakota digital",
+                    "dakota",
+                    "dakota",
+                    "Dakota.",
+                    "dakota digital",
+                    "dakota",
+                    "dakota",
+                ],
+                [
+                    "copenhagen",
+                    "copenhagen",
+                    "Copenhagen",
+                    "thursday",
+                    "copenhagen",
+                    "copenhagen",
+                    "copenhagen",
+                    "copenhagen",
+                    "copenhagen",
+                    "copenhagen",
+                ],
             ],
             "ocr_tokens": [["DAKOTA"], ["COPENHAGEN"]],
             "set_name": ["val", "val"],
@@ -290,13 +310,31 @@ def write_mmbench(root: Path) -> Path:
 
 
 LOCAL_RECORDS: list[dict[str, Any]] = [
-    {"id": "q1", "image": "images/red.png", "question": "What color is the square?", "answer": "red",
-     "prompt": "What color is the square?\nAnswer the question using a single word or phrase.", "family": "color"},
+    {
+        "id": "q1",
+        "image": "images/red.png",
+        "question": "What color is the square?",
+        "answer": "red",
+        "prompt": "What color is the square?\nAnswer the question using a single word or phrase.",
+        "family": "color",
+    },
     {"id": "q2", "image": "images/green.png", "question": "Is the square green?", "answer": "Yes", "family": "color"},
-    {"id": "q3", "image": "images/blue.png", "question": "Which shape is shown?",
-     "choices": ["circle", "square"], "answer": "square", "family": "shape"},
-    {"id": "q4", "images": ["images/red.png", "images/blue.png"], "question": "Are the two images the same?",
-     "prompt": "<image>\n<image>\nAre the two images the same?", "answer": "no", "answer_type": "yes_no"},
+    {
+        "id": "q3",
+        "image": "images/blue.png",
+        "question": "Which shape is shown?",
+        "choices": ["circle", "square"],
+        "answer": "square",
+        "family": "shape",
+    },
+    {
+        "id": "q4",
+        "images": ["images/red.png", "images/blue.png"],
+        "question": "Are the two images the same?",
+        "prompt": "<image>\n<image>\nAre the two images the same?",
+        "answer": "no",
+        "answer_type": "yes_no",
+    },
 ]
 
 
@@ -340,15 +378,17 @@ def write_local_parquet(root: Path, *, embed_bytes: bool) -> Path:
             ]
         else:
             cells = list(paths)
-        rows.append({
-            "id": record["id"],
-            "images": cells,
-            "question": record["question"],
-            "answer": record["answer"],
-            "prompt": record.get("prompt"),
-            "family": record.get("family"),
-            "choices": record.get("choices", []),
-            "answer_type": record.get("answer_type"),
-        })
+        rows.append(
+            {
+                "id": record["id"],
+                "images": cells,
+                "question": record["question"],
+                "answer": record["answer"],
+                "prompt": record.get("prompt"),
+                "family": record.get("family"),
+                "choices": record.get("choices", []),
+                "answer_type": record.get("answer_type"),
+            }
+        )
     pq.write_table(pa.Table.from_pylist(rows), folder / "samples.parquet")
     return folder

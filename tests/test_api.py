@@ -37,14 +37,18 @@ def _without_ids(frame: pd.DataFrame) -> pd.DataFrame:
 def test_trace_of_one_image_equals_the_run_folder(tmp_path: Path, loaded) -> None:
     """api.trace on an image and prompt gives the tables a trace run writes for the same sample."""
     data = write_jsonl(tmp_path / "data", [RECORD])
-    run = run_trace(TraceConfig(model="tiny-llava", dataset=str(data), out=str(tmp_path / "run"), device="cpu",
-                                max_new_tokens=2), loaded=loaded, progress=False)
+    run = run_trace(
+        TraceConfig(model="tiny-llava", dataset=str(data), out=str(tmp_path / "run"), device="cpu", max_new_tokens=2),
+        loaded=loaded,
+        progress=False,
+    )
     stored = api.read_run(run.out_dir)
     tables = api.trace(loaded, _image(data), RECORD["prompt"], max_new_tokens=2)
     assert set(tables) == set(stored.tables) == {"attention", "sinks", "image_tokens", "samples"}
     for name in ("attention", "sinks", "image_tokens"):
-        pd.testing.assert_frame_equal(_without_ids(tables[name]), _without_ids(stored[name]), check_exact=False,
-                                      atol=1e-6)
+        pd.testing.assert_frame_equal(
+            _without_ids(tables[name]), _without_ids(stored[name]), check_exact=False, atol=1e-6
+        )
     assert tables["samples"]["model_answer"].tolist() == stored["samples"]["model_answer"].tolist()
 
 
@@ -52,14 +56,19 @@ def test_probe_of_one_image_equals_the_run_folder(tmp_path: Path, loaded) -> Non
     """api.probe gives the probe run's tables for the same sample and options."""
     data = write_jsonl(tmp_path / "data", [RECORD])
     options = {"probes": "knockout,logit_lens", "max_new_tokens": 2}
-    run = run_probes(ProbeConfig(model="tiny-llava", dataset=str(data), out=str(tmp_path / "run"), device="cpu",
-                                 **options), loaded=loaded, progress=False)
+    run = run_probes(
+        ProbeConfig(model="tiny-llava", dataset=str(data), out=str(tmp_path / "run"), device="cpu", **options),
+        loaded=loaded,
+        progress=False,
+    )
     stored = api.read_run(run.out_dir)
-    tables = api.probe(loaded, _image(data), RECORD["prompt"], RECORD["answer"], probes=["knockout", "logit_lens"],
-                       max_new_tokens=2)
+    tables = api.probe(
+        loaded, _image(data), RECORD["prompt"], RECORD["answer"], probes=["knockout", "logit_lens"], max_new_tokens=2
+    )
     for name in ("effects", "logit_lens"):
-        pd.testing.assert_frame_equal(_without_ids(tables[name]), _without_ids(stored[name]), check_exact=False,
-                                      atol=1e-6)
+        pd.testing.assert_frame_equal(
+            _without_ids(tables[name]), _without_ids(stored[name]), check_exact=False, atol=1e-6
+        )
 
 
 def test_generate_pruned_and_unpruned(tmp_path: Path, loaded) -> None:

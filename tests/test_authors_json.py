@@ -32,10 +32,11 @@ def their_validation(pruning_config: dict, num_layers: int) -> None:
             raise ValueError(f"'shallow_mid_layer' must be an integer in the range of [1, {num_layers}].")
     if "middle" in pruning_config["mode"] or "deep" in pruning_config["mode"]:
         for name in ("layer_threshold", "tokens_threshold"):
-            if name in pruning_config and (not isinstance(pruning_config[name], float)
-                                           or not 0 < pruning_config[name] < 1):
+            if name in pruning_config and (
+                not isinstance(pruning_config[name], float) or not 0 < pruning_config[name] < 1
+            ):
                 raise ValueError(f"'{name}' must be a float between 0 and 1.")
-    if "deep" in pruning_config["mode"] and "middle" not in pruning_config["mode"]:
+    if "deep" in pruning_config["mode"] and "middle" not in pruning_config["mode"]:  # noqa: SIM102 (their code as written)
         if "mid_deep_layer" not in pruning_config:
             raise ValueError("'mid_deep_layer' must be specified when 'deep' mode is used without 'middle' mode.")
 
@@ -56,21 +57,30 @@ def _result(config: PruningConfig) -> ExportResult:
     return ExportResult(config, True, None, {})  # type: ignore[arg-type]
 
 
-@pytest.mark.parametrize(("stages", "shallow_mid_layer", "layer_threshold", "tokens_threshold"), [
-    (["shallow", "middle", "deep"], 0, 0.9, 0.12),
-    (["shallow", "middle", "deep"], 6, 0.995, 0.2),
-    (["shallow", "middle", "deep"], 0, 1.0, 0.0),
-    (["middle", "deep"], 3, 0.999, 0.5),
-    (["shallow"], 0, 0.9, 0.2),
-    (["shallow"], 4, 0.9, 0.2),
-    (["middle"], 1, 1.0, 0.3),
-])
-def test_every_export_passes_their_validation(tmp_path: Path, stages: list[str], shallow_mid_layer: int,
-                                              layer_threshold: float, tokens_threshold: float) -> None:
+@pytest.mark.parametrize(
+    ("stages", "shallow_mid_layer", "layer_threshold", "tokens_threshold"),
+    [
+        (["shallow", "middle", "deep"], 0, 0.9, 0.12),
+        (["shallow", "middle", "deep"], 6, 0.995, 0.2),
+        (["shallow", "middle", "deep"], 0, 1.0, 0.0),
+        (["middle", "deep"], 3, 0.999, 0.5),
+        (["shallow"], 0, 0.9, 0.2),
+        (["shallow"], 4, 0.9, 0.2),
+        (["middle"], 1, 1.0, 0.3),
+    ],
+)
+def test_every_export_passes_their_validation(
+    tmp_path: Path, stages: list[str], shallow_mid_layer: int, layer_threshold: float, tokens_threshold: float
+) -> None:
     """Exports of configs their format can hold are accepted as written; what had to change is listed, and the JSON
     parses back (as the authors' rule) with the thresholds written."""
-    config = PruningConfig(num_layers=12, stages=stages, shallow_mid_layer=shallow_mid_layer,
-                           layer_threshold=layer_threshold, tokens_threshold=tokens_threshold)
+    config = PruningConfig(
+        num_layers=12,
+        stages=stages,
+        shallow_mid_layer=shallow_mid_layer,
+        layer_threshold=layer_threshold,
+        tokens_threshold=tokens_threshold,
+    )
     written = write(_result(config), tmp_path / "c.json")
     assert written.authors is not None
     theirs = json.loads(written.authors.read_text())
@@ -99,10 +109,29 @@ def test_a_fresh_cli_export_passes_their_validation(tmp_path: Path, capsys: pyte
     from analysis.probes.__main__ import main as probes_main
 
     run = tmp_path / "run"
-    assert probes_main(["--limit", "4", "--batch-size", "4", "--device", "cpu", "--probes", "knockout,contribution",
-                        "--knockout-modes", "upto,from", "--out", str(run), "--quiet"]) == 0
-    assert pruner_main(["export", str(run), "-o", str(tmp_path / "cfg.json"), "--target", "0.5", "--device",
-                        "cpu"]) == 0
+    assert (
+        probes_main(
+            [
+                "--limit",
+                "4",
+                "--batch-size",
+                "4",
+                "--device",
+                "cpu",
+                "--probes",
+                "knockout,contribution",
+                "--knockout-modes",
+                "upto,from",
+                "--out",
+                str(run),
+                "--quiet",
+            ]
+        )
+        == 0
+    )
+    assert (
+        pruner_main(["export", str(run), "-o", str(tmp_path / "cfg.json"), "--target", "0.5", "--device", "cpu"]) == 0
+    )
     printed = capsys.readouterr().out
     authors = tmp_path / "cfg.authors.json"
     if authors.exists():
@@ -117,15 +146,20 @@ def test_their_layer0_rule_comes_from_the_architecture_not_the_name() -> None:
     from types import SimpleNamespace
 
     def text(layers: int, hidden: int, heads: int, mlp: int) -> SimpleNamespace:
-        return SimpleNamespace(num_hidden_layers=layers, hidden_size=hidden, num_attention_heads=heads,
-                               intermediate_size=mlp)
+        return SimpleNamespace(
+            num_hidden_layers=layers, hidden_size=hidden, num_attention_heads=heads, intermediate_size=mlp
+        )
 
     assert authors_layer0_rule("llava", text(32, 4096, 32, 11008)) == "authors_7b"
     assert authors_layer0_rule("llava", text(40, 5120, 40, 13824)) == "authors_13b"
     assert authors_layer0_rule("llava", text(12, 256, 8, 1024)) is None
     assert authors_layer0_rule("qwen2_5_vl", text(32, 4096, 32, 11008)) is None
-    shallow = {"mode": ["shallow", "middle", "deep"], "shallow_mid_layer": 2, "layer_threshold": 0.9,
-               "tokens_threshold": 0.2}
+    shallow = {
+        "mode": ["shallow", "middle", "deep"],
+        "shallow_mid_layer": 2,
+        "layer_threshold": 0.9,
+        "tokens_threshold": 0.2,
+    }
     with pytest.raises(ConfigError, match="--authors-layer0"):
         parse_config(shallow, 12)
     assert parse_config(shallow, 12, layer0_rule="authors_13b").layer0_rule == "authors_13b"

@@ -19,8 +19,8 @@ import pytest
 import torch
 
 from analysis.data.samples import Sample
-from analysis.models.registry import LoadedModel, load_model
 from analysis.hooks.attention import RegionMasks, route_attention
+from analysis.models.registry import LoadedModel, load_model
 from analysis.pruner.config import PruningConfig
 from analysis.pruner.runtime import pruned_runtime
 from analysis.pruner.simulate import PruningHooks
@@ -72,9 +72,18 @@ def _language_inputs(loaded: LoadedModel, tensors: dict[str, torch.Tensor]) -> t
     return seen["embeds"][0].float()
 
 
-def reference(loaded: LoadedModel, tensors: dict[str, torch.Tensor], image_start: int, n_image: int, *,
-              stages: list[str], shallow_mid_layer: int, layer_threshold: float, tokens_threshold: float,
-              layer0: str) -> Reference:
+def reference(
+    loaded: LoadedModel,
+    tensors: dict[str, torch.Tensor],
+    image_start: int,
+    n_image: int,
+    *,
+    stages: list[str],
+    shallow_mid_layer: int,
+    layer_threshold: float,
+    tokens_threshold: float,
+    layer0: str,
+) -> Reference:
     """Their prefill and greedy decoding of one unpadded sample whose image occupies [image_start, +n_image)."""
     text_model = loaded.model.model.language_model
     config = loaded.adapter.text_config
@@ -95,9 +104,16 @@ def reference(loaded: LoadedModel, tensors: dict[str, torch.Tensor], image_start
             if index > S and "middle" in stages and important is not None and hidden.shape[0] == length:
                 keep = torch.cat([torch.arange(image_start), important, torch.arange(vis_end, length)])
                 hidden, positions = hidden[keep], positions[keep]
-            elif (index > S and "deep" in stages and important is not None
-                  and hidden.shape[0] == length - n_image + len(important) and exit_count == 2):
-                keep = torch.cat([torch.arange(image_start), torch.arange(image_start + len(important), len(positions))])
+            elif (
+                index > S
+                and "deep" in stages
+                and important is not None
+                and hidden.shape[0] == length - n_image + len(important)
+                and exit_count == 2
+            ):
+                keep = torch.cat(
+                    [torch.arange(image_start), torch.arange(image_start + len(important), len(positions))]
+                )
                 hidden, positions = hidden[keep], positions[keep]
             q_len = hidden.shape[0]
             x = layer.input_layernorm(hidden[None])[0]
@@ -121,7 +137,7 @@ def reference(loaded: LoadedModel, tensors: dict[str, torch.Tensor], image_start
                     weights[:, vis_end:, image_start] = removed
                 elif index == 0 and layer0 == "authors_13b":
                     weights[:, image_start:vis_end, image_start:vis_end] = 0
-                    weights[:, vis_end:, image_start:image_start + n_image // 2] = 0
+                    weights[:, vis_end:, image_start : image_start + n_image // 2] = 0
                 else:
                     weights[:, vis_end:, image_start:vis_end] = 0
             output = weights @ v  # (H, T, d)
@@ -137,7 +153,7 @@ def reference(loaded: LoadedModel, tensors: dict[str, torch.Tensor], image_start
                         important = torch.where(norm > tokens_threshold)[0] + image_start
                         selection_layer = index
                 elif "deep" in stages and important is not None and q_len == length - n_image + len(important):
-                    masked = last[None] - contributions[image_start:image_start + len(important)]
+                    masked = last[None] - contributions[image_start : image_start + len(important)]
                     cosine = torch.nn.functional.cosine_similarity(masked, last[None], dim=-1)
                     exit_count += int(not bool((cosine < DEEP_COSINE).any()))
                     if exit_count == 2 and exit_layer < 0 and q_len < length:
@@ -210,8 +226,14 @@ def _ours(loaded: LoadedModel, sample: Sample, config: PruningConfig, runtime: s
     """Decisions, prefill logits and greedy tokens and logits of one of our executors."""
     inputs = loaded.adapter.build_inputs(loaded.processor, [sample])
     length = inputs.input_ids.shape[1]
-    generate = {"max_new_tokens": NEW_TOKENS, "do_sample": False, "eos_token_id": None, "output_logits": True,
-                "return_dict_in_generate": True, "pad_token_id": loaded.processor.tokenizer.pad_token_id}
+    generate = {
+        "max_new_tokens": NEW_TOKENS,
+        "do_sample": False,
+        "eos_token_id": None,
+        "output_logits": True,
+        "return_dict_in_generate": True,
+        "pad_token_id": loaded.processor.tokenizer.pad_token_id,
+    }
     with torch.no_grad():
         if runtime == "drop":
             with pruned_runtime(loaded.model, config, inputs.layouts) as hooks:
@@ -219,19 +241,32 @@ def _ours(loaded: LoadedModel, sample: Sample, config: PruningConfig, runtime: s
             with pruned_runtime(loaded.model, config, inputs.layouts):
                 out = loaded.model.generate(**inputs.tensors, **generate)
         else:
-            hooks = PruningHooks(config, RegionMasks.from_layouts(inputs.layouts, length, inputs.input_ids.device),
-                                 inputs.layouts, length)
+            hooks = PruningHooks(
+                config,
+                RegionMasks.from_layouts(inputs.layouts, length, inputs.input_ids.device),
+                inputs.layouts,
+                length,
+            )
             with route_attention(loaded.adapter, hooks, length - 1):
                 logits = loaded.model(**inputs.tensors).logits[0, -1]
-            fresh = PruningHooks(config, RegionMasks.from_layouts(inputs.layouts, length, inputs.input_ids.device),
-                                 inputs.layouts, length)
+            fresh = PruningHooks(
+                config,
+                RegionMasks.from_layouts(inputs.layouts, length, inputs.input_ids.device),
+                inputs.layouts,
+                length,
+            )
             with route_attention(loaded.adapter, fresh, length - 1):
                 out = loaded.model.generate(**inputs.tensors, **generate)
     decisions = hooks.decisions(inputs.layouts)
-    return {"selection_layer": int(decisions.selection_layer[0]), "kept": decisions.kept[0],
-            "exit_layer": int(decisions.exit_layer[0]), "logits": logits,
-            "tokens": out.sequences[0, length:].tolist(), "step_logits": [step[0] for step in out.logits[1:]],
-            "layout": inputs.layouts[0]}
+    return {
+        "selection_layer": int(decisions.selection_layer[0]),
+        "kept": decisions.kept[0],
+        "exit_layer": int(decisions.exit_layer[0]),
+        "logits": logits,
+        "tokens": out.sequences[0, length:].tolist(),
+        "step_logits": [step[0] for step in out.logits[1:]],
+        "layout": inputs.layouts[0],
+    }
 
 
 # (model, sample, S, layer-0 rule, layer_threshold, tokens_threshold, what the case must show)
@@ -249,21 +284,41 @@ CASES = [
 
 @pytest.mark.parametrize("implementation", ["sdpa", "eager"])
 @pytest.mark.parametrize(("name", "index", "S", "layer0", "layer_threshold", "tokens_threshold", "shows"), CASES)
-def test_both_executors_follow_the_authors_code(name: str, index: int, S: int, layer0: str, layer_threshold: float,
-                                                tokens_threshold: float, shows: str, implementation: str) -> None:
+def test_both_executors_follow_the_authors_code(
+    name: str,
+    index: int,
+    S: int,
+    layer0: str,
+    layer_threshold: float,
+    tokens_threshold: float,
+    shows: str,
+    implementation: str,
+) -> None:
     """Selection layer, kept set, exit layer, prefill logits (1e-5) and 4 greedy decode steps of the authors' mode,
     token-dropping and mask-based, SDPA and eager, equal the reference written from their code."""
     loaded = _model(name, implementation)
     sample = _sample(name, index)
-    config = PruningConfig(num_layers=loaded.adapter.num_layers, shallow_mid_layer=S, layer_threshold=layer_threshold,
-                           tokens_threshold=tokens_threshold).with_authors_rule(layer0)
+    config = PruningConfig(
+        num_layers=loaded.adapter.num_layers,
+        shallow_mid_layer=S,
+        layer_threshold=layer_threshold,
+        tokens_threshold=tokens_threshold,
+    ).with_authors_rule(layer0)
     config.validate(loaded.adapter.num_layers)
     results = {runtime: _ours(loaded, sample, config, runtime) for runtime in ("drop", "mask")}
     layout = results["drop"]["layout"]
     tensors = loaded.adapter.build_inputs(loaded.processor, [sample]).tensors
-    expected = reference(loaded, tensors, int(layout.image_positions[0]), layout.n_image_tokens,
-                         stages=list(config.stages), shallow_mid_layer=S, layer_threshold=layer_threshold,
-                         tokens_threshold=tokens_threshold, layer0=layer0)
+    expected = reference(
+        loaded,
+        tensors,
+        int(layout.image_positions[0]),
+        layout.n_image_tokens,
+        stages=list(config.stages),
+        shallow_mid_layer=S,
+        layer_threshold=layer_threshold,
+        tokens_threshold=tokens_threshold,
+        layer0=layer0,
+    )
     assert expected.selection_layer > S
     n_image = layout.n_image_tokens
     if shows == "keeps everything":
@@ -274,8 +329,11 @@ def test_both_executors_follow_the_authors_code(name: str, index: int, S: int, l
         assert 0 < len(expected.kept) < n_image
     for runtime, ours in results.items():
         assert (ours["selection_layer"], ours["kept"], ours["exit_layer"]) == (
-            expected.selection_layer, expected.kept, expected.exit_layer), runtime
+            expected.selection_layer,
+            expected.kept,
+            expected.exit_layer,
+        ), runtime
         assert torch.allclose(ours["logits"], expected.prefill_logits, atol=1e-5), runtime
         assert ours["tokens"] == expected.tokens, runtime
-        for step, logits in zip(ours["step_logits"], expected.step_logits):
+        for step, logits in zip(ours["step_logits"], expected.step_logits, strict=True):
             assert torch.allclose(step, logits, atol=1e-4), runtime

@@ -10,8 +10,26 @@ from analysis.benchmarks import trace_overhead
 
 def test_trace_overhead_runs(capsys: pytest.CaptureFixture[str]) -> None:
     """The tracing benchmark prints one row per batch size."""
-    assert trace_overhead.main(["--preset", "tiny", "--batch-sizes", "1", "2", "--repeats", "1", "--warmup", "0",
-                                "--device", "cpu", "--dtype", "float32"]) == 0
+    assert (
+        trace_overhead.main(
+            [
+                "--preset",
+                "tiny",
+                "--batch-sizes",
+                "1",
+                "2",
+                "--repeats",
+                "1",
+                "--warmup",
+                "0",
+                "--device",
+                "cpu",
+                "--dtype",
+                "float32",
+            ]
+        )
+        == 0
+    )
     lines = capsys.readouterr().out.strip().splitlines()
     assert lines[0].startswith("device: cpu") and len(lines) == 4
 
@@ -20,8 +38,22 @@ def test_probe_time_prints_the_run_time_against_the_baseline(capsys) -> None:
     """The probe benchmark runs on a tiny model and prints the baseline, each probe and the total."""
     from analysis.benchmarks import probe_time
 
-    assert probe_time.main(["--model", "tiny-llava", "--limit", "2", "--batch-size", "2",
-                            "--probes", "logit_lens,contribution", "--each"]) == 0
+    assert (
+        probe_time.main(
+            [
+                "--model",
+                "tiny-llava",
+                "--limit",
+                "2",
+                "--batch-size",
+                "2",
+                "--probes",
+                "logit_lens,contribution",
+                "--each",
+            ]
+        )
+        == 0
+    )
     printed = capsys.readouterr().out
     for label in ("greedy evaluation (baseline)", "logit_lens", "contribution", "all probes together"):
         assert label in printed
@@ -31,9 +63,31 @@ def test_pruned_speed_runs(capsys: pytest.CaptureFixture[str]) -> None:
     """The pruned-runtime benchmark prints one row per variant and batch size, FastV matched to VisiPruner's FLOPs."""
     from analysis.benchmarks import pruned_speed
 
-    assert pruned_speed.main(["--preset", "tiny", "--batch-sizes", "1", "2", "--repeats", "3", "--rounds", "2",
-                              "--warmup", "0", "--new-tokens", "2", "--device", "cpu", "--dtype", "float32",
-                              "--rule-cost"]) == 0
+    assert (
+        pruned_speed.main(
+            [
+                "--preset",
+                "tiny",
+                "--batch-sizes",
+                "1",
+                "2",
+                "--repeats",
+                "3",
+                "--rounds",
+                "2",
+                "--warmup",
+                "0",
+                "--new-tokens",
+                "2",
+                "--device",
+                "cpu",
+                "--dtype",
+                "float32",
+                "--rule-cost",
+            ]
+        )
+        == 0
+    )
     lines = capsys.readouterr().out.strip().splitlines()
     assert lines[0].startswith("device: cpu") and len(lines) == 2 + 2 * 5
     assert lines[2].split()[2] == "unpruned" and "visipruner keep 4 @1 exit @2" in lines[3] and "fastv keep" in lines[4]
@@ -75,5 +129,7 @@ def test_compile_around_attention_leaves_attention_eager() -> None:
     compile_around_attention(model)
     for layer in model.model.language_model.layers:
         assert layer.self_attn._compiled_call_impl is None
-        assert all(getattr(layer, name)._compiled_call_impl is not None
-                   for name in ("mlp", "input_layernorm", "post_attention_layernorm"))
+        assert all(
+            getattr(layer, name)._compiled_call_impl is not None
+            for name in ("mlp", "input_layernorm", "post_attention_layernorm")
+        )

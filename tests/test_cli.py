@@ -36,24 +36,32 @@ def _dataset(root: Path, copies: int = 2) -> str:
 
 def _error_line(capsys: pytest.CaptureFixture[str]) -> str:
     """The one line a failed command printed on stderr (progress bars and log lines aside)."""
-    lines = [line for line in capsys.readouterr().err.splitlines()
-             if line.startswith(("error:", "interrupted")) or "Traceback" in line]
+    lines = [
+        line
+        for line in capsys.readouterr().err.splitlines()
+        if line.startswith(("error:", "interrupted")) or "Traceback" in line
+    ]
     assert len(lines) == 1, lines
     return lines[0]
 
 
-@pytest.mark.parametrize(("device", "fix"), [("cuda", "--device cpu"), ("cuda:7", "--device cpu"),
-                                              ("gpu", "use cpu, cuda, cuda:N, mps or auto")])
-def test_unusable_device_is_one_line_naming_the_fix(tmp_path: Path, capsys: pytest.CaptureFixture[str], device: str,
-                                                    fix: str) -> None:
+@pytest.mark.parametrize(
+    ("device", "fix"),
+    [("cuda", "--device cpu"), ("cuda:7", "--device cpu"), ("gpu", "use cpu, cuda, cuda:N, mps or auto")],
+)
+def test_unusable_device_is_one_line_naming_the_fix(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], device: str, fix: str
+) -> None:
     """--device cuda on a CPU-only torch, or an unknown device name, fails in one line before anything is written."""
     import torch
 
     if torch.cuda.is_available():
         pytest.skip("this machine has a GPU")
     out = tmp_path / "out"
-    assert trace_main(["--model", "tiny-llava", "--dataset", _dataset(tmp_path), "--device", device,
-                       "--out", str(out)]) == 2
+    assert (
+        trace_main(["--model", "tiny-llava", "--dataset", _dataset(tmp_path), "--device", device, "--out", str(out)])
+        == 2
+    )
     line = _error_line(capsys)
     assert fix in line and device in line
     assert not out.exists()
@@ -74,17 +82,32 @@ def _interrupt_second_call(monkeypatch: pytest.MonkeyPatch, module: object, name
 
 
 @pytest.mark.parametrize("command", ["trace", "probes", "evaluate"])
-def test_ctrl_c_says_what_was_kept_and_how_to_continue(tmp_path: Path, capsys: pytest.CaptureFixture[str],
-                                                       monkeypatch: pytest.MonkeyPatch, command: str) -> None:
+def test_ctrl_c_says_what_was_kept_and_how_to_continue(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, command: str
+) -> None:
     """Ctrl-C prints one line with what the folder keeps and the exact command that continues; that command works."""
-    mains = {"trace": (trace_main, trace_run, "trace_batch", "samples"),
-             "probes": (probes_main, probes_run, "probe_batch", "samples"),
-             "evaluate": (evaluate_main, evaluate_module, "_prediction_rows", "predictions")}
+    mains = {
+        "trace": (trace_main, trace_run, "trace_batch", "samples"),
+        "probes": (probes_main, probes_run, "probe_batch", "samples"),
+        "evaluate": (evaluate_main, evaluate_module, "_prediction_rows", "predictions"),
+    }
     main, module, name, table = mains[command]
     data = _dataset(tmp_path)
     out = tmp_path / "run"
-    argv = ["--model", "tiny-llava", "--dataset", data, "--batch-size", "3", "--device", "cpu", "--out", str(out),
-            "--max-new-tokens", "2"]
+    argv = [
+        "--model",
+        "tiny-llava",
+        "--dataset",
+        data,
+        "--batch-size",
+        "3",
+        "--device",
+        "cpu",
+        "--out",
+        str(out),
+        "--max-new-tokens",
+        "2",
+    ]
     if command == "probes":
         argv += ["--probes", "knockout,contribution", "--knockout-modes", "single"]
     with monkeypatch.context() as patch:
@@ -98,12 +121,15 @@ def test_ctrl_c_says_what_was_kept_and_how_to_continue(tmp_path: Path, capsys: p
     assert words[:3] == ["python", "-m", f"analysis.{command}"] and words[-1] == "--resume"
     assert main(words[3:]) == 0
     assert sorted(read_table(out, table).to_pandas()["sample_id"]) == sorted(
-        f"{r['id']}-{c}" for c in range(2) for r in LOCAL_RECORDS)
+        f"{r['id']}-{c}" for c in range(2) for r in LOCAL_RECORDS
+    )
 
 
-def test_interrupt_before_any_result_says_nothing_was_written(tmp_path: Path, capsys: pytest.CaptureFixture[str],
-                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+def test_interrupt_before_any_result_says_nothing_was_written(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Ctrl-C while the model loads is one line, exit status 130."""
+
     def interrupted(*args: object, **kwargs: object) -> None:
         raise KeyboardInterrupt
 
@@ -112,10 +138,13 @@ def test_interrupt_before_any_result_says_nothing_was_written(tmp_path: Path, ca
     assert "before any new result was written" in _error_line(capsys)
 
 
-@pytest.mark.parametrize("build", [
-    lambda: __import__("analysis.trace.__main__", fromlist=["build_parser"]).build_parser(),
-    lambda: __import__("analysis.probes.__main__", fromlist=["build_parser"]).build_parser(),
-])
+@pytest.mark.parametrize(
+    "build",
+    [
+        lambda: __import__("analysis.trace.__main__", fromlist=["build_parser"]).build_parser(),
+        lambda: __import__("analysis.probes.__main__", fromlist=["build_parser"]).build_parser(),
+    ],
+)
 @pytest.mark.parametrize("word", ["all", "none", "ALL"])
 def test_limit_all_means_the_whole_split(build: Callable[[], object], word: str) -> None:
     """--limit all (or none) parses to the whole split, which is also the default."""
@@ -125,12 +154,17 @@ def test_limit_all_means_the_whole_split(build: Callable[[], object], word: str)
     assert parser.parse_args(["--limit", "7"]).limit == 7  # type: ignore[attr-defined]
 
 
-@pytest.mark.parametrize("command", [["analysis.trace"], ["analysis.probes"], ["analysis.evaluate"],
-                                     ["analysis.pruner", "sweep"]])
+@pytest.mark.parametrize(
+    "command", [["analysis.trace"], ["analysis.probes"], ["analysis.evaluate"], ["analysis.pruner", "sweep"]]
+)
 def test_every_limit_help_is_true(command: list[str], capsys: pytest.CaptureFixture[str]) -> None:
     """Each dataset command documents --limit the same way: N or all, default all; no 'default: None'."""
-    mains = {"analysis.trace": trace_main, "analysis.probes": probes_main, "analysis.evaluate": evaluate_main,
-             "analysis.pruner": pruner_main}
+    mains = {
+        "analysis.trace": trace_main,
+        "analysis.probes": probes_main,
+        "analysis.evaluate": evaluate_main,
+        "analysis.pruner": pruner_main,
+    }
     with pytest.raises(SystemExit):
         mains[command[0]]([*command[1:], "--help"])
     text = " ".join(capsys.readouterr().out.split())
@@ -141,11 +175,27 @@ def test_every_limit_help_is_true(command: list[str], capsys: pytest.CaptureFixt
 def test_limit_zero_names_the_fix(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """--limit 0 says to pass a positive N or all, and all is accepted by the same command."""
     data = _dataset(tmp_path, copies=1)
-    assert evaluate_main(["--model", "tiny-llava", "--dataset", data, "--limit", "0", "--out",
-                          str(tmp_path / "bad")]) == 2
+    assert (
+        evaluate_main(["--model", "tiny-llava", "--dataset", data, "--limit", "0", "--out", str(tmp_path / "bad")]) == 2
+    )
     assert "or all" in _error_line(capsys)
-    assert evaluate_main(["--model", "tiny-llava", "--dataset", data, "--limit", "all", "--device", "cpu",
-                          "--out", str(tmp_path / "all")]) == 0
+    assert (
+        evaluate_main(
+            [
+                "--model",
+                "tiny-llava",
+                "--dataset",
+                data,
+                "--limit",
+                "all",
+                "--device",
+                "cpu",
+                "--out",
+                str(tmp_path / "all"),
+            ]
+        )
+        == 0
+    )
     assert len(pd.read_parquet(tmp_path / "all" / "predictions")) == len(LOCAL_RECORDS)
 
 
@@ -164,7 +214,9 @@ def test_evaluate_out_follows_the_run_folder_rules(tmp_path: Path, capsys: pytes
     assert evaluate_main([*base, "--out", str(eval_dir)]) == 0
     manifest = json.loads((eval_dir / "manifest.json").read_text())
     assert manifest["status"] == "complete" and manifest["command"] == "analysis.evaluate"
-    assert evaluate_main([*base, "--out", str(eval_dir), "--config", str(CONFIGS / "shapes-llava.visipruner.json")]) == 2
+    assert (
+        evaluate_main([*base, "--out", str(eval_dir), "--config", str(CONFIGS / "shapes-llava.visipruner.json")]) == 2
+    )
     assert "different config" in _error_line(capsys)
     assert evaluate_main([*base[:-1], "3", "--out", str(eval_dir)]) == 2
     assert "max_new_tokens" in _error_line(capsys)
@@ -191,15 +243,28 @@ def test_export_hint_adds_the_missing_probe_as_printed(tmp_path: Path, capsys: p
         added = read_table(run, table).to_pandas()
         expected = read_table(fresh, table).to_pandas()
         columns = [c for c in ("sample_id", "layer", "variant", "layer_start", "ordinal", "position") if c in added]
-        pd.testing.assert_frame_equal(added.sort_values(columns).reset_index(drop=True),
-                                      expected.sort_values(columns).reset_index(drop=True))
+        pd.testing.assert_frame_equal(
+            added.sort_values(columns).reset_index(drop=True), expected.sort_values(columns).reset_index(drop=True)
+        )
 
 
-def test_adding_a_probe_into_a_table_the_run_holds_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_adding_a_probe_into_a_table_the_run_holds_is_refused(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     """masking writes the effects table that knockout filled: adding it says to use a new folder."""
     run = tmp_path / "run"
-    base = ["--model", "tiny-llava", "--dataset", _dataset(tmp_path, copies=1), "--device", "cpu",
-            "--knockout-modes", "single", "--out", str(run)]
+    base = [
+        "--model",
+        "tiny-llava",
+        "--dataset",
+        _dataset(tmp_path, copies=1),
+        "--device",
+        "cpu",
+        "--knockout-modes",
+        "single",
+        "--out",
+        str(run),
+    ]
     assert probes_main([*base, "--probes", "knockout", "--quiet"]) == 0
     assert probes_main([*base, "--probes", "knockout,masking", "--resume"]) == 2
     assert "would write into the effects table" in _error_line(capsys)
@@ -208,8 +273,24 @@ def test_adding_a_probe_into_a_table_the_run_holds_is_refused(tmp_path: Path, ca
 def test_stages_without_kv_removal_names_the_probe_to_run(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """No 'layer None [95% CI nan-nan]': the report names the command that adds the KV-removal probe, which works."""
     run = tmp_path / "run"
-    assert probes_main(["--limit", "3", "--device", "cpu", "--probes", "knockout", "--knockout-modes", "upto,from",
-                        "--out", str(run), "--quiet"]) == 0
+    assert (
+        probes_main(
+            [
+                "--limit",
+                "3",
+                "--device",
+                "cpu",
+                "--probes",
+                "knockout",
+                "--knockout-modes",
+                "upto,from",
+                "--out",
+                str(run),
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     assert stages_main([str(run), "--n-bootstrap", "20"]) == 0
     printed = capsys.readouterr().out
     assert "kv_deep_start" not in printed and "nan" not in printed
@@ -225,8 +306,24 @@ def test_output_files_get_the_usual_mode(tmp_path: Path) -> None:
     """Run files are created as open() would create them under the umask (0644 under 022), not mkstemp's 0600."""
     previous = os.umask(0o022)
     try:
-        assert trace_main(["--model", "tiny-llava", "--dataset", _dataset(tmp_path, copies=1), "--device", "cpu",
-                           "--out", str(tmp_path / "run"), "--max-new-tokens", "0", "--quiet"]) == 0
+        assert (
+            trace_main(
+                [
+                    "--model",
+                    "tiny-llava",
+                    "--dataset",
+                    _dataset(tmp_path, copies=1),
+                    "--device",
+                    "cpu",
+                    "--out",
+                    str(tmp_path / "run"),
+                    "--max-new-tokens",
+                    "0",
+                    "--quiet",
+                ]
+            )
+            == 0
+        )
     finally:
         os.umask(previous)
     files = [path for path in (tmp_path / "run").rglob("*") if path.is_file()]
@@ -235,13 +332,40 @@ def test_output_files_get_the_usual_mode(tmp_path: Path) -> None:
 
 def test_long_commands_show_progress_in_samples(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """Pruned evaluate and pruner sweep draw progress bars counted in samples."""
-    assert evaluate_main(["--split", "validation", "--limit", "4", "--config",
-                          str(CONFIGS / "shapes-llava.visipruner.json"), "--device", "cpu",
-                          "--out", str(tmp_path / "pruned")]) == 0
+    assert (
+        evaluate_main(
+            [
+                "--split",
+                "validation",
+                "--limit",
+                "4",
+                "--config",
+                str(CONFIGS / "shapes-llava.visipruner.json"),
+                "--device",
+                "cpu",
+                "--out",
+                str(tmp_path / "pruned"),
+            ]
+        )
+        == 0
+    )
     err = capsys.readouterr().err
     assert "evaluate (unpruned and pruned)" in err and "4/4" in err and "sample" in err
-    assert pruner_main(["sweep", str(CONFIGS / "shapes-llava.visipruner.json"), "--limit", "2", "--batch-size", "2",
-                        "--device", "cpu"]) == 0
+    assert (
+        pruner_main(
+            [
+                "sweep",
+                str(CONFIGS / "shapes-llava.visipruner.json"),
+                "--limit",
+                "2",
+                "--batch-size",
+                "2",
+                "--device",
+                "cpu",
+            ]
+        )
+        == 0
+    )
     err = capsys.readouterr().err
     assert "sweep" in err and "10/10" in err and "sample" in err  # clean answers + the config + 3 baselines
 
@@ -271,11 +395,39 @@ def test_no_transformers_future_warnings(tmp_path: Path) -> None:
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         assert trace_main(["--limit", "2", "--device", "cpu", "--out", str(tmp_path / "t"), "--quiet"]) == 0
-        assert probes_main(["--limit", "2", "--device", "cpu", "--knockout-modes", "single",
-                            "--out", str(tmp_path / "p"), "--quiet"]) == 0
-        assert evaluate_main(["--split", "validation", "--limit", "2", "--config",
-                              str(CONFIGS / "shapes-llava.visipruner.json"), "--device", "cpu",
-                              "--out", str(tmp_path / "e")]) == 0
+        assert (
+            probes_main(
+                [
+                    "--limit",
+                    "2",
+                    "--device",
+                    "cpu",
+                    "--knockout-modes",
+                    "single",
+                    "--out",
+                    str(tmp_path / "p"),
+                    "--quiet",
+                ]
+            )
+            == 0
+        )
+        assert (
+            evaluate_main(
+                [
+                    "--split",
+                    "validation",
+                    "--limit",
+                    "2",
+                    "--config",
+                    str(CONFIGS / "shapes-llava.visipruner.json"),
+                    "--device",
+                    "cpu",
+                    "--out",
+                    str(tmp_path / "e"),
+                ]
+            )
+            == 0
+        )
     future = [str(w.message) for w in caught if issubclass(w.category, FutureWarning)]
     assert not future, future
 
@@ -296,8 +448,9 @@ def test_toolkit_help_lists_every_command(capsys: pytest.CaptureFixture[str]) ->
         assert callable(module.main)
 
 
-def test_offline_hub_benchmark_names_the_flag(tmp_path: Path, capsys: pytest.CaptureFixture[str],
-                                              monkeypatch: pytest.MonkeyPatch) -> None:
+def test_offline_hub_benchmark_names_the_flag(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
     """--dataset gqa without network ends in one line naming --data-dir (the flag), not data_dir."""
     import datasets
 

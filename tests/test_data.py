@@ -40,8 +40,13 @@ def _color(sample: Sample, index: int = 0) -> tuple[int, int, int]:
 def _sample(answer: str | None, answer_type: str = "open", choices: list[str] | None = None) -> Sample:
     """A minimal sample for scoring tests (scoring never looks at the images)."""
     return Sample(
-        sample_id="s", images=[], prompt="q", question="q", answer=answer,
-        choices=choices or [], answer_type=answer_type,
+        sample_id="s",
+        images=[],
+        prompt="q",
+        question="q",
+        answer=answer,
+        choices=choices or [],
+        answer_type=answer_type,
     )
 
 
@@ -86,7 +91,9 @@ def test_mme_keeps_question_as_prompt_and_makes_paired_ids_unique(tmp_path: Path
     """MME prompts are the raw question and the two questions of an image get distinct ids."""
     samples = load_samples("mme", data_dir=str(write_mme(tmp_path)))
     assert [s.sample_id for s in samples] == [
-        "code_reasoning/0020.png", "code_reasoning/0020.png#2", "existence/000000006040.jpg",
+        "code_reasoning/0020.png",
+        "code_reasoning/0020.png#2",
+        "existence/000000006040.jpg",
     ]
     assert samples[0].prompt == "Is a c++ code shown in the picture? Please answer yes or no."
     assert [s.answer for s in samples] == ["yes", "no", "yes"]
@@ -111,12 +118,10 @@ def test_scienceqa_builds_lettered_prompt_with_optional_context(tmp_path: Path) 
     samples = load_samples("scienceqa-img", data_dir=str(write_scienceqa(tmp_path)))
     no_hint, with_hint = samples
     assert no_hint.prompt == (
-        "Which of these states is farthest north?\nA. West Virginia\nB. Louisiana\nC. Arizona\nD. Oklahoma"
-        + LETTER
+        "Which of these states is farthest north?\nA. West Virginia\nB. Louisiana\nC. Arizona\nD. Oklahoma" + LETTER
     )
     assert with_hint.prompt == (
-        "Context: Two magnets are placed as shown.\nWill these magnets attract or repel?\nA. repel\nB. attract"
-        + LETTER
+        "Context: Two magnets are placed as shown.\nWill these magnets attract or repel?\nA. repel\nB. attract" + LETTER
     )
     assert (no_hint.answer, with_hint.answer) == ("A", "B")
     assert with_hint.choices == ["repel", "attract"]
@@ -129,8 +134,7 @@ def test_mmbench_reads_option_columns_and_hint(tmp_path: Path) -> None:
     samples = load_samples("mmbench", data_dir=str(write_mmbench(tmp_path)))
     first, second = samples
     assert first.prompt == (
-        "The object is a fruit.\nWhat is the main color of the object?\nA. green\nB. red\nC. blue\nD. yellow"
-        + LETTER
+        "The object is a fruit.\nWhat is the main color of the object?\nA. green\nB. red\nC. blue\nD. yellow" + LETTER
     )
     assert second.prompt == "Which animal is shown?\nA. cat\nB. dog\nC. bird" + LETTER
     assert second.choices == ["cat", "dog", "bird"]
@@ -213,6 +217,7 @@ def test_missing_split_in_data_dir_names_available_splits(tmp_path: Path) -> Non
 
 def test_missing_hub_split_is_reraised_with_available_splits(monkeypatch: pytest.MonkeyPatch) -> None:
     """The datasets library's unknown-split error becomes a DataError listing the splits."""
+
     def unknown_split(*args: object, **kwargs: object) -> None:
         raise ValueError("Unknown split \"val\". Should be one of ['testdev'].")
 
@@ -223,6 +228,7 @@ def test_missing_hub_split_is_reraised_with_available_splits(monkeypatch: pytest
 
 def test_unreachable_hub_dataset_says_how_to_fix(monkeypatch: pytest.MonkeyPatch) -> None:
     """A hub download failure suggests logging in or passing data_dir."""
+
     def offline(*args: object, **kwargs: object) -> None:
         raise ConnectionError("no network")
 

@@ -47,18 +47,48 @@ def test_cli_evaluates_a_pruning_config(tmp_path: Path, capsys: pytest.CaptureFi
     a config for another depth is refused before anything is written."""
     configs = Path(__file__).resolve().parent.parent / "configs"
     data = str(write_jsonl(tmp_path / "data", LOCAL_RECORDS))
-    for flag, name in (("--config", "shapes-llava.visipruner.json"),
-                       ("--pruning-config", "shapes-llava.visipruner.authors.json")):
+    for flag, name in (
+        ("--config", "shapes-llava.visipruner.json"),
+        ("--pruning-config", "shapes-llava.visipruner.authors.json"),
+    ):
         out = tmp_path / name
-        assert main(["--split", "validation", "--limit", "16", flag, str(configs / name), "--out", str(out),
-                     "--device", "cpu"]) == 0
+        assert (
+            main(
+                [
+                    "--split",
+                    "validation",
+                    "--limit",
+                    "16",
+                    flag,
+                    str(configs / name),
+                    "--out",
+                    str(out),
+                    "--device",
+                    "cpu",
+                ]
+            )
+            == 0
+        )
         summary = json.loads((out / "pruned_summary.json").read_text())["summary"]
         assert 0 < summary["flops_cut"] < 100 and 0 <= summary["agreement"] <= 100
         assert "flops_cut" in capsys.readouterr().out
     deeper = json.loads((configs / "shapes-llava.visipruner.json").read_text())
     deeper["num_layers"] = 32
     (tmp_path / "deeper.json").write_text(json.dumps(deeper))
-    assert main(["--dataset", data, "--config", str(tmp_path / "deeper.json"), "--out", str(tmp_path / "bad"),
-                 "--device", "cpu"]) == 2
+    assert (
+        main(
+            [
+                "--dataset",
+                data,
+                "--config",
+                str(tmp_path / "deeper.json"),
+                "--out",
+                str(tmp_path / "bad"),
+                "--device",
+                "cpu",
+            ]
+        )
+        == 2
+    )
     assert "32-layer model but this model has 12 layers" in capsys.readouterr().err
     assert not (tmp_path / "bad").exists()

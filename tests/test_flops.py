@@ -5,7 +5,13 @@ from __future__ import annotations
 import pytest
 
 from analysis.pruner.flops import (
-    DecoderShape, LayerTokens, decode_flops, exact_layer_flops, fastv_layer_flops, kv_cache_bytes, prefill_flops,
+    DecoderShape,
+    LayerTokens,
+    decode_flops,
+    exact_layer_flops,
+    fastv_layer_flops,
+    kv_cache_bytes,
+    prefill_flops,
 )
 
 LLAVA_7B = DecoderShape(num_layers=32, hidden=4096, intermediate=11008, num_heads=32, num_kv_heads=32, head_dim=128)

@@ -39,8 +39,9 @@ def test_cache_kwargs_use_the_name_the_installed_forward_takes() -> None:
 def test_the_supported_range_is_the_declared_one_and_closed() -> None:
     """The range in messages is pyproject's (installed metadata), with an upper bound that admits no untested minor."""
     declared = hf.supported_transformers()
-    assert re.fullmatch(r">=\d+\.\d+(\.\d+)?,\s*<=\d+\.\d+\.\d+|<=\d+\.\d+\.\d+,\s*>=\d+\.\d+(\.\d+)?",
-                        declared.replace(" ", "")), declared
+    assert re.fullmatch(
+        r">=\d+\.\d+(\.\d+)?,\s*<=\d+\.\d+\.\d+|<=\d+\.\d+\.\d+,\s*>=\d+\.\d+(\.\d+)?", declared.replace(" ", "")
+    ), declared
     message = str(hf.compatibility_error("something moved"))
     assert hf.installed_transformers() in message and declared in message and "not a problem with your input" in message
 
@@ -52,8 +53,9 @@ def test_the_installed_transformers_is_in_the_declared_range() -> None:
     assert hf.installed_transformers() in SpecifierSet(hf.supported_transformers())
 
 
-def test_an_untested_release_is_named_at_the_start_of_every_command(monkeypatch: pytest.MonkeyPatch,
-                                                                    caplog: pytest.LogCaptureFixture) -> None:
+def test_an_untested_release_is_named_at_the_start_of_every_command(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
     """A transformers outside the declared range gets one warning line naming it, the range and the fix."""
     from analysis import __main__ as toolkit_main
 

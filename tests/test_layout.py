@@ -20,14 +20,16 @@ def test_two_images_mid_prompt(tiny_eager: LoadedModel, samples) -> None:
     assert len(layout.images) == 2
     first, second = layout.images
     assert first.end < second.start, "text ('and') must separate the images"
-    assert all(ids[p] == tiny_eager.adapter.image_token_id for span in layout.images for p in range(span.start, span.end))
+    assert all(
+        ids[p] == tiny_eager.adapter.image_token_id for span in layout.images for p in range(span.start, span.end)
+    )
     between = tokenizer.decode(ids[first.end : second.start], skip_special_tokens=True)
     assert "and" in between
     assert set(layout.regions[first.end : second.start]) == {REGION_INSTRUCTION}
     # "compare" sits between the system prompt and the first image and belongs to the instruction.
     assert "compare" in tokenizer.decode(ids[layout.system.end : first.start], skip_special_tokens=True)
     # Grid sizes multiply to the token counts; the second image is larger in the qwen family.
-    for span, (rows, cols) in zip(layout.images, layout.image_grids):
+    for span, (rows, cols) in zip(layout.images, layout.image_grids, strict=True):
         assert rows * cols == len(span)
     assert layout.last == len(ids) - 1
     assert layout.regions[layout.last] == REGION_INSTRUCTION
@@ -51,11 +53,14 @@ def test_layout_independent_of_padding(tiny_eager: LoadedModel, samples) -> None
     """A sample's layout in a left-padded batch equals its layout alone, up to the pad offset."""
     batch = tiny_eager.adapter.build_inputs(tiny_eager.processor, samples).layouts
     assert any(layout.pad_offset > 0 for layout in batch)
-    for sample, in_batch in zip(samples, batch):
+    for sample, in_batch in zip(samples, batch, strict=True):
         alone = tiny_eager.adapter.build_inputs(tiny_eager.processor, [sample]).layouts[0]
         assert alone.pad_offset == 0
         assert (alone.system, alone.images, alone.image_grids, alone.length) == (
-            in_batch.system, in_batch.images, in_batch.image_grids, in_batch.length
+            in_batch.system,
+            in_batch.images,
+            in_batch.image_grids,
+            in_batch.length,
         )
         assert np.array_equal(alone.regions, in_batch.regions)
 

@@ -17,8 +17,14 @@ nbclient = pytest.importorskip("nbclient")
 
 NOTEBOOKS_DIR = Path(__file__).resolve().parent.parent / "notebooks"
 NOTEBOOKS = sorted(NOTEBOOKS_DIR.glob("*.ipynb"))
-EXPECTED = ["01_attention_sinks", "02_task_intent", "03_three_stages", "04_redundancy_paradox", "05_critical_tokens",
-            "06_pruning"]
+EXPECTED = [
+    "01_attention_sinks",
+    "02_task_intent",
+    "03_three_stages",
+    "04_redundancy_paradox",
+    "05_critical_tokens",
+    "06_pruning",
+]
 REQUIRED_PARAMETERS = ("MODEL", "DATASET", "LIMIT", "RUN_DIR", "FIGURES")
 
 
@@ -44,13 +50,14 @@ async def _execute_all(jobs: dict[str, nbformat.NotebookNode], workers: int) -> 
 
     async def run(notebook: nbformat.NotebookNode) -> None:
         async with slots:
-            client = nbclient.NotebookClient(notebook, timeout=300, kernel_name="python3",
-                                             resources={"metadata": {"path": str(NOTEBOOKS_DIR)}})
+            client = nbclient.NotebookClient(
+                notebook, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(NOTEBOOKS_DIR)}}
+            )
             # One torch thread per kernel: tiny models gain nothing from more, and concurrent kernels would contend.
             await client.async_execute(env={**os.environ, "OMP_NUM_THREADS": "1"})
 
     outcomes = await asyncio.gather(*(run(notebook) for notebook in jobs.values()), return_exceptions=True)
-    return dict(zip(jobs, outcomes))
+    return dict(zip(jobs, outcomes, strict=True))
 
 
 def test_all_findings_have_a_notebook() -> None:
@@ -95,18 +102,28 @@ RUN_IDS = [f"{model}/{stem}" for model, stem in RUNS]
 def executed(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     """Execute the selected notebook runs; maps run id -> (notebook, outcome, work folder)."""
     # Concurrently, so that kernel start-ups and imports (most of the time) overlap.
-    selected = {item.callspec.id for item in request.session.items
-                if item.originalname == "test_notebook_runs" and hasattr(item, "callspec")}
+    selected = {
+        item.callspec.id
+        for item in request.session.items
+        if item.originalname == "test_notebook_runs" and hasattr(item, "callspec")
+    }
     root = tmp_path_factory.mktemp("notebooks")
     dataset = variable_grid_dataset(root / "data")
     jobs, folders = {}, {}
-    for run_id, (model, stem) in zip(RUN_IDS, RUNS):
+    for run_id, (model, stem) in zip(RUN_IDS, RUNS, strict=True):
         if run_id not in selected:
             continue
         work = root / run_id.replace("/", "-")
-        overrides: dict[str, object] = {"MODEL": model, "DATASET": "shapes-vqa", "LIMIT": 4,
-                                        "RUN_DIR": str(work / "run"), "FIGURES": str(work / "figures"),
-                                        "N_BOOTSTRAP": 50, "EVAL_LIMIT": 4, "TARGETS": [0.9]}
+        overrides: dict[str, object] = {
+            "MODEL": model,
+            "DATASET": "shapes-vqa",
+            "LIMIT": 4,
+            "RUN_DIR": str(work / "run"),
+            "FIGURES": str(work / "figures"),
+            "N_BOOTSTRAP": 50,
+            "EVAL_LIMIT": 4,
+            "TARGETS": [0.9],
+        }
         if model.startswith("tiny-"):
             overrides.update(DATASET=str(dataset), LIMIT=None)
         jobs[run_id] = _inject(NOTEBOOKS_DIR / f"{stem}.ipynb", overrides)

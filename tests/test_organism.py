@@ -49,8 +49,15 @@ def smoke_dir(tmp_path_factory) -> Path:
 
 
 def test_smoke_training_writes_a_complete_organism(smoke_dir):
-    for name in ("model.safetensors", "config.json", "processor_config.json", "tokenizer.json",
-                 "chat_template.jinja", "training_config.json", "training_log.jsonl"):
+    for name in (
+        "model.safetensors",
+        "config.json",
+        "processor_config.json",
+        "tokenizer.json",
+        "chat_template.jinja",
+        "training_config.json",
+        "training_log.jsonl",
+    ):
         assert (smoke_dir / name).is_file(), name
     assert (smoke_dir / "model.safetensors").stat().st_size < 25_000_000
     check_organism_files(smoke_dir)
@@ -113,7 +120,10 @@ def test_training_tokens_match_inference_inputs(processor, adapter):
         trained = data.vqa.input_ids[row][mask].tolist()
         answer = data.vqa.labels[row][mask][len(reference) :].tolist()
         assert trained[: len(reference)] == reference
-        assert answer == [*tokenizer(samples[row].answer, add_special_tokens=False)["input_ids"], tokenizer.eos_token_id]
+        assert answer == [
+            *tokenizer(samples[row].answer, add_special_tokens=False)["input_ids"],
+            tokenizer.eos_token_id,
+        ]
         assert (data.vqa.labels[row][mask][: len(reference)] == -100).all()
     images = pixel_values(data.pixels[data.vqa.image_index], processor.image_processor)
     torch.testing.assert_close(images, inputs.tensors["pixel_values"], atol=1e-5, rtol=0)
@@ -194,7 +204,9 @@ def test_shipped_organism_answers_fixed_test_questions_offline(monkeypatch):
     processor = AutoProcessor.from_pretrained(ORGANISM_DIR)
     assert model.config.model_type == "llava" and model.config.text_config.num_hidden_layers >= 12
     samples = generate_samples("test", 14)
-    assert sorted(s.family for s in samples) == sorted(2 * ["color", "shape", "count", "exist", "spatial", "read", "control"])
+    assert sorted(s.family for s in samples) == sorted(
+        2 * ["color", "shape", "count", "exist", "spatial", "read", "control"]
+    )
     replies = {}
     for sample in samples:
         conversation = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": sample.prompt}]}]

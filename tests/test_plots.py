@@ -32,8 +32,6 @@ PROBES = "knockout,masking,kv_removal,logit_lens,contribution,token_ablation"
 FAST = StageConfig(n_bootstrap=50, critical_threshold=0.001)  # a tiny threshold so random models have critical tokens
 
 
-
-
 @dataclass
 class Runs:
     """A trace and a probe run of one model."""
@@ -62,11 +60,21 @@ def runs(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactor
         dataset, limit = "shapes-vqa", 6
     else:
         dataset, limit = str(variable_grid_dataset(root / "data")), None
-    trace = TraceConfig(model=request.param, dataset=dataset, limit=limit, out=str(root / "trace"), device="cpu",
-                        max_new_tokens=2)
-    probe = ProbeConfig(model=request.param, dataset=dataset, limit=limit, out=str(root / "probe"), device="cpu",
-                        probes=PROBES, knockout_modes="upto,from", knockout_queries="instruction", mask_seeds=2,
-                        max_new_tokens=2)
+    trace = TraceConfig(
+        model=request.param, dataset=dataset, limit=limit, out=str(root / "trace"), device="cpu", max_new_tokens=2
+    )
+    probe = ProbeConfig(
+        model=request.param,
+        dataset=dataset,
+        limit=limit,
+        out=str(root / "probe"),
+        device="cpu",
+        probes=PROBES,
+        knockout_modes="upto,from",
+        knockout_queries="instruction",
+        mask_seeds=2,
+        max_new_tokens=2,
+    )
     run_trace(trace, progress=False)
     run_probes(probe, progress=False)
     return Runs(root / "trace", root / "probe", probe)
@@ -93,7 +101,7 @@ def test_attention_sink_heatmaps(runs: Runs) -> None:
     samples = read_table(runs.trace, "samples").to_pandas().set_index("sample_id")
     n_layers = read_table(runs.trace, "image_tokens").to_pandas()["layer"].nunique()
     for sample_id, row in samples.iterrows():
-        for image_index, grid in enumerate(zip(row["image_rows"], row["image_cols"])):
+        for image_index, grid in enumerate(zip(row["image_rows"], row["image_cols"], strict=True)):
             fig = plots.attention_sink_heatmaps(runs.trace, sample_id, image_index=image_index)
             arrays = _images(fig)
             assert len(arrays) == n_layers and all(array.shape == tuple(grid) for array in arrays)
@@ -197,13 +205,17 @@ def test_masking_bars(runs: Runs) -> None:
     depths = effects.loc[effects["probe"] == "masking", "layer_end"].nunique()
     fig = plots.masking_bars(runs.probe, n_boot=50)
     left, right = fig.axes
-    bars = [[bar for container in ax.containers if isinstance(container, BarContainer) for bar in container]
-            for ax in (left, right)]
+    bars = [
+        [bar for container in ax.containers if isinstance(container, BarContainer) for bar in container]
+        for ax in (left, right)
+    ]
     assert len(bars[0]) == len(bars[1]) == 4 * depths
     assert "nats" in left.get_ylabel() and "% of samples" in right.get_ylabel()
     legend = _texts(fig)
-    assert all(name in legend for name in ("top 10% most attended", "random 10% (2 seeds)", "all but the top 10%",
-                                           "all image tokens"))
+    assert all(
+        name in legend
+        for name in ("top 10% most attended", "random 10% (2 seeds)", "all but the top 10%", "all image tokens")
+    )
     heights = sorted(round(bar.get_height(), 5) for bar in bars[0])
     masked = effects[effects["probe"] == "masking"]
     per_sample = masked.groupby(["variant", "layer_end", "sample_id"])["delta_logprob"].mean()
@@ -233,7 +245,8 @@ def test_critical_token_figure(runs: Runs) -> None:
     heat = _images(fig)[0]
     assert heat.sum() == pytest.approx(critical["n_critical"].mean())
     samples = read_table(runs.probe, "samples").to_pandas()
-    shapes = {(r, c) for rows, cols in zip(samples["image_rows"], samples["image_cols"]) for r, c in zip(rows, cols)}
+    grids = zip(samples["image_rows"], samples["image_cols"], strict=True)
+    shapes = {(r, c) for rows, cols in grids for r, c in zip(rows, cols, strict=True)}
     assert ("rescaled" in grid.get_title()) == (len(shapes) > 1)
     if len(shapes) == 1:
         assert heat.shape == next(iter(shapes))
@@ -288,9 +301,15 @@ def test_pruning_tradeoff_from_a_sweep_table(tmp_path) -> None:
 
     from analysis.errors import ConfigError
 
-    table = pd.DataFrame({"method": ["visipruner", "fastv", "random", "pre_llm"] * 2,
-                          "accuracy": [95, 90, 80, 70, 94, 85, 75, 65], "agreement": [97, 91, 81, 71, 96, 86, 76, 66],
-                          "flops_cut": [40, 40, 41, 39, 60, 60, 61, 59], "baseline_accuracy": [96] * 8})
+    table = pd.DataFrame(
+        {
+            "method": ["visipruner", "fastv", "random", "pre_llm"] * 2,
+            "accuracy": [95, 90, 80, 70, 94, 85, 75, 65],
+            "agreement": [97, 91, 81, 71, 96, 86, 76, 66],
+            "flops_cut": [40, 40, 41, 39, 60, 60, 61, 59],
+            "baseline_accuracy": [96] * 8,
+        }
+    )
     path = tmp_path / "sweep.csv"
     table.to_csv(path, index=False)
     fig = plots.pruning_tradeoff(path)

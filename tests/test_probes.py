@@ -13,9 +13,6 @@ from conftest import FAMILIES
 from fixtures_data import LOCAL_RECORDS, write_jsonl
 
 from analysis.errors import ConfigError
-from analysis.models.registry import LoadedModel, load_model
-from analysis.probes import measure
-from analysis.probes.__main__ import main
 from analysis.hooks.attention import (
     AttentionHooks,
     Knockout,
@@ -24,6 +21,9 @@ from analysis.hooks.attention import (
     ZeroedEdges,
     route_attention,
 )
+from analysis.models.registry import LoadedModel, load_model
+from analysis.probes import measure
+from analysis.probes.__main__ import main
 from analysis.probes.measure import (
     AnswerScores,
     SuffixScorer,
@@ -72,7 +72,9 @@ def test_full_image_knockout_equals_masked_model(tiny_sdpa: LoadedModel, samples
     batch, seq_len = inputs.input_ids.shape
     masks = RegionMasks.from_layouts(inputs.layouts, seq_len, inputs.input_ids.device)
     layers = frozenset(range(tiny_sdpa.adapter.num_layers))
-    with route_attention(tiny_sdpa.adapter, KnockoutHooks(masks, [Knockout("instruction", "image", layers)]), seq_len - 1):
+    with route_attention(
+        tiny_sdpa.adapter, KnockoutHooks(masks, [Knockout("instruction", "image", layers)]), seq_len - 1
+    ):
         knocked = _forward(tiny_sdpa, inputs.tensors)
     # Independent computation: causal + padding mask, with image columns hidden from non-image rows.
     allowed = torch.ones(seq_len, seq_len).tril().bool()[None].expand(batch, -1, -1).clone()
@@ -87,7 +89,10 @@ def test_full_image_knockout_equals_masked_model(tiny_sdpa: LoadedModel, samples
     if tiny_sdpa.adapter.model_type == "qwen2_5_vl":
         # M-RoPE positions are computed from the 2-D padding mask; a 4-D mask hides it, so pass them explicitly.
         position_ids, _ = tiny_sdpa.model.model.get_rope_index(
-            inputs.input_ids, tensors["mm_token_type_ids"], tensors["image_grid_thw"], attention_mask=inputs.attention_mask
+            inputs.input_ids,
+            tensors["mm_token_type_ids"],
+            tensors["image_grid_thw"],
+            attention_mask=inputs.attention_mask,
         )
         tensors["position_ids"] = position_ids
     tensors["attention_mask"] = additive
@@ -101,7 +106,7 @@ def test_contribution_output_matches_attention(tiny_sdpa: LoadedModel, samples) 
     """The probe's o equals the attention output before o_proj at the last position, in a left-padded batch."""
     inputs = tiny_sdpa.adapter.build_inputs(tiny_sdpa.processor, samples)
     assert any(layout.pad_offset for layout in inputs.layouts)
-    forced = teacher_forced(inputs, [s.answer for s in samples], tiny_sdpa.processor.tokenizer)
+    forced = teacher_forced(tiny_sdpa.adapter, inputs, [s.answer for s in samples], tiny_sdpa.processor.tokenizer)
     captured: dict[int, torch.Tensor] = {}
     handles = [
         layer.self_attn.o_proj.register_forward_pre_hook(
@@ -136,7 +141,7 @@ def test_suffix_scores_match_full_pass(tiny_sdpa: LoadedModel, samples) -> None:
     """Scoring from the clean prefix cache equals a full forward pass, with and without knockouts, left-padded."""
     inputs = tiny_sdpa.adapter.build_inputs(tiny_sdpa.processor, samples)
     assert any(layout.pad_offset for layout in inputs.layouts)
-    forced = teacher_forced(inputs, [s.answer for s in samples], tiny_sdpa.processor.tokenizer)
+    forced = teacher_forced(tiny_sdpa.adapter, inputs, [s.answer for s in samples], tiny_sdpa.processor.tokenizer)
     masks = RegionMasks.from_layouts(inputs.layouts, forced.prompt_length, inputs.input_ids.device)
     with torch.inference_mode():
         scorer, clean = SuffixScorer.capture(tiny_sdpa.model, tiny_sdpa.adapter, forced, _first_text_query(masks))
@@ -218,9 +223,19 @@ def test_probe_run_tables(tmp_path: Path) -> None:
     """Every probe writes its table with rows for every sample, on both families."""
     for model in FAMILIES.values():
         out = tmp_path / model
-        config = ProbeConfig(model=model, dataset=_dataset(tmp_path), limit=None, out=str(out), device="cpu",
-                             mask_layers="1,2", kv_layers="0,3", batch_size=3, knockout_modes="single,from",
-                             probes=",".join(PROBES), ablation_layers="1:3")
+        config = ProbeConfig(
+            model=model,
+            dataset=_dataset(tmp_path),
+            limit=None,
+            out=str(out),
+            device="cpu",
+            mask_layers="1,2",
+            kv_layers="0,3",
+            batch_size=3,
+            knockout_modes="single,from",
+            probes=",".join(PROBES),
+            ablation_layers="1:3",
+        )
         result = run_probes(config, progress=False)
         assert result.n_samples == len(LOCAL_RECORDS)
         effects = pd.read_parquet(out / "effects")

@@ -11,8 +11,8 @@ import torch
 from conftest import FAMILIES
 
 from analysis.errors import ConfigError
-from analysis.models.registry import LoadedModel, load_model
 from analysis.hooks.attention import RegionMasks, route_attention
+from analysis.models.registry import LoadedModel, load_model
 from analysis.pruner.config import PruningConfig, load_config, parse_config
 from analysis.pruner.evaluation import evaluate_pruned, summarize
 from analysis.pruner.simulate import PruningHooks
@@ -31,8 +31,9 @@ def _logits(loaded: LoadedModel, samples, config: PruningConfig | None) -> torch
         if config is None:
             return loaded.model(**inputs.tensors).logits
         length = inputs.input_ids.shape[1]
-        hooks = PruningHooks(config, RegionMasks.from_layouts(inputs.layouts, length, inputs.input_ids.device),
-                             inputs.layouts, length)
+        hooks = PruningHooks(
+            config, RegionMasks.from_layouts(inputs.layouts, length, inputs.input_ids.device), inputs.layouts, length
+        )
         with route_attention(loaded.adapter, hooks, length - 1):
             return loaded.model(**inputs.tensors).logits
 
@@ -42,13 +43,20 @@ def test_all_off_is_bit_identical(tiny: LoadedModel, samples) -> None:
     reference = _logits(tiny, samples, None)
     layers = tiny.adapter.num_layers
     assert torch.equal(_logits(tiny, samples, PruningConfig(method="none", num_layers=layers)), reference)
-    assert torch.equal(_logits(tiny, samples, PruningConfig(num_layers=layers, stages=[], shallow_mid_layer=1)), reference)
+    assert torch.equal(
+        _logits(tiny, samples, PruningConfig(num_layers=layers, stages=[], shallow_mid_layer=1)), reference
+    )
 
 
 def test_keeping_every_token_keeps_answers(tiny: LoadedModel, samples) -> None:
     """A selection that keeps every image token (tokens_threshold 0, no shallow or deep stage) changes no answer."""
-    config = PruningConfig(num_layers=tiny.adapter.num_layers, stages=["middle"], shallow_mid_layer=0,
-                           layer_threshold=1.0, tokens_threshold=0.0)
+    config = PruningConfig(
+        num_layers=tiny.adapter.num_layers,
+        stages=["middle"],
+        shallow_mid_layer=0,
+        layer_threshold=1.0,
+        tokens_threshold=0.0,
+    )
     per_sample = evaluate_pruned(tiny, samples, config, batch_size=4)
     assert (per_sample["selection_layer"] == 1).all() and (per_sample["n_kept"] == per_sample["n_image"]).all()
     assert per_sample["agrees"].all()
@@ -56,8 +64,9 @@ def test_keeping_every_token_keeps_answers(tiny: LoadedModel, samples) -> None:
 
 def test_batch_equals_single(tiny: LoadedModel, samples) -> None:
     """Per-sample decisions, answers and FLOPs do not depend on batching."""
-    config = PruningConfig(num_layers=tiny.adapter.num_layers, shallow_mid_layer=1, layer_threshold=0.9999,
-                           tokens_threshold=0.02)
+    config = PruningConfig(
+        num_layers=tiny.adapter.num_layers, shallow_mid_layer=1, layer_threshold=0.9999, tokens_threshold=0.02
+    )
     batched = evaluate_pruned(tiny, samples, config, batch_size=4)
     single = evaluate_pruned(tiny, samples, config, batch_size=1)
     columns = ["pruned_answer", "selection_layer", "exit_layer", "n_kept", "flops"]
@@ -69,8 +78,9 @@ def test_baselines_keep_their_budget(tiny: LoadedModel, samples) -> None:
     layers = tiny.adapter.num_layers
     cuts = {}
     for method in ("fastv", "random", "pre_llm"):
-        per_sample = evaluate_pruned(tiny, samples, PruningConfig(method=method, num_layers=layers, prune_layer=2,
-                                                                  keep_tokens=3), batch_size=4)
+        per_sample = evaluate_pruned(
+            tiny, samples, PruningConfig(method=method, num_layers=layers, prune_layer=2, keep_tokens=3), batch_size=4
+        )
         assert (per_sample["n_kept"] == 3).all()
         cuts[method] = summarize(per_sample)["flops_cut"]
     assert cuts["fastv"] == pytest.approx(cuts["random"]) and cuts["pre_llm"] > cuts["fastv"] > 0
@@ -79,8 +89,15 @@ def test_baselines_keep_their_budget(tiny: LoadedModel, samples) -> None:
 @pytest.mark.parametrize("method", ["visipruner", "fastv", "pre_llm", "none"])
 def test_dropping_runtime_evaluates_like_the_masks(tiny: LoadedModel, samples, method: str) -> None:
     """Evaluation with tokens really dropped gives the mask-based answers, decisions and FLOPs."""
-    config = PruningConfig(method=method, num_layers=tiny.adapter.num_layers, shallow_mid_layer=1,
-                           layer_threshold=0.9999, tokens_threshold=0.02, prune_layer=2, keep_tokens=3)
+    config = PruningConfig(
+        method=method,
+        num_layers=tiny.adapter.num_layers,
+        shallow_mid_layer=1,
+        layer_threshold=0.9999,
+        tokens_threshold=0.02,
+        prune_layer=2,
+        keep_tokens=3,
+    )
     masked = evaluate_pruned(tiny, samples, config, batch_size=4, runtime="mask")
     dropped = evaluate_pruned(tiny, samples, config, batch_size=4, runtime="drop")
     assert dropped.equals(masked)
@@ -104,7 +121,9 @@ def _zeroed_eager(module, query, key, value, attention_mask, scaling, dropout=0.
     layer = module.layer_idx
     if layer < settings["shallow_mid_layer"]:
         rule = settings["layer0"] if layer == 0 else "none"
-        for row, (text, image_rows, image) in enumerate(zip(settings["text"], settings["image_rows"], settings["image"])):
+        for row, (text, image_rows, image) in enumerate(
+            zip(settings["text"], settings["image_rows"], settings["image"], strict=True)
+        ):
             sample = weights[row]  # (H, Q, K), edited in place
             if rule == "authors_7b":
                 removed = sample[:, text][:, :, image].sum(-1)  # (H, text queries)
@@ -144,11 +163,14 @@ def test_authors_shallow_rule_matches_zeroed_eager_weights(samples, layer0_rule:
     for name in FAMILIES.values():
         loaded = load_model(name)
         layers = loaded.adapter.num_layers
-        config = PruningConfig(num_layers=layers, stages=["shallow"], shallow_mid_layer=2).with_authors_rule(layer0_rule)
+        config = PruningConfig(num_layers=layers, stages=["shallow"], shallow_mid_layer=2).with_authors_rule(
+            layer0_rule
+        )
         inputs = loaded.adapter.build_inputs(loaded.processor, samples)
         masks = RegionMasks.from_layouts(inputs.layouts, inputs.input_ids.shape[1], inputs.input_ids.device)
         _zeroed_eager.settings = {
-            "shallow_mid_layer": 2, "layer0": layer0_rule,
+            "shallow_mid_layer": 2,
+            "layer0": layer0_rule,
             "text": [row.nonzero().flatten() for row in masks.queries["instruction"]],
             "image_rows": [row.nonzero().flatten() for row in masks.queries["image"]],
             "image": [row.nonzero().flatten() for row in masks.keys["image"]],
@@ -192,14 +214,22 @@ def test_rule_precision_model_reproduces_half_precision_cosines(samples) -> None
     values[0, 0, image] = torch.tensor([1.0, 2 * float(torch.tan(phi))])
     weights = torch.zeros(1, 1, length)
     weights[0, 0, [text, image]] = 0.5
-    observation = LastRowObservation(1, torch.zeros(1, 1, 2), torch.zeros(1, 1, length, 2), values, weights,
-                                     torch.float16)
+    observation = LastRowObservation(
+        1, torch.zeros(1, 1, 2), torch.zeros(1, 1, length, 2), values, weights, torch.float16
+    )
     fired = {}
     for precision in ("float32", "model"):
-        config = PruningConfig(num_layers=loaded.adapter.num_layers, stages=["middle"], shallow_mid_layer=0,
-                               layer_threshold=0.9999, tokens_threshold=0.0, rule_precision=precision)
-        hooks = PruningHooks(config, RegionMasks.from_layouts(inputs.layouts, length, inputs.input_ids.device),
-                             inputs.layouts, length)
+        config = PruningConfig(
+            num_layers=loaded.adapter.num_layers,
+            stages=["middle"],
+            shallow_mid_layer=0,
+            layer_threshold=0.9999,
+            tokens_threshold=0.0,
+            rule_precision=precision,
+        )
+        hooks = PruningHooks(
+            config, RegionMasks.from_layouts(inputs.layouts, length, inputs.input_ids.device), inputs.layouts, length
+        )
         hooks.observe(observation)
         fired[precision] = int(hooks.selection_layer[0])
     assert fired == {"float32": 1, "model": -1}
@@ -221,10 +251,18 @@ def test_rule_decisions_follow_the_cosines_row_by_row(samples, monkeypatch: pyte
     cosines = 0.985 + 0.02 * torch.rand(layers, batch, n_image, generator=rng)
     norms = torch.rand(batch, n_image, generator=rng)
     norms[3] = 0.0
-    config = PruningConfig(num_layers=layers, stages=["middle", "deep"], shallow_mid_layer=0, layer_threshold=0.9855,
-                           tokens_threshold=0.5, deep_cosine=0.99, deep_patience=2)
-    hooks = PruningHooks(config, RegionMasks.from_layouts(inputs.layouts, length, inputs.input_ids.device),
-                         inputs.layouts, length)
+    config = PruningConfig(
+        num_layers=layers,
+        stages=["middle", "deep"],
+        shallow_mid_layer=0,
+        layer_threshold=0.9855,
+        tokens_threshold=0.5,
+        deep_cosine=0.99,
+        deep_patience=2,
+    )
+    hooks = PruningHooks(
+        config, RegionMasks.from_layouts(inputs.layouts, length, inputs.input_ids.device), inputs.layouts, length
+    )
     valid = hooks.image_valid
     current = {}
 
@@ -239,8 +277,11 @@ def test_rule_decisions_follow_the_cosines_row_by_row(samples, monkeypatch: pyte
     dummy = torch.zeros(batch, 1, length, 2)
     for layer in range(1, layers):
         current["layer"] = layer
-        hooks.observe(LastRowObservation(layer, torch.zeros(batch, 1, 2), dummy, dummy, torch.zeros(batch, 1, length),
-                                         torch.float32))
+        hooks.observe(
+            LastRowObservation(
+                layer, torch.zeros(batch, 1, 2), dummy, dummy, torch.zeros(batch, 1, length), torch.float32
+            )
+        )
     for row in range(batch):
         # The rule, one row at a time.
         fired = [layer for layer in range(1, layers) if (cosines[layer, row] < 0.9855).any()]
@@ -287,18 +328,28 @@ def test_authors_json_round_trip(tmp_path: Path) -> None:
     (tmp_path / "a.json").write_text(json.dumps(ours.authors_json()))
     theirs = load_config(tmp_path / "a.json", num_layers=32, layer0_rule="authors_7b")
     assert (theirs.shallow_mid_layer, theirs.layer_threshold, theirs.tokens_threshold, theirs.stages) == (
-        6, 0.995, 0.2, ["shallow", "middle", "deep"])
+        6,
+        0.995,
+        0.2,
+        ["shallow", "middle", "deep"],
+    )
     # Their rule: text blinded in the prefill only, weights zeroed after the softmax, cosines in the model's dtype.
     assert (theirs.rule, theirs.shallow_in_decode, theirs.shallow_rule, theirs.rule_precision, theirs.layer0_rule) == (
-        "authors", False, "zero", "model", "authors_7b")
+        "authors",
+        False,
+        "zero",
+        "model",
+        "authors_7b",
+    )
 
 
 def test_sweep_matches_baseline_flops(tiny: LoadedModel, samples) -> None:
     """Each baseline is evaluated at the token budget whose FLOPs cut is closest to VisiPruner's."""
     from analysis.pruner.sweep import BASELINES, sweep
 
-    config = PruningConfig(num_layers=tiny.adapter.num_layers, shallow_mid_layer=1, layer_threshold=0.9999,
-                           tokens_threshold=0.02)
+    config = PruningConfig(
+        num_layers=tiny.adapter.num_layers, shallow_mid_layer=1, layer_threshold=0.9999, tokens_threshold=0.02
+    )
     table = sweep(tiny, samples, [config], prune_layer=2, batch_size=4, authors_rule=True, authors_layer0="authors_7b")
     assert list(table["method"]) == ["visipruner", "visipruner_authors", *BASELINES]
     assert "shallow=zero" in table.loc[1, "settings"] and "shallow=mask" in table.loc[0, "settings"]
@@ -314,10 +365,31 @@ def test_sweep_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     from analysis.pruner.__main__ import main
 
     good = tmp_path / "ours.json"
-    good.write_text(json.dumps(PruningConfig(num_layers=4, shallow_mid_layer=1, layer_threshold=0.9999,
-                                             tokens_threshold=0.02).to_json()))
+    good.write_text(
+        json.dumps(
+            PruningConfig(num_layers=4, shallow_mid_layer=1, layer_threshold=0.9999, tokens_threshold=0.02).to_json()
+        )
+    )
     out = tmp_path / "sweep.csv"
-    assert main(["sweep", str(good), "--model", "tiny-llava", "--limit", "4", "--batch-size", "4", "--device", "cpu", "-o", str(out)]) == 0
+    assert (
+        main(
+            [
+                "sweep",
+                str(good),
+                "--model",
+                "tiny-llava",
+                "--limit",
+                "4",
+                "--batch-size",
+                "4",
+                "--device",
+                "cpu",
+                "-o",
+                str(out),
+            ]
+        )
+        == 0
+    )
     assert "fastv" in capsys.readouterr().out and out.read_text().startswith("method,")
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps({"num_layers": 32}))
@@ -338,7 +410,9 @@ def test_ceiling_reads_exit_cost_and_budgets(tmp_path: Path) -> None:
 
     def cut(layer: int, keep: int) -> float:
         layers = [LayerTokens(100, 64)] * layer + [LayerTokens(36 + keep, keep)] * (N_LAYERS - layer)
-        return 100 * (1 - prefill_flops(shape, layers)["exact"] / prefill_flops(shape, [LayerTokens(100, 64)] * N_LAYERS)["exact"])
+        return 100 * (
+            1 - prefill_flops(shape, layers)["exact"] / prefill_flops(shape, [LayerTokens(100, 64)] * N_LAYERS)["exact"]
+        )
 
     assert table["exit_cut"].tolist() == pytest.approx([cut(layer, 0) for layer in range(N_LAYERS)])
     # The synthetic answers change exactly when the image is hidden from a layer before D.
@@ -398,36 +472,55 @@ def test_authors_mode_decides_in_half_precision_with_their_formulas(samples) -> 
     scores = torch.einsum("bhd,bhkd->bhk", query.half(), keys.half()) / math.sqrt(dim)
     weights = torch.softmax(scores, dim=-1, dtype=torch.float32).half()
     output = torch.einsum("bhk,bhkd->bhd", weights, values.half()).reshape(1, -1)
-    contributions = (weights[:, :, image, None] * values.half()[:, :, image]).permute(0, 2, 1, 3).reshape(
-        1, len(image), -1)
+    contributions = (
+        (weights[:, :, image, None] * values.half()[:, :, image]).permute(0, 2, 1, 3).reshape(1, len(image), -1)
+    )
     masked = output[:, None] - contributions
     cosine = F.cosine_similarity(masked, output[:, None], dim=-1)[0]
     norm = torch.norm(masked - output[:, None], p=2, dim=-1)[0]
     threshold = float(norm.float().median())
     layer_threshold = min(float(cosine.float().max()) + 1e-3, 0.9999)
-    observation = LastRowObservation(1, query, keys, values, torch.softmax(
-        torch.einsum("bhd,bhkd->bhk", query, keys) / math.sqrt(dim), dim=-1), torch.float16, mask)
+    observation = LastRowObservation(
+        1,
+        query,
+        keys,
+        values,
+        torch.softmax(torch.einsum("bhd,bhkd->bhk", query, keys) / math.sqrt(dim), dim=-1),
+        torch.float16,
+        mask,
+    )
     kept = {}
     for rule in ("authors", "ours"):
-        config = PruningConfig(num_layers=loaded.adapter.num_layers, stages=["middle"], shallow_mid_layer=0,
-                               layer_threshold=layer_threshold, tokens_threshold=threshold)
+        config = PruningConfig(
+            num_layers=loaded.adapter.num_layers,
+            stages=["middle"],
+            shallow_mid_layer=0,
+            layer_threshold=layer_threshold,
+            tokens_threshold=threshold,
+        )
         if rule == "authors":
             config = replace(config.with_authors_rule(), shallow_mid_layer=0)
-        hooks = PruningHooks(config, RegionMasks.from_layouts(inputs.layouts, length, inputs.input_ids.device),
-                             inputs.layouts, length)
+        hooks = PruningHooks(
+            config, RegionMasks.from_layouts(inputs.layouts, length, inputs.input_ids.device), inputs.layouts, length
+        )
         hooks.observe(observation)
         assert int(hooks.selection_layer[0]) == 1
         kept[rule] = hooks.keep[0, : layout.n_image_tokens]
     assert torch.equal(kept["authors"], norm > threshold)
     # Ours: float32 weights and ||c_j||, from the same observation.
-    ours_norm = (observation.weights[:, :, image, None] * values[:, :, image]).permute(0, 2, 1, 3).reshape(
-        1, len(image), -1).norm(dim=-1)[0]
+    ours_norm = (
+        (observation.weights[:, :, image, None] * values[:, :, image])
+        .permute(0, 2, 1, 3)
+        .reshape(1, len(image), -1)
+        .norm(dim=-1)[0]
+    )
     assert torch.equal(kept["ours"], ours_norm > threshold)
     assert not torch.equal(norm.float(), ours_norm)  # the two arithmetics really differ
 
 
 def test_sweep_authors_rows_need_a_layer0_rule_and_skip_what_their_format_cannot_hold(
-        tiny: LoadedModel, samples, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
+    tiny: LoadedModel, samples, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """On a model that is not LLaVA-1.5, their rule on a shallow stage needs --authors-layer0, refused before any
     sample runs; a config with a token threshold >= 1 gets no authors' row, with a warning saying why."""
     import analysis.pruner.sweep as sweep_module

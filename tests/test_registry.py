@@ -47,9 +47,11 @@ def test_an_unknown_family_lists_the_registered_ones() -> None:
 
 def test_built_in_families_load_lazily() -> None:
     """Importing the adapter base imports no family module; looking a family up does."""
-    code = ("import sys, analysis.models.adapters as a; "
-            "assert 'analysis.models.llava' not in sys.modules; a.adapter_class('llava'); "
-            "assert 'analysis.models.llava' in sys.modules")
+    code = (
+        "import sys, analysis.models.adapters as a; "
+        "assert 'analysis.models.llava' not in sys.modules; a.adapter_class('llava'); "
+        "assert 'analysis.models.llava' in sys.modules"
+    )
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
@@ -73,15 +75,17 @@ def test_the_package_has_no_import_cycles() -> None:
         parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
         name = ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
         modules[name] = path
-    graph = {name: {target for target in _module_imports(path) if target in modules and target != name}
-             for name, path in modules.items()}
+    graph = {
+        name: {target for target in _module_imports(path) if target in modules and target != name}
+        for name, path in modules.items()
+    }
     state: dict[str, int] = {}
 
     def visit(name: str, trail: list[str]) -> None:
         if state.get(name) == 2:
             return
         if state.get(name) == 1:
-            cycle = trail[trail.index(name):] + [name]
+            cycle = trail[trail.index(name) :] + [name]
             pytest.fail("import cycle: " + " -> ".join(cycle))
         state[name] = 1
         for target in sorted(graph[name]):
@@ -96,9 +100,20 @@ def test_the_package_has_no_import_cycles() -> None:
 HF_MODULE_NAMES = ("self_attn", "q_proj", "k_proj", "v_proj", "o_proj")
 # Hugging Face call arguments, config internals and output fields: only analysis/models/ may spell them.
 HF_ARGUMENT_NAMES = (
-    "_attn_implementation", "layer_idx", "inputs_embeds", "logits_to_keep", "use_cache", "output_attentions",
-    "output_hidden_states", "past_key_values", "cache_position", "position_ids", "pixel_values", "image_grid_thw",
-    "last_hidden_state", "attentions",
+    "_attn_implementation",
+    "layer_idx",
+    "inputs_embeds",
+    "logits_to_keep",
+    "use_cache",
+    "output_attentions",
+    "output_hidden_states",
+    "past_key_values",
+    "cache_position",
+    "position_ids",
+    "pixel_values",
+    "image_grid_thw",
+    "last_hidden_state",
+    "attentions",
 )
 # The organism builds and trains Hugging Face models from scratch (a model zoo, like analysis/models/); the rule
 # is that the analysis (tracing, probes, pruning, stages) never depends on how transformers spells things.
@@ -124,7 +139,7 @@ def test_hf_module_names_stay_in_the_adapters() -> None:
 
 
 def test_hf_argument_names_stay_in_the_models_package() -> None:
-    """Outside analysis/models/ no HF argument, config internal or output field is spelled (keyword, key or attribute)."""
+    """Outside analysis/models/ no HF argument, config internal or output field is spelled (keyword, key, attribute)."""
     names = "|".join(HF_ARGUMENT_NAMES)
     found = _lines_outside(re.compile(rf"\b({names})=|[\"']({names})[\"']|\.({names})\b"), MODEL_BUILDERS)
     assert not found, "\n".join(found)

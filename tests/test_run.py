@@ -31,8 +31,15 @@ def _dataset(root: Path) -> Path:
 
 def _config(root: Path, **overrides) -> TraceConfig:
     """A tiny-llava trace config over the local dataset, three samples per batch."""
-    values = dict(model="tiny-llava", dataset=str(_dataset(root)), limit=None, batch_size=3, out=str(root / "run"),
-                  max_new_tokens=2, device="cpu")
+    values = dict(
+        model="tiny-llava",
+        dataset=str(_dataset(root)),
+        limit=None,
+        batch_size=3,
+        out=str(root / "run"),
+        max_new_tokens=2,
+        device="cpu",
+    )
     values.update(overrides)
     return TraceConfig(**values)
 
@@ -96,7 +103,11 @@ def test_resume_after_crash(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> 
         resumed = read_table(run, name).to_pandas()
         expected = read_table(reference, name).to_pandas()
         assert sorted(resumed["sample_id"].unique()) == sorted(expected["sample_id"].unique())
-        keys = [c for c in ("sample_id", "layer", "head", "query", "key_region", "image_index", "token_index") if c in expected]
+        keys = [
+            c
+            for c in ("sample_id", "layer", "head", "query", "key_region", "image_index", "token_index")
+            if c in expected
+        ]
         resumed = resumed.sort_values(keys).reset_index(drop=True)
         expected = expected.sort_values(keys).reset_index(drop=True)
         assert len(resumed) == len(expected), f"{name}: duplicated or lost rows"
@@ -157,7 +168,9 @@ def test_cli_bad_samples(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> 
     out = tmp_path / "out"
     no_image = write_jsonl(tmp_path / "no_image", [{"id": "t1", "question": "what is two plus two?", "answer": "4"}])
     assert "no image" in _cli_error(capsys, ["--dataset", str(no_image), "--out", str(out)])
-    corrupt = write_jsonl(tmp_path / "corrupt", [{"id": "c1", "image": "images/bad.png", "question": "q", "answer": "a"}])
+    corrupt = write_jsonl(
+        tmp_path / "corrupt", [{"id": "c1", "image": "images/bad.png", "question": "q", "answer": "a"}]
+    )
     (corrupt / "images" / "bad.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
     assert "c1" in _cli_error(capsys, ["--dataset", str(corrupt), "--out", str(out)])
     pope = write_pope(tmp_path / "hub")
@@ -178,9 +191,12 @@ def test_cli_models_without_image_understanding(tmp_path: Path, capsys: pytest.C
     model.config.image_token_id = 5  # an ordinary word: the model has no image token its processor emits
     model.save_pretrained(tmp_path / "no_image_token")
     LlavaAdapter.tiny_processor().save_pretrained(tmp_path / "no_image_token")
-    assert "is not the processor's image token" in _cli_error(capsys, ["--model", str(tmp_path / "no_image_token"), "--dataset", data, "--out", str(out)])
-    LlamaForCausalLM(LlamaConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
-                                 vocab_size=50)).save_pretrained(tmp_path / "text_only")
+    assert "is not the processor's image token" in _cli_error(
+        capsys, ["--model", str(tmp_path / "no_image_token"), "--dataset", data, "--out", str(out)]
+    )
+    LlamaForCausalLM(
+        LlamaConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, vocab_size=50)
+    ).save_pretrained(tmp_path / "text_only")
     line = _cli_error(capsys, ["--model", str(tmp_path / "text_only"), "--dataset", data, "--out", str(out)])
     assert "model_type 'llama'" in line
     assert not out.exists()

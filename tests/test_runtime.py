@@ -9,9 +9,9 @@ import torch
 from conftest import FAMILIES
 
 from analysis.errors import ConfigError, DataError
+from analysis.hooks.attention import RegionMasks, route_attention
 from analysis.models.adapters import ModelInputs
 from analysis.models.registry import LoadedModel, load_model
-from analysis.hooks.attention import RegionMasks, route_attention
 from analysis.pruner.config import PruningConfig
 from analysis.pruner.runtime import pruned_runtime
 from analysis.pruner.simulate import Decisions, PruningHooks
@@ -42,15 +42,26 @@ def _configs(loaded: LoadedModel) -> dict[str, PruningConfig]:
     """One config per method; VisiPruner selects at layer 1 of 4 (a partial selection) and exits for some samples."""
     layers = loaded.adapter.num_layers
     return {
-        "visipruner": PruningConfig(num_layers=layers, shallow_mid_layer=0, layer_threshold=0.9999,
-                                    tokens_threshold=TOKENS_THRESHOLD[loaded.adapter.model_type]),
+        "visipruner": PruningConfig(
+            num_layers=layers,
+            shallow_mid_layer=0,
+            layer_threshold=0.9999,
+            tokens_threshold=TOKENS_THRESHOLD[loaded.adapter.model_type],
+        ),
         # The shallow stage too (text->image hidden in layer 0, also while decoding), then selection at layer >= 2.
-        "shallow": PruningConfig(num_layers=layers, shallow_mid_layer=1, layer_threshold=0.9999,
-                                 tokens_threshold=TOKENS_THRESHOLD[loaded.adapter.model_type]),
+        "shallow": PruningConfig(
+            num_layers=layers,
+            shallow_mid_layer=1,
+            layer_threshold=0.9999,
+            tokens_threshold=TOKENS_THRESHOLD[loaded.adapter.model_type],
+        ),
         # The authors' rule: text->image weights zeroed after the softmax (prefill only), their 7B layer-0 rule.
-        "authors": PruningConfig(num_layers=layers, shallow_mid_layer=1, layer_threshold=0.9999,
-                                 tokens_threshold=TOKENS_THRESHOLD[loaded.adapter.model_type],
-                                 ).with_authors_rule("authors_7b"),
+        "authors": PruningConfig(
+            num_layers=layers,
+            shallow_mid_layer=1,
+            layer_threshold=0.9999,
+            tokens_threshold=TOKENS_THRESHOLD[loaded.adapter.model_type],
+        ).with_authors_rule("authors_7b"),
         "fastv": PruningConfig(method="fastv", num_layers=layers, prune_layer=2, keep_tokens=3),
         "random": PruningConfig(method="random", num_layers=layers, prune_layer=1, keep_tokens=3),
         "pre_llm": PruningConfig(method="pre_llm", num_layers=layers, keep_tokens=3),
@@ -65,15 +76,17 @@ def _inputs(loaded: LoadedModel, samples) -> ModelInputs:
 def _masked(loaded: LoadedModel, inputs: ModelInputs, config: PruningConfig) -> tuple[torch.Tensor, Decisions]:
     """Prefill logits and decisions of the mask-based pruned model."""
     length = inputs.input_ids.shape[1]
-    hooks = PruningHooks(config, RegionMasks.from_layouts(inputs.layouts, length, inputs.input_ids.device),
-                         inputs.layouts, length)
+    hooks = PruningHooks(
+        config, RegionMasks.from_layouts(inputs.layouts, length, inputs.input_ids.device), inputs.layouts, length
+    )
     with torch.no_grad(), route_attention(loaded.adapter, hooks, length - 1):
         logits = loaded.model(**inputs.tensors).logits
     return logits, hooks.decisions(inputs.layouts)
 
 
-def _dropped(loaded: LoadedModel, inputs: ModelInputs, config: PruningConfig,
-             **kwargs) -> tuple[torch.Tensor, Decisions]:
+def _dropped(
+    loaded: LoadedModel, inputs: ModelInputs, config: PruningConfig, **kwargs
+) -> tuple[torch.Tensor, Decisions]:
     """Prefill logits and decisions of the token-dropping runtime."""
     with torch.no_grad(), pruned_runtime(loaded.model, config, inputs.layouts, **kwargs) as state:
         logits = loaded.model(**inputs.tensors).logits
@@ -84,9 +97,16 @@ def _generate(loaded: LoadedModel, inputs: ModelInputs, **kwargs) -> tuple[torch
     """Greedy new tokens (B, N) and each step's logits (N, B, V)."""
     tokenizer = loaded.processor.tokenizer
     with torch.no_grad():
-        out = loaded.model.generate(**inputs.tensors, max_new_tokens=NEW_TOKENS, do_sample=False, eos_token_id=None,
-                                    pad_token_id=tokenizer.pad_token_id, output_logits=True,
-                                    return_dict_in_generate=True, **kwargs)
+        out = loaded.model.generate(
+            **inputs.tensors,
+            max_new_tokens=NEW_TOKENS,
+            do_sample=False,
+            eos_token_id=None,
+            pad_token_id=tokenizer.pad_token_id,
+            output_logits=True,
+            return_dict_in_generate=True,
+            **kwargs,
+        )
     return out.sequences[:, inputs.input_ids.shape[1] :], torch.stack(out.logits)
 
 
@@ -113,8 +133,13 @@ def test_all_off_is_bit_identical(tiny: LoadedModel, samples) -> None:
 def test_keeping_every_token_changes_nothing(tiny: LoadedModel, samples) -> None:
     """A selection keeping every image token still re-gathers the sequence, and changes no answer."""
     inputs = _inputs(tiny, samples)
-    config = PruningConfig(num_layers=tiny.adapter.num_layers, stages=["middle"], shallow_mid_layer=0,
-                           layer_threshold=1.0, tokens_threshold=0.0)
+    config = PruningConfig(
+        num_layers=tiny.adapter.num_layers,
+        stages=["middle"],
+        shallow_mid_layer=0,
+        layer_threshold=1.0,
+        tokens_threshold=0.0,
+    )
     with torch.no_grad():
         reference = tiny.model(**inputs.tensors).logits
     with torch.no_grad(), pruned_runtime(tiny.model, config, inputs.layouts) as state:
@@ -137,13 +162,14 @@ def test_dropping_equals_masking(tiny: LoadedModel, samples, method: str) -> Non
     dropped, decisions = _dropped(tiny, inputs, config)
     assert _same_decisions(decisions, masked_decisions)
     kept = [len(k) for k in decisions.kept]
-    assert any(0 < n < total for n, total in zip(kept, decisions.n_image))  # a real, partial selection
+    assert any(0 < n < total for n, total in zip(kept, decisions.n_image, strict=True))  # a real, partial selection
     if method == "visipruner":
         assert (decisions.selection_layer == 1).all()
     assert torch.allclose(dropped[:, -1], masked[:, -1], atol=1e-5)
     length = inputs.input_ids.shape[1]
-    hooks = PruningHooks(config, RegionMasks.from_layouts(inputs.layouts, length, inputs.input_ids.device),
-                         inputs.layouts, length)
+    hooks = PruningHooks(
+        config, RegionMasks.from_layouts(inputs.layouts, length, inputs.input_ids.device), inputs.layouts, length
+    )
     with route_attention(tiny.adapter, hooks, length - 1):
         masked_tokens, masked_logits = _generate(tiny, inputs)
     with pruned_runtime(tiny.model, config, inputs.layouts):
@@ -172,7 +198,9 @@ def test_batch_equals_single(tiny: LoadedModel, samples) -> None:
         one, one_decisions = _dropped(tiny, _inputs(tiny, [sample]), config)
         assert one_decisions.kept[0] == decisions.kept[row]
         assert (one_decisions.selection_layer[0], one_decisions.exit_layer[0]) == (
-            decisions.selection_layer[row], decisions.exit_layer[row])
+            decisions.selection_layer[row],
+            decisions.exit_layer[row],
+        )
         assert torch.allclose(one[0, -1], logits[row, -1], atol=1e-5)
 
 
@@ -221,9 +249,8 @@ def test_model_unchanged_after_exit(tiny: LoadedModel, samples) -> None:
     modules = list(tiny.model.modules())
     hooks_before = [(dict(m._forward_pre_hooks), dict(m._forward_hooks)) for m in modules]
     _dropped(tiny, inputs, config)
-    with pytest.raises(RuntimeError, match="inside"):
-        with pruned_runtime(tiny.model, config, inputs.layouts):
-            raise RuntimeError("inside")
+    with pytest.raises(RuntimeError, match="inside"), pruned_runtime(tiny.model, config, inputs.layouts):
+        raise RuntimeError("inside")
     assert [(dict(m._forward_pre_hooks), dict(m._forward_hooks)) for m in modules] == hooks_before
     assert tiny.adapter.text_config._attn_implementation == "sdpa"
     with torch.no_grad():
@@ -242,20 +269,22 @@ def test_bad_input_fails_before_the_model_runs(tiny: LoadedModel, samples) -> No
             (PruningConfig(num_layers=layers, shallow_mid_layer=1, layer_threshold=1.5), "layer_threshold 1.5"),
             (PruningConfig(method="magic", num_layers=layers), "unknown method 'magic'"),
         ):
-            with pytest.raises(ConfigError, match=message):
-                with pruned_runtime(tiny.model, config, inputs.layouts):
-                    tiny.model(**inputs.tensors)
+            with pytest.raises(ConfigError, match=message), pruned_runtime(tiny.model, config, inputs.layouts):
+                tiny.model(**inputs.tensors)
         assert not calls
         other = _inputs(tiny, samples[:2])
-        with pytest.raises(DataError, match="shape"), pruned_runtime(tiny.model, _configs(tiny)["fastv"],
-                                                                      other.layouts):
+        with (
+            pytest.raises(DataError, match="shape"),
+            pruned_runtime(tiny.model, _configs(tiny)["fastv"], other.layouts),
+        ):
             tiny.model(**inputs.tensors)
     finally:
         handle.remove()
 
 
-def test_generate_is_one_prefill_then_continuations_on_this_transformers(tiny: LoadedModel, samples,
-                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+def test_generate_is_one_prefill_then_continuations_on_this_transformers(
+    tiny: LoadedModel, samples, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """``generate`` through the runtime, on whatever transformers is installed: the runtime sees one prefill and then
     one continuation per new token (5.24 renamed the cache argument, and detection by that name took every step for
     a prefill), and the pruned answers equal the mask-based model's."""
@@ -274,11 +303,13 @@ def test_generate_is_one_prefill_then_continuations_on_this_transformers(tiny: L
     with pruned_runtime(tiny.model, config, inputs.layouts) as state:
         tokens, _ = _generate(tiny, inputs)
     assert passes == [True] + [False] * (NEW_TOKENS - 1)
-    assert any(len(kept) < n for kept, n in zip(state.decisions(inputs.layouts).kept, state.decisions(
-        inputs.layouts).n_image))  # tokens were really dropped, so continuations ran on a pruned cache
+    decisions = state.decisions(inputs.layouts)
+    # Tokens were really dropped, so continuations ran on a pruned cache.
+    assert any(len(kept) < n for kept, n in zip(decisions.kept, decisions.n_image, strict=True))
     length = inputs.input_ids.shape[1]
-    hooks = PruningHooks(config, RegionMasks.from_layouts(inputs.layouts, length, inputs.input_ids.device),
-                         inputs.layouts, length)
+    hooks = PruningHooks(
+        config, RegionMasks.from_layouts(inputs.layouts, length, inputs.input_ids.device), inputs.layouts, length
+    )
     with route_attention(tiny.adapter, hooks, length - 1):
         assert torch.equal(_generate(tiny, inputs)[0], tokens)
 
@@ -293,7 +324,9 @@ def test_a_cache_the_runtime_did_not_fill_is_a_compatibility_error(tiny: LoadedM
         cache = hf.new_cache()
         tiny.model(**inputs.tensors, **hf.cache_kwargs(tiny.model, cache))
         hf.crop_cache(cache, 3)  # not what the runtime left there
-        step = {"input_ids": inputs.input_ids[:, -1:],
-                "attention_mask": torch.cat([inputs.attention_mask, inputs.attention_mask[:, -1:]], dim=1)}
+        step = {
+            "input_ids": inputs.input_ids[:, -1:],
+            "attention_mask": torch.cat([inputs.attention_mask, inputs.attention_mask[:, -1:]], dim=1),
+        }
         with pytest.raises(hf.CompatibilityError, match=r"transformers \d+\.\d+.*supports transformers"):
             tiny.model(**step, **hf.cache_kwargs(tiny.model, cache))

@@ -128,10 +128,7 @@ def test_answers_are_unambiguous_and_match_the_scene(train_items, test_items):
             assert item.answer == target.shape
         elif item.family == "count":
             value, objects = re.fullmatch(r"How many (\w+) (objects )?are there\?", item.question).groups()
-            if objects:
-                n = sum(o.color == value for o in shapes)
-            else:
-                n = sum(o.shape == _SINGULAR[value] for o in shapes)
+            n = sum(o.color == value for o in shapes) if objects else sum(o.shape == _SINGULAR[value] for o in shapes)
             assert item.answer == str(n)
         elif item.family == "exist":
             color, shape = re.fullmatch(r"Is there a (\w+) (\w+) in the image\?", item.question).groups()
@@ -258,4 +255,6 @@ def test_count_question_when_every_shape_is_present() -> None:
             return 0.0
 
     question, answer = shapes._ask_count(scene, ZeroFirst(0))
-    assert answer != "0" and int(answer) == sum(1 for o in objects if o.shape in question or shapes.PLURALS[o.shape] in question)
+    assert answer != "0" and int(answer) == sum(
+        1 for o in objects if o.shape in question or shapes.PLURALS[o.shape] in question
+    )

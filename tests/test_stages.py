@@ -71,15 +71,36 @@ def test_critical_tokens_recovered(tmp_path: Path) -> None:
         for ordinal in range(8):
             flip = ordinal == min(critical)
             drop = -3.0 if ordinal == max(critical) else -0.1
-            ablation.append({"sample_id": sample_id, "image_index": 0, "token_index": ordinal, "ordinal": ordinal,
-                             "layer_start": 4, "layer_end": 8, "delta_logprob": drop, "kl": 0.1,
-                             "top1_match": not flip})
+            ablation.append(
+                {
+                    "sample_id": sample_id,
+                    "image_index": 0,
+                    "token_index": ordinal,
+                    "ordinal": ordinal,
+                    "layer_start": 4,
+                    "layer_end": 8,
+                    "delta_logprob": drop,
+                    "kl": 0.1,
+                    "top1_match": not flip,
+                }
+            )
             for layer in range(N_LAYERS):
                 # In the band the critical tokens are the most attended; before it token 7 is the sink.
-                attention = (0.5 if ordinal in critical else 0.01) if 4 <= layer < 8 else (0.6 if ordinal == 7 else 0.02)
-                contributions.append({"sample_id": sample_id, "layer": layer, "image_index": 0, "token_index": ordinal,
-                                      "position": 10 + ordinal, "attention": attention, "cosine_without": 0.99,
-                                      "norm": attention})
+                attention = (
+                    (0.5 if ordinal in critical else 0.01) if 4 <= layer < 8 else (0.6 if ordinal == 7 else 0.02)
+                )
+                contributions.append(
+                    {
+                        "sample_id": sample_id,
+                        "layer": layer,
+                        "image_index": 0,
+                        "token_index": ordinal,
+                        "position": 10 + ordinal,
+                        "attention": attention,
+                        "cosine_without": 0.99,
+                        "norm": attention,
+                    }
+                )
     folder = RunFolder(run, {})
     for name, rows in (("token_ablation", ablation), ("contributions", contributions)):
         from analysis.results import atomic_write_table

@@ -26,6 +26,7 @@ def attention(loaded: LoadedModel, implementation: str) -> Iterator[None]:
     finally:
         hf.set_attention_implementation(loaded.adapter.text_config, "eager")
 
+
 TOL = 1e-5
 
 
@@ -142,9 +143,12 @@ def test_a_users_nnsight_trace_records_the_tables(tiny_eager: LoadedModel, sampl
     inputs = tiny_eager.adapter.build_inputs(tiny_eager.processor, samples)
     expected = _stack(trace_batch(tiny_eager.adapter, inputs)[0])
     wrapped = NNsight(tiny_eager.model)
-    with record_trace(tiny_eager.adapter, inputs) as statistics, torch.inference_mode():
-        with wrapped.trace(**inputs.tensors):
-            last_hidden = tiny_eager.adapter.decoder_layers(wrapped)[-1].output.save()
-    for got, want in zip(_stack(statistics.layer_stats()), expected):
+    with (
+        record_trace(tiny_eager.adapter, inputs) as statistics,
+        torch.inference_mode(),
+        wrapped.trace(**inputs.tensors),
+    ):
+        last_hidden = tiny_eager.adapter.decoder_layers(wrapped)[-1].output.save()
+    for got, want in zip(_stack(statistics.layer_stats()), expected, strict=True):
         np.testing.assert_allclose(got, want, atol=TOL)
     assert last_hidden is not None

@@ -22,8 +22,11 @@ from analysis.probes.run import ProbeConfig, run_probes
 
 def main(argv: list[str] | None = None) -> int:
     """Time the probes together (and, with --each, one by one) against a greedy evaluation."""
-    parser = argparse.ArgumentParser(prog="python -m analysis.benchmarks.probe_time", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m analysis.benchmarks.probe_time",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--model", default="shapes-llava")
     parser.add_argument("--dataset", default="shapes-vqa")
     parser.add_argument("--limit", type=int, default=200)
@@ -35,19 +38,31 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     loaded = load_model(args.model, device="cpu", dtype="float32")
-    sys.stdout.write(f"model {args.model}, {args.limit} samples of {args.dataset}, batch {args.batch_size}, "
-                     f"cpu threads {torch.get_num_threads()}\n")
+    sys.stdout.write(
+        f"model {args.model}, {args.limit} samples of {args.dataset}, batch {args.batch_size}, "
+        f"cpu threads {torch.get_num_threads()}\n"
+    )
     start = time.perf_counter()
-    evaluate(EvalConfig(model=args.model, dataset=args.dataset, limit=args.limit, batch_size=args.batch_size,
-                        device="cpu"), loaded=loaded, progress=False)
+    evaluate(
+        EvalConfig(model=args.model, dataset=args.dataset, limit=args.limit, batch_size=args.batch_size, device="cpu"),
+        loaded=loaded,
+        progress=False,
+    )
     baseline = time.perf_counter() - start
     sys.stdout.write(f"{'greedy evaluation (baseline)':32s} {baseline:8.1f} s\n")
     timings = {}
     with tempfile.TemporaryDirectory() as root:
         chosen = args.probes.split(",")
         for probes in [*(chosen if args.each else []), ",".join(chosen)]:
-            config = ProbeConfig(model=args.model, dataset=args.dataset, limit=args.limit, probes=probes,
-                                 batch_size=args.batch_size, out=f"{root}/{probes.replace(',', '+')}", device="cpu")
+            config = ProbeConfig(
+                model=args.model,
+                dataset=args.dataset,
+                limit=args.limit,
+                probes=probes,
+                batch_size=args.batch_size,
+                out=f"{root}/{probes.replace(',', '+')}",
+                device="cpu",
+            )
             start = time.perf_counter()
             run_probes(config, loaded=loaded, progress=False)
             timings[probes] = time.perf_counter() - start

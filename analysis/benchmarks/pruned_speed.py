@@ -32,6 +32,7 @@ from analysis.benchmarks.trace_overhead import PRESETS, Measurement, benchmark_m
 from analysis.errors import ConfigError
 from analysis.models import hf
 from analysis.models.adapters import ModelInputs, get_adapter
+from analysis.models.hf import HFModel
 from analysis.pruner.config import PruningConfig
 from analysis.pruner.flops import DecoderShape, LayerTokens, decode_flops, prefill_flops
 from analysis.pruner.runtime import pruned_runtime
@@ -59,9 +60,9 @@ def spread(n_image: int, keep: int) -> list[int]:
     return sorted(set(np.linspace(0, n_image - 1, num=keep).round().astype(int).tolist())) if keep else []
 
 
-def pinned_tokens(num_layers: int, length: int, n_image: int, keep: int, selection: int, exit_layer: int) -> list[
-    LayerTokens
-]:
+def pinned_tokens(
+    num_layers: int, length: int, n_image: int, keep: int, selection: int, exit_layer: int
+) -> list[LayerTokens]:
     """Tokens each prefill layer processes when ``keep`` image tokens stay after ``selection`` and none after exit."""
     counts = []
     for layer in range(num_layers):
@@ -84,32 +85,52 @@ def generation_flops(shape: DecoderShape, tokens: list[LayerTokens], new_tokens:
 def variants(shape: DecoderShape, length: int, n_image: int, batch: int, pinned: dict[str, int]) -> list[Variant]:
     """Unpruned, VisiPruner (pinned) and FastV (pinned, at VisiPruner's prefill FLOPs)."""
     layers = shape.num_layers
-    selection, keep, exit_layer, fastv_layer = (pinned[k] for k in ("selection_layer", "keep", "exit_layer",
-                                                                    "fastv_layer"))
+    selection, keep, exit_layer, fastv_layer = (
+        pinned[k] for k in ("selection_layer", "keep", "exit_layer", "fastv_layer")
+    )
     if not 0 <= selection < exit_layer < layers or not 1 <= fastv_layer < layers or not 0 <= keep <= n_image:
-        raise ConfigError(f"pinned selection {pinned} does not fit a {layers}-layer model with {n_image} image "
-                          "tokens: pass --selection-layer < --exit-layer < layers, 1 <= --fastv-layer < layers "
-                          "and --keep <= image tokens")
+        raise ConfigError(
+            f"pinned selection {pinned} does not fit a {layers}-layer model with {n_image} image "
+            "tokens: pass --selection-layer < --exit-layer < layers, 1 <= --fastv-layer < layers "
+            "and --keep <= image tokens"
+        )
     full = [LayerTokens(length, n_image)] * layers
     ours = pinned_tokens(layers, length, n_image, keep, selection, exit_layer)
     target = prefill_flops(shape, ours)["exact"]
-    fastv_keep = min(range(n_image + 1), key=lambda k: abs(
-        prefill_flops(shape, pinned_tokens(layers, length, n_image, k, fastv_layer - 1, -1))["exact"] - target))
+    fastv_keep = min(
+        range(n_image + 1),
+        key=lambda k: abs(
+            prefill_flops(shape, pinned_tokens(layers, length, n_image, k, fastv_layer - 1, -1))["exact"] - target
+        ),
+    )
     fastv = pinned_tokens(layers, length, n_image, fastv_keep, fastv_layer - 1, -1)
 
     def decisions(keep_count: int, selection_layer: int, exit_at: int) -> Decisions:
-        return Decisions(np.full(batch, selection_layer), np.full(batch, exit_at),
-                         [spread(n_image, keep_count)] * batch, [n_image] * batch)
+        return Decisions(
+            np.full(batch, selection_layer),
+            np.full(batch, exit_at),
+            [spread(n_image, keep_count)] * batch,
+            [n_image] * batch,
+        )
 
-    visipruner = PruningConfig(num_layers=layers, stages=["middle", "deep"], shallow_mid_layer=0,
-                               provenance={"source": "pinned selection (random weights)"})
+    visipruner = PruningConfig(
+        num_layers=layers,
+        stages=["middle", "deep"],
+        shallow_mid_layer=0,
+        provenance={"source": "pinned selection (random weights)"},
+    )
     fastv_config = PruningConfig(method="fastv", num_layers=layers, prune_layer=fastv_layer, keep_tokens=fastv_keep)
     return [
         Variant("unpruned", None, None, full),
-        Variant(f"visipruner keep {keep} @{selection} exit @{exit_layer}", visipruner,
-                decisions(keep, selection, exit_layer), ours),
-        Variant(f"fastv keep {fastv_keep} @{fastv_layer}", fastv_config, decisions(fastv_keep, fastv_layer - 1, -1),
-                fastv),
+        Variant(
+            f"visipruner keep {keep} @{selection} exit @{exit_layer}",
+            visipruner,
+            decisions(keep, selection, exit_layer),
+            ours,
+        ),
+        Variant(
+            f"fastv keep {fastv_keep} @{fastv_layer}", fastv_config, decisions(fastv_keep, fastv_layer - 1, -1), fastv
+        ),
     ]
 
 
@@ -128,7 +149,7 @@ def graphed(step: Callable[[], object], device: torch.device) -> Callable[[], ob
 
 
 @contextmanager
-def running(model: torch.nn.Module, variant: Variant, inputs: ModelInputs) -> Iterator[object]:
+def running(model: HFModel, variant: Variant, inputs: ModelInputs) -> Iterator[object]:
     """The model as the variant runs it; yields the pruned runtime (None for the unmodified model)."""
     if variant.config is None:
         yield None
@@ -146,9 +167,9 @@ class Timed:
     context: Callable[[], AbstractContextManager[object]] | None = None
 
 
-def interleaved(entries: list[Timed], device: torch.device, warmup: int, repeats: int, rounds: int) -> dict[
-    str, Measurement
-]:
+def interleaved(
+    entries: list[Timed], device: torch.device, warmup: int, repeats: int, rounds: int
+) -> dict[str, Measurement]:
     """Median wall and host seconds of each entry, timed in rounds that rotate through all entries."""
     # Rounds spread slow drift of the host or the device (clocks, other tenants) over every entry alike, where timing
     # one entry after the other let it fall on one of them: end-to-end generate times moved by 40% between runs.
@@ -172,8 +193,10 @@ def interleaved(entries: list[Timed], device: torch.device, warmup: int, repeats
                     host[entry.key].append(time.perf_counter() - start)
                     synchronize(device)
                     wall[entry.key].append(time.perf_counter() - start)
-    return {key: Measurement(statistics.median(wall[key]), 0, statistics.median(host[key]), relative_spread(wall[key]))
-            for key in wall}
+    return {
+        key: Measurement(statistics.median(wall[key]), 0, statistics.median(host[key]), relative_spread(wall[key]))
+        for key in wall
+    }
 
 
 def relative_spread(seconds: list[float]) -> float:
@@ -182,8 +205,9 @@ def relative_spread(seconds: list[float]) -> float:
     return (high - low) / statistics.median(seconds)
 
 
-def peak_bytes(step: Callable[[], object], context: Callable[[], AbstractContextManager[object]] | None,
-               device: torch.device) -> int:
+def peak_bytes(
+    step: Callable[[], object], context: Callable[[], AbstractContextManager[object]] | None, device: torch.device
+) -> int:
     """Peak accelerator memory one call of ``step`` allocates above what was allocated before it."""
     if device.type != "cuda":
         return 0
@@ -196,8 +220,9 @@ def peak_bytes(step: Callable[[], object], context: Callable[[], AbstractContext
     return torch.cuda.max_memory_allocated(device) - before
 
 
-def device_busy_seconds(step: Callable[[], object], context: Callable[[], AbstractContextManager[object]] | None,
-                        device: torch.device) -> float | None:
+def device_busy_seconds(
+    step: Callable[[], object], context: Callable[[], AbstractContextManager[object]] | None, device: torch.device
+) -> float | None:
     """Seconds the accelerator spends in kernels and copies during one call of ``step`` (None off CUDA)."""
     # Eager decoding at batch 1 is bound by the host launching kernels, which hides what pruning saves on the device;
     # the kernels' own time is what a server that launches them faster (CUDA graphs, a compiled loop) would pay.
@@ -215,7 +240,7 @@ def device_busy_seconds(step: Callable[[], object], context: Callable[[], Abstra
     return sum(event.self_device_time_total for event in profiler.key_averages()) / 1e6
 
 
-def compile_around_attention(model: torch.nn.Module) -> None:
+def compile_around_attention(model: HFModel) -> None:
     """Compile, in place, every child module of each decoder layer except its attention."""
     for layer in get_adapter(model).decoder_layers():
         for name, child in layer.named_children():
@@ -225,8 +250,11 @@ def compile_around_attention(model: torch.nn.Module) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """Measure and print pruned-runtime latency and memory against the ideal FLOPs speedup."""
-    parser = argparse.ArgumentParser(prog="python -m analysis.benchmarks.pruned_speed", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m analysis.benchmarks.pruned_speed",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--preset", choices=sorted(PRESETS), default="llava-1.5-7b")
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--new-tokens", type=int, default=32)
@@ -239,17 +267,26 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=2, help="untimed calls of each step before the rounds")
     parser.add_argument("--repeats", type=int, default=10, help="timed calls of each step, in all")
     parser.add_argument("--rounds", type=int, default=5, help="rounds the timed calls are spread over")
-    parser.add_argument("--rule-cost", action="store_true",
-                        help="also time the selection rule itself: a prefill that evaluates it in every layer (it "
-                             "keeps every token and never exits, so the tokens are the unpruned ones) against the "
-                             "same decisions pinned")
-    parser.add_argument("--compile", action="store_true",
-                        help="compile each decoder layer's modules other than attention (MLP, norms) with "
-                             "torch.compile, for every variant: fused small kernels; attention stays eager, as the "
-                             "runtime's hooks live there")
-    parser.add_argument("--cuda-graphs", action="store_true",
-                        help="time the prefill as a CUDA-graph replay (every variant, the unpruned one too), which "
-                             "takes Python and kernel launches out of the measurement; needs unpadded batches")
+    parser.add_argument(
+        "--rule-cost",
+        action="store_true",
+        help="also time the selection rule itself: a prefill that evaluates it in every layer (it "
+        "keeps every token and never exits, so the tokens are the unpruned ones) against the "
+        "same decisions pinned",
+    )
+    parser.add_argument(
+        "--compile",
+        action="store_true",
+        help="compile each decoder layer's modules other than attention (MLP, norms) with "
+        "torch.compile, for every variant: fused small kernels; attention stays eager, as the "
+        "runtime's hooks live there",
+    )
+    parser.add_argument(
+        "--cuda-graphs",
+        action="store_true",
+        help="time the prefill as a CUDA-graph replay (every variant, the unpruned one too), which "
+        "takes Python and kernel launches out of the measurement; needs unpadded batches",
+    )
     args = parser.parse_args(argv)
     if args.new_tokens < 1:
         parser.error("--new-tokens must be >= 1")
@@ -279,17 +316,26 @@ def main(argv: list[str] | None = None) -> int:
         f"time until the call returns; spread = interquartile range / median; peak = most memory a prefill or "
         f"generate call allocates; GPU s = time the GPU spends in kernels during one generate (profiled)\n"
     )
-    header = (f"{'batch':>5} {'tokens':>6} {'variant':<34} {'prefill s':>9} {'host s':>7} {'generate s':>10} "
-              f"{'spread':>6} {'peak GiB':>8} {'prefill x':>9} {'ideal':>6} {'ratio':>6} {'n-ideal':>8} {'ratio':>6} "
-              f"{'generate x':>10} {'ideal':>6} {'ratio':>6} {'GPU s':>7} {'GPU x':>6}")
+    header = (
+        f"{'batch':>5} {'tokens':>6} {'variant':<34} {'prefill s':>9} {'host s':>7} {'generate s':>10} "
+        f"{'spread':>6} {'peak GiB':>8} {'prefill x':>9} {'ideal':>6} {'ratio':>6} {'n-ideal':>8} {'ratio':>6} "
+        f"{'generate x':>10} {'ideal':>6} {'ratio':>6} {'GPU s':>7} {'GPU x':>6}"
+    )
     sys.stdout.write(header + "\n")
     for batch_size in args.batch_sizes:
         _benchmark_batch(model, preset, shape, pinned, batch_size, device, args)
     return 0
 
 
-def _benchmark_batch(model: torch.nn.Module, preset: dict, shape: DecoderShape, pinned: dict[str, int],
-                     batch_size: int, device: torch.device, args: argparse.Namespace) -> None:
+def _benchmark_batch(
+    model: HFModel,
+    preset: dict,
+    shape: DecoderShape,
+    pinned: dict[str, int],
+    batch_size: int,
+    device: torch.device,
+    args: argparse.Namespace,
+) -> None:
     """Time every variant's prefill and end-to-end generate for one batch size and print their rows."""
     inputs = build_inputs(model, preset, batch_size, device)
     with torch.inference_mode():
@@ -320,8 +366,13 @@ def _benchmark_batch(model: torch.nn.Module, preset: dict, shape: DecoderShape, 
 
     def generate() -> object:
         with torch.inference_mode():
-            return model.generate(**inputs.tensors, max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens,
-                                  do_sample=False, pad_token_id=pad)
+            return model.generate(
+                **inputs.tensors,
+                max_new_tokens=args.new_tokens,
+                min_new_tokens=args.new_tokens,
+                do_sample=False,
+                pad_token_id=pad,
+            )
 
     adapter = get_adapter(model)
 
@@ -333,13 +384,15 @@ def _benchmark_batch(model: torch.nn.Module, preset: dict, shape: DecoderShape, 
     # What a variant would take if each layer ran as fast as the unpruned model at that layer's token count: the
     # ideal that also knows where a pass is memory- or launch-bound, unlike the FLOPs ratio.
     for n_tokens in sorted({layer.total for variant in all_variants for layer in variant.tokens}):
-        entries.append(Timed(f"unpruned prefill {n_tokens}",
-                             static_prefill(n_tokens) if args.cuda_graphs else prefill(n_tokens)))
+        entries.append(
+            Timed(f"unpruned prefill {n_tokens}", static_prefill(n_tokens) if args.cuda_graphs else prefill(n_tokens))
+        )
     peaks: dict[str, int] = {}
     busy: dict[str, float | None] = {}
     # A captured graph reads its runtime's per-layer index tensors, which must outlive the block it was captured in.
     captured_runtimes: list[object] = []
     for variant in all_variants:
+
         def context(variant: Variant = variant) -> AbstractContextManager[object]:
             return running(model, variant, inputs)
 
@@ -356,13 +409,16 @@ def _benchmark_batch(model: torch.nn.Module, preset: dict, shape: DecoderShape, 
     timed = interleaved(entries, device, args.warmup, args.repeats, args.rounds)
 
     base_prefill, base_generate = timed[f"unpruned prefill {length}"], timed["unpruned generate"]
-    full_flops = {"prefill": prefill_flops(shape, all_variants[0].tokens)["exact"],
-                  "generate": generation_flops(shape, all_variants[0].tokens, args.new_tokens)}
+    full_flops = {
+        "prefill": prefill_flops(shape, all_variants[0].tokens)["exact"],
+        "generate": generation_flops(shape, all_variants[0].tokens, args.new_tokens),
+    }
     for variant in all_variants:
         prefill_m = timed[f"unpruned prefill {length}" if variant.config is None else f"{variant.name} prefill"]
         generate_m = timed[f"{variant.name} generate"]
         at_counts = sum(timed[f"unpruned prefill {layer.total}"].seconds for layer in variant.tokens) / len(
-            variant.tokens)
+            variant.tokens
+        )
         prefill_x, generate_x = base_prefill.seconds / prefill_m.seconds, base_generate.seconds / generate_m.seconds
         prefill_ideal = full_flops["prefill"] / prefill_flops(shape, variant.tokens)["exact"]
         generate_ideal = full_flops["generate"] / generation_flops(shape, variant.tokens, args.new_tokens)
@@ -382,12 +438,25 @@ def _benchmark_batch(model: torch.nn.Module, preset: dict, shape: DecoderShape, 
         _rule_cost(model, inputs, prefill(length), shape.num_layers, batch_size, device, args)
 
 
-def _rule_cost(model: torch.nn.Module, inputs: ModelInputs, prefill: Callable[[], object], num_layers: int,
-               batch_size: int, device: torch.device, args: argparse.Namespace) -> None:
+def _rule_cost(
+    model: HFModel,
+    inputs: ModelInputs,
+    prefill: Callable[[], object],
+    num_layers: int,
+    batch_size: int,
+    device: torch.device,
+    args: argparse.Namespace,
+) -> None:
     """Time an eager prefill that evaluates the selection rule in every layer against the same decisions pinned."""
     # Decisions freeze after a block's first prefill, so every timed call gets a runtime of its own.
-    config = PruningConfig(num_layers=num_layers, stages=["middle", "deep"], shallow_mid_layer=0, tokens_threshold=0.0,
-                           deep_cosine=1.0, provenance={"source": "rule cost: keeps every token, never exits"})
+    config = PruningConfig(
+        num_layers=num_layers,
+        stages=["middle", "deep"],
+        shallow_mid_layer=0,
+        tokens_threshold=0.0,
+        deep_cosine=1.0,
+        provenance={"source": "rule cost: keeps every token, never exits"},
+    )
     with pruned_runtime(model, config, inputs.layouts) as runtime:
         prefill()
     decisions = runtime.decisions(inputs.layouts)
@@ -399,14 +468,16 @@ def _rule_cost(model: torch.nn.Module, inputs: ModelInputs, prefill: Callable[[]
 
         return step
 
-    timed = interleaved([Timed("rule", fresh(None)), Timed("pinned", fresh(decisions))], device, args.warmup,
-                        args.repeats, args.rounds)
+    timed = interleaved(
+        [Timed("rule", fresh(None)), Timed("pinned", fresh(decisions))], device, args.warmup, args.repeats, args.rounds
+    )
     observed = num_layers - 1 - config.shallow_mid_layer
     extra = timed["rule"].seconds - timed["pinned"].seconds
     sys.stdout.write(
         f"{batch_size:>5} selection rule evaluated in {observed} layers: prefill {timed['rule'].seconds:.4f} s "
         f"(host {timed['rule'].host_seconds:.4f} s) against {timed['pinned'].seconds:.4f} s with the same decisions "
-        f"pinned: {extra * 1e3:.1f} ms, {extra / observed * 1e3:.2f} ms per observed layer\n")
+        f"pinned: {extra * 1e3:.1f} ms, {extra / observed * 1e3:.2f} ms per observed layer\n"
+    )
 
 
 if __name__ == "__main__":

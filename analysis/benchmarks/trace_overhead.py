@@ -20,20 +20,34 @@ import torch
 
 from analysis.data.samples import Sample
 from analysis.layout import compute_layouts
-from analysis.models.adapters import ModelInputs, RenderedPrompt, get_adapter
 from analysis.models import hf
+from analysis.models.adapters import ModelInputs, RenderedPrompt, get_adapter
+from analysis.models.hf import HFModel
 from analysis.trace.run import batch_tables
 from analysis.trace.tracer import build_plan, trace_batch
 
 # The shape of llava-hf/llava-1.5-7b-hf's config.json (CLIP ViT-L/14-336 + Vicuna-7B).
 LLAVA_15_7B = {
     "vision": dict(
-        hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16, image_size=336,
-        patch_size=14, projection_dim=768, hidden_act="quick_gelu", layer_norm_eps=1e-5,
+        hidden_size=1024,
+        intermediate_size=4096,
+        num_hidden_layers=24,
+        num_attention_heads=16,
+        image_size=336,
+        patch_size=14,
+        projection_dim=768,
+        hidden_act="quick_gelu",
+        layer_norm_eps=1e-5,
     ),
     "text": dict(
-        hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
-        num_key_value_heads=32, vocab_size=32064, max_position_embeddings=4096, rms_norm_eps=1e-5,
+        hidden_size=4096,
+        intermediate_size=11008,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=32,
+        vocab_size=32064,
+        max_position_embeddings=4096,
+        rms_norm_eps=1e-5,
         pad_token_id=32001,
     ),
     "image_token_id": 32000,
@@ -41,10 +55,25 @@ LLAVA_15_7B = {
     "instruction_tokens": 40,
 }
 TINY = {
-    "vision": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=28,
-                   patch_size=7, projection_dim=32),
-    "text": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
-                 num_key_value_heads=4, vocab_size=128, max_position_embeddings=512, pad_token_id=1),
+    "vision": dict(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        image_size=28,
+        patch_size=7,
+        projection_dim=32,
+    ),
+    "text": dict(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        vocab_size=128,
+        max_position_embeddings=512,
+        pad_token_id=1,
+    ),
     "image_token_id": 100,
     "system_tokens": 8,
     "instruction_tokens": 10,
@@ -64,14 +93,14 @@ class Measurement:
     spread: float = 0.0  # interquartile range over the median, where measured
 
 
-def build_model(preset: dict, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
+def build_model(preset: dict, device: torch.device, dtype: torch.dtype) -> HFModel:
     """A LlavaForConditionalGeneration of the preset's shape with HF's random initialisation, SDPA attention."""
     from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
     config = LlavaConfig(
         vision_config=CLIPVisionConfig(**preset["vision"]),
         text_config=LlamaConfig(**preset["text"]),
-        image_token_id=preset["image_token_id"],
+        image_token_index=preset["image_token_id"],
         vision_feature_layer=-2,
         vision_feature_select_strategy="default",
         projector_hidden_act="gelu",
@@ -89,7 +118,7 @@ def build_model(preset: dict, device: torch.device, dtype: torch.dtype) -> torch
     return model.eval()
 
 
-def benchmark_model(preset: dict, device: torch.device, dtype: torch.dtype) -> tuple[torch.nn.Module, int, str]:
+def benchmark_model(preset: dict, device: torch.device, dtype: torch.dtype) -> tuple[HFModel, int, str]:
     """The preset's random model on ``device``, the bytes its weights take there, and the device's name."""
     model = build_model(preset, device, dtype)
     synchronize(device)
@@ -98,7 +127,7 @@ def benchmark_model(preset: dict, device: torch.device, dtype: torch.dtype) -> t
     return model, model_bytes, name
 
 
-def build_inputs(model: torch.nn.Module, preset: dict, batch_size: int, device: torch.device) -> ModelInputs:
+def build_inputs(model: HFModel, preset: dict, batch_size: int, device: torch.device) -> ModelInputs:
     """A batch of LLaVA-1.5-shaped prompts (system, 576 image tokens, instruction) of equal length."""
     adapter = get_adapter(model)
     vision = preset["vision"]
@@ -114,19 +143,25 @@ def build_inputs(model: torch.nn.Module, preset: dict, batch_size: int, device: 
     attention_mask = torch.ones_like(input_ids)
     side = vision["image_size"] // vision["patch_size"]
     layouts = compute_layouts(
-        input_ids, attention_mask, adapter.image_token_id, [row[: preset["system_tokens"]].tolist() for row in rows],
-        [[n_image]] * batch_size, [[(side, side)]] * batch_size,
+        input_ids,
+        attention_mask,
+        adapter.image_token_id,
+        [row[: preset["system_tokens"]].tolist() for row in rows],
+        [[n_image]] * batch_size,
+        [[(side, side)]] * batch_size,
     )
     dtype = next(model.parameters()).dtype
     pixels = torch.randn(batch_size, 3, vision["image_size"], vision["image_size"], generator=generator)
-    tensors = hf.with_pixel_values({"input_ids": input_ids.to(device), "attention_mask": attention_mask.to(device)},
-                                   pixels.to(device, dtype))
+    tensors = hf.with_pixel_values(
+        {"input_ids": input_ids.to(device), "attention_mask": attention_mask.to(device)}, pixels.to(device, dtype)
+    )
     prompts = [RenderedPrompt(text="", content_start=0)] * batch_size
     return ModelInputs(tensors=tensors, prompts=prompts, layouts=layouts)
 
 
-def measure_interleaved(steps: dict[str, Callable[[], object]], device: torch.device, warmup: int, repeats: int,
-                        model_bytes: int) -> dict[str, Measurement]:
+def measure_interleaved(
+    steps: dict[str, Callable[[], object]], device: torch.device, warmup: int, repeats: int, model_bytes: int
+) -> dict[str, Measurement]:
     """Median wall time and peak memory of each step, the steps taking turns in every round.
 
     Taking turns matters at batch 1, where a forward pass is bound by the host: the host's speed drifts during a
@@ -154,8 +189,12 @@ def measure_interleaved(steps: dict[str, Callable[[], object]], device: torch.de
     for name in steps:
         median = statistics.median(times[name])
         quartiles = statistics.quantiles(times[name], n=4) if len(times[name]) > 1 else [median, median, median]
-        results[name] = Measurement(median, peaks[name] - model_bytes, statistics.median(host_times[name]),
-                                    (quartiles[2] - quartiles[0]) / median)
+        results[name] = Measurement(
+            median,
+            peaks[name] - model_bytes,
+            statistics.median(host_times[name]),
+            (quartiles[2] - quartiles[0]) / median,
+        )
     return results
 
 
@@ -175,10 +214,44 @@ def reduce_attentions(attentions: tuple[torch.Tensor, ...], inputs: ModelInputs)
     return reduced
 
 
+def timed_steps(model: HFModel, inputs: ModelInputs) -> dict[str, Callable[[], object]]:
+    """The four timed variants on one batch: SDPA forward, output_attentions + reductions, tracer, tracer + tables."""
+    adapter = get_adapter(model)
+    text_config = adapter.text_config
+    batch_size = inputs.input_ids.shape[0]
+    samples = [Sample(f"b{i}", [], prompt="", question="") for i in range(batch_size)]
+
+    def plain() -> object:
+        with torch.inference_mode():
+            return model(**inputs.tensors).logits
+
+    def with_output_attentions() -> object:
+        hf.set_attention_implementation(text_config, "eager")
+        try:
+            with torch.inference_mode():
+                output = model(**inputs.tensors, **hf.attention_weights_kwargs())
+                return [mass.cpu() for mass in reduce_attentions(hf.returned_attentions(output), inputs)]
+        finally:
+            hf.set_attention_implementation(text_config, "sdpa")
+
+    def trace_only() -> object:
+        stats, _ = trace_batch(adapter, inputs)
+        return torch.stack([s.region_mass for s in stats]).cpu()
+
+    def trace_and_tables() -> object:
+        stats, _ = trace_batch(adapter, inputs)
+        return batch_tables(samples, inputs, stats, [None] * batch_size, top_k=5)
+
+    return {"plain": plain, "naive": with_output_attentions, "trace": trace_only, "tables": trace_and_tables}
+
+
 def main(argv: list[str] | None = None) -> int:
     """Measure and print tracing overhead for each batch size."""
-    parser = argparse.ArgumentParser(prog="python -m analysis.benchmarks.trace_overhead", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m analysis.benchmarks.trace_overhead",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--preset", choices=sorted(PRESETS), default="llava-1.5-7b")
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -189,51 +262,33 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device(args.device)
     preset = PRESETS[args.preset]
     model, model_bytes, name = benchmark_model(preset, device, getattr(torch, args.dtype))
-    adapter = get_adapter(model)
-    text_config = adapter.text_config
     sys.stdout.write(
         f"device: {name}; preset {args.preset}; dtype {args.dtype}; torch {torch.__version__}; "
         f"transformers {hf.installed_transformers()}; model footprint {model_bytes / 2**30:.2f} GiB; "
         f"median of {args.repeats} interleaved rounds after {args.warmup} warm-up; memory: peak above the SDPA "
         "forward's peak\n"
     )
-    header = (f"{'batch':>5} {'tokens':>6} {'sdpa ms':>8} {'out_attn ms':>11} {'trace ms':>8} {'+tables ms':>10} "
-              f"{'out_attn/sdpa':>13} {'trace/sdpa':>10} {'+tables/sdpa':>12} {'trace IQR/med':>12} "
-              f"{'out_attn +GiB':>13} {'trace +GiB':>10}")
+    header = (
+        f"{'batch':>5} {'tokens':>6} {'sdpa ms':>8} {'out_attn ms':>11} {'trace ms':>8} {'+tables ms':>10} "
+        f"{'out_attn/sdpa':>13} {'trace/sdpa':>10} {'+tables/sdpa':>12} {'trace IQR/med':>12} "
+        f"{'out_attn +GiB':>13} {'trace +GiB':>10}"
+    )
     sys.stdout.write(header + "\n")
     for batch_size in args.batch_sizes:
         inputs = build_inputs(model, preset, batch_size, device)
-        samples = [Sample(f"b{i}", [], prompt="", question="") for i in range(batch_size)]
-
-        def plain() -> object:
-            with torch.inference_mode():
-                return model(**inputs.tensors).logits
-
-        def with_output_attentions() -> object:
-            hf.set_attention_implementation(text_config, "eager")
-            try:
-                with torch.inference_mode():
-                    output = model(**inputs.tensors, **hf.attention_weights_kwargs())
-                    return [mass.cpu() for mass in reduce_attentions(hf.returned_attentions(output), inputs)]
-            finally:
-                hf.set_attention_implementation(text_config, "sdpa")
-
-        def trace_only() -> object:
-            stats, _ = trace_batch(adapter, inputs)
-            return torch.stack([s.region_mass for s in stats]).cpu()
-
-        def trace_and_tables() -> object:
-            stats, _ = trace_batch(adapter, inputs)
-            return batch_tables(samples, inputs, stats, [None] * batch_size, top_k=5)
 
         measured = measure_interleaved(
-            {"plain": plain, "naive": with_output_attentions, "trace": trace_only, "tables": trace_and_tables},
-            device, args.warmup, args.repeats, model_bytes,
+            timed_steps(model, inputs),
+            device,
+            args.warmup,
+            args.repeats,
+            model_bytes,
         )
         plain_m, naive_m, trace_m, tables_m = (measured[name] for name in ("plain", "naive", "trace", "tables"))
         gib, ms = 2**30, 1e3
         sys.stdout.write(
-            f"{batch_size:>5} {inputs.input_ids.shape[1]:>6} {plain_m.seconds * ms:>8.1f} {naive_m.seconds * ms:>11.1f} "
+            f"{batch_size:>5} {inputs.input_ids.shape[1]:>6} {plain_m.seconds * ms:>8.1f} "
+            f"{naive_m.seconds * ms:>11.1f} "
             f"{trace_m.seconds * ms:>8.1f} {tables_m.seconds * ms:>10.1f} {naive_m.seconds / plain_m.seconds:>13.3f} "
             f"{trace_m.seconds / plain_m.seconds:>10.3f} {tables_m.seconds / plain_m.seconds:>12.3f} "
             f"{trace_m.spread:>12.3f} "

@@ -555,7 +555,7 @@ def _answer_letter(answer: str, choices: list[str], sample_id: str, source: str)
         return answer.upper()
     if answer.isdigit() and int(answer) < len(choices):
         return letters[int(answer)]
-    for letter, choice in zip(letters, choices):
+    for letter, choice in zip(letters, choices, strict=False):
         if normalize_answer(choice) == normalize_answer(answer):
             return letter
     raise DataError(
@@ -594,9 +594,11 @@ def _decode_image(value: Any, sample_id: str, base_dir: Path | None) -> Image.Im
         source = io.BytesIO(value["bytes"])
         label = f"embedded image {value['path']}" if value.get("path") else "embedded image bytes"
     elif isinstance(value, Mapping) and value.get("path"):
-        source = label = _resolve(str(value["path"]), base_dir)
+        source = _resolve(str(value["path"]), base_dir)
+        label = str(source)
     elif isinstance(value, (str, Path)) and str(value):
-        source = label = _resolve(str(value), base_dir)
+        source = _resolve(str(value), base_dir)
+        label = str(source)
     else:
         raise DataError(
             f"sample {sample_id!r} has no image; the toolkit traces image-text samples only, "

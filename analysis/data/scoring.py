@@ -54,9 +54,7 @@ def normalize_answer(text: str) -> str:
 def is_correct(prediction: str, sample: Sample) -> bool:
     """Whether a model's free-form reply answers ``sample`` correctly under its answer type."""
     if sample.answer is None:
-        raise DataError(
-            f"sample {sample.sample_id!r} has no reference answer; score only splits that publish answers"
-        )
+        raise DataError(f"sample {sample.sample_id!r} has no reference answer; score only splits that publish answers")
     if sample.answer_type == "open":
         return _open_correct(prediction, sample.answer)
     if sample.answer_type == "yes_no":
@@ -91,7 +89,7 @@ def _yes_no_correct(prediction: str, answer: str) -> bool:
 def _choice_correct(prediction: str, sample: Sample) -> bool:
     """Compare the option the reply picks (by option text or letter) with the reference letter."""
     chosen = _chosen_letter(prediction, sample.choices)
-    return chosen is not None and chosen == sample.answer.strip().upper()
+    return chosen is not None and chosen == (sample.answer or "").strip().upper()
 
 
 def _chosen_letter(prediction: str, choices: list[str]) -> str | None:
@@ -100,7 +98,7 @@ def _chosen_letter(prediction: str, choices: list[str]) -> str | None:
     reply = prediction.strip()
     # A reply that is exactly an option's text wins over reading its first word as a letter ("A cat").
     whole = normalize_answer(reply)
-    for letter, choice in zip(letters, choices):
+    for letter, choice in zip(letters, choices, strict=False):
         if whole and normalize_answer(choice) == whole:
             return letter
     for pattern in (_LEADING_LETTER, _STATED_LETTER):
@@ -111,7 +109,7 @@ def _chosen_letter(prediction: str, choices: list[str]) -> str | None:
             if not letters or letter in letters:
                 return letter
     first_phrase = normalize_answer(_PHRASE_BOUNDARY.split(reply, maxsplit=1)[0])
-    for letter, choice in zip(letters, choices):
+    for letter, choice in zip(letters, choices, strict=False):
         if first_phrase and normalize_answer(choice) == first_phrase:
             return letter
     return None

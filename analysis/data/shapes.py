@@ -267,12 +267,10 @@ def _candidate(split: str, index: int, config: ShapesConfig, owned_only: bool) -
         boxes = _place(rng, [_object_side(config, kinds[i][2]) for i in order], config.image_size)
         if boxes is None:
             continue
-        placed = {i: box for i, box in zip(order, boxes)}
+        placed = {i: box for i, box in zip(order, boxes, strict=True)}
         objects = tuple(SceneObject(s, c, z, placed[i], g) for i, (s, c, z, g) in enumerate(kinds))
         return Scene(split, index, config.image_size, background, texture_seed, objects)
-    raise DataError(
-        f"ShapesVQA objects do not fit a {config.image_size}px image; lower max_objects or large_fraction"
-    )
+    raise DataError(f"ShapesVQA objects do not fit a {config.image_size}px image; lower max_objects or large_fraction")
 
 
 def make_scene(split: str, index: int, config: ShapesConfig) -> Scene:
@@ -498,11 +496,8 @@ def generate_items(split: str, n: int | None = None, config: ShapesConfig | None
     barren = 0
     while len(items) < n:
         scene = next(scenes)
-        if every_family:
-            wanted = list(config.families)
-        else:
-            # One question per image, families in rotation; a scene that cannot answer the family is skipped.
-            wanted = [config.families[len(items) % len(config.families)]]
+        # Otherwise one question per image, families in rotation; a scene that cannot answer the family is skipped.
+        wanted = list(config.families) if every_family else [config.families[len(items) % len(config.families)]]
         before = len(items)
         for family in wanted:
             item = ask(scene, family, config, want_yes=asked[family] % 2 == 0)

@@ -11,6 +11,11 @@ from analysis.hooks.attention import (
 )
 
 __all__ = [
-    "AttentionCall", "AttentionHooks", "AttentionRoute", "LastRowObservation", "RegionMasks", "ZeroedEdges",
+    "AttentionCall",
+    "AttentionHooks",
+    "AttentionRoute",
+    "LastRowObservation",
+    "RegionMasks",
+    "ZeroedEdges",
     "route_attention",
 ]

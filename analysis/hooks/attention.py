@@ -61,20 +61,22 @@ class RegionMasks:
     extra_keys: dict[str, torch.Tensor] = field(default_factory=dict)  # name -> (B, T) bool, e.g. token subsets
 
     @classmethod
-    def from_layouts(cls, layouts: list[TokenLayout], seq_len: int, device: torch.device) -> "RegionMasks":
+    def from_layouts(cls, layouts: list[TokenLayout], seq_len: int, device: torch.device) -> RegionMasks:
         """Build the masks of a left-padded batch."""
         batch = len(layouts)
         queries = {name: torch.zeros(batch, seq_len, dtype=torch.bool) for name in QUERY_REGIONS}
         keys = {name: torch.zeros(batch, seq_len, dtype=torch.bool) for name in KEY_REGIONS}
         for row, layout in enumerate(layouts):
-            for region, name in ((REGION_SYSTEM, "system"), (REGION_IMAGE, "image"), (REGION_INSTRUCTION, "instruction")):
+            for region, name in (
+                (REGION_SYSTEM, "system"),
+                (REGION_IMAGE, "image"),
+                (REGION_INSTRUCTION, "instruction"),
+            ):
                 positions = torch.as_tensor(layout.padded((layout.regions == region).nonzero()[0]))
                 queries[name][row, positions] = True
                 keys[name][row, positions] = True
             queries["last"][row, layout.padded(layout.last)] = True
-        return cls(
-            {k: v.to(device) for k, v in queries.items()}, {k: v.to(device) for k, v in keys.items()}, seq_len
-        )
+        return cls({k: v.to(device) for k, v in queries.items()}, {k: v.to(device) for k, v in keys.items()}, seq_len)
 
     def query_rows(self, name: str, start: int, length: int) -> torch.Tensor:
         """(B, length) membership of absolute query positions [start, start+length) in a query group."""
@@ -124,7 +126,7 @@ class ZeroedEdges:
     moved_rows: torch.Tensor | None = None
 
     def moved_share(self, rows: slice | torch.Tensor) -> torch.Tensor | None:
-        """(B, Q') 1.0 where the zeroed mass of a query row (of ``rows``) moves to the target, else 0; None: all rows."""
+        """(B, Q') 1.0 where a query row's (of ``rows``) zeroed mass moves to the target, else 0; None: all rows."""
         if self.target is None or self.moved_rows is None:
             return None
         return self.moved_rows[:, rows].float()
@@ -199,8 +201,14 @@ class AttentionCall:
 
 
 def eager_attention(
-    module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-    attention_mask: torch.Tensor | None, scaling: float, dropout: float = 0.0, **_: Any,
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float,
+    dropout: float = 0.0,
+    **_: Any,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Plain softmax attention with grouped KV heads; returns (output (B, Q, H, d), weights (B, H, Q, K))."""
     groups = query.shape[1] // key.shape[1]
@@ -217,20 +225,33 @@ def eager_attention(
 class AttentionRoute:
     """The attention function of one ``route_attention`` context: the hooks, each module's layer, the base."""
 
-    def __init__(self, adapter: FamilyAdapter, hooks: AttentionHooks, last_position: int,
-                 base: Callable[..., tuple[torch.Tensor, torch.Tensor | None]]) -> None:
+    def __init__(
+        self,
+        adapter: FamilyAdapter,
+        hooks: AttentionHooks,
+        last_position: int,
+        base: Callable[..., tuple[torch.Tensor, torch.Tensor | None]],
+    ) -> None:
         self.hooks = hooks
         self.last_position = last_position
         self.base = base
         self.layers = {adapter.attention(layer): index for index, layer in enumerate(adapter.decoder_layers())}
         # Hooks that only inspect take a short path: at batch 1 every Python call per layer shows in the time.
         cls = type(hooks)
-        self.inspect_only = all(getattr(cls, name) is getattr(AttentionHooks, name)
-                                for name in ("blocked", "zeroed", "wants_last_row"))
+        self.inspect_only = all(
+            getattr(cls, name) is getattr(AttentionHooks, name) for name in ("blocked", "zeroed", "wants_last_row")
+        )
 
     def __call__(
-        self, module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-        attention_mask: torch.Tensor | None, scaling: float, dropout: float = 0.0, **kwargs: Any,
+        self,
+        module: nn.Module,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        scaling: float,
+        dropout: float = 0.0,
+        **kwargs: Any,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Apply the module's hooks, then the base implementation."""
         layer = self.layers.get(module)
@@ -261,13 +282,26 @@ class AttentionRoute:
         # The base computes the output renormalised over the keys that survive; the rows with zeroed edges are
         # then rescaled by the share of attention those edges would have had (and that share added on the
         # target's value).
-        output, weights = self.base(module, query, key, value, mask.masked_fill(zeroed.edges[:, None], minimum),
-                                    scaling=scaling, dropout=dropout, **kwargs)
+        output, weights = self.base(
+            module,
+            query,
+            key,
+            value,
+            mask.masked_fill(zeroed.edges[:, None], minimum),
+            scaling=scaling,
+            dropout=dropout,
+            **kwargs,
+        )
         return _rescale_zeroed(output, weights, query, key, value, mask, scaling, zeroed)
 
 
-def row_mask(attention_mask: torch.Tensor | None, query: torch.Tensor, key_length: int, query_start: int,
-             rows: torch.Tensor | slice) -> torch.Tensor:
+def row_mask(
+    attention_mask: torch.Tensor | None,
+    query: torch.Tensor,
+    key_length: int,
+    query_start: int,
+    rows: torch.Tensor | slice,
+) -> torch.Tensor:
     """The additive float32 mask (B, 1, R, K) of some query rows, from a model's float, bool or absent mask."""
     batch = query.shape[0]
     minimum = torch.finfo(torch.float32).min
@@ -283,7 +317,9 @@ def row_mask(attention_mask: torch.Tensor | None, query: torch.Tensor, key_lengt
     return torch.zeros((), device=query.device).masked_fill(~allowed, minimum)
 
 
-def _full_mask(attention_mask: torch.Tensor | None, query: torch.Tensor, key_length: int, query_start: int) -> torch.Tensor:
+def _full_mask(
+    attention_mask: torch.Tensor | None, query: torch.Tensor, key_length: int, query_start: int
+) -> torch.Tensor:
     """A (B, 1, Q, K) additive float mask, built causally when the model passed none."""
     batch, _, query_length, _ = query.shape
     if attention_mask is not None and attention_mask.dtype != torch.bool:
@@ -299,8 +335,9 @@ def _full_mask(attention_mask: torch.Tensor | None, query: torch.Tensor, key_len
     return torch.where(allowed, zero, torch.full((), minimum, dtype=query.dtype, device=query.device))
 
 
-def _zero_weights(weights: torch.Tensor, edges: torch.Tensor, target: torch.Tensor | None,
-                  moved: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def _zero_weights(
+    weights: torch.Tensor, edges: torch.Tensor, target: torch.Tensor | None, moved: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Softmax rows (B, H, Q, K) with ``edges`` (B, Q, K) zeroed, and the zeroed mass (B, H, Q), moved to ``target``
     (in the rows where ``moved`` (B, Q) is 1, or all rows without it)."""
     edges = edges[:, None].expand_as(weights)
@@ -322,8 +359,14 @@ def _add_on_target(weights: torch.Tensor, mass: torch.Tensor, target: torch.Tens
 
 
 def _rescale_zeroed(
-    output: torch.Tensor, weights: torch.Tensor | None, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-    mask: torch.Tensor, scaling: float, zeroed: ZeroedEdges,
+    output: torch.Tensor,
+    weights: torch.Tensor | None,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    mask: torch.Tensor,
+    scaling: float,
+    zeroed: ZeroedEdges,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Turn an output renormalised over the surviving keys into one with ``zeroed`` edges' weights set to zero.
 
@@ -349,8 +392,9 @@ def _rescale_zeroed(
     output[:, rows] = corrected.to(output.dtype)
     if weights is not None:
         # Eager attention also returns the weights: give the zeroed ones, as the authors' code would see them.
-        rescaled = _add_on_target(weights[:, :, rows].float() * (1 - mass[..., None]), _moved_mass(mass, moved),
-                                  zeroed.target)
+        rescaled = _add_on_target(
+            weights[:, :, rows].float() * (1 - mass[..., None]), _moved_mass(mass, moved), zeroed.target
+        )
         weights = weights.clone()
         weights[:, :, rows] = rescaled.to(weights.dtype)
     return output, weights
@@ -363,8 +407,14 @@ def per_query_head(states: torch.Tensor, groups: int) -> torch.Tensor:
 
 
 def _last_row(
-    layer: int, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor, scaling: float,
-    row: int, zeroed: ZeroedEdges | None = None,
+    layer: int,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    mask: torch.Tensor,
+    scaling: float,
+    row: int,
+    zeroed: ZeroedEdges | None = None,
 ) -> LastRowObservation:
     """The last prompt position's attention recomputed in float32 from its query row only."""
     groups = query.shape[1] // key.shape[1]
@@ -374,8 +424,9 @@ def _last_row(
     scores = torch.einsum("bhd,bhkd->bhk", q, k) * scaling + mask[:, :, row].float()  # (B, 1, K) row per sample
     weights = torch.softmax(scores, dim=-1)
     if zeroed is not None:
-        zeroed_weights, _ = _zero_weights(weights[:, :, None], zeroed.edges[:, row : row + 1], zeroed.target,
-                                          zeroed.moved_share(slice(row, row + 1)))
+        zeroed_weights, _ = _zero_weights(
+            weights[:, :, None], zeroed.edges[:, row : row + 1], zeroed.target, zeroed.moved_share(slice(row, row + 1))
+        )
         weights = zeroed_weights[:, :, 0]
     return LastRowObservation(layer, q, k, v, weights, query.dtype, mask[:, :, row].float())
 
@@ -394,4 +445,3 @@ def route_attention(adapter: FamilyAdapter, hooks: AttentionHooks, last_position
     route = AttentionRoute(adapter, hooks, last_position, base)
     with hf.attention_routed(adapter.text_config, f"{ROUTE_PREFIX}_{next(_ROUTE_NUMBERS)}", route):
         yield route
-

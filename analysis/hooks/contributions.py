@@ -9,7 +9,10 @@ from analysis.layout import TokenLayout
 
 
 def image_contributions(
-    observation: LastRowObservation, image_index: torch.Tensor, image_valid: torch.Tensor, *,
+    observation: LastRowObservation,
+    image_index: torch.Tensor,
+    image_valid: torch.Tensor,
+    *,
     authors_formulas: bool = False,
 ) -> dict[str, torch.Tensor]:
     """Each image token's contribution c_j = concat_h(a_j v_h[j]) to the last row's attention output o.

@@ -16,6 +16,7 @@ from torch import nn
 from analysis.data.samples import IMAGE_PLACEHOLDER, Sample
 from analysis.errors import DataError, ModelError
 from analysis.layout import TokenLayout, compute_layouts
+from analysis.models.hf import HFModel
 from analysis.registry import Registry
 
 # A private-use character never produced by a tokenizer; rendering a chat template around it
@@ -56,9 +57,9 @@ class FamilyAdapter(ABC):
     model_type: ClassVar[str]
     description: ClassVar[str]
 
-    def __init__(self, model: nn.Module) -> None:
-        self.model = model
-        self.config = model.config
+    def __init__(self, model: HFModel) -> None:
+        self.model: HFModel = model
+        self.config: HFModel = model.config
         self.text_config = self.config.get_text_config()
         if getattr(self.config, "image_token_id", None) is None:
             raise ModelError(
@@ -88,7 +89,7 @@ class FamilyAdapter(ABC):
         """The attention weights (B, H, Q, K) in an attention module's output (None unless eager computed them)."""
         return output[1]
 
-    def language_model(self) -> nn.Module:
+    def language_model(self) -> HFModel:
         """The text model that runs the decoder layers (embeddings, layers, final norm; no vision, no LM head)."""
         return self.model.model.language_model
 
@@ -102,6 +103,24 @@ class FamilyAdapter(ABC):
 
     # Processor outputs the vision tower reads (the rest are sequence-aligned: ids, mask).
     image_input_keys: ClassVar[tuple[str, ...]] = ("pixel_values",)
+    # Processor outputs laid out along the sequence besides ids and mask, and what extends them on the right.
+    sequence_fill: ClassVar[dict[str, int]] = {"mm_token_type_ids": 0, "token_type_ids": 0}
+
+    def append_tokens(
+        self, tensors: dict[str, torch.Tensor], ids: torch.Tensor, valid: torch.Tensor
+    ) -> dict[str, torch.Tensor]:
+        """Model inputs with tokens ``ids`` (B, A) appended after the prompt, ``valid`` (B, A) marking real ones."""
+        extended = dict(tensors)
+        prompt = tensors["input_ids"]
+        extended["input_ids"] = torch.cat([prompt, ids.to(prompt.dtype)], dim=1)
+        extended["attention_mask"] = torch.cat(
+            [tensors["attention_mask"], valid.to(tensors["attention_mask"].dtype)], dim=1
+        )
+        for name, fill in self.sequence_fill.items():
+            value = tensors.get(name)
+            if value is not None and value.dim() == 2 and value.shape[1] == prompt.shape[1]:
+                extended[name] = torch.cat([value, torch.full_like(ids, fill, dtype=value.dtype)], dim=1)
+        return extended
 
     def image_features(self, tensors: dict[str, torch.Tensor]) -> Any:
         """The vision tower and projector alone on a batch's images: what the language model receives for them."""
@@ -139,16 +158,18 @@ class FamilyAdapter(ABC):
         """The full prompt text for a sample, with one image token string per image."""
 
     @abstractmethod
-    def image_token_counts(self, processor: Any, tensors: dict[str, torch.Tensor], n_images: list[int]) -> tuple[
-        list[list[int]], list[list[tuple[int, int]]]
-    ]:
+    def image_token_counts(
+        self, processor: Any, tensors: dict[str, torch.Tensor], n_images: list[int]
+    ) -> tuple[list[list[int]], list[list[tuple[int, int]]]]:
         """Per sample and image: how many image tokens it became and their (rows, cols) grid."""
 
     def processor_kwargs(self) -> dict[str, Any]:
         """Extra keyword arguments the family's processor needs."""
         return {}
 
-    def build_inputs(self, processor: Any, samples: Sequence[Sample], device: torch.device | str = "cpu") -> ModelInputs:
+    def build_inputs(
+        self, processor: Any, samples: Sequence[Sample], device: torch.device | str = "cpu"
+    ) -> ModelInputs:
         """Tokenise a batch with left padding and return tensors plus per-image token counts."""
         for sample in samples:
             if not sample.images:
@@ -194,7 +215,7 @@ class FamilyAdapter(ABC):
     # --- tests -----------------------------------------------------------------------------
     @classmethod
     @abstractmethod
-    def tiny_model(cls, seed: int = 0, num_layers: int = 4) -> nn.Module:
+    def tiny_model(cls, seed: int = 0, num_layers: int = 4) -> HFModel:
         """A tiny randomly initialised model of this family for tests (eager attention)."""
 
     @classmethod
@@ -222,7 +243,7 @@ FAMILIES: Registry[type[FamilyAdapter]] = Registry(
     "adapter for model_type",
     {"llava": "analysis.models.llava:LlavaAdapter", "qwen2_5_vl": "analysis.models.qwen2_5_vl:Qwen25VLAdapter"},
     hint="Write a FamilyAdapter subclass and add it to FAMILIES in analysis/models/adapters.py, or call "
-         "register_adapter(YourAdapter) before loading the model",
+    "register_adapter(YourAdapter) before loading the model",
     error=ModelError,
 )
 
@@ -237,7 +258,7 @@ def adapter_class(model_type: str) -> type[FamilyAdapter]:
     return FAMILIES.get(model_type)
 
 
-def get_adapter(model: nn.Module) -> FamilyAdapter:
+def get_adapter(model: HFModel) -> FamilyAdapter:
     """Instantiate the adapter that understands ``model`` (chosen by its config's ``model_type``)."""
     model_type = getattr(getattr(model, "config", None), "model_type", None)
     if model_type is None:

@@ -21,6 +21,10 @@ from torch import nn
 
 from analysis.errors import ToolkitError
 
+# A transformers PreTrainedModel (or config): its submodules and attributes are made at run time, so the type checker
+# cannot follow them; code reaching into one says so with this alias.
+HFModel = Any
+
 # Names under which a forward call has carried the KV cache, newest first.
 CACHE_ARGUMENTS = ("cache", "past_key_values")
 _DISTRIBUTION = "visipruner-analysis"
@@ -64,8 +68,10 @@ def untested_release() -> str | None:
         return None  # no declared range to compare with (the toolkit is not installed as a package)
     if inside:
         return None
-    return (f"transformers {installed} is outside the range this toolkit was tested on ({declared}); results may "
-            f"differ or commands fail: pip install 'transformers{declared}'")
+    return (
+        f"transformers {installed} is outside the range this toolkit was tested on ({declared}); results may "
+        f"differ or commands fail: pip install 'transformers{declared}'"
+    )
 
 
 def compatibility_error(problem: str) -> CompatibilityError:
@@ -118,7 +124,7 @@ def new_cache() -> Any:
 
 
 @lru_cache(maxsize=64)
-def _cache_parameter(forward_type: type) -> str:
+def _cache_parameter(forward_type: Any) -> str:
     """The name a module class's forward takes its KV cache under."""
     parameters = inspect.signature(forward_type.forward).parameters
     for name in CACHE_ARGUMENTS:
@@ -131,7 +137,8 @@ def _cache_parameter(forward_type: type) -> str:
 
 def cache_kwargs(module: nn.Module, cache: Any) -> dict[str, Any]:
     """Keyword arguments that hand ``cache`` to ``module``'s forward under the name its transformers uses."""
-    return {_cache_parameter(type(module)): cache, "use_cache": True}
+    forward_type: Any = type(module)
+    return {_cache_parameter(forward_type): cache, "use_cache": True}
 
 
 @dataclass(frozen=True)
@@ -154,8 +161,13 @@ def text_model_call(args: tuple[Any, ...], kwargs: dict[str, Any]) -> TextModelC
         source = args[0]
     if not isinstance(source, torch.Tensor):
         raise compatibility_error(f"a text-model call without input ids or embeddings (arguments: {sorted(kwargs)})")
-    return TextModelCall(int(source.shape[1]), source.device, kwargs.get("attention_mask"),
-                         kwargs.get("position_ids"), call_cache(kwargs))
+    return TextModelCall(
+        int(source.shape[1]),
+        source.device,
+        kwargs.get("attention_mask"),
+        kwargs.get("position_ids"),
+        call_cache(kwargs),
+    )
 
 
 def with_position_ids(kwargs: dict[str, Any], position_ids: torch.Tensor) -> dict[str, Any]:
@@ -168,9 +180,9 @@ def layer_hidden_states(args: tuple[Any, ...], kwargs: dict[str, Any]) -> torch.
     return args[0] if args else kwargs["hidden_states"]
 
 
-def with_layer_hidden_states(args: tuple[Any, ...], kwargs: dict[str, Any], hidden: torch.Tensor) -> tuple[
-    tuple[Any, ...], dict[str, Any]
-]:
+def with_layer_hidden_states(
+    args: tuple[Any, ...], kwargs: dict[str, Any], hidden: torch.Tensor
+) -> tuple[tuple[Any, ...], dict[str, Any]]:
     """A decoder layer's call arguments with new hidden states."""
     if args:
         return (hidden, *args[1:]), kwargs
@@ -182,8 +194,11 @@ def layer_positions(kwargs: dict[str, Any]) -> tuple[tuple[torch.Tensor, ...] | 
     return kwargs.get("position_embeddings"), kwargs.get("position_ids")
 
 
-def layer_overrides(attention_mask: torch.Tensor | None, position_embeddings: tuple[torch.Tensor, ...] | None = None,
-                    position_ids: torch.Tensor | None = None) -> dict[str, Any]:
+def layer_overrides(
+    attention_mask: torch.Tensor | None,
+    position_embeddings: tuple[torch.Tensor, ...] | None = None,
+    position_ids: torch.Tensor | None = None,
+) -> dict[str, Any]:
     """Keyword arguments that give a decoder layer its own mask and (optionally) positions."""
     overrides: dict[str, Any] = {"attention_mask": attention_mask}
     if position_embeddings is not None:
@@ -217,8 +232,9 @@ def set_attention_implementation(config: Any, name: str) -> None:
 
 def attention_function(name: str) -> Callable[..., tuple[torch.Tensor, torch.Tensor | None]]:
     """transformers' registered attention function of an implementation name."""
-    from analysis.errors import ConfigError
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    from analysis.errors import ConfigError
 
     if name not in ALL_ATTENTION_FUNCTIONS:
         raise ConfigError(f"attention implementation {name!r} cannot be intervened on; load with sdpa or eager")
@@ -280,15 +296,20 @@ def language_model_inputs(kwargs: dict[str, Any]) -> LanguageModelInputs:
     return LanguageModelInputs(kwargs.get("inputs_embeds"), kwargs.get("attention_mask"), kwargs.get("position_ids"))
 
 
-def run_language_model(text_model: nn.Module, inputs: LanguageModelInputs, cache: Any) -> torch.Tensor:
+def run_language_model(text_model: HFModel, inputs: LanguageModelInputs, cache: Any) -> torch.Tensor:
     """The text model's final hidden states for given embeddings, continuing ``cache``."""
-    output = text_model(inputs_embeds=inputs.embeds, attention_mask=inputs.attention_mask,
-                        position_ids=inputs.positions, **cache_kwargs(text_model, cache))
+    output = text_model(
+        inputs_embeds=inputs.embeds,
+        attention_mask=inputs.attention_mask,
+        position_ids=inputs.positions,
+        **cache_kwargs(text_model, cache),
+    )
     return text_model_output_hidden(output)
 
 
-def embeds_forward(model: nn.Module, embeds: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
-                   cache: bool = True) -> Any:
+def embeds_forward(
+    model: HFModel, embeds: torch.Tensor, attention_mask: torch.Tensor | None = None, *, cache: bool = True
+) -> Any:
     """A forward of the whole model from input embeddings, computing only the last position's logits."""
     options: dict[str, Any] = {"logits_to_keep": 1}
     if attention_mask is not None:

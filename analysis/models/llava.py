@@ -6,11 +6,11 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
-from torch import nn
 
 from analysis.data.samples import IMAGE_PLACEHOLDER, Sample
 from analysis.errors import ModelError
 from analysis.models.adapters import FamilyAdapter, RenderedPrompt
+from analysis.models.hf import HFModel
 
 # LLaVA-1.5 was trained and evaluated with the Vicuna v1 conversation format, not the hub
 # processor's chat template (which drops the system prompt); the paper's stage analysis relies on
@@ -50,7 +50,7 @@ class LlavaAdapter(FamilyAdapter):
         totals = (tensors["input_ids"] == self.image_token_id).sum(dim=1).tolist()
         counts: list[list[int]] = []
         grids: list[list[tuple[int, int]]] = []
-        for total, n in zip(totals, n_images):
+        for total, n in zip(totals, n_images, strict=True):
             if n == 0 or total % n:
                 raise ModelError(
                     f"found {total} image tokens for {n} images; the processor's patch_size or "
@@ -63,23 +63,39 @@ class LlavaAdapter(FamilyAdapter):
         return counts, grids
 
     @classmethod
-    def tiny_model(cls, seed: int = 0, num_layers: int = 4) -> nn.Module:
+    def tiny_model(cls, seed: int = 0, num_layers: int = 4) -> HFModel:
         """A tiny random LLaVA (CLIP 28px/7px patches -> 16 image tokens; Llama with GQA)."""
         from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
         tokenizer = cls.tiny_processor().tokenizer
         vision = CLIPVisionConfig(
-            hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-            image_size=28, patch_size=7, projection_dim=32,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            image_size=28,
+            patch_size=7,
+            projection_dim=32,
         )
         text = LlamaConfig(
-            hidden_size=64, intermediate_size=128, num_hidden_layers=num_layers, num_attention_heads=4,
-            num_key_value_heads=2, vocab_size=len(tokenizer), max_position_embeddings=512,
-            pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=num_layers,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            vocab_size=len(tokenizer),
+            max_position_embeddings=512,
+            pad_token_id=tokenizer.pad_token_id,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
         )
         config = LlavaConfig(
-            vision_config=vision, text_config=text, image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
-            vision_feature_layer=-2, vision_feature_select_strategy="default", projector_hidden_act="gelu",
+            vision_config=vision,
+            text_config=text,
+            image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
+            vision_feature_layer=-2,
+            vision_feature_select_strategy="default",
+            projector_hidden_act="gelu",
         )
         config._attn_implementation = "eager"
         torch.manual_seed(seed)
@@ -101,6 +117,9 @@ class LlavaAdapter(FamilyAdapter):
             size={"shortest_edge": 28}, crop_size={"height": 28, "width": 28}, do_center_crop=True
         )
         return LlavaProcessor(
-            image_processor=image_processor, tokenizer=tokenizer, patch_size=7,
-            vision_feature_select_strategy="default", num_additional_image_tokens=1,
+            image_processor=image_processor,
+            tokenizer=tokenizer,
+            patch_size=7,
+            vision_feature_select_strategy="default",
+            num_additional_image_tokens=1,
         )

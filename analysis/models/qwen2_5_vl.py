@@ -6,11 +6,11 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
-from torch import nn
 
 from analysis.data.samples import Sample
 from analysis.errors import ModelError
 from analysis.models.adapters import FamilyAdapter, RenderedPrompt
+from analysis.models.hf import HFModel
 
 # Written for the tiny test processor only; real checkpoints ship their own template.
 _TINY_CHAT_TEMPLATE = (
@@ -63,7 +63,7 @@ class Qwen25VLAdapter(FamilyAdapter):
         return counts, grids
 
     @classmethod
-    def tiny_model(cls, seed: int = 0, num_layers: int = 4) -> nn.Module:
+    def tiny_model(cls, seed: int = 0, num_layers: int = 4) -> HFModel:
         """A tiny random Qwen2.5-VL with M-RoPE and GQA; 4-16 image tokens depending on image size."""
         from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
@@ -71,20 +71,34 @@ class Qwen25VLAdapter(FamilyAdapter):
         ids = {token: tokenizer.convert_tokens_to_ids(token) for token in _TINY_SPECIALS}
         config = Qwen2_5_VLConfig(
             vision_config={
-                "depth": 2, "hidden_size": 32, "intermediate_size": 64, "num_heads": 2, "out_hidden_size": 64,
-                "patch_size": 14, "spatial_merge_size": 2, "temporal_patch_size": 2, "window_size": 56,
+                "depth": 2,
+                "hidden_size": 32,
+                "intermediate_size": 64,
+                "num_heads": 2,
+                "out_hidden_size": 64,
+                "patch_size": 14,
+                "spatial_merge_size": 2,
+                "temporal_patch_size": 2,
+                "window_size": 56,
                 "fullatt_block_indexes": [1],
             },
             text_config={
-                "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": num_layers,
-                "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": len(tokenizer),
+                "hidden_size": 64,
+                "intermediate_size": 128,
+                "num_hidden_layers": num_layers,
+                "num_attention_heads": 4,
+                "num_key_value_heads": 2,
+                "vocab_size": len(tokenizer),
                 "max_position_embeddings": 1024,
                 "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]},
-                "pad_token_id": tokenizer.pad_token_id, "bos_token_id": tokenizer.bos_token_id,
+                "pad_token_id": tokenizer.pad_token_id,
+                "bos_token_id": tokenizer.bos_token_id,
                 "eos_token_id": tokenizer.eos_token_id,
             },
-            image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
-            vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
+            image_token_id=ids["<|image_pad|>"],
+            video_token_id=ids["<|video_pad|>"],
+            vision_start_token_id=ids["<|vision_start|>"],
+            vision_end_token_id=ids["<|vision_end|>"],
         )
         config._attn_implementation = "eager"
         torch.manual_seed(seed)
@@ -102,7 +116,10 @@ class Qwen25VLAdapter(FamilyAdapter):
         from analysis.models.tokenizer import build_word_tokenizer
 
         tokenizer = build_word_tokenizer(
-            tiny_words(), _TINY_SPECIALS, add_bos=False, chat_template=_TINY_CHAT_TEMPLATE,
+            tiny_words(),
+            _TINY_SPECIALS,
+            add_bos=False,
+            chat_template=_TINY_CHAT_TEMPLATE,
             extra_attributes={"image_token": "<|image_pad|>", "video_token": "<|video_pad|>"},
         )
         image_processor = Qwen2VLImageProcessorPil(
@@ -118,5 +135,8 @@ class Qwen25VLAdapter(FamilyAdapter):
                 return super().check_argument_for_proper_class(argument_name, argument)
 
         return ImageOnlyQwenProcessor(
-            image_processor=image_processor, tokenizer=tokenizer, video_processor=None, chat_template=_TINY_CHAT_TEMPLATE
+            image_processor=image_processor,
+            tokenizer=tokenizer,
+            video_processor=None,
+            chat_template=_TINY_CHAT_TEMPLATE,
         )

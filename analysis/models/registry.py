@@ -9,10 +9,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
 
 from analysis.errors import ModelError
 from analysis.models.adapters import FamilyAdapter, adapter_class, get_adapter
+from analysis.models.hf import HFModel
 
 logger = logging.getLogger(__name__)
 
@@ -34,13 +34,17 @@ ALIASES: dict[str, ModelSpec] = {
     spec.alias: spec
     for spec in (
         ModelSpec("llava-1.5-7b", "llava-hf/llava-1.5-7b-hf", "llava", "LLaVA-1.5 7B (Vicuna-7B, CLIP ViT-L/14-336)"),
-        ModelSpec("llava-1.5-13b", "llava-hf/llava-1.5-13b-hf", "llava", "LLaVA-1.5 13B (Vicuna-13B, CLIP ViT-L/14-336)"),
+        ModelSpec(
+            "llava-1.5-13b", "llava-hf/llava-1.5-13b-hf", "llava", "LLaVA-1.5 13B (Vicuna-13B, CLIP ViT-L/14-336)"
+        ),
         ModelSpec("qwen2.5-vl-3b", "Qwen/Qwen2.5-VL-3B-Instruct", "qwen2_5_vl", "Qwen2.5-VL 3B Instruct"),
         ModelSpec("qwen2.5-vl-7b", "Qwen/Qwen2.5-VL-7B-Instruct", "qwen2_5_vl", "Qwen2.5-VL 7B Instruct"),
         ModelSpec("qwen2.5-vl-32b", "Qwen/Qwen2.5-VL-32B-Instruct", "qwen2_5_vl", "Qwen2.5-VL 32B Instruct"),
         ModelSpec("qwen2.5-vl-72b", "Qwen/Qwen2.5-VL-72B-Instruct", "qwen2_5_vl", "Qwen2.5-VL 72B Instruct"),
         ModelSpec(
-            ORGANISM_ALIAS, "package:analysis/organism/weights", "llava",
+            ORGANISM_ALIAS,
+            "package:analysis/organism/weights",
+            "llava",
             "the bundled model organism: a small LLaVA trained on ShapesVQA (ships with the package)",
         ),
         ModelSpec("tiny-llava", "builtin:llava", "llava", "tiny random LLaVA built in memory (tests, smoke runs)"),
@@ -48,14 +52,19 @@ ALIASES: dict[str, ModelSpec] = {
     )
 }
 
-DTYPES = {"auto": "auto", "float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+DTYPES: dict[str, Any] = {
+    "auto": "auto",
+    "float32": torch.float32,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+}
 
 
 @dataclass
 class LoadedModel:
     """A model ready for analysis: the HF model, its processor, its family adapter and provenance."""
 
-    model: nn.Module
+    model: HFModel
     processor: Any
     adapter: FamilyAdapter
     name: str
@@ -78,12 +87,18 @@ def check_device(device: str) -> str:
         raise ModelError(f"unknown device {device!r}; use cpu, cuda, cuda:N, mps or auto") from None
     if parsed.type == "cuda":
         if not torch.cuda.is_available():
-            build = "a CPU-only torch build" if torch.version.cuda is None else f"torch built for CUDA {torch.version.cuda}"
-            raise ModelError(f"--device {device}: no CUDA GPU is usable here ({build}); use --device cpu, or install "
-                             "a CUDA build of torch on a machine with an NVIDIA GPU")
+            build = (
+                "a CPU-only torch build" if torch.version.cuda is None else f"torch built for CUDA {torch.version.cuda}"
+            )
+            raise ModelError(
+                f"--device {device}: no CUDA GPU is usable here ({build}); use --device cpu, or install "
+                "a CUDA build of torch on a machine with an NVIDIA GPU"
+            )
         if parsed.index is not None and parsed.index >= torch.cuda.device_count():
-            raise ModelError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s), "
-                             f"cuda:0..cuda:{torch.cuda.device_count() - 1}")
+            raise ModelError(
+                f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s), "
+                f"cuda:0..cuda:{torch.cuda.device_count() - 1}"
+            )
     elif parsed.type == "mps" and not torch.backends.mps.is_available():
         raise ModelError(f"--device {device}: MPS is not available here; use --device cpu")
     elif parsed.type not in ("cpu", "cuda", "mps"):
@@ -194,8 +209,11 @@ def load_model(
     # Sharding across devices needs accelerate; a single device is a plain .to() after loading.
     device_kwargs: dict[str, Any] = {"device_map": "auto"} if device == "auto" else {}
     try:
-        model = AutoModelForImageTextToText.from_pretrained(
-            source, revision=revision, dtype=DTYPES[dtype], attn_implementation=attn_implementation,
+        model: HFModel = AutoModelForImageTextToText.from_pretrained(
+            source,
+            revision=revision,
+            dtype=DTYPES[dtype],
+            attn_implementation=attn_implementation,
             **device_kwargs,
         )
         processor = AutoProcessor.from_pretrained(source, revision=revision)

@@ -124,7 +124,7 @@ def organism_config(
     return LlavaConfig(
         vision_config=vision,
         text_config=text,
-        image_token_id=image_token_id,
+        image_token_index=image_token_id,
         vision_feature_layer=VISION_FEATURE_LAYER,
         vision_feature_select_strategy="default",
         projector_hidden_act="gelu",

@@ -74,8 +74,14 @@ class TrainingData:
     def to(self, device: torch.device) -> TrainingData:
         """The same data with every tensor on ``device``."""
         return TrainingData(
-            self.pixels.to(device), self.captions, self.caption_ids.to(device), self.caption_mask.to(device),
-            self.families, self.text_qa.to(device), self.caption_chat.to(device), self.vqa.to(device),
+            self.pixels.to(device),
+            self.captions,
+            self.caption_ids.to(device),
+            self.caption_mask.to(device),
+            self.families,
+            self.text_qa.to(device),
+            self.caption_chat.to(device),
+            self.vqa.to(device),
         )
 
 
@@ -99,9 +105,10 @@ def encode_sequences(
     # Prompts and answers repeat a lot (stage 2 has a single prompt), so each distinct string is tokenised once.
     unique_prompts = list(dict.fromkeys(expanded))
     unique_targets = list(dict.fromkeys(targets))
-    prompt_ids = dict(zip(unique_prompts, tokenizer(unique_prompts)["input_ids"]))
-    target_ids = dict(zip(unique_targets, tokenizer(unique_targets, add_special_tokens=False)["input_ids"]))
-    rows = [(prompt_ids[p], [*target_ids[t], tokenizer.eos_token_id]) for p, t in zip(expanded, targets)]
+    prompt_ids = dict(zip(unique_prompts, tokenizer(unique_prompts)["input_ids"], strict=True))
+    encoded = tokenizer(unique_targets, add_special_tokens=False)["input_ids"]
+    target_ids = dict(zip(unique_targets, encoded, strict=True))
+    rows = [(prompt_ids[p], [*target_ids[t], tokenizer.eos_token_id]) for p, t in zip(expanded, targets, strict=True)]
     width = max(len(p) + len(t) for p, t in rows)
     ids = np.full((len(rows), width), tokenizer.pad_token_id, dtype=np.int64)
     labels = np.full((len(rows), width), IGNORE_INDEX, dtype=np.int64)
@@ -158,7 +165,7 @@ def build_training_data(
     # Stage 1 is text only: the scene is described in words where the image will later be.
     text_prompts = [
         adapter.render_prompt(processor, text_only_sample(sample, captions[image])).text
-        for sample, image in zip(samples, image_of_sample)
+        for sample, image in zip(samples, image_of_sample, strict=True)
     ]
     text_qa = encode_sequences(
         tokenizer, text_prompts, [s.answer or "" for s in samples], [-1] * len(samples), loss_on_prompt=True
@@ -179,6 +186,11 @@ def build_training_data(
 def text_only_sample(sample: Sample, description: str) -> Sample:
     """``sample`` with its image replaced by a description in the prompt (the text-only stage's input)."""
     return Sample(
-        sample.sample_id, [], prompt=f"{description}\n{sample.prompt}", question=sample.question,
-        answer=sample.answer, family=sample.family, answer_type=sample.answer_type,
+        sample.sample_id,
+        [],
+        prompt=f"{description}\n{sample.prompt}",
+        question=sample.question,
+        answer=sample.answer,
+        family=sample.family,
+        answer_type=sample.answer_type,
     )

@@ -36,10 +36,11 @@ from analysis.data.samples import Sample
 from analysis.data.scoring import is_correct
 from analysis.data.shapes import FAMILIES, ShapesConfig, ShapesItem, caption, generate_items, item_sample, render
 from analysis.errors import ConfigError, ModelError
+from analysis.models import hf
 from analysis.models.adapters import FamilyAdapter, get_adapter
+from analysis.models.hf import HFModel
 from analysis.organism import check_organism_files
 from analysis.organism.build import IMAGE_TOKEN, build_processor, organism_config
-from analysis.models import hf
 from analysis.organism.data import SequenceSet, TrainingData, build_training_data, pixel_values, text_only_sample
 from analysis.organism.vision import VisionPretrainer
 
@@ -127,7 +128,9 @@ class OrganismTrainConfig:
             expected = float if field.type in ("float", float) else int
             if isinstance(value, bool) or not isinstance(value, (int, float) if expected is float else int):
                 raise ConfigError(f"OrganismTrainConfig.{field.name} must be a {expected.__name__}, got {value!r}")
-            if value < 0 or (value == 0 and field.name not in ("seed", "test_size", "weight_decay", "finetune_vision_lr")):
+            if value < 0 or (
+                value == 0 and field.name not in ("seed", "test_size", "weight_decay", "finetune_vision_lr")
+            ):
                 raise ConfigError(f"OrganismTrainConfig.{field.name} must be positive, got {value!r}")
         if not self.warmup_fraction < 1:
             raise ConfigError(f"OrganismTrainConfig.warmup_fraction must be below 1, got {self.warmup_fraction}")
@@ -220,7 +223,7 @@ def run_stage(stage: Stage, config: OrganismTrainConfig, log: TrainingLog, devic
     peak_lr = max(lr for _, lr in stage.groups)
     generator = torch.Generator().manual_seed(config.seed + sum(map(ord, stage.name)))
     per_epoch = len(stage.pool) // stage.batch_size
-    totals: dict[str, float] = defaultdict(float)
+    totals: dict[str, torch.Tensor | float] = defaultdict(float)
     window = 0
     logger.info("stage %s: %d steps of %d rows, peak lr %.1e", stage.name, stage.steps, stage.batch_size, peak_lr)
     for step, rows in enumerate(_batches(stage.pool, stage.batch_size, stage.steps, generator)):
@@ -240,7 +243,12 @@ def run_stage(stage: Stage, config: OrganismTrainConfig, log: TrainingLog, devic
             means = {name: round(float(total) / window, 5) for name, total in totals.items()}
             log.write({"stage": stage.name, "step": step + 1, "lr": lr, **means})
             logger.info(
-                "%s step %d/%d loss %.4f lr %.2e (%.0f s)", stage.name, step + 1, stage.steps, means["loss"], lr,
+                "%s step %d/%d loss %.4f lr %.2e (%.0f s)",
+                stage.name,
+                step + 1,
+                stage.steps,
+                means["loss"],
+                lr,
                 log.elapsed,
             )
             totals, window = defaultdict(float), 0
@@ -297,8 +305,13 @@ def build_eval_set(
 
 
 def build_text_eval_set(
-    split: str, items: list[ShapesItem], samples: list[Sample], processor: Any, adapter: FamilyAdapter,
-    batch_size: int, device: torch.device,
+    split: str,
+    items: list[ShapesItem],
+    samples: list[Sample],
+    processor: Any,
+    adapter: FamilyAdapter,
+    batch_size: int,
+    device: torch.device,
 ) -> EvalSet:
     """The same questions with each image replaced by its caption, as the text-only stage trains on them."""
     texts = [text_only_sample(s, caption(item.scene)) for item, s in zip(items, samples, strict=True)]
@@ -313,7 +326,7 @@ def build_text_eval_set(
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, tokenizer: Any, eval_set: EvalSet, *, autocast: bool) -> dict[str, float]:
+def evaluate(model: HFModel, tokenizer: Any, eval_set: EvalSet, *, autocast: bool) -> dict[str, float]:
     """Greedy-decode up to 3 tokens per sample and score with ``is_correct``: accuracy per family and overall."""
     was_training = model.training
     model.eval()
@@ -368,7 +381,8 @@ def train(config: OrganismTrainConfig, out: Path, device: torch.device, preset: 
     _train_and_save(config, shapes_config, out, log, device)
 
     # Score what was written, as a user would load it: float32 from the float16 file.
-    reloaded = AutoModelForImageTextToText.from_pretrained(out, dtype=torch.float32).to(device)
+    reloaded: HFModel = AutoModelForImageTextToText.from_pretrained(out, dtype=torch.float32)
+    reloaded = reloaded.to(device)
     reloaded_processor = AutoProcessor.from_pretrained(out)
     reloaded_adapter = get_adapter(reloaded)
     scores: dict[str, float] = {}
@@ -382,23 +396,32 @@ def train(config: OrganismTrainConfig, out: Path, device: torch.device, preset: 
     return scores
 
 
-def _train_and_save(config: OrganismTrainConfig, shapes_config: ShapesConfig, out: Path, log: TrainingLog,
-                    device: torch.device) -> None:
+def _train_and_save(
+    config: OrganismTrainConfig, shapes_config: ShapesConfig, out: Path, log: TrainingLog, device: torch.device
+) -> None:
     """Stages 0-3 (vision pretraining, language, alignment, VQA fine-tuning), then the organism saved to ``out``."""
     from transformers import LlavaForConditionalGeneration
 
     processor = build_processor(shapes_config)
     tokenizer = processor.tokenizer
     model_config = organism_config(
-        len(tokenizer), tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
-        pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-        vision_hidden_size=config.vision_hidden_size, vision_intermediate_size=config.vision_intermediate_size,
-        vision_layers=config.vision_layers, vision_heads=config.vision_heads,
-        text_hidden_size=config.text_hidden_size, text_intermediate_size=config.text_intermediate_size,
-        text_layers=config.text_layers, text_heads=config.text_heads,
+        len(tokenizer),
+        tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        vision_hidden_size=config.vision_hidden_size,
+        vision_intermediate_size=config.vision_intermediate_size,
+        vision_layers=config.vision_layers,
+        vision_heads=config.vision_heads,
+        text_hidden_size=config.text_hidden_size,
+        text_intermediate_size=config.text_intermediate_size,
+        text_layers=config.text_layers,
+        text_heads=config.text_heads,
     )
     hf.set_attention_implementation(model_config, "sdpa")
-    model = LlavaForConditionalGeneration(model_config).to(device)
+    model: HFModel = LlavaForConditionalGeneration(model_config)
+    model = model.to(device)
     for name in ("pad_token_id", "bos_token_id", "eos_token_id"):
         setattr(model.generation_config, name, getattr(tokenizer, name))
     adapter = get_adapter(model)
@@ -431,17 +454,32 @@ def _train_and_save(config: OrganismTrainConfig, shapes_config: ShapesConfig, ou
     # Both question stages see the same mixture; repeating a family gives its harder questions more updates.
     questions = question_pool(data.families, config.family_repeats)
     run_stage(
-        Stage("language", [(_trainable(language, model), config.language_lr)], chat_loss(data.text_qa, False),
-              questions, config.language_batch_size, config.language_steps),
-        config, log, device,
+        Stage(
+            "language",
+            [(_trainable(language, model), config.language_lr)],
+            chat_loss(data.text_qa, False),
+            questions,
+            config.language_batch_size,
+            config.language_steps,
+        ),
+        config,
+        log,
+        device,
     )
     # The language model alone, reading captions: what it can answer once the image is described in words.
     record_eval(log, "language", 0, config.language_steps, model, tokenizer, validation_text)
     run_stage(
-        Stage("alignment", [(_trainable([model.model.multi_modal_projector], model), config.alignment_lr)],
-              chat_loss(data.caption_chat, True), torch.arange(len(data.caption_chat)),
-              config.alignment_batch_size, config.alignment_steps),
-        config, log, device,
+        Stage(
+            "alignment",
+            [(_trainable([model.model.multi_modal_projector], model), config.alignment_lr)],
+            chat_loss(data.caption_chat, True),
+            torch.arange(len(data.caption_chat)),
+            config.alignment_batch_size,
+            config.alignment_steps,
+        ),
+        config,
+        log,
+        device,
     )
     record_eval(log, "alignment", 0, config.alignment_steps, model, tokenizer, validation)
 
@@ -457,21 +495,43 @@ def _train_and_save(config: OrganismTrainConfig, shapes_config: ShapesConfig, ou
         tower.requires_grad_(True)
         groups.append((list(tower.parameters()), config.finetune_vision_lr))
     run_stage(
-        Stage("finetune", groups, chat_loss(data.vqa, True), questions, config.finetune_batch_size,
-              config.finetune_epochs * per_epoch, on_epoch_end=epoch_end),
-        config, log, device,
+        Stage(
+            "finetune",
+            groups,
+            chat_loss(data.vqa, True),
+            questions,
+            config.finetune_batch_size,
+            config.finetune_epochs * per_epoch,
+            on_epoch_end=epoch_end,
+        ),
+        config,
+        log,
+        device,
     )
     save_organism(model, processor, out)
 
-def _pretrain_vision(model: nn.Module, tokenizer: Any, data: TrainingData, image_processor: Any,
-                     config: OrganismTrainConfig, log: TrainingLog, device: torch.device) -> None:
+
+def _pretrain_vision(
+    model: HFModel,
+    tokenizer: Any,
+    data: TrainingData,
+    image_processor: Any,
+    config: OrganismTrainConfig,
+    log: TrainingLog,
+    device: torch.device,
+) -> None:
     """Stage 0: a CLIP-style tower pretrained with its own text side and captioner, copied into ``model``."""
     model_config = model.config
     pretrainer = VisionPretrainer(
-        model_config.vision_config, vocab_size=len(tokenizer), max_caption_length=data.caption_ids.shape[1],
-        text_hidden_size=config.pretrain_text_hidden_size, text_layers=config.pretrain_text_layers,
-        captioner_layers=config.captioner_layers, pad_token_id=tokenizer.pad_token_id,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        model_config.vision_config,
+        vocab_size=len(tokenizer),
+        max_caption_length=data.caption_ids.shape[1],
+        text_hidden_size=config.pretrain_text_hidden_size,
+        text_layers=config.pretrain_text_layers,
+        captioner_layers=config.captioner_layers,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
     ).to(device)
 
     def vision_loss(rows: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -481,18 +541,29 @@ def _pretrain_vision(model: nn.Module, tokenizer: Any, data: TrainingData, image
             pixel_values(data.pixels[rows], image_processor), data.caption_ids[rows][:, :width], mask[:, :width]
         )
         return contrastive + config.caption_loss_weight * captioning, {
-            "contrastive": contrastive, "captioning": captioning
+            "contrastive": contrastive,
+            "captioning": captioning,
         }
 
     run_stage(
-        Stage("vision", [(list(pretrainer.parameters()), config.vision_lr)], vision_loss,
-              torch.arange(len(data.pixels)), config.vision_batch_size, config.vision_steps),
-        config, log, device,
+        Stage(
+            "vision",
+            [(list(pretrainer.parameters()), config.vision_lr)],
+            vision_loss,
+            torch.arange(len(data.pixels)),
+            config.vision_batch_size,
+            config.vision_steps,
+        ),
+        config,
+        log,
+        device,
     )
     copy_vision_tower(pretrainer.vision_model, model.model.vision_tower)
 
+
 def copy_vision_tower(source: nn.Module, target: nn.Module) -> None:
     """Load the pretrained CLIP tower into LLaVA's, whichever of them wraps its weights in ``vision_model.``."""
+
     # transformers versions differ in whether CLIPVisionModel nests a CLIPVisionTransformer.
     def bare(name: str) -> str:
         return name.removeprefix("vision_model.")
@@ -506,8 +577,15 @@ def copy_vision_tower(source: nn.Module, target: nn.Module) -> None:
 
 
 def record_eval(
-    log: TrainingLog, stage: str, epoch: int, step: int, model: nn.Module, tokenizer: Any, eval_set: EvalSet,
-    *, autocast: bool = True,
+    log: TrainingLog,
+    stage: str,
+    epoch: int,
+    step: int,
+    model: HFModel,
+    tokenizer: Any,
+    eval_set: EvalSet,
+    *,
+    autocast: bool = True,
 ) -> dict[str, float]:
     """Evaluate ``model`` on ``eval_set`` after ``stage``'s ``epoch`` and log the accuracy per family."""
     scores = evaluate(model, tokenizer, eval_set, autocast=autocast)
@@ -516,7 +594,7 @@ def record_eval(
     return scores
 
 
-def save_organism(model: nn.Module, processor: Any, out: Path) -> None:
+def save_organism(model: HFModel, processor: Any, out: Path) -> None:
     """Save the processor and the model with float16 weights (under 25 MB) and a float32 config."""
     state = model.state_dict()
     largest = max(float(t.abs().max()) for t in state.values() if t.is_floating_point())

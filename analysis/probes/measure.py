@@ -2,20 +2,18 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from analysis.errors import ModelError
-from analysis.layout import TokenLayout
-from analysis.models import hf
-from analysis.models.adapters import FamilyAdapter, ModelInputs
 from analysis.hooks.attention import AttentionHooks, LastRowObservation, route_attention
 from analysis.hooks.contributions import image_contributions, image_index_tensors
-
-# Tensors of a processor batch laid out along the sequence, and what pads them on the right.
-_SEQUENCE_FILL = {"input_ids": None, "attention_mask": 0, "mm_token_type_ids": 0, "token_type_ids": 0}
+from analysis.models import hf
+from analysis.models.adapters import FamilyAdapter, ModelInputs
+from analysis.models.hf import HFModel
 
 
 @dataclass
@@ -28,9 +26,11 @@ class TeacherForced:
     answer_mask: torch.Tensor  # (B, A) bool
 
 
-def teacher_forced(inputs: ModelInputs, answers: list[str], tokenizer: Any) -> TeacherForced:
+def teacher_forced(
+    adapter: FamilyAdapter, inputs: ModelInputs, answers: Sequence[str | None], tokenizer: Any
+) -> TeacherForced:
     """Append each answer's tokens to its prompt so one forward pass scores every answer token."""
-    encoded = [tokenizer(answer, add_special_tokens=False)["input_ids"] for answer in answers]
+    encoded = [tokenizer(answer or "", add_special_tokens=False)["input_ids"] for answer in answers]
     width = max(1, max(len(ids) for ids in encoded))
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     device = inputs.input_ids.device
@@ -39,17 +39,8 @@ def teacher_forced(inputs: ModelInputs, answers: list[str], tokenizer: Any) -> T
     for row, ids in enumerate(encoded):
         answer_ids[row, : len(ids)] = torch.as_tensor(ids, device=device)
         answer_mask[row, : len(ids)] = True
-    tensors = dict(inputs.tensors)
-    seq_len = inputs.input_ids.shape[1]
-    for name, fill in _SEQUENCE_FILL.items():
-        value = tensors.get(name)
-        if value is None or value.dim() != 2 or value.shape[1] != seq_len:
-            continue
-        tail = answer_ids if name == "input_ids" else answer_mask.to(value.dtype) if name == "attention_mask" else (
-            torch.full_like(answer_ids, fill, dtype=value.dtype)
-        )
-        tensors[name] = torch.cat([value, tail.to(value.dtype)], dim=1)
-    return TeacherForced(tensors, seq_len, answer_ids, answer_mask)
+    tensors = adapter.append_tokens(inputs.tensors, answer_ids, answer_mask)
+    return TeacherForced(tensors, inputs.input_ids.shape[1], answer_ids, answer_mask)
 
 
 @dataclass
@@ -60,7 +51,7 @@ class AnswerScores:
     next_logprobs: torch.Tensor  # (B, V) float32 log-softmax at the last prompt position
 
 
-def score_answers(model: torch.nn.Module, batch: TeacherForced) -> AnswerScores:
+def score_answers(model: HFModel, batch: TeacherForced) -> AnswerScores:
     """One teacher-forced forward pass; log-probs in float32."""
     with torch.inference_mode():
         logits = model(**batch.tensors).logits
@@ -86,8 +77,15 @@ class SuffixScorer:
     queries get a full forward pass.
     """
 
-    def __init__(self, model: torch.nn.Module, adapter: FamilyAdapter, batch: TeacherForced, split: int,
-                 language_inputs: hf.LanguageModelInputs, cache: Any) -> None:
+    def __init__(
+        self,
+        model: HFModel,
+        adapter: FamilyAdapter,
+        batch: TeacherForced,
+        split: int,
+        language_inputs: hf.LanguageModelInputs,
+        cache: Any,
+    ) -> None:
         embeds = language_inputs.embeds
         if embeds is None:
             raise ModelError(f"{type(model).__name__} did not pass input embeddings to its language model")
@@ -102,8 +100,9 @@ class SuffixScorer:
         self.cache = cache  # clean keys/values of positions [0, split) in every layer
 
     @classmethod
-    def capture(cls, model: torch.nn.Module, adapter: FamilyAdapter, batch: TeacherForced,
-                split: int) -> tuple["SuffixScorer", AnswerScores]:
+    def capture(
+        cls, model: HFModel, adapter: FamilyAdapter, batch: TeacherForced, split: int
+    ) -> tuple[SuffixScorer, AnswerScores]:
         """Run the clean teacher-forced pass, keeping what the language model received and its KV cache."""
         # The last prompt position must be recomputed: it is where the next-token distribution is read.
         split = max(0, min(split, batch.prompt_length - 1))
@@ -136,7 +135,8 @@ class SuffixScorer:
         with route_attention(self.adapter, hooks, first), torch.inference_mode():
             try:
                 suffix = hf.LanguageModelInputs(
-                    self.embeds[:, self.split :], self.attention_mask,
+                    self.embeds[:, self.split :],
+                    self.attention_mask,
                     None if self.positions is None else self.positions[..., self.split :],
                 )
                 hidden = hf.run_language_model(self.adapter.language_model(), suffix, self.cache)
@@ -169,8 +169,13 @@ def kl_divergence(reference: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
 class ObserveAll(AttentionHooks):
     """Observe the last prompt row of every layer during the prefill, optionally on top of other hooks."""
 
-    def __init__(self, prompt_length: int, image_index: torch.Tensor, image_valid: torch.Tensor,
-                 inner: AttentionHooks | None = None) -> None:
+    def __init__(
+        self,
+        prompt_length: int,
+        image_index: torch.Tensor,
+        image_valid: torch.Tensor,
+        inner: AttentionHooks | None = None,
+    ) -> None:
         self.prompt_length = prompt_length
         self.image_index = image_index  # (B, N) padded positions of image tokens
         self.image_valid = image_valid  # (B, N)
@@ -190,8 +195,9 @@ class ObserveAll(AttentionHooks):
         self.records[observation.layer] = image_contributions(observation, self.image_index, self.image_valid)
 
 
-def observe_prefill(model: torch.nn.Module, adapter: FamilyAdapter, batch: TeacherForced, inputs: ModelInputs,
-                    *, lens: bool = True) -> tuple[ObserveAll, dict[int, torch.Tensor]]:
+def observe_prefill(
+    model: HFModel, adapter: FamilyAdapter, batch: TeacherForced, inputs: ModelInputs, *, lens: bool = True
+) -> tuple[ObserveAll, dict[int, torch.Tensor]]:
     """A clean teacher-forced pass recording every layer's last-row contributions and (optionally) residuals."""
     index, valid = image_index_tensors(inputs.layouts, inputs.input_ids.device)
     observer = ObserveAll(batch.prompt_length, index, valid)
@@ -199,6 +205,7 @@ def observe_prefill(model: torch.nn.Module, adapter: FamilyAdapter, batch: Teach
     handles = []
     if lens:
         for layer_index, layer in enumerate(adapter.decoder_layers()):
+
             def keep(_module: Any, _inputs: Any, output: Any, layer_index: int = layer_index) -> None:
                 hidden = output[0] if isinstance(output, tuple) else output
                 residuals[layer_index] = hidden[:, batch.prompt_length - 1].float()
@@ -216,8 +223,9 @@ def observe_prefill(model: torch.nn.Module, adapter: FamilyAdapter, batch: Teach
 def lens_logprobs(adapter: FamilyAdapter, hidden: torch.Tensor) -> torch.Tensor:
     """Final norm and LM head applied to residual-stream vectors (B, D) -> float32 log-probs (B, V)."""
     norm, head = adapter.final_norm(), adapter.lm_head()
+    weight: Any = head.weight
     with torch.inference_mode():
-        weight_dtype = head.weight.dtype
+        weight_dtype = weight.dtype
         logits = head(norm(hidden.to(weight_dtype)))
     return torch.log_softmax(logits.float(), dim=-1)
 

@@ -17,8 +17,6 @@ from analysis.data import DEFAULT_DATASET
 from analysis.data.samples import Sample, batched
 from analysis.errors import ConfigError, DataError
 from analysis.generation import add_sample_row, generate_answers
-from analysis.models.adapters import ModelInputs
-from analysis.models.registry import DEFAULT_MODEL, DTYPES, LoadedModel, default_device, load_model
 from analysis.hooks.attention import (
     KEY_REGIONS,
     QUERY_REGIONS,
@@ -28,6 +26,8 @@ from analysis.hooks.attention import (
     RegionMasks,
     route_attention,
 )
+from analysis.models.adapters import ModelInputs
+from analysis.models.registry import DEFAULT_MODEL, DTYPES, LoadedModel, default_device, load_model
 from analysis.probes.measure import (
     AnswerScores,
     ObserveAll,
@@ -49,10 +49,18 @@ KNOCKOUT_MODES = ("single", "window", "from", "upto")
 PROBE_SCHEMAS: dict[str, pa.Schema] = {
     "effects": table_schema(
         [
-            ("sample_id", pa.string()), ("probe", pa.string()), ("variant", pa.string()),
-            ("layer_start", pa.int16()), ("layer_end", pa.int16()), ("seed", pa.int32()),
-            ("answer_logprob", pa.float32()), ("delta_logprob", pa.float32()), ("answer_prob", pa.float32()),
-            ("delta_prob", pa.float32()), ("kl", pa.float32()), ("top1_match", pa.bool_()),
+            ("sample_id", pa.string()),
+            ("probe", pa.string()),
+            ("variant", pa.string()),
+            ("layer_start", pa.int16()),
+            ("layer_end", pa.int16()),
+            ("seed", pa.int32()),
+            ("answer_logprob", pa.float32()),
+            ("delta_logprob", pa.float32()),
+            ("answer_prob", pa.float32()),
+            ("delta_prob", pa.float32()),
+            ("kl", pa.float32()),
+            ("top1_match", pa.bool_()),
         ],
         "Effect of an attention intervention in layers [layer_start, layer_end) on the reference answer "
         "(teacher-forced log-prob summed over its tokens, and its probability), KL(clean || intervened) of the "
@@ -62,17 +70,27 @@ PROBE_SCHEMAS: dict[str, pa.Schema] = {
     ),
     "kv_removal": table_schema(
         [
-            ("sample_id", pa.string()), ("layer_start", pa.int16()), ("answer", pa.string()),
-            ("agrees", pa.bool_()), ("correct", pa.bool_()),
+            ("sample_id", pa.string()),
+            ("layer_start", pa.int16()),
+            ("answer", pa.string()),
+            ("agrees", pa.bool_()),
+            ("correct", pa.bool_()),
         ],
         "Greedy generation with image tokens removed from the KV cache of every layer >= layer_start for the "
         "last prompt position and every generated token; agrees = same text as the unmodified generation.",
     ),
     "logit_lens": table_schema(
         [
-            ("sample_id", pa.string()), ("layer", pa.int16()), ("source", pa.string()), ("head", pa.int16()),
-            ("target", pa.string()), ("token_id", pa.int32()), ("rank", pa.int32()), ("prob", pa.float32()),
-            ("top_tokens", pa.list_(pa.string())), ("top_probs", pa.list_(pa.float32())),
+            ("sample_id", pa.string()),
+            ("layer", pa.int16()),
+            ("source", pa.string()),
+            ("head", pa.int16()),
+            ("target", pa.string()),
+            ("token_id", pa.int32()),
+            ("rank", pa.int32()),
+            ("prob", pa.float32()),
+            ("top_tokens", pa.list_(pa.string())),
+            ("top_probs", pa.list_(pa.float32())),
         ],
         "Logit lens at the last prompt position: source 'residual' = layer output through final norm and LM "
         "head (head = -1); source 'head' = that head's attention output through its o_proj slice, final norm "
@@ -81,9 +99,15 @@ PROBE_SCHEMAS: dict[str, pa.Schema] = {
     ),
     "token_ablation": table_schema(
         [
-            ("sample_id", pa.string()), ("image_index", pa.int16()), ("token_index", pa.int32()),
-            ("ordinal", pa.int32()), ("layer_start", pa.int16()), ("layer_end", pa.int16()),
-            ("delta_logprob", pa.float32()), ("kl", pa.float32()), ("top1_match", pa.bool_()),
+            ("sample_id", pa.string()),
+            ("image_index", pa.int16()),
+            ("token_index", pa.int32()),
+            ("ordinal", pa.int32()),
+            ("layer_start", pa.int16()),
+            ("layer_end", pa.int16()),
+            ("delta_logprob", pa.float32()),
+            ("kl", pa.float32()),
+            ("top1_match", pa.bool_()),
         ],
         "One image token (ordinal = index among all the sample's image tokens) hidden from the text queries "
         "in layers [layer_start, layer_end): change of the reference answer's log-prob, KL of the next-token "
@@ -91,9 +115,14 @@ PROBE_SCHEMAS: dict[str, pa.Schema] = {
     ),
     "contributions": table_schema(
         [
-            ("sample_id", pa.string()), ("layer", pa.int16()), ("image_index", pa.int16()),
-            ("token_index", pa.int32()), ("position", pa.int32()), ("attention", pa.float32()),
-            ("cosine_without", pa.float32()), ("norm", pa.float32()),
+            ("sample_id", pa.string()),
+            ("layer", pa.int16()),
+            ("image_index", pa.int16()),
+            ("token_index", pa.int32()),
+            ("position", pa.int32()),
+            ("attention", pa.float32()),
+            ("cosine_without", pa.float32()),
+            ("norm", pa.float32()),
         ],
         "VisiPruner's contribution probe at the last prompt position: c_j = concat_h(a[t,j] v_h[j]) before o_proj; "
         "cosine_without = cos(o - c_j, o), norm = ||c_j||_2, attention = head-mean a[t,j]; float32.",
@@ -129,7 +158,9 @@ class ProbeConfig:
     mask_percent: float = option(10.0, "masking probe: p, the percentage of most-attended image tokens (0 < p < 100)")
     mask_layers: str | None = option(None, "masking probe: mask in layers < L for each L listed; default n/4, n/2")
     mask_seeds: int = option(3, "masking probe: random subsets (seeds 0..N-1)")
-    kv_layers: str | None = option(None, "KV-removal probe: remove image tokens from layer L on, for each L; default all")
+    kv_layers: str | None = option(
+        None, "KV-removal probe: remove image tokens from layer L on, for each L; default all"
+    )
     max_new_tokens: int = option(8, "greedy answer length (baseline and KV-removal generations)")
     ablation_layers: str | None = option(
         None, "token ablation: layers START:END (half-open) where each image token is hidden; default the middle third"
@@ -169,19 +200,27 @@ class ProbeConfig:
         if self.window < 1 or self.mask_seeds < 0 or self.max_new_tokens < 1 or self.batch_size < 1:
             problems.append("--window, --max-new-tokens and --batch-size must be >= 1 and --mask-seeds >= 0")
         if num_layers is not None:
-            for flag, layers in (("--mask-layers", _int_list(self.mask_layers)), ("--kv-layers", _int_list(self.kv_layers))):
+            for flag, layers in (
+                ("--mask-layers", _int_list(self.mask_layers)),
+                ("--kv-layers", _int_list(self.kv_layers)),
+            ):
                 bad = [layer for layer in layers or [] if not 0 <= layer < num_layers]
                 if bad:
                     problems.append(f"{flag} {bad} outside the model's layers 0..{num_layers - 1}")
             start, end = self.ablation_band(num_layers)
             if start >= end:
-                problems.append(f"--ablation-layers {start}:{end} is empty: START must be below END (a half-open "
-                                f"band; {end}:{start} if you meant those layers)" if end < start else
-                                f"--ablation-layers {start}:{end} is empty: END is exclusive, so {start}:{start + 1} "
-                                f"is layer {start} alone")
+                problems.append(
+                    f"--ablation-layers {start}:{end} is empty: START must be below END (a half-open "
+                    f"band; {end}:{start} if you meant those layers)"
+                    if end < start
+                    else f"--ablation-layers {start}:{end} is empty: END is exclusive, so {start}:{start + 1} "
+                    f"is layer {start} alone"
+                )
             elif start < 0 or end > num_layers:
-                problems.append(f"--ablation-layers {start}:{end} reaches outside the model's layers "
-                                f"0..{num_layers - 1} (END is exclusive, so at most {num_layers})")
+                problems.append(
+                    f"--ablation-layers {start}:{end} reaches outside the model's layers "
+                    f"0..{num_layers - 1} (END is exclusive, so at most {num_layers})"
+                )
             if self.window > num_layers:
                 problems.append(f"--window {self.window} exceeds the model's {num_layers} layers")
         if problems:
@@ -194,7 +233,9 @@ class ProbeConfig:
             for mode in self.knockout_modes.split(","):
                 for start, end in _layer_ranges(mode, num_layers, self.window):
                     variant = f"{query}->{self.knockout_key}:{mode}"
-                    plans.append((variant, start, end, [Knockout(query, self.knockout_key, frozenset(range(start, end)))]))
+                    plans.append(
+                        (variant, start, end, [Knockout(query, self.knockout_key, frozenset(range(start, end)))])
+                    )
         return plans
 
     def mask_depths(self, num_layers: int) -> list[int]:
@@ -254,48 +295,66 @@ def run_probes(config: ProbeConfig, *, loaded: LoadedModel | None = None, progre
     identity = run_identity(config, split)
     schemas = {name: PROBE_SCHEMAS[name] for name in _tables_for(probes)}
     schemas[SAMPLES_TABLE] = TRACE_SCHEMAS[SAMPLES_TABLE]
-    folder = RunFolder(Path(config.out) if config.out else default_run_dir("probe", config.model, config.dataset, split), schemas)
+    folder = RunFolder(
+        Path(config.out) if config.out else default_run_dir("probe", config.model, config.dataset, split), schemas
+    )
     previous = folder.read_manifest() or {}
     added = added_probes(previous.get("identity", {}), identity) if config.resume and previous else []
     # A run that gains probes is the stored run plus new tables: its stored identity must match, apart from those.
-    folder.check_compatible(previous["identity"] if added else identity, resume=config.resume,
-                           command="analysis.probes")
+    folder.check_compatible(
+        previous["identity"] if added else identity, resume=config.resume, command="analysis.probes"
+    )
     if loaded is None:
-        loaded = load_model(config.model, dtype=config.dtype, device=config.device or default_device(),
-                            attn_implementation="sdpa")
+        loaded = load_model(
+            config.model, dtype=config.dtype, device=config.device or default_device(), attn_implementation="sdpa"
+        )
     config.validate(loaded.adapter.num_layers)
     if config.resume:
         folder.clean_uncommitted()
     done = set(folder.done_sample_ids())
     pending = [sample for sample in samples if sample.sample_id not in done]
-    extended = [*previous.get("extended", []), {"probes": added, "at": now()}] if added else previous.get("extended", [])
+    extended = (
+        [*previous.get("extended", []), {"probes": added, "at": now()}] if added else previous.get("extended", [])
+    )
     folder.start(
-        {"command": "analysis.probes", "config": {**to_dict(config), "split": split},
-         "model": {"name": loaded.name, "source": loaded.source, "revision": loaded.revision,
-                   "model_type": loaded.adapter.model_type, "num_layers": loaded.adapter.num_layers,
-                   "num_heads": loaded.adapter.num_heads},
-         "dataset": {"name": config.dataset, "split": split, "n_samples": len(samples)},
-         "extended": extended},
+        {
+            "command": "analysis.probes",
+            "config": {**to_dict(config), "split": split},
+            "model": {
+                "name": loaded.name,
+                "source": loaded.source,
+                "revision": loaded.revision,
+                "model_type": loaded.adapter.model_type,
+                "num_layers": loaded.adapter.num_layers,
+                "num_heads": loaded.adapter.num_heads,
+            },
+            "dataset": {"name": config.dataset, "split": split, "n_samples": len(samples)},
+            "extended": extended,
+        },
         identity,
     )
     device = next(loaded.model.parameters()).device
     by_id = {sample.sample_id: sample for sample in samples}
     # Tables added to the run (or left unwritten by an interrupted addition), with the committed batches lacking them.
-    incomplete = {index: (tables, [by_id[sample_id] for sample_id in folder.part_sample_ids(index)])
-                  for index, tables in folder.missing_tables().items()}
+    incomplete = {
+        index: (tables, [by_id[sample_id] for sample_id in folder.part_sample_ids(index)])
+        for index, tables in folder.missing_tables().items()
+    }
     total = len(samples) + sum(len(batch) for _, batch in incomplete.values())
-    with folder.interruptible(len(samples)), tqdm(total=total, initial=len(done), desc="probe", unit="sample",
-                                                  disable=not progress) as bar:
+    with (
+        folder.interruptible(len(samples)),
+        tqdm(total=total, initial=len(done), desc="probe", unit="sample", disable=not progress) as bar,
+    ):
         for index, (tables, batch) in incomplete.items():
             needed = [probe for probe in probes if set(_tables_for([probe])) & set(tables)]
             inputs = loaded.adapter.build_inputs(loaded.processor, batch, device=device)
             results = probe_batch(loaded, config, needed, batch, inputs)
             folder.add_to_part(index, {name: results[name] for name in tables})
             bar.update(len(batch))
-        for batch in batched(pending, config.batch_size):
-            inputs = loaded.adapter.build_inputs(loaded.processor, batch, device=device)
-            folder.write_part(probe_batch(loaded, config, probes, batch, inputs))
-            bar.update(len(batch))
+        for pending_batch in batched(pending, config.batch_size):
+            inputs = loaded.adapter.build_inputs(loaded.processor, pending_batch, device=device)
+            folder.write_part(probe_batch(loaded, config, probes, pending_batch, inputs))
+            bar.update(len(pending_batch))
     folder.finish({"n_samples": len(samples)})
     return ProbeResult(folder.root, len(samples), len(pending))
 
@@ -332,8 +391,10 @@ def added_probes(stored: dict[str, Any], identity: dict[str, Any]) -> list[str]:
         return []
     shared = sorted(set(_tables_for(added)) & set(_tables_for(old)))
     if shared:
-        raise ConfigError(f"{', '.join(added)} would write into the {', '.join(shared)} table the run already holds "
-                          f"({', '.join(old)}); record them in a new --out")
+        raise ConfigError(
+            f"{', '.join(added)} would write into the {', '.join(shared)} table the run already holds "
+            f"({', '.join(old)}); record them in a new --out"
+        )
     return added
 
 
@@ -354,8 +415,12 @@ def _tables_for(probes: Sequence[str]) -> list[str]:
     tables = []
     if {"knockout", "masking"} & set(probes):
         tables.append("effects")
-    for probe, table in (("kv_removal", "kv_removal"), ("logit_lens", "logit_lens"), ("contribution", "contributions"),
-                         ("token_ablation", "token_ablation")):
+    for probe, table in (
+        ("kv_removal", "kv_removal"),
+        ("logit_lens", "logit_lens"),
+        ("contribution", "contributions"),
+        ("token_ablation", "token_ablation"),
+    ):
         if probe in probes:
             tables.append(table)
     return tables
@@ -371,7 +436,7 @@ def probe_batch(
     adapter, model, tokenizer = loaded.adapter, loaded.model, loaded.processor.tokenizer
     num_layers = adapter.num_layers
     answers = generate_answers(loaded, inputs, config.max_new_tokens)
-    forced = teacher_forced(inputs, [sample.answer for sample in batch], tokenizer)
+    forced = teacher_forced(adapter, inputs, [sample.answer for sample in batch], tokenizer)
     observer, residuals = observe_prefill(model, adapter, forced, inputs, lens="logit_lens" in probes)
     masks = RegionMasks.from_layouts(inputs.layouts, forced.prompt_length, inputs.input_ids.device)
     scorer, clean = SuffixScorer.capture(model, adapter, forced, _first_text_query(masks))
@@ -397,9 +462,16 @@ def probe_batch(
             hooks = KnockoutHooks(masks, [Knockout("last", "image", frozenset(range(depth, num_layers)))])
             with route_attention(adapter, hooks, forced.prompt_length - 1):
                 removed = generate_answers(loaded, inputs, config.max_new_tokens)
-            for sample, baseline, answer in zip(batch, answers, removed):
-                rows.append({"sample_id": sample.sample_id, "layer_start": depth, "answer": answer,
-                             "agrees": answer == baseline, "correct": bool(is_correct(answer or "", sample))})
+            for sample, baseline, answer in zip(batch, answers, removed, strict=True):
+                rows.append(
+                    {
+                        "sample_id": sample.sample_id,
+                        "layer_start": depth,
+                        "answer": answer,
+                        "agrees": answer == baseline,
+                        "correct": bool(is_correct(answer or "", sample)),
+                    }
+                )
         tables["kv_removal"] = pa.Table.from_pylist(rows, schema=PROBE_SCHEMAS["kv_removal"])
     if "logit_lens" in probes:
         tables["logit_lens"] = _lens_table(loaded, config, batch, forced, observer, residuals)
@@ -408,7 +480,7 @@ def probe_batch(
     if "token_ablation" in probes:
         tables["token_ablation"] = _token_ablation_table(scorer, config, batch, inputs, masks, clean)
     sample_columns: dict[str, list[Any]] = {name: [] for name in TRACE_SCHEMAS[SAMPLES_TABLE].names}
-    for sample, layout, answer in zip(batch, inputs.layouts, answers):
+    for sample, layout, answer in zip(batch, inputs.layouts, answers, strict=True):
         add_sample_row(sample_columns, sample, layout, answer, bool(is_correct(answer or "", sample)))
     tables[SAMPLES_TABLE] = pa.table(sample_columns, schema=TRACE_SCHEMAS[SAMPLES_TABLE])
     return tables
@@ -430,9 +502,20 @@ def _effect_rows(
     same_top = (clean.next_logprobs.argmax(-1) == scores.next_logprobs.argmax(-1)).tolist()
     clean_lp, lp = clean.answer_logprob.tolist(), scores.answer_logprob.tolist()
     return [
-        {"sample_id": sample_id, "probe": probe, "variant": variant, "layer_start": start, "layer_end": end,
-         "seed": seed, "answer_logprob": lp[i], "delta_logprob": lp[i] - clean_lp[i], "answer_prob": float(np.exp(lp[i])),
-         "delta_prob": float(np.exp(lp[i]) - np.exp(clean_lp[i])), "kl": kl[i], "top1_match": same_top[i]}
+        {
+            "sample_id": sample_id,
+            "probe": probe,
+            "variant": variant,
+            "layer_start": start,
+            "layer_end": end,
+            "seed": seed,
+            "answer_logprob": lp[i],
+            "delta_logprob": lp[i] - clean_lp[i],
+            "answer_prob": float(np.exp(lp[i])),
+            "delta_prob": float(np.exp(lp[i]) - np.exp(clean_lp[i])),
+            "kl": kl[i],
+            "top1_match": same_top[i],
+        }
         for i, sample_id in enumerate(ids)
     ]
 
@@ -465,7 +548,11 @@ def _mask_subsets(
 
 
 def _token_ablation_table(
-    scorer: SuffixScorer, config: ProbeConfig, batch: Sequence[Sample], inputs: ModelInputs, masks: RegionMasks,
+    scorer: SuffixScorer,
+    config: ProbeConfig,
+    batch: Sequence[Sample],
+    inputs: ModelInputs,
+    masks: RegionMasks,
     clean: AnswerScores,
 ) -> pa.Table:
     """Hide each image token, one at a time, from the text in the ablation band; one pass per token ordinal."""
@@ -488,14 +575,28 @@ def _token_ablation_table(
         delta = scores.answer_logprob - clean.answer_logprob
         for row in owners:
             image_index, token_index = (int(part[ordinal]) for part in coordinates[row])
-            rows.append({"sample_id": batch[row].sample_id, "image_index": image_index, "token_index": token_index,
-                         "ordinal": ordinal, "layer_start": start, "layer_end": end, "delta_logprob": float(delta[row]),
-                         "kl": float(kl[row]), "top1_match": bool(same[row])})
+            rows.append(
+                {
+                    "sample_id": batch[row].sample_id,
+                    "image_index": image_index,
+                    "token_index": token_index,
+                    "ordinal": ordinal,
+                    "layer_start": start,
+                    "layer_end": end,
+                    "delta_logprob": float(delta[row]),
+                    "kl": float(kl[row]),
+                    "top1_match": bool(same[row]),
+                }
+            )
     return pa.Table.from_pylist(rows, schema=PROBE_SCHEMAS["token_ablation"])
 
 
 def _lens_table(
-    loaded: LoadedModel, config: ProbeConfig, batch: Sequence[Sample], forced: Any, observer: ObserveAll,
+    loaded: LoadedModel,
+    config: ProbeConfig,
+    batch: Sequence[Sample],
+    forced: Any,
+    observer: ObserveAll,
     residuals: dict[int, torch.Tensor],
 ) -> pa.Table:
     """Logit-lens rows for residual streams and per-head outputs at the last prompt position."""
@@ -518,20 +619,29 @@ def _lens_table(
                 rank = (logprobs > target_logprob[:, None]).sum(-1)
                 for row, sample in enumerate(batch):
                     is_answer = target == "answer"
-                    rows.append({
-                        "sample_id": sample.sample_id, "layer": layer, "source": source, "head": head,
-                        "target": target, "token_id": int(token_ids[row]), "rank": int(rank[row]),
-                        "prob": float(target_logprob[row].exp()),
-                        "top_tokens": tokenizer.convert_ids_to_tokens(top.indices[row].tolist()) if is_answer else None,
-                        "top_probs": top.values[row].exp().tolist() if is_answer else None,
-                    })
+                    rows.append(
+                        {
+                            "sample_id": sample.sample_id,
+                            "layer": layer,
+                            "source": source,
+                            "head": head,
+                            "target": target,
+                            "token_id": int(token_ids[row]),
+                            "rank": int(rank[row]),
+                            "prob": float(target_logprob[row].exp()),
+                            "top_tokens": tokenizer.convert_ids_to_tokens(top.indices[row].tolist())
+                            if is_answer
+                            else None,
+                            "top_probs": top.values[row].exp().tolist() if is_answer else None,
+                        }
+                    )
     return pa.Table.from_pylist(rows, schema=PROBE_SCHEMAS["logit_lens"])
 
 
 def _contribution_table(batch: Sequence[Sample], inputs: ModelInputs, observer: ObserveAll) -> pa.Table:
     """Contribution-probe rows: every image token at every layer."""
     columns: dict[str, list[np.ndarray]] = {name: [] for name in PROBE_SCHEMAS["contributions"].names}
-    for row, (sample, layout) in enumerate(zip(batch, inputs.layouts)):
+    for row, (sample, layout) in enumerate(zip(batch, inputs.layouts, strict=True)):
         n = layout.n_image_tokens
         image_index, token_index = layout.image_token_coordinates
         for layer, record in sorted(observer.records.items()):
@@ -543,4 +653,6 @@ def _contribution_table(batch: Sequence[Sample], inputs: ModelInputs, observer: 
             for name in ("attention", "norm"):
                 columns[name].append(record[name][row, :n].cpu().numpy())
             columns["cosine_without"].append(record["cosine"][row, :n].cpu().numpy())
-    return pa.table({name: np.concatenate(parts) for name, parts in columns.items()}, schema=PROBE_SCHEMAS["contributions"])
+    return pa.table(
+        {name: np.concatenate(parts) for name, parts in columns.items()}, schema=PROBE_SCHEMAS["contributions"]
+    )

@@ -22,13 +22,17 @@ def main(argv: list[str] | None = None) -> int:
     """Parse the subcommand and run it."""
     parser = argparse.ArgumentParser(prog="python -m analysis.pruner", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
-    export = commands.add_parser("export", help="choose a VisiPruner config from a probe run",
-                                 formatter_class=HelpFormatter)
+    export = commands.add_parser(
+        "export", help="choose a VisiPruner config from a probe run", formatter_class=HelpFormatter
+    )
     export.add_argument("run_dir", help="probe run with knockout (upto/from) and contribution probes")
     export.add_argument("-o", "--output", required=True, help="our config JSON; the authors' JSON goes beside it")
     add_arguments(export, ExportConfig)
-    sweep = commands.add_parser("sweep", help="accuracy vs FLOPs of VisiPruner configs and FLOPs-matched baselines",
-                                formatter_class=HelpFormatter)
+    sweep = commands.add_parser(
+        "sweep",
+        help="accuracy vs FLOPs of VisiPruner configs and FLOPs-matched baselines",
+        formatter_class=HelpFormatter,
+    )
     sweep.add_argument("configs", nargs="+", help="pruning config JSON files (ours or the authors')")
     sweep.add_argument("--model", default=DEFAULT_MODEL, help="model alias, hub id or local path")
     sweep.add_argument("--dataset", default="shapes-vqa", help="dataset name or local path")
@@ -36,16 +40,26 @@ def main(argv: list[str] | None = None) -> int:
     sweep.add_argument("--limit", type=optional_type(int), default=None, help=LIMIT_HELP.format(verb="evaluate"))
     sweep.add_argument("--prune-layer", type=int, default=2, help="layer K of FastV and random pruning")
     sweep.add_argument("--batch-size", type=int, default=16, help="samples per generate call")
-    sweep.add_argument("--authors-rule", action="store_true",
-                       help="also run each VisiPruner config under the authors' rule (shallow weights zeroed after "
-                            "the softmax in the prefill only, selection rule in the model's dtype)")
-    sweep.add_argument("--authors-layer0", default="auto", choices=("auto", *LAYER0_RULES),
-                       help="with --authors-rule or an authors' JSON: which of their layer-0 rules runs; auto: theirs "
-                            "for a LLaVA-1.5-7B or -13B architecture (other models with a shallow stage must name one)")
+    sweep.add_argument(
+        "--authors-rule",
+        action="store_true",
+        help="also run each VisiPruner config under the authors' rule (shallow weights zeroed after "
+        "the softmax in the prefill only, selection rule in the model's dtype)",
+    )
+    sweep.add_argument(
+        "--authors-layer0",
+        default="auto",
+        choices=("auto", *LAYER0_RULES),
+        help="with --authors-rule or an authors' JSON: which of their layer-0 rules runs; auto: theirs "
+        "for a LLaVA-1.5-7B or -13B architecture (other models with a shallow stage must name one)",
+    )
     sweep.add_argument("--device", default=None, help="torch device; default cuda if available")
     sweep.add_argument("-o", "--output", default=None, help="also write the table as CSV")
-    ceiling = commands.add_parser("ceiling", help="FLOPs cut of exiting vision at each layer next to the answers it "
-                                  "changes, from a probe run", formatter_class=HelpFormatter)
+    ceiling = commands.add_parser(
+        "ceiling",
+        help="FLOPs cut of exiting vision at each layer next to the answers it changes, from a probe run",
+        formatter_class=HelpFormatter,
+    )
     ceiling.add_argument("run_dir", help="probe run with 'from' knockouts (python -m analysis.probes)")
     add_arguments(ceiling, CeilingConfig)
     args = parser.parse_args(argv)
@@ -91,11 +105,18 @@ def _sweep(args: argparse.Namespace) -> int:
     samples = load_samples(args.dataset, args.split, args.limit)
     loaded = load_model(args.model, device=args.device or default_device())
     adapter = loaded.adapter
-    configs = [config_for_model(path, adapter.model_type, adapter.text_config, args.authors_layer0)
-               for path in args.configs]
-    table = sweep(loaded, samples, configs, prune_layer=args.prune_layer, batch_size=args.batch_size,
-                  authors_rule=args.authors_rule,
-                  authors_layer0=None if args.authors_layer0 == "auto" else args.authors_layer0)
+    configs = [
+        config_for_model(path, adapter.model_type, adapter.text_config, args.authors_layer0) for path in args.configs
+    ]
+    table = sweep(
+        loaded,
+        samples,
+        configs,
+        prune_layer=args.prune_layer,
+        batch_size=args.batch_size,
+        authors_rule=args.authors_rule,
+        authors_layer0=None if args.authors_layer0 == "auto" else args.authors_layer0,
+    )
     columns = ["method", "settings", "accuracy", "agreement", "flops_cut", "flops_cut_fastv", "kept_tokens"]
     sys.stdout.write(table[columns].to_string(index=False, float_format=lambda v: f"{v:.2f}") + "\n")
     if args.output:

@@ -51,10 +51,13 @@ class CeilingConfig:
 def token_counts(run_dir: str | Path) -> pd.DataFrame:
     """Each sample's prompt length and image-token count, from the run's samples table."""
     samples = read_table(run_dir, "samples").to_pandas()
-    n_image = [sum(int(end) - int(start) for start, end in zip(starts, ends))
-               for starts, ends in zip(samples["image_starts"], samples["image_ends"])]
-    return pd.DataFrame({"n_tokens": samples["n_tokens"].astype(int).to_numpy(), "n_image": n_image},
-                        index=samples["sample_id"])
+    n_image = [
+        sum(int(end) - int(start) for start, end in zip(starts, ends, strict=True))
+        for starts, ends in zip(samples["image_starts"], samples["image_ends"], strict=True)
+    ]
+    return pd.DataFrame(
+        {"n_tokens": samples["n_tokens"].astype(int).to_numpy(), "n_image": n_image}, index=samples["sample_id"]
+    )
 
 
 def ceiling(run_dir: str | Path, shape: DecoderShape, config: CeilingConfig) -> pd.DataFrame:
@@ -63,8 +66,10 @@ def ceiling(run_dir: str | Path, shape: DecoderShape, config: CeilingConfig) -> 
     curves, _ = load_curves(run_dir, StageConfig(query=config.query))
     changed = curves.from_.mean()
     if len(changed) != shape.num_layers:
-        raise ConfigError(f"{run_dir} has 'from' knockouts for {len(changed)} layers but the model has "
-                          f"{shape.num_layers}; the run and the model do not match")
+        raise ConfigError(
+            f"{run_dir} has 'from' knockouts for {len(changed)} layers but the model has "
+            f"{shape.num_layers}; the run and the model do not match"
+        )
     counts = token_counts(run_dir)
     # Samples of the same length and image size cost the same: count each shape once, weighted.
     weighted = counts.value_counts().rename("weight").reset_index()
@@ -75,10 +80,14 @@ def ceiling(run_dir: str | Path, shape: DecoderShape, config: CeilingConfig) -> 
         keep = -1
         if exit_cut >= config.target_cut:
             # The cut falls as the budget grows: the largest budget still reaching the target.
-            keep = max(k for k in range(most_image + 1)
-                       if k == 0 or baseline_flops_cut(shape, weighted, "fastv", layer, k) >= config.target_cut)
-        rows.append({"layer": layer, "exit_cut": exit_cut, "changed": float(changed.loc[layer]),
-                     "keep_for_target": keep})
+            keep = max(
+                k
+                for k in range(most_image + 1)
+                if k == 0 or baseline_flops_cut(shape, weighted, "fastv", layer, k) >= config.target_cut
+            )
+        rows.append(
+            {"layer": layer, "exit_cut": exit_cut, "changed": float(changed.loc[layer]), "keep_for_target": keep}
+        )
     return pd.DataFrame(rows)
 
 
@@ -88,8 +97,10 @@ def describe(table: pd.DataFrame, config: CeilingConfig) -> str:
     quiet = table[table["changed"] <= config.tolerance]
     if len(quiet):
         best = quiet.loc[quiet["exit_cut"].idxmax()]
-        lines.append(f"largest cut of an exit that changes at most {config.tolerance:.1%} of answers: "
-                     f"{best['exit_cut']:.1f}% (vision exits at layer {int(best['layer'])})")
+        lines.append(
+            f"largest cut of an exit that changes at most {config.tolerance:.1%} of answers: "
+            f"{best['exit_cut']:.1f}% (vision exits at layer {int(best['layer'])})"
+        )
     else:
         lines.append(f"every exit changes more than {config.tolerance:.1%} of answers")
     reach = table[table["keep_for_target"] >= 0]
@@ -98,7 +109,8 @@ def describe(table: pd.DataFrame, config: CeilingConfig) -> str:
         lines.append(
             f"a {config.target_cut:g}% cut that leaves the image whole until it drops tokens must drop them at layer "
             f"{int(last['layer'])} or earlier, keeping at most {int(last['keep_for_target'])} per sample; hiding the "
-            f"image from layer {int(last['layer'])} on changes {last['changed']:.1%} of answers")
+            f"image from layer {int(last['layer'])} on changes {last['changed']:.1%} of answers"
+        )
     else:
         lines.append(f"no exit reaches a {config.target_cut:g}% cut: the image is too small a share of the prompt")
     return "\n".join(lines)
@@ -112,6 +124,7 @@ def model_of(run_dir: str | Path) -> str:
         raise ConfigError(f"{run_dir} is not a finished run (no manifest.json); run `python -m analysis.probes` first")
     model = manifest.get("config", {}).get("model")
     if not model:
-        raise ConfigError(f"{folder.manifest_path} names no model (config.model); ceiling needs a run of "
-                          "`python -m analysis.probes`")
+        raise ConfigError(
+            f"{folder.manifest_path} names no model (config.model); ceiling needs a run of `python -m analysis.probes`"
+        )
     return model

@@ -80,17 +80,22 @@ class PruningConfig:
             problems.append(f"layer_threshold {self.layer_threshold} outside (0, 1]")
         if not 0 < self.deep_cosine <= 1:
             problems.append(f"deep_cosine {self.deep_cosine} outside (0, 1]")
-        for name, value, allowed in (("shallow_rule", self.shallow_rule, SHALLOW_RULES),
-                                     ("layer0_rule", self.layer0_rule, LAYER0_RULES),
-                                     ("rule_precision", self.rule_precision, RULE_PRECISIONS)):
+        for name, value, allowed in (
+            ("shallow_rule", self.shallow_rule, SHALLOW_RULES),
+            ("layer0_rule", self.layer0_rule, LAYER0_RULES),
+            ("rule_precision", self.rule_precision, RULE_PRECISIONS),
+        ):
             if value not in allowed:
                 problems.append(f"unknown {name} {value!r} (choose from {', '.join(allowed)})")
         if self.layer0_rule != "none" and self.shallow_rule != "zero":
-            problems.append(f"layer0_rule {self.layer0_rule!r} zeroes attention weights, so it needs "
-                            "shallow_rule 'zero'")
+            problems.append(
+                f"layer0_rule {self.layer0_rule!r} zeroes attention weights, so it needs shallow_rule 'zero'"
+            )
         if self.layer0_rule == "first_image":
-            problems.append("layer0_rule 'first_image' left image->image attention alone, unlike the authors' code; "
-                            "use 'authors_7b'")
+            problems.append(
+                "layer0_rule 'first_image' left image->image attention alone, unlike the authors' code; "
+                "use 'authors_7b'"
+            )
         if self.rule not in RULES:
             problems.append(f"unknown rule {self.rule!r} (choose from {', '.join(RULES)})")
         elif self.rule == "authors":
@@ -109,20 +114,34 @@ class PruningConfig:
         if self.method != "visipruner":
             problems.append(f"the authors' rule is VisiPruner's, not {self.method!r}")
         stages = set(self.stages)
-        if stages & {"shallow", "middle"} and (self.shallow_mid_layer < 1 or (depth and self.shallow_mid_layer >= depth)):
-            problems.append(f"their shallow_mid_layer must lie in [1, {depth - 1 if depth else 'num_layers - 1'}], "
-                            f"not {self.shallow_mid_layer}")
+        if stages & {"shallow", "middle"} and (
+            self.shallow_mid_layer < 1 or (depth and self.shallow_mid_layer >= depth)
+        ):
+            problems.append(
+                f"their shallow_mid_layer must lie in [1, {depth - 1 if depth else 'num_layers - 1'}], "
+                f"not {self.shallow_mid_layer}"
+            )
         if stages & {"middle", "deep"}:
             for name in ("layer_threshold", "tokens_threshold"):
                 if not 0 < getattr(self, name) < 1:
                     problems.append(f"their {name} must lie strictly inside (0, 1), not {getattr(self, name)}")
         if "deep" in stages and "middle" not in stages:
-            problems.append("their deep stage without the middle one needs mid_deep_layer, which their code never "
-                            "reads (it cannot exit without a selection)")
-        fixed = {"shallow_rule": "zero", "shallow_in_decode": False, "rule_precision": "model",
-                 "deep_cosine": AUTHORS_DEEP_COSINE, "deep_patience": AUTHORS_DEEP_PATIENCE}
-        problems += [f"their {name} is {value!r}, not {getattr(self, name)!r}" for name, value in fixed.items()
-                     if getattr(self, name) != value]
+            problems.append(
+                "their deep stage without the middle one needs mid_deep_layer, which their code never "
+                "reads (it cannot exit without a selection)"
+            )
+        fixed = {
+            "shallow_rule": "zero",
+            "shallow_in_decode": False,
+            "rule_precision": "model",
+            "deep_cosine": AUTHORS_DEEP_COSINE,
+            "deep_patience": AUTHORS_DEEP_PATIENCE,
+        }
+        problems += [
+            f"their {name} is {value!r}, not {getattr(self, name)!r}"
+            for name, value in fixed.items()
+            if getattr(self, name) != value
+        ]
         return problems
 
     def to_json(self) -> dict[str, Any]:
@@ -132,15 +151,27 @@ class PruningConfig:
     def with_authors_rule(self, layer0_rule: str = "none") -> PruningConfig:
         """The same thresholds under the authors' rule: shallow weights zeroed in the prefill only, their layer-0 rule,
         the selection in the model's dtype with their formulas, their deep constants and keep-everything behaviour."""
-        return replace(self, rule="authors", shallow_rule="zero", shallow_in_decode=False, rule_precision="model",
-                       layer0_rule=layer0_rule, deep_cosine=AUTHORS_DEEP_COSINE, deep_patience=AUTHORS_DEEP_PATIENCE)
+        return replace(
+            self,
+            rule="authors",
+            shallow_rule="zero",
+            shallow_in_decode=False,
+            rule_precision="model",
+            layer0_rule=layer0_rule,
+            deep_cosine=AUTHORS_DEEP_COSINE,
+            deep_patience=AUTHORS_DEEP_PATIENCE,
+        )
 
     def authors_json(self) -> dict[str, Any]:
         """The authors' ``--pruning-config`` JSON of a config their validation accepts (see ``authors_equivalent``)."""
         if self.method != "visipruner":
             raise ConfigError(f"the authors' code runs VisiPruner only, not {self.method!r}")
-        return {"mode": list(self.stages), "shallow_mid_layer": self.shallow_mid_layer,
-                "layer_threshold": float(self.layer_threshold), "tokens_threshold": float(self.tokens_threshold)}
+        return {
+            "mode": list(self.stages),
+            "shallow_mid_layer": self.shallow_mid_layer,
+            "layer_threshold": float(self.layer_threshold),
+            "tokens_threshold": float(self.tokens_threshold),
+        }
 
 
 # The largest float below 1 and the smallest above 0: their validation wants thresholds strictly inside (0, 1), and
@@ -158,49 +189,70 @@ def authors_equivalent(config: PruningConfig, layer0_rule: str = "none") -> tupl
     if config.method != "visipruner":
         raise ConfigError(f"the authors' format holds VisiPruner configs only, not {config.method!r}")
     stages, differences = list(config.stages), []
-    shallow_mid_layer, layer_threshold, tokens_threshold = (config.shallow_mid_layer, config.layer_threshold,
-                                                            config.tokens_threshold)
+    shallow_mid_layer, layer_threshold, tokens_threshold = (
+        config.shallow_mid_layer,
+        config.layer_threshold,
+        config.tokens_threshold,
+    )
     if "deep" in stages and "middle" not in stages:
-        raise ConfigError("a deep stage without the middle one cannot be expressed in the authors' format (their code "
-                          "exits only after a selection)")
+        raise ConfigError(
+            "a deep stage without the middle one cannot be expressed in the authors' format (their code "
+            "exits only after a selection)"
+        )
     if shallow_mid_layer == 0 and "shallow" in stages:
         stages.remove("shallow")
-        differences.append("mode drops 'shallow': with shallow_mid_layer 0 our shallow stage is empty, and their "
-                           "shallow_mid_layer must be >= 1")
+        differences.append(
+            "mode drops 'shallow': with shallow_mid_layer 0 our shallow stage is empty, and their "
+            "shallow_mid_layer must be >= 1"
+        )
     if shallow_mid_layer == 0 and "middle" in stages:
         shallow_mid_layer = 1
-        differences.append("shallow_mid_layer 0 -> 1 (their minimum): the selection rule can first fire at layer 2, "
-                           "not at layer 1")
+        differences.append(
+            "shallow_mid_layer 0 -> 1 (their minimum): the selection rule can first fire at layer 2, not at layer 1"
+        )
     if {"middle", "deep"} & set(stages):
         if tokens_threshold >= 1:
-            raise ConfigError(f"tokens_threshold {tokens_threshold} is an absolute norm >= 1, which the authors' "
-                              "validation refuses (it wants (0, 1)); no config in their format keeps the same tokens")
+            raise ConfigError(
+                f"tokens_threshold {tokens_threshold} is an absolute norm >= 1, which the authors' "
+                "validation refuses (it wants (0, 1)); no config in their format keeps the same tokens"
+            )
         if layer_threshold >= 1:
             layer_threshold = _BELOW_ONE
-            differences.append(f"layer_threshold {config.layer_threshold} -> {_BELOW_ONE!r} (equivalent: rounds to 1 "
-                               "in float32 and float16)")
+            differences.append(
+                f"layer_threshold {config.layer_threshold} -> {_BELOW_ONE!r} (equivalent: rounds to 1 "
+                "in float32 and float16)"
+            )
         if tokens_threshold <= 0:
             tokens_threshold = _ABOVE_ZERO
-            differences.append(f"tokens_threshold {config.tokens_threshold} -> {_ABOVE_ZERO!r} (equivalent: rounds to "
-                               "0 in float32 and float16)")
+            differences.append(
+                f"tokens_threshold {config.tokens_threshold} -> {_ABOVE_ZERO!r} (equivalent: rounds to "
+                "0 in float32 and float16)"
+            )
     for name, value in (("deep_cosine", AUTHORS_DEEP_COSINE), ("deep_patience", AUTHORS_DEEP_PATIENCE)):
         if "deep" in stages and getattr(config, name) != value:
             differences.append(f"{name} {getattr(config, name)} -> {value} (fixed in their code)")
-    theirs = replace(config, stages=stages, shallow_mid_layer=shallow_mid_layer, layer_threshold=layer_threshold,
-                     tokens_threshold=tokens_threshold, provenance={}).with_authors_rule(
-                         layer0_rule if "shallow" in stages else "none")
+    theirs = replace(
+        config,
+        stages=stages,
+        shallow_mid_layer=shallow_mid_layer,
+        layer_threshold=layer_threshold,
+        tokens_threshold=tokens_threshold,
+        provenance={},
+    ).with_authors_rule(layer0_rule if "shallow" in stages else "none")
     theirs.validate()
     return theirs, differences
 
 
-def authors_layer0_rule(model_type: str, text_config: object) -> str | None:
+def authors_layer0_rule(model_type: str, text_config: Any) -> str | None:
     """The authors' layer-0 rule for a LLaVA-1.5-7B or -13B architecture (their code picks it from the checkpoint's
     path name); None for any other model."""
     if model_type != "llava":
         return None
-    shape = tuple(int(getattr(text_config, name, 0) or 0) for name in (
-        "num_hidden_layers", "hidden_size", "num_attention_heads", "intermediate_size"))
-    return AUTHORS_ARCHITECTURES.get(shape)
+    layers, hidden, heads, intermediate = (
+        int(getattr(text_config, name, 0) or 0)
+        for name in ("num_hidden_layers", "hidden_size", "num_attention_heads", "intermediate_size")
+    )
+    return AUTHORS_ARCHITECTURES.get((layers, hidden, heads, intermediate))
 
 
 _AUTHORS_KEYS = {"mode", "shallow_mid_layer", "layer_threshold", "tokens_threshold", "mid_deep_layer"}
@@ -211,8 +263,9 @@ def _authors_type_problems(values: dict[str, Any]) -> list[str]:
     problems = []
     if not isinstance(values.get("mode"), list):
         problems.append("'mode' must be a list of strings")
-    if "shallow_mid_layer" in values and (not isinstance(values["shallow_mid_layer"], int)
-                                          or isinstance(values["shallow_mid_layer"], bool)):
+    if "shallow_mid_layer" in values and (
+        not isinstance(values["shallow_mid_layer"], int) or isinstance(values["shallow_mid_layer"], bool)
+    ):
         problems.append("their shallow_mid_layer must be an integer")
     for name in ("layer_threshold", "tokens_threshold"):
         if name in values and not isinstance(values[name], float):
@@ -220,7 +273,9 @@ def _authors_type_problems(values: dict[str, Any]) -> list[str]:
     return problems
 
 
-def parse_config(values: dict[str, Any], num_layers: int | None = None, *, layer0_rule: str | None = None) -> PruningConfig:
+def parse_config(
+    values: dict[str, Any], num_layers: int | None = None, *, layer0_rule: str | None = None
+) -> PruningConfig:
     """Our config or the authors' JSON (recognised by its ``mode`` key), validated; all problems reported at once.
 
     An authors' JSON with the shallow stage runs one of their layer-0 rules, which their format does not name:
@@ -236,11 +291,15 @@ def parse_config(values: dict[str, Any], num_layers: int | None = None, *, layer
         mode = values["mode"]
         stages = list(mode) if isinstance(mode, list) else [str(mode)]
         if "shallow" in stages and layer0_rule is None:
-            problems.append("an authors' JSON with the shallow stage runs one of their layer-0 rules: LLaVA-1.5-7B and "
-                            "-13B get theirs from the architecture; for another model choose --authors-layer0 "
-                            f"({', '.join(LAYER0_RULES)})")
+            problems.append(
+                "an authors' JSON with the shallow stage runs one of their layer-0 rules: LLaVA-1.5-7B and "
+                "-13B get theirs from the architecture; for another model choose --authors-layer0 "
+                f"({', '.join(LAYER0_RULES)})"
+            )
         config = PruningConfig(
-            method="visipruner", num_layers=num_layers or 0, stages=stages,
+            method="visipruner",
+            num_layers=num_layers or 0,
+            stages=stages,
             shallow_mid_layer=int(values.get("shallow_mid_layer", defaults.shallow_mid_layer)),
             layer_threshold=float(values.get("layer_threshold", defaults.layer_threshold)),
             tokens_threshold=float(values.get("tokens_threshold", defaults.tokens_threshold)),
@@ -281,8 +340,9 @@ def load_config(path: str | Path, num_layers: int | None = None, *, layer0_rule:
     return parse_config(read_config_values(path), num_layers, layer0_rule=layer0_rule)
 
 
-def config_for_model(path: str | Path, model_type: str, text_config: object,
-                     layer0_rule: str | None = None) -> PruningConfig:
+def config_for_model(
+    path: str | Path, model_type: str, text_config: Any, layer0_rule: str | None = None
+) -> PruningConfig:
     """A pruning config for a loaded model, its depth checked; an authors' JSON runs their layer-0 rule for a
     LLaVA-1.5-7B or -13B architecture unless ``layer0_rule`` names one ("auto" or None: from the architecture), and
     its provenance says which ran and why."""

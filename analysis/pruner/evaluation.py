@@ -11,8 +11,8 @@ from analysis.data.samples import Sample, batched
 from analysis.data.scoring import is_correct
 from analysis.errors import ConfigError
 from analysis.generation import generate_answers
-from analysis.models.registry import LoadedModel
 from analysis.hooks.attention import RegionMasks, route_attention
+from analysis.models.registry import LoadedModel
 from analysis.pruner.config import PRUNING_RUNTIMES, PruningConfig
 from analysis.pruner.flops import DecoderShape
 from analysis.pruner.runtime import pruned_runtime
@@ -20,8 +20,14 @@ from analysis.pruner.simulate import PruningHooks, full_flops, sample_flops
 
 
 def evaluate_pruned(
-    loaded: LoadedModel, samples: Sequence[Sample], config: PruningConfig, *, batch_size: int = 16,
-    max_new_tokens: int = 8, baseline: dict[str, str | None] | None = None, runtime: str = "mask",
+    loaded: LoadedModel,
+    samples: Sequence[Sample],
+    config: PruningConfig,
+    *,
+    batch_size: int = 16,
+    max_new_tokens: int = 8,
+    baseline: dict[str, str | None] | None = None,
+    runtime: str = "mask",
     on_batch: Callable[[int], object] | None = None,
 ) -> pd.DataFrame:
     """One row per sample: unpruned and pruned greedy answers, correctness, agreement, decisions and FLOPs.
@@ -44,6 +50,7 @@ def evaluate_pruned(
         else:
             clean = generate_answers(loaded, inputs, max_new_tokens)
         prompt_length = inputs.input_ids.shape[1]
+        hooks: PruningHooks
         if runtime == "drop":
             with pruned_runtime(loaded.model, config, inputs.layouts) as hooks:
                 pruned = clean if config.method == "none" else generate_answers(loaded, inputs, max_new_tokens)
@@ -56,25 +63,36 @@ def evaluate_pruned(
                 with route_attention(loaded.adapter, hooks, prompt_length - 1):
                     pruned = generate_answers(loaded, inputs, max_new_tokens)
         decisions = hooks.decisions(inputs.layouts)
-        for row, (sample, layout) in enumerate(zip(batch, inputs.layouts)):
+        for row, (sample, layout) in enumerate(zip(batch, inputs.layouts, strict=True)):
             ours = sample_flops(config, decisions, row, layout.length, shape)
             full = full_flops(decisions, row, layout.length, shape)
             if config.method == "none":
                 ours = full
-            rows.append({
-                "sample_id": sample.sample_id, "family": sample.family, "reference": sample.answer,
-                "baseline_answer": clean[row], "pruned_answer": pruned[row],
-                "baseline_correct": is_correct(clean[row] or "", sample) if sample.answer is not None else None,
-                "pruned_correct": is_correct(pruned[row] or "", sample) if sample.answer is not None else None,
-                "agrees": pruned[row] == clean[row],
-                "selection_layer": int(decisions.selection_layer[row]), "exit_layer": int(decisions.exit_layer[row]),
-                "n_tokens": layout.length, "n_image": decisions.n_image[row],
-                "n_kept": decisions.n_image[row] if config.method == "none" or decisions.selection_layer[row] < 0
-                and config.method != "pre_llm" else len(decisions.kept[row]),
-                "flops": ours["exact"], "flops_full": full["exact"], "flops_fastv": ours["fastv"],
-                "flops_fastv_full": full["fastv"], "vision_attention_flops": ours["vision_attention"],
-                "vision_attention_flops_full": full["vision_attention"],
-            })
+            rows.append(
+                {
+                    "sample_id": sample.sample_id,
+                    "family": sample.family,
+                    "reference": sample.answer,
+                    "baseline_answer": clean[row],
+                    "pruned_answer": pruned[row],
+                    "baseline_correct": is_correct(clean[row] or "", sample) if sample.answer is not None else None,
+                    "pruned_correct": is_correct(pruned[row] or "", sample) if sample.answer is not None else None,
+                    "agrees": pruned[row] == clean[row],
+                    "selection_layer": int(decisions.selection_layer[row]),
+                    "exit_layer": int(decisions.exit_layer[row]),
+                    "n_tokens": layout.length,
+                    "n_image": decisions.n_image[row],
+                    "n_kept": decisions.n_image[row]
+                    if config.method == "none" or decisions.selection_layer[row] < 0 and config.method != "pre_llm"
+                    else len(decisions.kept[row]),
+                    "flops": ours["exact"],
+                    "flops_full": full["exact"],
+                    "flops_fastv": ours["fastv"],
+                    "flops_fastv_full": full["fastv"],
+                    "vision_attention_flops": ours["vision_attention"],
+                    "vision_attention_flops_full": full["vision_attention"],
+                }
+            )
         if on_batch is not None:
             on_batch(len(batch))
     return pd.DataFrame(rows)
@@ -88,22 +106,29 @@ def summarize(per_sample: pd.DataFrame) -> dict[str, float]:
         "agreement": 100 * per_sample["agrees"].mean(),
         "flops_cut": 100 * (1 - per_sample["flops"].sum() / per_sample["flops_full"].sum()),
         "flops_cut_fastv": 100 * (1 - per_sample["flops_fastv"].sum() / per_sample["flops_fastv_full"].sum()),
-        "vision_attention_cut": 100 * (1 - per_sample["vision_attention_flops"].sum()
-                                       / max(per_sample["vision_attention_flops_full"].sum(), 1.0)),
+        "vision_attention_cut": 100
+        * (1 - per_sample["vision_attention_flops"].sum() / max(per_sample["vision_attention_flops_full"].sum(), 1.0)),
         "kept_tokens": per_sample["n_kept"].mean(),
         "fired": 100 * (per_sample["selection_layer"] >= 0).mean(),
     }
 
 
-def clean_answers(loaded: LoadedModel, samples: Sequence[Sample], *, batch_size: int, max_new_tokens: int,
-                  on_batch: Callable[[int], object] | None = None) -> dict[str, str | None]:
+def clean_answers(
+    loaded: LoadedModel,
+    samples: Sequence[Sample],
+    *,
+    batch_size: int,
+    max_new_tokens: int,
+    on_batch: Callable[[int], object] | None = None,
+) -> dict[str, str | None]:
     """Unpruned greedy answers by sample id (to share among several configs); ``on_batch`` as in evaluate_pruned."""
     device = next(loaded.model.parameters()).device
     answers: dict[str, str | None] = {}
     with torch.inference_mode():
         for batch in batched(list(samples), batch_size):
             inputs = loaded.adapter.build_inputs(loaded.processor, batch, device=device)
-            answers.update(zip([s.sample_id for s in batch], generate_answers(loaded, inputs, max_new_tokens)))
+            generated = generate_answers(loaded, inputs, max_new_tokens)
+            answers.update(zip([s.sample_id for s in batch], generated, strict=True))
             if on_batch is not None:
                 on_batch(len(batch))
     return answers

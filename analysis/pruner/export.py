@@ -58,8 +58,9 @@ class ExportResult:
     context: dict[str, Any]  # what ``choose`` needs to pick again for another target
 
 
-def derive(run_dir: str | Path, export: ExportConfig, *, loaded: LoadedModel | None = None,
-           progress: bool = True) -> ExportResult:
+def derive(
+    run_dir: str | Path, export: ExportConfig, *, loaded: LoadedModel | None = None, progress: bool = True
+) -> ExportResult:
     """Search thresholds on the run's samples and pick the cheapest config meeting the target."""
     from analysis.data.loaders import load_samples
 
@@ -85,8 +86,14 @@ def derive(run_dir: str | Path, export: ExportConfig, *, loaded: LoadedModel | N
 
         loaded = load_model(model_name, device=export.device or default_device())
     ids = read_table(run_dir, "samples").column("sample_id").to_pylist()
-    samples = [s for s in load_samples(dataset, None if split == "all" else split, len(ids) if export.limit is None
-                                       else min(export.limit, len(ids)))]
+    samples = [
+        s
+        for s in load_samples(
+            dataset,
+            None if split == "all" else split,
+            len(ids) if export.limit is None else min(export.limit, len(ids)),
+        )
+    ]
     from tqdm.auto import tqdm
 
     num_layers = loaded.adapter.num_layers
@@ -95,25 +102,51 @@ def derive(run_dir: str | Path, export: ExportConfig, *, loaded: LoadedModel | N
     rows = []
     passes = 1 + len(LAYER_THRESHOLDS) * len(norm_grid)
     with tqdm(total=passes * len(samples), desc="threshold search", unit="sample", disable=not progress) as bar:
-        baseline = clean_answers(loaded, samples, batch_size=export.batch_size, max_new_tokens=export.max_new_tokens,
-                                 on_batch=bar.update)
+        baseline = clean_answers(
+            loaded, samples, batch_size=export.batch_size, max_new_tokens=export.max_new_tokens, on_batch=bar.update
+        )
         for layer_threshold in LAYER_THRESHOLDS:
             for tokens_threshold in norm_grid:
-                config = PruningConfig(num_layers=num_layers, shallow_mid_layer=shallow_end,
-                                       layer_threshold=layer_threshold, tokens_threshold=tokens_threshold)
-                scores = summarize(evaluate_pruned(loaded, samples, config, batch_size=export.batch_size,
-                                                   max_new_tokens=export.max_new_tokens, baseline=baseline,
-                                                   on_batch=bar.update))
+                config = PruningConfig(
+                    num_layers=num_layers,
+                    shallow_mid_layer=shallow_end,
+                    layer_threshold=layer_threshold,
+                    tokens_threshold=tokens_threshold,
+                )
+                scores = summarize(
+                    evaluate_pruned(
+                        loaded,
+                        samples,
+                        config,
+                        batch_size=export.batch_size,
+                        max_new_tokens=export.max_new_tokens,
+                        baseline=baseline,
+                        on_batch=bar.update,
+                    )
+                )
                 rows.append({"layer_threshold": layer_threshold, "tokens_threshold": tokens_threshold, **scores})
-                logger.debug("tL=%.3f tT=%.4g: agreement %.1f%%, FLOPs cut %.1f%%", layer_threshold,
-                             tokens_threshold, scores["agreement"], scores["flops_cut"])
+                logger.debug(
+                    "tL=%.3f tT=%.4g: agreement %.1f%%, FLOPs cut %.1f%%",
+                    layer_threshold,
+                    tokens_threshold,
+                    scores["agreement"],
+                    scores["flops_cut"],
+                )
     search = pd.DataFrame(rows)
     # Portable provenance: the run relative to the working directory, the model as the registry names it (an
     # alias's hub id or package path, not this machine's absolute path) and the fingerprint of its weights.
-    context = {"run": _portable(Path(run_dir)), "model": model_name, "model_source": resolve(model_name).source,
-               "weights": manifest.get("identity", {}).get("weights"),
-               "dataset": dataset, "split": split, "calibration_samples": len(samples), "num_layers": num_layers,
-               "shallow_mid_layer": shallow_end, "norm_grid": norm_grid}
+    context = {
+        "run": _portable(Path(run_dir)),
+        "model": model_name,
+        "model_source": resolve(model_name).source,
+        "weights": manifest.get("identity", {}).get("weights"),
+        "dataset": dataset,
+        "split": split,
+        "calibration_samples": len(samples),
+        "num_layers": num_layers,
+        "shallow_mid_layer": shallow_end,
+        "norm_grid": norm_grid,
+    }
     return choose(search, export.target, context)
 
 
@@ -130,20 +163,39 @@ def choose(search: pd.DataFrame, target: float, context: dict[str, Any]) -> Expo
     """The cheapest searched config whose agreement meets ``target`` (else the closest), with its provenance."""
     feasible = search[search["agreement"] >= 100 * target]
     met = not feasible.empty
-    best = (feasible.sort_values(["flops_cut", "agreement"], ascending=False).iloc[0] if met
-            else search.sort_values(["agreement", "flops_cut"], ascending=False).iloc[0])
-    provenance = {key: context.get(key) for key in ("run", "model", "model_source", "weights", "dataset", "split",
-                                                    "calibration_samples")}
+    best = (
+        feasible.sort_values(["flops_cut", "agreement"], ascending=False).iloc[0]
+        if met
+        else search.sort_values(["agreement", "flops_cut"], ascending=False).iloc[0]
+    )
+    provenance = {
+        key: context.get(key)
+        for key in ("run", "model", "model_source", "weights", "dataset", "split", "calibration_samples")
+    }
     chosen = PruningConfig(
-        num_layers=context["num_layers"], shallow_mid_layer=context["shallow_mid_layer"],
-        layer_threshold=float(best["layer_threshold"]), tokens_threshold=float(best["tokens_threshold"]),
+        num_layers=context["num_layers"],
+        shallow_mid_layer=context["shallow_mid_layer"],
+        layer_threshold=float(best["layer_threshold"]),
+        tokens_threshold=float(best["tokens_threshold"]),
         provenance={
-            **provenance, "target_agreement": target, "target_met": met,
-            "calibration": {key: float(best[key]) for key in ("agreement", "accuracy", "baseline_accuracy",
-                                                              "flops_cut", "flops_cut_fastv", "kept_tokens", "fired")},
+            **provenance,
+            "target_agreement": target,
+            "target_met": met,
+            "calibration": {
+                key: float(best[key])
+                for key in (
+                    "agreement",
+                    "accuracy",
+                    "baseline_accuracy",
+                    "flops_cut",
+                    "flops_cut_fastv",
+                    "kept_tokens",
+                    "fired",
+                )
+            },
             "how": "shallow_mid_layer = first layer where image access matters (stage analysis); "
-                   "layer_threshold x tokens_threshold (quantiles of recorded contribution norms after S) searched; "
-                   "the largest FLOPs cut whose agreement meets the target",
+            "layer_threshold x tokens_threshold (quantiles of recorded contribution norms after S) searched; "
+            "the largest FLOPs cut whose agreement meets the target",
             "grid": {"layer_threshold": list(LAYER_THRESHOLDS), "tokens_threshold": context["norm_grid"]},
         },
     )

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 
 @dataclass(frozen=True)
@@ -23,13 +24,15 @@ class DecoderShape:
     head_dim: int
 
     @classmethod
-    def from_config(cls, text_config: object) -> "DecoderShape":
+    def from_config(cls, text_config: Any) -> DecoderShape:
         """Read the dimensions from an HF text config."""
         heads = int(text_config.num_attention_heads)
         hidden = int(text_config.hidden_size)
         return cls(
-            num_layers=int(text_config.num_hidden_layers), hidden=hidden,
-            intermediate=int(text_config.intermediate_size), num_heads=heads,
+            num_layers=int(text_config.num_hidden_layers),
+            hidden=hidden,
+            intermediate=int(text_config.intermediate_size),
+            num_heads=heads,
             num_kv_heads=int(getattr(text_config, "num_key_value_heads", None) or heads),
             head_dim=int(getattr(text_config, "head_dim", None) or hidden // heads),
         )
@@ -90,8 +93,10 @@ def decode_flops(shape: DecoderShape, kv_lengths: Sequence[int]) -> float:
     d = shape.hidden
     attn_width = shape.num_heads * shape.head_dim
     kv_width = shape.num_kv_heads * shape.head_dim
-    per_layer = [2 * d * (2 * attn_width + 2 * kv_width) + 4 * attn_width * (k + 1) + 6 * d * shape.intermediate
-                 for k in kv_lengths]
+    per_layer = [
+        2 * d * (2 * attn_width + 2 * kv_width) + 4 * attn_width * (k + 1) + 6 * d * shape.intermediate
+        for k in kv_lengths
+    ]
     return float(sum(per_layer))
 
 

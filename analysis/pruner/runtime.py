@@ -43,10 +43,11 @@ import torch
 from torch import nn
 
 from analysis.errors import ConfigError, DataError
+from analysis.hooks.attention import LastRowObservation, RegionMasks, extend_membership, route_attention
 from analysis.layout import TokenLayout
 from analysis.models import hf
 from analysis.models.adapters import FamilyAdapter, get_adapter
-from analysis.hooks.attention import LastRowObservation, RegionMasks, extend_membership, route_attention
+from analysis.models.hf import HFModel
 from analysis.pruner.config import PruningConfig
 from analysis.pruner.simulate import Decisions, PruningHooks, ShallowRegions
 
@@ -75,23 +76,32 @@ class _Layout:
 class PrunedRuntime(PruningHooks):
     """One batch's pruned run: the decisions (as in the mask-based model) and the tokens each layer keeps."""
 
-    def __init__(self, adapter: FamilyAdapter, config: PruningConfig, layouts: Sequence[TokenLayout],
-                 attn_implementation: str, decisions: Decisions | None = None) -> None:
+    def __init__(
+        self,
+        adapter: FamilyAdapter,
+        config: PruningConfig,
+        layouts: Sequence[TokenLayout],
+        attn_implementation: str,
+        decisions: Decisions | None = None,
+    ) -> None:
         ends = {layout.pad_offset + layout.length for layout in layouts}
         if len(ends) != 1:
-            raise DataError("the pruned runtime needs a left-padded batch (every prompt ending at the same index); "
-                            "build inputs with the adapter's build_inputs")
+            raise DataError(
+                "the pruned runtime needs a left-padded batch (every prompt ending at the same index); "
+                "build inputs with the adapter's build_inputs"
+            )
         prompt_length = ends.pop()
         device = next(adapter.model.parameters()).device
-        super().__init__(config, RegionMasks.from_layouts(list(layouts), prompt_length, device), list(layouts),
-                         prompt_length)
+        super().__init__(
+            config, RegionMasks.from_layouts(list(layouts), prompt_length, device), list(layouts), prompt_length
+        )
         self.layouts = list(layouts)
         self.num_layers = adapter.num_layers
         self.eager = attn_implementation == "eager"
         self.image_positions = self.image_index  # padded input positions; image_index is swapped while observing
         self.prompt_valid = torch.zeros(len(layouts), prompt_length, dtype=torch.bool, device=device)
         for row, layout in enumerate(layouts):
-            self.prompt_valid[row, layout.pad_offset:] = True
+            self.prompt_valid[row, layout.pad_offset :] = True
         self.prompt_padded = any(layout.pad_offset for layout in layouts)
         self.frozen = False  # decisions are made in the first prefill and reused by every later pass
         if decisions is not None:
@@ -100,7 +110,7 @@ class PrunedRuntime(PruningHooks):
         self._input_length = prompt_length
         self._query_length = 0
         self._generated = 0
-        self._layout: _Layout | None = None
+        self._layout_or_none: _Layout | None = None
         self._layer_layouts: list[_Layout] = []
         self._prepared: dict[int, dict[str, Any]] = {}
         self._compacted: dict[tuple[int, int], tuple[_Layout, torch.Tensor]] = {}
@@ -127,13 +137,20 @@ class PrunedRuntime(PruningHooks):
         self.exit_layer = exit_layer
         self.frozen = True
 
+    @property
+    def _layout(self) -> _Layout:
+        """The current pass's slot layout (set when a pass starts)."""
+        if self._layout_or_none is None:
+            raise RuntimeError("the pruned runtime read its layout before a pass started")
+        return self._layout_or_none
+
     def wants_last_row(self, layer: int, query_start: int, query_length: int) -> bool:
         """Observe only in the first prefill, where the rule can still decide something."""
         return self._prefill and not self.frozen and super().wants_last_row(layer, 0, self.prompt_length)
 
     def last_row_position(self, layer: int, default: int) -> int:
         """The last prompt position's slot: the prompt ends where the continuation (if any) begins."""
-        if self._prefill and self._layout is not None:
+        if self._prefill and self._layout_or_none is not None:
             return self._layout.length - 1 - (self._input_length - self.prompt_length)
         return default
 
@@ -172,9 +189,12 @@ class PrunedRuntime(PruningHooks):
             return torch.cat([slots, tail], dim=1)[:, query_start : query_start + query_length]
 
         first_half = extend_membership(self.first_half_keys, 0, length, fill=False)
-        return ShallowRegions(text_rows=rows("instruction", True), image_rows=rows("image", False),
-                              image_keys=keys(self.masks.key_columns("image", length)),
-                              first_half_keys=keys(first_half))
+        return ShallowRegions(
+            text_rows=rows("instruction", True),
+            image_rows=rows("image", False),
+            image_keys=keys(self.masks.key_columns("image", length)),
+            first_half_keys=keys(first_half),
+        )
 
     def first_image_key(self, layer: int) -> torch.Tensor:
         """(B,) slot of each sample's first image token in this layer."""
@@ -237,8 +257,9 @@ class PrunedRuntime(PruningHooks):
         slot_of.scatter_(1, target, torch.arange(length, device=target.device).expand(batch, -1))
         return slot_of[:, : self._input_length].gather(1, self.image_positions)
 
-    def _mask(self, key_valid: torch.Tensor, padded: bool, query_length: int,
-              dtype: torch.dtype) -> torch.Tensor | None:
+    def _mask(
+        self, key_valid: torch.Tensor, padded: bool, query_length: int, dtype: torch.dtype
+    ) -> torch.Tensor | None:
         """The attention mask of queries that are the last ``query_length`` keys: causal, pad keys hidden."""
         batch, key_length = key_valid.shape
         if not self.eager and not padded and query_length in (1, key_length):
@@ -252,7 +273,8 @@ class PrunedRuntime(PruningHooks):
         if not self.eager:
             return allowed
         return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(
-            ~allowed, torch.finfo(dtype).min)
+            ~allowed, torch.finfo(dtype).min
+        )
 
     def _prefill_kwargs(self, layout: _Layout, kwargs: dict[str, Any], dtype: torch.dtype) -> dict[str, Any]:
         """Mask, position embeddings and position ids of a prefill layer under ``layout`` (shared by its layers)."""
@@ -287,9 +309,9 @@ class PrunedRuntime(PruningHooks):
         return cached
 
     # -- hooks ----------------------------------------------------------------------------------
-    def start_pass(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[
-        tuple[Any, ...], dict[str, Any]
-    ] | None:
+    def start_pass(
+        self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> tuple[tuple[Any, ...], dict[str, Any]] | None:
         """Text-model pre-hook: prefill or continuation, and a padding check."""
         call = hf.text_model_call(args, kwargs)
         length = call.length
@@ -298,17 +320,21 @@ class PrunedRuntime(PruningHooks):
         self._prepared = {}
         mask = call.attention_mask
         if mask is not None and not (isinstance(mask, torch.Tensor) and mask.dim() == 2):
-            raise DataError("the pruned runtime needs a 2-D attention mask (or none); use a DynamicCache, "
-                            "not a static or compiled cache")
+            raise DataError(
+                "the pruned runtime needs a 2-D attention mask (or none); use a DynamicCache, "
+                "not a static or compiled cache"
+            )
         if self._prefill:
             if length < self.prompt_length:
-                raise DataError(f"input of {length} tokens is shorter than the {self.prompt_length}-token prompts "
-                                "the runtime was built for; build the runtime from this batch's layouts")
+                raise DataError(
+                    f"input of {length} tokens is shorter than the {self.prompt_length}-token prompts "
+                    "the runtime was built for; build the runtime from this batch's layouts"
+                )
             self._input_length, self._generated = length, 0
             self._check_mask(mask, length)
             batch = self.prompt_valid.shape[0]
             positions = torch.arange(length, device=self.prompt_valid.device).expand(batch, -1)
-            self._layout = _Layout(positions, self._input_valid(), identity=True, padded=self.prompt_padded)
+            self._layout_or_none = _Layout(positions, self._input_valid(), identity=True, padded=self.prompt_padded)
             self._layer_layouts = []
             return None
         self._check_mask(mask, self._input_length + self._generated + length)
@@ -330,15 +356,19 @@ class PrunedRuntime(PruningHooks):
             if call.cache is None and self._layer_layouts and call.length < self.prompt_length:
                 raise hf.compatibility_error(
                     f"the pruned runtime got a {call.length}-token pass after its prefill but no KV cache in the "
-                    f"text model's call (arguments: {', '.join(arguments)})")
+                    f"text model's call (arguments: {', '.join(arguments)})"
+                )
             return True
         if not self._layer_layouts:
-            raise DataError("a pass with a filled cache came before any prefill in this pruned_runtime block; "
-                            "run the prompt (or generate) inside the block")
+            raise DataError(
+                "a pass with a filled cache came before any prefill in this pruned_runtime block; "
+                "run the prompt (or generate) inside the block"
+            )
         expected = self._layer_layouts[0].length + self._generated
         if held != expected:
             raise hf.compatibility_error(
-                f"layer 0's KV cache holds {held} tokens where the pruned runtime put {expected}")
+                f"layer 0's KV cache holds {held} tokens where the pruned runtime put {expected}"
+            )
         return False
 
     def _check_mask(self, mask: torch.Tensor | None, length: int) -> None:
@@ -352,20 +382,22 @@ class PrunedRuntime(PruningHooks):
             raise DataError(f"attention mask of shape {tuple(mask.shape)}; expected ({expected.shape[0]}, {length})")
         mask = mask.bool()
         if not (torch.equal(mask[:, : self.prompt_length], expected) and bool(mask[:, self.prompt_length :].all())):
-            raise DataError("the attention mask is not the prompts' left padding followed by real tokens; the "
-                            "runtime supports left-padded prompts and their continuations (right padding: use "
-                            "the mask-based analysis.pruner.simulate)")
+            raise DataError(
+                "the attention mask is not the prompts' left padding followed by real tokens; the "
+                "runtime supports left-padded prompts and their continuations (right padding: use "
+                "the mask-based analysis.pruner.simulate)"
+            )
 
     def layer_hook(self, layer: int) -> PreHook:
         """Decoder-layer pre-hook: shrink the sequence where a decision takes effect, and adapt the layer's inputs."""
 
-        def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[
-            tuple[Any, ...], dict[str, Any]
-        ] | None:
+        def hook(
+            module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
+        ) -> tuple[tuple[Any, ...], dict[str, Any]] | None:
             hidden = hf.layer_hidden_states(args, kwargs)
             if self._prefill:
                 if self._cuts_before(layer):
-                    self._layout, slots = self._compact_once(self._layout, layer)
+                    self._layout_or_none, slots = self._compact_once(self._layout, layer)
                     hidden = hidden.gather(1, slots[..., None].expand(-1, -1, hidden.shape[-1]))
                     args, kwargs = hf.with_layer_hidden_states(args, kwargs, hidden)
                 layout = self._layout
@@ -411,8 +443,9 @@ class PrunedRuntime(PruningHooks):
 
 
 @contextmanager
-def pruned_runtime(model: nn.Module, config: PruningConfig, layouts: Sequence[TokenLayout], *,
-                   decisions: Decisions | None = None) -> Iterator[PrunedRuntime]:
+def pruned_runtime(
+    model: HFModel, config: PruningConfig, layouts: Sequence[TokenLayout], *, decisions: Decisions | None = None
+) -> Iterator[PrunedRuntime]:
     """Inside the block, ``model`` runs with pruned image tokens dropped for this batch; unchanged after it.
 
     ``layouts`` are the batch's (from ``build_inputs``); ``decisions`` pins selections instead of applying the rule.
@@ -421,18 +454,24 @@ def pruned_runtime(model: nn.Module, config: PruningConfig, layouts: Sequence[To
     config.validate(adapter.num_layers)
     implementation = hf.attention_implementation(adapter.text_config)
     if implementation not in ATTENTION_IMPLEMENTATIONS:
-        raise ConfigError(f"the pruned runtime supports {' and '.join(ATTENTION_IMPLEMENTATIONS)} attention, not "
-                          f"{implementation!r}; load the model with attn_implementation='sdpa'")
+        raise ConfigError(
+            f"the pruned runtime supports {' and '.join(ATTENTION_IMPLEMENTATIONS)} attention, not "
+            f"{implementation!r}; load the model with attn_implementation='sdpa'"
+        )
     runtime = PrunedRuntime(adapter, config, layouts, implementation, decisions)
     if config.method == "none":
         yield runtime
         return
     text_model = adapter.language_model()
-    handles = [text_model.register_forward_pre_hook(runtime.start_pass, with_kwargs=True),
-               text_model.register_forward_hook(runtime.end_pass, with_kwargs=True)]
+    handles = [
+        text_model.register_forward_pre_hook(runtime.start_pass, with_kwargs=True),
+        text_model.register_forward_hook(runtime.end_pass, with_kwargs=True),
+    ]
     try:
-        handles += [layer.register_forward_pre_hook(runtime.layer_hook(index), with_kwargs=True)
-                    for index, layer in enumerate(adapter.decoder_layers())]
+        handles += [
+            layer.register_forward_pre_hook(runtime.layer_hook(index), with_kwargs=True)
+            for index, layer in enumerate(adapter.decoder_layers())
+        ]
         with route_attention(adapter, runtime, runtime.prompt_length - 1):
             yield runtime
     finally:

@@ -16,7 +16,6 @@ from typing import Any
 import numpy as np
 import torch
 
-from analysis.layout import TokenLayout
 from analysis.hooks.attention import (
     AttentionHooks,
     LastRowObservation,
@@ -25,6 +24,7 @@ from analysis.hooks.attention import (
     extend_membership,
 )
 from analysis.hooks.contributions import image_contributions, image_index_tensors
+from analysis.layout import TokenLayout
 from analysis.pruner.config import PruningConfig
 from analysis.pruner.flops import DecoderShape, LayerTokens, prefill_flops
 
@@ -76,7 +76,9 @@ def authors_row_weights(observation: LastRowObservation) -> torch.Tensor:
 class PruningHooks(AttentionHooks):
     """VisiPruner's three stages, or a one-shot baseline (FastV, random, pre-LLM), as attention masks."""
 
-    def __init__(self, config: PruningConfig, masks: RegionMasks, layouts: list[TokenLayout], prompt_length: int) -> None:
+    def __init__(
+        self, config: PruningConfig, masks: RegionMasks, layouts: list[TokenLayout], prompt_length: int
+    ) -> None:
         self.config = config
         self.masks = masks
         self.prompt_length = prompt_length
@@ -115,8 +117,13 @@ class PruningHooks(AttentionHooks):
         if self.config.rule_precision == "model":
             dtype = observation.model_dtype
             weights = authors_row_weights(observation) if authors else observation.weights.to(dtype)
-            observation = replace(observation, query=observation.query.to(dtype), keys=observation.keys.to(dtype),
-                                  values=observation.values.to(dtype), weights=weights)
+            observation = replace(
+                observation,
+                query=observation.query.to(dtype),
+                keys=observation.keys.to(dtype),
+                values=observation.values.to(dtype),
+                weights=weights,
+            )
         recorded = image_contributions(observation, self.image_index, self.image_valid, authors_formulas=authors)
         cosine, norm = recorded["cosine"], recorded["norm"]
         layer = observation.layer
@@ -131,8 +138,9 @@ class PruningHooks(AttentionHooks):
         undecided = self.selection_layer < 0
         selected = undecided & fires
         if selected.any():
-            self.keep = torch.where(selected.to(valid.device)[:, None], (norm > self.config.tokens_threshold) & valid,
-                                    self.keep)
+            self.keep = torch.where(
+                selected.to(valid.device)[:, None], (norm > self.config.tokens_threshold) & valid, self.keep
+            )
             self.selection_layer[selected] = layer
         if authors:
             # A selection that kept every image token never shortens their sequence, so their exit (which looks for
@@ -164,7 +172,8 @@ class PruningHooks(AttentionHooks):
         self.keep = torch.zeros_like(self.image_valid)
         for row in range(self.keep.shape[0]):
             n = int(self.image_valid[row].sum())
-            chosen = np.unique(np.linspace(0, n - 1, num=min(keep_tokens, n)).round().astype(int)) if keep_tokens else []
+            spread = np.linspace(0, n - 1, num=min(keep_tokens, n)).round().astype(int)
+            chosen = np.unique(spread) if keep_tokens else np.zeros(0, dtype=int)
             self.keep[row, torch.as_tensor(chosen, dtype=torch.long)] = True
 
     def dropped_image_tokens(self, layer: int) -> torch.Tensor:
@@ -182,8 +191,12 @@ class PruningHooks(AttentionHooks):
     def shallow_active(self, layer: int, query_start: int) -> bool:
         """Whether the shallow stage acts in this layer and pass."""
         config = self.config
-        return (config.method == "visipruner" and "shallow" in config.stages and layer < config.shallow_mid_layer
-                and (config.shallow_in_decode or not self.decoding(query_start)))
+        return (
+            config.method == "visipruner"
+            and "shallow" in config.stages
+            and layer < config.shallow_mid_layer
+            and (config.shallow_in_decode or not self.decoding(query_start))
+        )
 
     def shallow_regions(self, layer: int, query_start: int, query_length: int, key_length: int) -> ShallowRegions:
         """Which queries and keys of this layer's attention are text and image."""
@@ -237,15 +250,24 @@ class PruningHooks(AttentionHooks):
 
     def decisions(self, layouts: list[TokenLayout]) -> Decisions:
         """The per-sample decisions, as ordinals of kept image tokens."""
-        kept = [torch.nonzero(self.keep[row][: layout.n_image_tokens]).flatten().tolist() for row, layout in enumerate(layouts)]
+        kept = [
+            torch.nonzero(self.keep[row][: layout.n_image_tokens]).flatten().tolist()
+            for row, layout in enumerate(layouts)
+        ]
         selection = self.selection_layer.numpy().copy()
         if self.config.method == "pre_llm":
             selection[:] = -1
         return Decisions(selection, self.exit_layer.numpy().copy(), kept, [layout.n_image_tokens for layout in layouts])
 
 
-def sample_flops(config: PruningConfig, decisions: Decisions, row: int, prompt_length: int, shape: DecoderShape,
-                 pre_llm: bool = False) -> dict[str, float]:
+def sample_flops(
+    config: PruningConfig,
+    decisions: Decisions,
+    row: int,
+    prompt_length: int,
+    shape: DecoderShape,
+    pre_llm: bool = False,
+) -> dict[str, float]:
     """Exact and FastV-convention prefill FLOPs of one sample under its decisions."""
     layers = decisions.tokens_per_layer(row, prompt_length, shape.num_layers)
     if config.method == "pre_llm":

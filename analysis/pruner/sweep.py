@@ -22,14 +22,16 @@ logger = logging.getLogger(__name__)
 BASELINES = ("fastv", "random", "pre_llm")
 
 
-def baseline_flops_cut(shape: DecoderShape, per_sample: pd.DataFrame, method: str, prune_layer: int, keep: int) -> float:
+def baseline_flops_cut(
+    shape: DecoderShape, per_sample: pd.DataFrame, method: str, prune_layer: int, keep: int
+) -> float:
     """Exact prefill FLOPs cut (%) of a one-shot baseline keeping ``keep`` image tokens, over the given samples.
 
     A ``weight`` column, where present, counts how many samples each row stands for.
     """
     ours = full = 0.0
     weights = per_sample["weight"] if "weight" in per_sample else [1] * len(per_sample)
-    for n_tokens, n_image, weight in zip(per_sample["n_tokens"], per_sample["n_image"], weights):
+    for n_tokens, n_image, weight in zip(per_sample["n_tokens"], per_sample["n_image"], weights, strict=True):
         kept = min(keep, n_image)
         pruned = LayerTokens(n_tokens - n_image + kept, kept)
         start = 0 if method == "pre_llm" else prune_layer
@@ -39,7 +41,9 @@ def baseline_flops_cut(shape: DecoderShape, per_sample: pd.DataFrame, method: st
     return 100 * (1 - ours / full)
 
 
-def matched_keep(shape: DecoderShape, per_sample: pd.DataFrame, method: str, prune_layer: int, target_cut: float) -> int:
+def matched_keep(
+    shape: DecoderShape, per_sample: pd.DataFrame, method: str, prune_layer: int, target_cut: float
+) -> int:
     """The token budget whose FLOPs cut is closest to ``target_cut`` for a baseline."""
     budgets = np.arange(0, int(per_sample["n_image"].max()) + 1)
     cuts = np.array([baseline_flops_cut(shape, per_sample, method, prune_layer, int(k)) for k in budgets])
@@ -50,8 +54,15 @@ AUTHORS_RULE_METHOD = "visipruner_authors"
 
 
 def sweep(
-    loaded: LoadedModel, samples: Sequence[Sample], configs: Sequence[PruningConfig], *, prune_layer: int = 2,
-    batch_size: int = 16, max_new_tokens: int = 8, authors_rule: bool = False, progress: bool = True,
+    loaded: LoadedModel,
+    samples: Sequence[Sample],
+    configs: Sequence[PruningConfig],
+    *,
+    prune_layer: int = 2,
+    batch_size: int = 16,
+    max_new_tokens: int = 8,
+    authors_rule: bool = False,
+    progress: bool = True,
     authors_layer0: str | None = None,
 ) -> pd.DataFrame:
     """One row per evaluated config: VisiPruner configs, then each baseline at the FLOPs cut each of them reached.
@@ -77,12 +88,20 @@ def sweep(
     passes = 1 + len(authors_versions) + len(configs) * (1 + len(BASELINES))
     rows = []
     with tqdm(total=passes * len(samples), desc="sweep", unit="sample", disable=not progress) as bar:
-        baseline = clean_answers(loaded, samples, batch_size=batch_size, max_new_tokens=max_new_tokens,
-                                 on_batch=bar.update)
+        baseline = clean_answers(
+            loaded, samples, batch_size=batch_size, max_new_tokens=max_new_tokens, on_batch=bar.update
+        )
 
         def evaluated(config: PruningConfig) -> pd.DataFrame:
-            return evaluate_pruned(loaded, samples, config, batch_size=batch_size, max_new_tokens=max_new_tokens,
-                                   baseline=baseline, on_batch=bar.update)
+            return evaluate_pruned(
+                loaded,
+                samples,
+                config,
+                batch_size=batch_size,
+                max_new_tokens=max_new_tokens,
+                baseline=baseline,
+                on_batch=bar.update,
+            )
 
         for index, config in enumerate(configs):
             per_sample = evaluated(config)
@@ -90,13 +109,20 @@ def sweep(
             rows.append({"method": config.method, "point": index, "settings": _settings(config), **scores})
             theirs = authors_versions.get(index)
             if theirs is not None:
-                rows.append({"method": AUTHORS_RULE_METHOD, "point": index, "settings": _settings(theirs),
-                             **summarize(evaluated(theirs))})
+                rows.append(
+                    {
+                        "method": AUTHORS_RULE_METHOD,
+                        "point": index,
+                        "settings": _settings(theirs),
+                        **summarize(evaluated(theirs)),
+                    }
+                )
             for method in BASELINES:
                 keep = matched_keep(shape, per_sample, method, prune_layer, scores["flops_cut"])
                 matched = replace(config, method=method, prune_layer=prune_layer, keep_tokens=keep, provenance={})
-                rows.append({"method": method, "point": index, "settings": _settings(matched),
-                             **summarize(evaluated(matched))})
+                rows.append(
+                    {"method": method, "point": index, "settings": _settings(matched), **summarize(evaluated(matched))}
+                )
     return pd.DataFrame(rows)
 
 
@@ -105,27 +131,42 @@ def _authors_layer0(config: PruningConfig, layer0: str | None) -> str:
     if layer0 is not None:
         return layer0
     if "shallow" in config.stages and config.shallow_mid_layer > 0:
-        raise ConfigError("the authors' rule runs one of their layer-0 rules, chosen from a LLaVA-1.5-7B or -13B "
-                          f"architecture; for this model choose --authors-layer0 ({', '.join(LAYER0_RULES)})")
+        raise ConfigError(
+            "the authors' rule runs one of their layer-0 rules, chosen from a LLaVA-1.5-7B or -13B "
+            f"architecture; for this model choose --authors-layer0 ({', '.join(LAYER0_RULES)})"
+        )
     return "none"
 
 
 def _settings(config: PruningConfig) -> str:
     """A short description of the parameters that matter for a method."""
     if config.method == "visipruner":
-        rule = (f" rule={config.rule} shallow={config.shallow_rule} layer0={config.layer0_rule}"
-                f" precision={config.rule_precision} in_decode={config.shallow_in_decode}")
-        return (f"S={config.shallow_mid_layer} tL={config.layer_threshold} tT={config.tokens_threshold:.4g} "
-                f"stages={'+'.join(config.stages)}{rule}")
+        rule = (
+            f" rule={config.rule} shallow={config.shallow_rule} layer0={config.layer0_rule}"
+            f" precision={config.rule_precision} in_decode={config.shallow_in_decode}"
+        )
+        return (
+            f"S={config.shallow_mid_layer} tL={config.layer_threshold} tT={config.tokens_threshold:.4g} "
+            f"stages={'+'.join(config.stages)}{rule}"
+        )
     if config.method == "pre_llm":
         return f"keep={config.keep_tokens}"
     return f"K={config.prune_layer} keep={config.keep_tokens}"
 
 
 def pruning_study(
-    calibration_run: str | Path, out: str | Path, *, targets: Sequence[float], split: str | None, limit: int | None,
-    prune_layer: int = 2, batch_size: int = 16, calibration_limit: int | None = None, authors_rule: bool = True,
-    authors_layer0: str | None = None, loaded: LoadedModel | None = None,
+    calibration_run: str | Path,
+    out: str | Path,
+    *,
+    targets: Sequence[float],
+    split: str | None,
+    limit: int | None,
+    prune_layer: int = 2,
+    batch_size: int = 16,
+    calibration_limit: int | None = None,
+    authors_rule: bool = True,
+    authors_layer0: str | None = None,
+    loaded: LoadedModel | None = None,
 ) -> pd.DataFrame:
     """Export one config per agreement target from a calibration run, then sweep them (under our rule and, with
     ``authors_rule``, the authors') and the baselines.
@@ -142,9 +183,17 @@ def pruning_study(
 
     folder = Path(out)
     manifest = json.loads((Path(calibration_run) / "manifest.json").read_text())
-    study = {"calibration_run": str(Path(calibration_run).resolve()), "calibration_identity": manifest.get("identity"),
-             "targets": [float(t) for t in targets], "split": split, "limit": limit, "prune_layer": prune_layer,
-             "calibration_limit": calibration_limit, "authors_rule": authors_rule, "authors_layer0": authors_layer0}
+    study = {
+        "calibration_run": str(Path(calibration_run).resolve()),
+        "calibration_identity": manifest.get("identity"),
+        "targets": [float(t) for t in targets],
+        "split": split,
+        "limit": limit,
+        "prune_layer": prune_layer,
+        "calibration_limit": calibration_limit,
+        "authors_rule": authors_rule,
+        "authors_layer0": authors_layer0,
+    }
     table_path, study_path = folder / "sweep.csv", folder / "study.json"
     if table_path.is_file() and study_path.is_file() and json.loads(study_path.read_text()) == study:
         return pd.read_csv(table_path)
@@ -165,8 +214,15 @@ def pruning_study(
         write(result, folder / f"config-{target:g}.json")
         configs.append(result.config)
     samples = load_samples(manifest["dataset"]["name"], split, limit)
-    table = sweep(loaded, samples, configs, prune_layer=prune_layer, batch_size=batch_size, authors_rule=authors_rule,
-                  authors_layer0=authors_layer0)
+    table = sweep(
+        loaded,
+        samples,
+        configs,
+        prune_layer=prune_layer,
+        batch_size=batch_size,
+        authors_rule=authors_rule,
+        authors_layer0=authors_layer0,
+    )
     table.insert(1, "target", [float(targets[point]) for point in table["point"]])
     atomic_write_bytes(table_path, table.to_csv(index=False).encode())
     atomic_write_json(study_path, study)

@@ -12,18 +12,20 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from analysis.config import LIMIT_HELP, option, run_identity, to_dict
+from analysis.config import LIMIT_HELP, option
 from analysis.data import DEFAULT_DATASET
-from analysis.data.samples import Sample, batched
-from analysis.errors import ConfigError, DataError
+from analysis.data.samples import Sample
+from analysis.errors import ConfigError
 from analysis.generation import add_sample_row, generate_answers
 from analysis.layout import REGION_NAMES, TokenLayout
 from analysis.models.adapters import ModelInputs
-from analysis.models.registry import DEFAULT_MODEL, DTYPES, LoadedModel, default_device, load_model
-from analysis.results import SAMPLES_TABLE, TRACE_SCHEMAS, RunFolder, default_run_dir
+from analysis.models.registry import DEFAULT_MODEL, DTYPES, LoadedModel
+from analysis.results import SAMPLES_TABLE, TRACE_SCHEMAS, default_run_dir
+from analysis.runs import RunSpec, start_run
 from analysis.trace.tracer import QUERY_GROUPS, LayerStats, trace_batch
 
 logger = logging.getLogger(__name__)
+
 
 @dataclass
 class TraceConfig:
@@ -40,10 +42,15 @@ class TraceConfig:
     out: str | None = option(None, "output folder; default runs/trace/<model>/<dataset>-<split>", identity=False)
     resume: bool = option(False, "continue an interrupted run in --out (same config required)", identity=False)
     dtype: str = option("auto", "weights dtype; statistics are always computed in float32", choices=tuple(DTYPES))
-    device: str | None = option(None, "torch device (cpu, cuda, cuda:1) or auto (shard); default cuda if available", identity=False)
-    top_k: int = option(5, "sink statistics: share of image-directed attention on the top-k image tokens (at most "
-                        "a sample's image tokens; a smaller image caps it, and the sinks table's top_k column holds "
-                        "the k used)")
+    device: str | None = option(
+        None, "torch device (cpu, cuda, cuda:1) or auto (shard); default cuda if available", identity=False
+    )
+    top_k: int = option(
+        5,
+        "sink statistics: share of image-directed attention on the top-k image tokens (at most "
+        "a sample's image tokens; a smaller image caps it, and the sinks table's top_k column holds "
+        "the k used)",
+    )
     max_new_tokens: int = option(8, "greedy answer length for the model_answer column; 0 skips generation")
     revision: str | None = option(None, "hub revision (branch, tag or commit) of the model")
 
@@ -77,56 +84,27 @@ class TraceResult:
 
 def run_trace(config: TraceConfig, *, loaded: LoadedModel | None = None, progress: bool = True) -> TraceResult:
     """Trace a dataset and write (or extend, with ``resume``) a run folder."""
-    from analysis.data.loaders import load_samples, resolve_split
-
     config.validate()
-    samples = load_samples(config.dataset, config.split, config.limit, data_dir=config.data_dir)
-    split = resolve_split(config.dataset, config.split)
-    ids = [sample.sample_id for sample in samples]
-    if len(set(ids)) != len(ids):
-        duplicate = next(i for i in ids if ids.count(i) > 1)
-        raise DataError(f"dataset has duplicate sample id {duplicate!r}; sample ids must be unique")
-    identity = run_identity(config, split)
-    folder = RunFolder(config.output_dir(split), TRACE_SCHEMAS)
-    folder.check_compatible(identity, resume=config.resume, command="analysis.trace")
-    if loaded is None:
-        loaded = load_model(
-            config.model, dtype=config.dtype, device=config.device or default_device(),
-            attn_implementation="sdpa", revision=config.revision,
-        )
-    _check_top_k(config.top_k, loaded, samples[0])
-    if config.resume:
-        folder.clean_uncommitted()
-    done = set(folder.done_sample_ids())
-    pending = [sample for sample in samples if sample.sample_id not in done]
-    folder.start(
-        {
-            "command": "analysis.trace",
-            "config": {**to_dict(config), "split": split},
-            "model": {
-                "name": loaded.name, "source": loaded.source, "revision": loaded.revision,
-                "model_type": loaded.adapter.model_type, "num_layers": loaded.adapter.num_layers,
-                "num_heads": loaded.adapter.num_heads, "num_kv_heads": loaded.adapter.num_kv_heads,
-                "dtype": str(next(loaded.model.parameters()).dtype),
-            },
-            "dataset": {"name": config.dataset, "split": split, "n_samples": len(samples)},
-        },
-        identity,
+    spec = RunSpec(
+        "analysis.trace",
+        config,
+        TRACE_SCHEMAS,
+        config.output_dir,
+        check_model=lambda model, samples: _check_top_k(config.top_k, model, samples[0]),
     )
-    device = next(loaded.model.parameters()).device
-    from tqdm.auto import tqdm
 
-    bar = tqdm(total=len(samples), initial=len(done), desc="trace", unit="sample", disable=not progress)
-    with folder.interruptible(len(samples)), bar:
-        for batch in batched(pending, config.batch_size):
-            inputs = loaded.adapter.build_inputs(loaded.processor, batch, device=device)
-            stats, _ = trace_batch(loaded.adapter, inputs, top_k=config.top_k)
-            answers = generate_answers(loaded, inputs, config.max_new_tokens)
-            folder.write_part(batch_tables(batch, inputs, stats, answers, config.top_k))
-            bar.update(len(batch))
-    folder.finish({"n_samples": len(samples)})
-    logger.info("wrote %d samples (%d new) to %s", len(samples), len(pending), folder.root)
-    return TraceResult(out_dir=folder.root, n_samples=len(samples), n_new=len(pending))
+    with start_run(spec, loaded=loaded, progress=progress) as run:
+        model = run.loaded
+
+        def tables(batch: Sequence[Sample], inputs: ModelInputs) -> dict[str, pa.Table]:
+            stats, _ = trace_batch(model.adapter, inputs, top_k=config.top_k)
+            return batch_tables(
+                batch, inputs, stats, generate_answers(model, inputs, config.max_new_tokens), config.top_k
+            )
+
+        run.process(tables)
+    logger.info("wrote %d samples (%d new) to %s", len(run.samples), len(run.pending), run.folder.root)
+    return TraceResult(out_dir=run.folder.root, n_samples=len(run.samples), n_new=len(run.pending))
 
 
 def _check_top_k(top_k: int, loaded: LoadedModel, sample: Sample) -> None:
@@ -134,8 +112,10 @@ def _check_top_k(top_k: int, loaded: LoadedModel, sample: Sample) -> None:
     device = next(loaded.model.parameters()).device
     n_image = loaded.adapter.build_inputs(loaded.processor, [sample], device=device).layouts[0].n_image_tokens
     if top_k > n_image:
-        raise ConfigError(f"--top-k {top_k} exceeds the {n_image} image tokens of sample {sample.sample_id!r}; "
-                          f"choose --top-k <= {n_image}")
+        raise ConfigError(
+            f"--top-k {top_k} exceeds the {n_image} image tokens of sample {sample.sample_id!r}; "
+            f"choose --top-k <= {n_image}"
+        )
 
 
 def batch_tables(
@@ -155,13 +135,18 @@ def batch_tables(
     region_mass, image_rows, value_l1 = stacked["region_mass"], stacked["image_rows"], stacked["value_l1"]
     parts: dict[str, list[pa.Table]] = {name: [] for name in TRACE_SCHEMAS}
     sample_columns: dict[str, list[Any]] = {name: [] for name in TRACE_SCHEMAS[SAMPLES_TABLE].names}
-    for row, (sample, layout) in enumerate(zip(batch, inputs.layouts)):
+    for row, (sample, layout) in enumerate(zip(batch, inputs.layouts, strict=True)):
         n_image = layout.n_image_tokens
         parts["attention"].append(_attention_table(sample.sample_id, region_mass[:, row]))
         parts["sinks"].append(
             _sink_table(
-                sample.sample_id, image_rows[:, row].sum(-1), stacked["top_values"][:, row],
-                stacked["top_indices"][:, row], stacked["entropy"][:, row], min(top_k, n_image), n_image,
+                sample.sample_id,
+                image_rows[:, row].sum(-1),
+                stacked["top_values"][:, row],
+                stacked["top_indices"][:, row],
+                stacked["entropy"][:, row],
+                min(top_k, n_image),
+                n_image,
             )
         )
         parts["image_tokens"].append(
@@ -186,7 +171,8 @@ def _attention_table(sample_id: str, mass: np.ndarray) -> pa.Table:
     return pa.table(
         {
             "sample_id": pa.array([sample_id] * mass.size, pa.string()),
-            "layer": layer, "head": head,
+            "layer": layer,
+            "head": head,
             "query": np.asarray(QUERY_GROUPS, dtype=object)[group],
             "key_region": np.asarray(REGION_NAMES, dtype=object)[region],
             "mass": mass.ravel(),
@@ -217,7 +203,8 @@ def _sink_table(
     return pa.table(
         {
             "sample_id": pa.array([sample_id] * n_rows, pa.string()),
-            "layer": layer, "head": head,
+            "layer": layer,
+            "head": head,
             "query": np.asarray(QUERY_GROUPS[:2], dtype=object)[group],
             "image_mass": image_mass.ravel(),
             "top_k": np.full(n_rows, k),

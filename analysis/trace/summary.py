@@ -10,7 +10,7 @@ from analysis.results import read_table
 
 
 def layer_summary(run_dir: str | Path) -> pd.DataFrame:
-    """Per layer, means over samples and heads: where the last token and the instruction look, sink concentration, value norms."""
+    """Per layer, means over samples and heads: where the last token and instruction look, sinks, value norms."""
     attention = read_table(run_dir, "attention").to_pandas()
     sinks = read_table(run_dir, "sinks").to_pandas()
     tokens = read_table(run_dir, "image_tokens").to_pandas()

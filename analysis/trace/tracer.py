@@ -13,7 +13,6 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any
 
 import numpy as np
 import torch
@@ -109,8 +108,15 @@ def build_plan(layouts: list[TokenLayout], seq_len: int, top_k: int, device: tor
         image_index[row, : len(images)] = torch.as_tensor(images)
         image_valid[row, : len(images)] = True
         text_start = min(text_start, last, int(instruction.min()))
-    return _Plan(onehot.to(device), query_weights.to(device), image_index.to(device), image_valid.to(device), top_k,
-                 seq_len, text_start)
+    return _Plan(
+        onehot.to(device),
+        query_weights.to(device),
+        image_index.to(device),
+        image_valid.to(device),
+        top_k,
+        seq_len,
+        text_start,
+    )
 
 
 def reduce_call(call: AttentionCall, plan: _Plan) -> _Reduced:
@@ -129,8 +135,13 @@ def reduce_call(call: AttentionCall, plan: _Plan) -> _Reduced:
     # Every query's mass per key region: attention whose values are the regions' one-hot columns, in the model's
     # fused kernel (float32 accumulation); only the image queries' rows are kept, in layer_stats.
     per_query = torch.nn.functional.scaled_dot_product_attention(
-        call.query, call.key[:, :, : plan.seq_len], plan.values(call.query.dtype, call.key.shape[1]),
-        attn_mask=image_mask, is_causal=image_mask is None, scale=call.scaling, enable_gqa=groups > 1,
+        call.query,
+        call.key[:, :, : plan.seq_len],
+        plan.values(call.query.dtype, call.key.shape[1]),
+        attn_mask=image_mask,
+        is_causal=image_mask is None,
+        scale=call.scaling,
+        enable_gqa=groups > 1,
     )
     value_l1 = torch.linalg.vector_norm(call.value[:, :, : plan.seq_len], ord=1, dim=(1, 3), dtype=torch.float32)
     return _Reduced(query_rows, per_query, value_l1)
@@ -210,8 +221,10 @@ def record_trace(adapter: FamilyAdapter, inputs: ModelInputs, *, top_k: int = 5)
     """
     implementation = hf.attention_implementation(adapter.text_config)
     if implementation not in TRACEABLE_ATTENTION:
-        raise ConfigError(f"tracing supports {' and '.join(TRACEABLE_ATTENTION)} attention, not {implementation!r}; "
-                          "load the model with attn_implementation='sdpa'")
+        raise ConfigError(
+            f"tracing supports {' and '.join(TRACEABLE_ATTENTION)} attention, not {implementation!r}; "
+            "load the model with attn_implementation='sdpa'"
+        )
     plan = build_plan(inputs.layouts, inputs.input_ids.shape[1], top_k, inputs.input_ids.device)
     statistics = TraceStatistics(plan, adapter.num_layers)
     with route_attention(adapter, statistics, plan.seq_len - 1):

@@ -1,0 +1,158 @@
+"""The one run driver behind trace, probes and evaluate: config -> samples, identity, run folder, model, manifest,
+resume, parts, progress and finish, so a command states only what it computes per batch.
+
+A command builds a ``RunSpec`` and calls ``start_run``; inside the returned context it may add work of its own to
+the folder (the probes command fills tables added to an earlier run) and then calls ``Run.process`` with its batch
+function. Everything written goes through ``RunFolder``: atomic parts, a manifest, an identity checked on resume.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+
+from analysis.config import run_identity, to_dict
+from analysis.data.samples import Sample, batched
+from analysis.errors import DataError
+from analysis.models.adapters import ModelInputs
+from analysis.models.registry import LoadedModel, default_device, load_model
+from analysis.results import SAMPLES_TABLE, RunFolder
+
+BatchFn = Callable[[Sequence[Sample], ModelInputs], dict[str, pa.Table]]
+
+
+@dataclass
+class RunSpec:
+    """What one command's run is: its config, tables and how it reads samples and loads the model."""
+
+    command: str  # "analysis.trace": recorded in the manifest and named in resume hints
+    config: Any  # the command's config dataclass (model, dataset, split, limit, data_dir, out, resume, dtype, device)
+    schemas: dict[str, pa.Schema]
+    out_dir: Callable[[str], Path]  # the run folder for a resolved split
+    commit_table: str = SAMPLES_TABLE  # the table whose part commits a batch
+    identity_extra: dict[str, Any] = field(default_factory=dict)  # more of what must match on resume
+    check_identity: dict[str, Any] | None = None  # compare the stored run against this instead (a run extended)
+    manifest_extra: dict[str, Any] = field(default_factory=dict)
+    model_fields: tuple[str, ...] = ("num_layers", "num_heads", "num_kv_heads")
+    require_answers: bool = False  # every sample must carry a reference answer (probes score it)
+    # Checks that need the model (e.g. the trace's top-k against an image's tokens), run before anything is written.
+    check_model: Callable[[LoadedModel, list[Sample]], None] | None = None
+
+
+@dataclass
+class Run:
+    """A started run: its samples, folder, model and the samples still to do."""
+
+    spec: RunSpec
+    samples: list[Sample]
+    split: str
+    folder: RunFolder
+    loaded: LoadedModel
+    done: set[str]
+    pending: list[Sample]
+    progress: Any = None  # the progress bar while processing
+
+    def inputs(self, batch: Sequence[Sample]) -> ModelInputs:
+        """A batch tokenised for the run's model, on its device."""
+        device = next(self.loaded.model.parameters()).device
+        return self.loaded.adapter.build_inputs(self.loaded.processor, batch, device=device)
+
+    def process(self, batch_tables: BatchFn) -> None:
+        """Compute and commit every pending batch (one part each)."""
+        for batch in batched(self.pending, self.spec.config.batch_size):
+            self.folder.write_part(batch_tables(batch, self.inputs(batch)))
+            self.advance(len(batch))
+
+    def advance(self, n_samples: int) -> None:
+        """Count samples on the progress bar."""
+        if self.progress is not None:
+            self.progress.update(n_samples)
+
+
+def load_run_samples(spec: RunSpec) -> tuple[list[Sample], str]:
+    """The config's samples and its resolved split; duplicate ids (and, where needed, missing answers) refused."""
+    from analysis.data.loaders import load_samples, resolve_split
+
+    config = spec.config
+    samples = load_samples(config.dataset, config.split, config.limit, data_dir=config.data_dir)
+    seen: set[str] = set()
+    for sample in samples:
+        if sample.sample_id in seen:
+            raise DataError(f"dataset has duplicate sample id {sample.sample_id!r}; sample ids must be unique")
+        seen.add(sample.sample_id)
+        if spec.require_answers and sample.answer is None:
+            raise DataError(f"sample {sample.sample_id!r} has no reference answer; probes score the reference answer")
+    return samples, resolve_split(config.dataset, config.split)
+
+
+@contextmanager
+def start_run(
+    spec: RunSpec,
+    *,
+    loaded: LoadedModel | None = None,
+    attn_implementation: str = "sdpa",
+    progress: bool = True,
+    total_extra: int = 0,
+) -> Iterator[Run]:
+    """Check the folder against the config, load the model, start the manifest; finish the run when the block ends.
+
+    The identity check comes before the model is loaded, so a mismatched folder costs nothing. ``total_extra``
+    counts work outside ``Run.process`` on the progress bar (samples of tables added to an earlier run).
+    """
+    from tqdm.auto import tqdm
+
+    config = spec.config
+    samples, split = load_run_samples(spec)
+    identity = {**run_identity(config, split), **spec.identity_extra}
+    folder = RunFolder(spec.out_dir(split), spec.schemas, commit_table=spec.commit_table)
+    folder.check_compatible(spec.check_identity or identity, resume=config.resume, command=spec.command)
+    if loaded is None:
+        loaded = load_model(
+            config.model,
+            dtype=config.dtype,
+            device=config.device or default_device(),
+            attn_implementation=attn_implementation,
+            revision=getattr(config, "revision", None),
+        )
+    if spec.check_model is not None:
+        spec.check_model(loaded, samples)
+    if config.resume:
+        folder.clean_uncommitted()
+    done = set(folder.done_sample_ids())
+    pending = [sample for sample in samples if sample.sample_id not in done]
+    adapter = loaded.adapter
+    model_record = {
+        "name": loaded.name,
+        "source": loaded.source,
+        "revision": loaded.revision,
+        "model_type": adapter.model_type,
+        **{name: getattr(adapter, name) for name in spec.model_fields},
+        "dtype": str(next(loaded.model.parameters()).dtype),
+    }
+    folder.start(
+        {
+            "command": spec.command,
+            "config": {**to_dict(config), "split": split},
+            "model": model_record,
+            "dataset": {"name": config.dataset, "split": split, "n_samples": len(samples)},
+            **spec.manifest_extra,
+        },
+        identity,
+    )
+    run = Run(spec, samples, split, folder, loaded, done, pending)
+    description = spec.command.removeprefix("analysis.")
+    with (
+        folder.interruptible(len(samples)),
+        tqdm(
+            total=len(samples) + total_extra, initial=len(done), desc=description, unit="sample", disable=not progress
+        ) as bar,
+    ):
+        run.progress = bar
+        yield run
+        run.progress = None
+    folder.finish({"n_samples": len(samples)})
