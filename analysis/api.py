@@ -106,12 +106,9 @@ class Run:
 
 def read_run(path: str | Path) -> Run:
     """Every table of a finished or interrupted run folder (committed parts only) as DataFrames."""
-    from analysis.results import RunFolder, read_table
+    from analysis.results import read_manifest, read_table
 
-    folder = RunFolder(Path(path), {})
-    manifest = folder.read_manifest()
-    if manifest is None:
-        raise ConfigError(f"{path} is not a run folder (no manifest.json); pass the --out folder of a run")
+    manifest = read_manifest(path, made_by="analysis.trace (or analysis.probes, analysis.evaluate)")
     names = sorted(manifest.get("tables", {}))
     return Run(Path(path), manifest, {name: read_table(path, name).to_pandas() for name in names})
 

@@ -14,16 +14,16 @@ import pandas as pd
 import pyarrow as pa
 
 from analysis.cli import run_cli
-from analysis.config import LIMIT_HELP, HelpFormatter, add_arguments, from_namespace, option, run_identity, to_dict
+from analysis.config import LIMIT_HELP, HelpFormatter, add_arguments, from_namespace, option, to_dict
 from analysis.data import DEFAULT_DATASET
 from analysis.data.samples import Sample, batched
 from analysis.data.scoring import is_correct
 from analysis.errors import ConfigError
 from analysis.generation import generate_answers
+from analysis.models.adapters import ModelInputs
 from analysis.models.registry import DEFAULT_MODEL, DTYPES, LoadedModel, default_device, load_model
 from analysis.pruner.config import LAYER0_RULES, PRUNING_RUNTIMES
 from analysis.results import (
-    RunFolder,
     atomic_write_json,
     default_run_dir,
     git_hash,
@@ -31,6 +31,7 @@ from analysis.results import (
     read_table,
     table_schema,
 )
+from analysis.runs import RunSpec, start_run
 
 logger = logging.getLogger(__name__)
 
@@ -171,85 +172,57 @@ def run_evaluation(config: EvalConfig, *, loaded: LoadedModel | None = None, pro
     An unpruned run writes the ``predictions`` table and ``summary.json`` (accuracy per family); a pruned run the
     ``pruned_predictions`` table and ``pruned_summary.json`` (accuracy of both, agreement, FLOPs cut, kept tokens).
     """
-    from tqdm.auto import tqdm
-
-    from analysis.data.loaders import load_samples, resolve_split
-    from analysis.pruner.config import config_for_model, read_config_values
-    from analysis.pruner.evaluation import evaluate_pruned
+    from analysis.pruner.config import PruningConfig, config_for_model, read_config_values
+    from analysis.pruner.evaluation import evaluate_pruned, summarize
 
     config.validate()
-    samples = load_samples(config.dataset, config.split, config.limit, data_dir=config.data_dir)
-    split = resolve_split(config.dataset, config.split)
-    identity = run_identity(config, split)
     pruned = config.pruning_config is not None
-    if config.pruning_config is not None:
-        identity["pruning"] = read_config_values(config.pruning_config)
     table = PRUNED_TABLE if pruned else PREDICTIONS_TABLE
-    folder = RunFolder(
-        config.output_dir(split), {table: PRUNED_SCHEMA if pruned else PREDICTIONS_SCHEMA}, commit_table=table
+    spec = RunSpec(
+        "analysis.evaluate",
+        config,
+        {table: PRUNED_SCHEMA if pruned else PREDICTIONS_SCHEMA},
+        config.output_dir,
+        commit_table=table,
+        description="evaluate (unpruned and pruned)" if pruned else "evaluate",
     )
-    folder.check_compatible(identity, resume=config.resume, command="analysis.evaluate")
-    if loaded is None:
-        loaded = load_model(config.model, dtype=config.dtype, device=config.device or default_device())
-    adapter = loaded.adapter
-    pruning = (
-        config_for_model(config.pruning_config, adapter.model_type, adapter.text_config, config.authors_layer0)
-        if config.pruning_config
-        else None
-    )
-    if config.resume:
-        folder.clean_uncommitted()
-    done = set(folder.done_sample_ids())
-    pending = [sample for sample in samples if sample.sample_id not in done]
-    folder.start(
-        {
-            "command": "analysis.evaluate",
-            "config": {**to_dict(config), "split": split},
-            "model": {
-                "name": loaded.name,
-                "source": loaded.source,
-                "revision": loaded.revision,
-                "model_type": loaded.adapter.model_type,
-                "num_layers": loaded.adapter.num_layers,
-            },
-            "dataset": {"name": config.dataset, "split": split, "n_samples": len(samples)},
-        },
-        identity,
-    )
-    description = "evaluate (unpruned and pruned)" if pruned else "evaluate"
-    with (
-        folder.interruptible(len(samples)),
-        tqdm(total=len(samples), initial=len(done), desc=description, unit="sample", disable=not progress) as bar,
-    ):
-        for batch in batched(pending, config.batch_size):
-            if pruning is not None:
-                rows = evaluate_pruned(
-                    loaded,
-                    batch,
-                    pruning,
-                    batch_size=len(batch),
-                    max_new_tokens=config.max_new_tokens,
-                    runtime=config.pruning_runtime,
-                )
-                part = pa.Table.from_pandas(rows, preserve_index=False)
-            else:
-                part = pa.Table.from_pylist(_prediction_rows(loaded, batch, config.max_new_tokens))
-            folder.write_part({table: part})
-            bar.update(len(batch))
-    per_sample = read_table(folder.root, table).to_pandas()
-    summary: dict[str, Any] = {"config": {**to_dict(config), "split": split}}
-    if pruning is not None:
-        from analysis.pruner.evaluation import summarize
+    if config.pruning_config is not None:
+        path = config.pruning_config
+        spec.identity_extra = {"pruning": read_config_values(path)}
 
-        summary.update(pruning=pruning.to_json(), summary=summarize(per_sample))
-        summary_name = "pruned_summary.json"
-    else:
-        summary["accuracy"] = accuracy_table(per_sample).to_dict(orient="index")
-        summary_name = "summary.json"
-    summary.update(package_versions=package_versions(), git_hash=git_hash())
-    atomic_write_json(folder.root / summary_name, summary)
-    folder.finish({"n_samples": len(samples)})
-    return EvalResult(folder.root, per_sample, summary, len(pending))
+        def pruning_for(model: LoadedModel, _samples: list[Sample]) -> PruningConfig:
+            adapter = model.adapter
+            return config_for_model(path, adapter.model_type, adapter.text_config, config.authors_layer0)
+
+        spec.prepare = pruning_for
+    with start_run(spec, loaded=loaded, progress=progress) as run:
+        model, pruning = run.loaded, run.prepared
+
+        def rows(batch: Sequence[Sample], inputs: ModelInputs) -> dict[str, pa.Table]:
+            if pruning is None:
+                return {table: pa.Table.from_pylist(_prediction_rows(model, batch, config.max_new_tokens))}
+            per_sample = evaluate_pruned(
+                model,
+                batch,
+                pruning,
+                batch_size=len(batch),
+                max_new_tokens=config.max_new_tokens,
+                runtime=config.pruning_runtime,
+            )
+            return {table: pa.Table.from_pandas(per_sample, preserve_index=False)}
+
+        run.process(rows)
+        per_sample = read_table(run.folder.root, table).to_pandas()
+        summary: dict[str, Any] = {"config": {**to_dict(config), "split": run.split}}
+        if pruning is not None:
+            summary.update(pruning=pruning.to_json(), summary=summarize(per_sample))
+            summary_name = "pruned_summary.json"
+        else:
+            summary["accuracy"] = accuracy_table(per_sample).to_dict(orient="index")
+            summary_name = "summary.json"
+        summary.update(package_versions=package_versions(), git_hash=git_hash())
+        atomic_write_json(run.folder.root / summary_name, summary)
+    return EvalResult(run.folder.root, per_sample, summary, len(run.pending))
 
 
 def accuracy_table(predictions: pd.DataFrame) -> pd.DataFrame:

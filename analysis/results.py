@@ -366,6 +366,15 @@ class RunFolder:
         return self.root / table / f"part-{index:05d}.parquet"
 
 
+def read_manifest(run_dir: str | Path, *, made_by: str | None = None) -> dict[str, Any]:
+    """A run folder's manifest; a ConfigError naming the command that makes one when the folder holds no run."""
+    manifest = RunFolder(Path(run_dir), {}).read_manifest()
+    if manifest is None:
+        maker = f"; make one with `python -m {made_by}`" if made_by else ""
+        raise ConfigError(f"{run_dir} is not a run folder (no {MANIFEST}){maker}")
+    return manifest
+
+
 def read_table(run_dir: str | Path, table: str) -> pa.Table:
     """Read all committed parts of one table of a run, checking the schema version."""
     folder = RunFolder(Path(run_dir), {})

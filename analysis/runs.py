@@ -1,9 +1,10 @@
 """The one run driver behind trace, probes and evaluate: config -> samples, identity, run folder, model, manifest,
 resume, parts, progress and finish, so a command states only what it computes per batch.
 
-A command builds a ``RunSpec`` and calls ``start_run``; inside the returned context it may add work of its own to
-the folder (the probes command fills tables added to an earlier run) and then calls ``Run.process`` with its batch
-function. Everything written goes through ``RunFolder``: atomic parts, a manifest, an identity checked on resume.
+A command builds a ``RunSpec``, plans it (``plan_run``: samples, identity, folder, nothing written yet) and calls
+``start_run``; inside the returned context it may add work of its own to the folder (the probes command fills
+tables added to an earlier run) and then calls ``Run.process`` with its batch function. Everything written goes
+through ``RunFolder``: atomic parts, a manifest, an identity checked on resume.
 """
 
 from __future__ import annotations
@@ -40,8 +41,26 @@ class RunSpec:
     manifest_extra: dict[str, Any] = field(default_factory=dict)
     model_fields: tuple[str, ...] = ("num_layers", "num_heads", "num_kv_heads")
     require_answers: bool = False  # every sample must carry a reference answer (probes score it)
-    # Checks that need the model (e.g. the trace's top-k against an image's tokens), run before anything is written.
-    check_model: Callable[[LoadedModel, list[Sample]], None] | None = None
+    # What needs the loaded model, run before anything is written: checks of the config against it (layer ranges,
+    # the trace's top-k against an image's tokens) and what the batches need from it (a parsed pruning config);
+    # its result is ``Run.prepared``.
+    prepare: Callable[[LoadedModel, list[Sample]], Any] | None = None
+    description: str | None = None  # the progress bar's label; default: the command's name
+
+
+@dataclass
+class PlannedRun:
+    """A run before it starts: its samples, resolved split, identity and folder (nothing written yet)."""
+
+    spec: RunSpec
+    samples: list[Sample]
+    split: str
+    identity: dict[str, Any]
+    folder: RunFolder
+
+    def stored_manifest(self) -> dict[str, Any]:
+        """The manifest already in the folder ({} for a new run)."""
+        return self.folder.read_manifest() or {}
 
 
 @dataclass
@@ -55,6 +74,7 @@ class Run:
     loaded: LoadedModel
     done: set[str]
     pending: list[Sample]
+    prepared: Any = None  # what RunSpec.prepare returned
     progress: Any = None  # the progress bar while processing
 
     def inputs(self, batch: Sequence[Sample]) -> ModelInputs:
@@ -73,6 +93,12 @@ class Run:
         if self.progress is not None:
             self.progress.update(n_samples)
 
+    def add_work(self, n_samples: int) -> None:
+        """Count samples processed outside ``process`` (tables added to committed parts) on the progress bar."""
+        if self.progress is not None:
+            self.progress.total += n_samples
+            self.progress.refresh()
+
 
 def load_run_samples(spec: RunSpec) -> tuple[list[Sample], str]:
     """The config's samples and its resolved split; duplicate ids (and, where needed, missing answers) refused."""
@@ -82,6 +108,8 @@ def load_run_samples(spec: RunSpec) -> tuple[list[Sample], str]:
     samples = load_samples(config.dataset, config.split, config.limit, data_dir=config.data_dir)
     seen: set[str] = set()
     for sample in samples:
+        if not sample.images:
+            raise DataError(f"sample {sample.sample_id!r} has no image, so it has no image region to analyse; drop it")
         if sample.sample_id in seen:
             raise DataError(f"dataset has duplicate sample id {sample.sample_id!r}; sample ids must be unique")
         seen.add(sample.sample_id)
@@ -90,26 +118,37 @@ def load_run_samples(spec: RunSpec) -> tuple[list[Sample], str]:
     return samples, resolve_split(config.dataset, config.split)
 
 
+def plan_run(spec: RunSpec) -> PlannedRun:
+    """Read the samples and derive the identity and folder of a run, writing nothing."""
+    samples, split = load_run_samples(spec)
+    identity = {**run_identity(spec.config, split), **spec.identity_extra}
+    folder = RunFolder(spec.out_dir(split), spec.schemas, commit_table=spec.commit_table)
+    return PlannedRun(spec, samples, split, identity, folder)
+
+
 @contextmanager
 def start_run(
-    spec: RunSpec,
+    plan: RunSpec | PlannedRun,
     *,
     loaded: LoadedModel | None = None,
     attn_implementation: str = "sdpa",
     progress: bool = True,
-    total_extra: int = 0,
 ) -> Iterator[Run]:
     """Check the folder against the config, load the model, start the manifest; finish the run when the block ends.
 
-    The identity check comes before the model is loaded, so a mismatched folder costs nothing. ``total_extra``
-    counts work outside ``Run.process`` on the progress bar (samples of tables added to an earlier run).
+    The identity check comes before the model is loaded, so a mismatched folder costs nothing.
     """
     from tqdm.auto import tqdm
 
+    planned = plan_run(plan) if isinstance(plan, RunSpec) else plan
+    spec, samples, split, identity, folder = (
+        planned.spec,
+        planned.samples,
+        planned.split,
+        planned.identity,
+        planned.folder,
+    )
     config = spec.config
-    samples, split = load_run_samples(spec)
-    identity = {**run_identity(config, split), **spec.identity_extra}
-    folder = RunFolder(spec.out_dir(split), spec.schemas, commit_table=spec.commit_table)
     folder.check_compatible(spec.check_identity or identity, resume=config.resume, command=spec.command)
     if loaded is None:
         loaded = load_model(
@@ -119,8 +158,7 @@ def start_run(
             attn_implementation=attn_implementation,
             revision=getattr(config, "revision", None),
         )
-    if spec.check_model is not None:
-        spec.check_model(loaded, samples)
+    prepared = spec.prepare(loaded, samples) if spec.prepare is not None else None
     if config.resume:
         folder.clean_uncommitted()
     done = set(folder.done_sample_ids())
@@ -144,13 +182,11 @@ def start_run(
         },
         identity,
     )
-    run = Run(spec, samples, split, folder, loaded, done, pending)
-    description = spec.command.removeprefix("analysis.")
+    run = Run(spec, samples, split, folder, loaded, done, pending, prepared)
+    description = spec.description or spec.command.removeprefix("analysis.")
     with (
         folder.interruptible(len(samples)),
-        tqdm(
-            total=len(samples) + total_extra, initial=len(done), desc=description, unit="sample", disable=not progress
-        ) as bar,
+        tqdm(total=len(samples), initial=len(done), desc=description, unit="sample", disable=not progress) as bar,
     ):
         run.progress = bar
         yield run

@@ -16,6 +16,7 @@ from fixtures_data import LOCAL_RECORDS, write_jsonl
 
 from analysis import __main__ as toolkit_main
 from analysis import evaluate as evaluate_module
+from analysis import runs
 from analysis.evaluate import main as evaluate_main
 from analysis.probes import run as probes_run
 from analysis.probes.__main__ import main as probes_main
@@ -133,7 +134,7 @@ def test_interrupt_before_any_result_says_nothing_was_written(
     def interrupted(*args: object, **kwargs: object) -> None:
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(trace_run, "load_model", interrupted)
+    monkeypatch.setattr(runs, "load_model", interrupted)
     assert trace_main(["--dataset", _dataset(tmp_path), "--out", str(tmp_path / "run")]) == 130
     assert "before any new result was written" in _error_line(capsys)
 

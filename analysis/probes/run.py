@@ -12,10 +12,10 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from analysis.config import LIMIT_HELP, command_line, option, run_identity, to_dict
+from analysis.config import LIMIT_HELP, command_line, option
 from analysis.data import DEFAULT_DATASET
-from analysis.data.samples import Sample, batched
-from analysis.errors import ConfigError, DataError
+from analysis.data.samples import Sample
+from analysis.errors import ConfigError
 from analysis.generation import add_sample_row, generate_answers
 from analysis.hooks.attention import (
     KEY_REGIONS,
@@ -27,7 +27,7 @@ from analysis.hooks.attention import (
     route_attention,
 )
 from analysis.models.adapters import ModelInputs
-from analysis.models.registry import DEFAULT_MODEL, DTYPES, LoadedModel, default_device, load_model
+from analysis.models.registry import DEFAULT_MODEL, DTYPES, LoadedModel
 from analysis.probes.measure import (
     AnswerScores,
     ObserveAll,
@@ -39,6 +39,7 @@ from analysis.probes.measure import (
     teacher_forced,
 )
 from analysis.results import SAMPLES_TABLE, TRACE_SCHEMAS, RunFolder, default_run_dir, now, table_schema
+from analysis.runs import RunSpec, plan_run, start_run
 
 logger = logging.getLogger(__name__)
 
@@ -278,85 +279,49 @@ class ProbeResult:
 
 
 def run_probes(config: ProbeConfig, *, loaded: LoadedModel | None = None, progress: bool = True) -> ProbeResult:
-    """Run the selected probes over a dataset into a run folder (resumable)."""
-    from tqdm.auto import tqdm
-
-    from analysis.data.loaders import load_samples, resolve_split
-
+    """Run the selected probes over a dataset into a run folder (resumable; a resumed run may gain probes)."""
     config.validate()
     probes = config.selected()
-    samples = load_samples(config.dataset, config.split, config.limit, data_dir=config.data_dir)
-    for sample in samples:
-        if not sample.images:
-            raise DataError(f"sample {sample.sample_id!r} has no image, so it has no image region to probe; drop it")
-        if sample.answer is None:
-            raise DataError(f"sample {sample.sample_id!r} has no reference answer; probes score the reference answer")
-    split = resolve_split(config.dataset, config.split)
-    identity = run_identity(config, split)
     schemas = {name: PROBE_SCHEMAS[name] for name in _tables_for(probes)}
     schemas[SAMPLES_TABLE] = TRACE_SCHEMAS[SAMPLES_TABLE]
-    folder = RunFolder(
-        Path(config.out) if config.out else default_run_dir("probe", config.model, config.dataset, split), schemas
+
+    def out_dir(split: str) -> Path:
+        return Path(config.out) if config.out else default_run_dir("probe", config.model, config.dataset, split)
+
+    spec = RunSpec(
+        "analysis.probes",
+        config,
+        schemas,
+        out_dir,
+        require_answers=True,
+        prepare=lambda model, _samples: config.validate(model.adapter.num_layers),
+        description="probe",
     )
-    previous = folder.read_manifest() or {}
-    added = added_probes(previous.get("identity", {}), identity) if config.resume and previous else []
+    planned = plan_run(spec)
+    previous = planned.stored_manifest()
+    added = added_probes(previous.get("identity", {}), planned.identity) if config.resume and previous else []
     # A run that gains probes is the stored run plus new tables: its stored identity must match, apart from those.
-    folder.check_compatible(
-        previous["identity"] if added else identity, resume=config.resume, command="analysis.probes"
-    )
-    if loaded is None:
-        loaded = load_model(
-            config.model, dtype=config.dtype, device=config.device or default_device(), attn_implementation="sdpa"
-        )
-    config.validate(loaded.adapter.num_layers)
-    if config.resume:
-        folder.clean_uncommitted()
-    done = set(folder.done_sample_ids())
-    pending = [sample for sample in samples if sample.sample_id not in done]
-    extended = (
-        [*previous.get("extended", []), {"probes": added, "at": now()}] if added else previous.get("extended", [])
-    )
-    folder.start(
-        {
-            "command": "analysis.probes",
-            "config": {**to_dict(config), "split": split},
-            "model": {
-                "name": loaded.name,
-                "source": loaded.source,
-                "revision": loaded.revision,
-                "model_type": loaded.adapter.model_type,
-                "num_layers": loaded.adapter.num_layers,
-                "num_heads": loaded.adapter.num_heads,
-            },
-            "dataset": {"name": config.dataset, "split": split, "n_samples": len(samples)},
-            "extended": extended,
-        },
-        identity,
-    )
-    device = next(loaded.model.parameters()).device
-    by_id = {sample.sample_id: sample for sample in samples}
-    # Tables added to the run (or left unwritten by an interrupted addition), with the committed batches lacking them.
-    incomplete = {
-        index: (tables, [by_id[sample_id] for sample_id in folder.part_sample_ids(index)])
-        for index, tables in folder.missing_tables().items()
-    }
-    total = len(samples) + sum(len(batch) for _, batch in incomplete.values())
-    with (
-        folder.interruptible(len(samples)),
-        tqdm(total=total, initial=len(done), desc="probe", unit="sample", disable=not progress) as bar,
-    ):
+    if added:
+        spec.check_identity = previous["identity"]
+    extended = previous.get("extended", [])
+    spec.manifest_extra = {"extended": [*extended, {"probes": added, "at": now()}] if added else extended}
+    with start_run(planned, loaded=loaded, progress=progress) as run:
+        model = run.loaded
+        by_id = {sample.sample_id: sample for sample in run.samples}
+        # Tables added to the run (or left unwritten by an interrupted addition), with the committed batches
+        # lacking them.
+        incomplete = {
+            index: (tables, [by_id[sample_id] for sample_id in run.folder.part_sample_ids(index)])
+            for index, tables in run.folder.missing_tables().items()
+        }
+        run.add_work(sum(len(batch) for _, batch in incomplete.values()))
         for index, (tables, batch) in incomplete.items():
             needed = [probe for probe in probes if set(_tables_for([probe])) & set(tables)]
-            inputs = loaded.adapter.build_inputs(loaded.processor, batch, device=device)
-            results = probe_batch(loaded, config, needed, batch, inputs)
-            folder.add_to_part(index, {name: results[name] for name in tables})
-            bar.update(len(batch))
-        for pending_batch in batched(pending, config.batch_size):
-            inputs = loaded.adapter.build_inputs(loaded.processor, pending_batch, device=device)
-            folder.write_part(probe_batch(loaded, config, probes, pending_batch, inputs))
-            bar.update(len(pending_batch))
-    folder.finish({"n_samples": len(samples)})
-    return ProbeResult(folder.root, len(samples), len(pending))
+            results = probe_batch(model, config, needed, batch, run.inputs(batch))
+            run.folder.add_to_part(index, {name: results[name] for name in tables})
+            run.advance(len(batch))
+        run.process(lambda batch, inputs: probe_batch(model, config, probes, batch, inputs))
+    return ProbeResult(run.folder.root, len(run.samples), len(run.pending))
 
 
 # The options that shape each probe's results alone (so a run that gains a probe may set them).

@@ -9,7 +9,6 @@ answers agree with the unpruned model's on at least ``target`` of them.
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +22,7 @@ from analysis.errors import ConfigError
 from analysis.models.registry import LoadedModel, load_model, resolve
 from analysis.pruner.config import PruningConfig, authors_equivalent
 from analysis.pruner.evaluation import clean_answers, evaluate_pruned, summarize
-from analysis.results import atomic_write_json, read_table
+from analysis.results import atomic_write_json, read_manifest, read_table
 from analysis.stages import StageConfig, analyse
 
 logger = logging.getLogger(__name__)
@@ -65,7 +64,7 @@ def derive(
     from analysis.data.loaders import load_samples
 
     export.validate()
-    manifest = json.loads((Path(run_dir) / "manifest.json").read_text())
+    manifest = read_manifest(run_dir, made_by="analysis.probes")
     report = analyse(run_dir, StageConfig(n_bootstrap=0))
     shallow_end = report.overall.shallow_end
     if shallow_end is None:

@@ -179,10 +179,10 @@ def pruning_study(
     from analysis.data.loaders import load_samples
     from analysis.models.registry import default_device, load_model
     from analysis.pruner.export import ExportConfig, choose, derive, write
-    from analysis.results import atomic_write_bytes, atomic_write_json
+    from analysis.results import atomic_write_bytes, atomic_write_json, read_manifest
 
     folder = Path(out)
-    manifest = json.loads((Path(calibration_run) / "manifest.json").read_text())
+    manifest = read_manifest(calibration_run, made_by="analysis.probes")
     study = {
         "calibration_run": str(Path(calibration_run).resolve()),
         "calibration_identity": manifest.get("identity"),

@@ -90,7 +90,7 @@ def run_trace(config: TraceConfig, *, loaded: LoadedModel | None = None, progres
         config,
         TRACE_SCHEMAS,
         config.output_dir,
-        check_model=lambda model, samples: _check_top_k(config.top_k, model, samples[0]),
+        prepare=lambda model, samples: _check_top_k(config.top_k, model, samples[0]),
     )
 
     with start_run(spec, loaded=loaded, progress=progress) as run:
