@@ -739,13 +739,15 @@ def _overlap_bars(ax: Axes, critical: pd.DataFrame, config: StageConfig, colors:
 
 # --- finding 6: pruning ------------------------------------------------------------------------
 
-METHOD_NAMES = {
-    "visipruner": "VisiPruner",
-    "visipruner_authors": "VisiPruner, authors' rule",
-    "fastv": "FastV",
-    "random": "random",
-    "pre_llm": "before the LLM",
-}
+
+def method_label(name: str) -> str:
+    """How a figure names a sweep row's method (a registered method's label, else the name itself)."""
+    from analysis.pruner.methods import METHODS
+    from analysis.pruner.sweep import AUTHORS_RULE_METHOD
+
+    if name == AUTHORS_RULE_METHOD:
+        return "VisiPruner, authors' rule"
+    return (METHODS.get(name).label or name) if name in METHODS else name
 
 
 def pruning_tradeoff(sweep_table: str | Path | pd.DataFrame) -> Figure:
@@ -757,8 +759,8 @@ def pruning_tradeoff(sweep_table: str | Path | pd.DataFrame) -> Figure:
             f"not a sweep table (missing columns {sorted(missing)}); make one with "
             "`python -m analysis.pruner sweep CONFIG.json ... -o table.csv`"
         )
-    table = table.assign(method_name=table["method"].map(lambda m: METHOD_NAMES.get(m, m)))
-    order = [METHOD_NAMES[m] for m in METHOD_NAMES if m in set(table["method"])]
+    table = table.assign(method_name=table["method"].map(method_label))
+    order = list(dict.fromkeys(table["method_name"]))  # as the sweep wrote them: VisiPruner first, then baselines
     with _styled():
         fig = Figure(figsize=(11, 4.4), layout="constrained")
         left, right = fig.subplots(1, 2, sharex=True)

@@ -35,6 +35,12 @@ class Registry(Generic[T]):
         self._loaded[name] = value
         return value
 
+    def unregister(self, name: str) -> None:
+        """Remove an entry added with ``register`` (built-in entries stay)."""
+        if name in self._builtin:
+            raise self._error(f"{self.kind} {name!r} is built in and cannot be removed")
+        self._loaded.pop(name, None)
+
     def get(self, name: str) -> T:
         """The entry called ``name``; an unknown name is an error listing the registered ones."""
         if name not in self._loaded:

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+from conftest import FAMILIES
 from fixtures_data import LOCAL_RECORDS, write_jsonl
 
 from analysis.evaluate import EvalConfig, accuracy_table, evaluate, main
@@ -20,7 +21,7 @@ def test_accuracy_table_counts_families() -> None:
     assert table.loc["overall", "accuracy"] == pytest.approx(200 / 3)
 
 
-@pytest.mark.parametrize("model", ["tiny-llava", "tiny-qwen2.5-vl"])
+@pytest.mark.parametrize("model", [FAMILIES[name] for name in sorted(FAMILIES)])
 def test_answers_do_not_depend_on_batching(tmp_path: Path, model: str) -> None:
     """Greedy answers of a left-padded batch equal those of one-sample batches."""
     data = str(write_jsonl(tmp_path / "data", LOCAL_RECORDS))

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import seaborn as sns
 import torch
+from conftest import FAMILIES
 from fixtures_runs import (
     DEEP_START,
     SHALLOW_END,
@@ -52,7 +53,7 @@ def one_thread() -> Iterator[None]:
     torch.set_num_threads(previous)
 
 
-@pytest.fixture(scope="module", params=["tiny-llava", "tiny-qwen2.5-vl"])
+@pytest.fixture(scope="module", params=[FAMILIES[name] for name in sorted(FAMILIES)])
 def runs(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory, one_thread: None) -> Runs:
     """Small runs of each family: LLaVA on ShapesVQA, Qwen2.5-VL on images with varied, non-square grids."""
     root = tmp_path_factory.mktemp(request.param)

@@ -21,6 +21,7 @@ from analysis.hooks.attention import (
     ZeroedEdges,
     route_attention,
 )
+from analysis.models import hf
 from analysis.models.registry import LoadedModel, load_model
 from analysis.probes import measure
 from analysis.probes.__main__ import main
@@ -86,15 +87,10 @@ def test_full_image_knockout_equals_masked_model(tiny_sdpa: LoadedModel, samples
         allowed[row, torch.arange(layout.pad_offset), torch.arange(layout.pad_offset)] = True  # pads see themselves
     additive = torch.zeros(batch, 1, seq_len, seq_len).masked_fill(~allowed[:, None], torch.finfo(torch.float32).min)
     tensors = dict(inputs.tensors)
-    if tiny_sdpa.adapter.model_type == "qwen2_5_vl":
-        # M-RoPE positions are computed from the 2-D padding mask; a 4-D mask hides it, so pass them explicitly.
-        position_ids, _ = tiny_sdpa.model.model.get_rope_index(
-            inputs.input_ids,
-            tensors["mm_token_type_ids"],
-            tensors["image_grid_thw"],
-            attention_mask=inputs.attention_mask,
-        )
-        tensors["position_ids"] = position_ids
+    # Positions a family derives from the 2-D padding mask (Qwen2.5-VL's M-RoPE): a 4-D mask hides it.
+    positions = tiny_sdpa.adapter.explicit_positions(inputs)
+    if positions is not None:
+        tensors = hf.with_position_ids(tensors, positions)
     tensors["attention_mask"] = additive
     reference = _forward(tiny_sdpa, tensors)
     real = inputs.attention_mask.bool()

@@ -238,7 +238,7 @@ def test_rule_precision_model_reproduces_half_precision_cosines(samples) -> None
 def test_rule_decisions_follow_the_cosines_row_by_row(samples, monkeypatch: pytest.MonkeyPatch) -> None:
     """Selection at the first layer where some token's cosine drops below the threshold, keeping tokens above the
     norm threshold; exit after ``deep_patience`` layers in which every kept token's cosine is negligible."""
-    import analysis.pruner.simulate as simulate
+    import analysis.pruner.methods.visipruner as visipruner
     from analysis.hooks.attention import LastRowObservation
 
     loaded = load_model("tiny-llava")
@@ -273,7 +273,7 @@ def test_rule_decisions_follow_the_cosines_row_by_row(samples, monkeypatch: pyte
         norm[:, :n_image] = norms
         return {"cosine": cosine * image_valid, "norm": norm * image_valid}
 
-    monkeypatch.setattr(simulate, "image_contributions", recorded)
+    monkeypatch.setattr(visipruner, "image_contributions", recorded)
     dummy = torch.zeros(batch, 1, length, 2)
     for layer in range(1, layers):
         current["layer"] = layer

@@ -6,7 +6,7 @@ from collections.abc import Iterator
 
 import pytest
 import torch
-from conftest import FAMILIES
+from conftest import FAMILIES, TOKENS_THRESHOLDS
 
 from analysis.errors import ConfigError, DataError
 from analysis.hooks.attention import RegionMasks, route_attention
@@ -34,10 +34,6 @@ def tiny(request: pytest.FixtureRequest) -> LoadedModel:
     return load_model(FAMILIES[request.param])
 
 
-# Per family, a token threshold at which the random tiny model keeps some, and different numbers of, image tokens.
-TOKENS_THRESHOLD = {"llava": 0.02, "qwen2_5_vl": 0.04}
-
-
 def _configs(loaded: LoadedModel) -> dict[str, PruningConfig]:
     """One config per method; VisiPruner selects at layer 1 of 4 (a partial selection) and exits for some samples."""
     layers = loaded.adapter.num_layers
@@ -46,21 +42,21 @@ def _configs(loaded: LoadedModel) -> dict[str, PruningConfig]:
             num_layers=layers,
             shallow_mid_layer=0,
             layer_threshold=0.9999,
-            tokens_threshold=TOKENS_THRESHOLD[loaded.adapter.model_type],
+            tokens_threshold=TOKENS_THRESHOLDS[loaded.adapter.model_type],
         ),
         # The shallow stage too (text->image hidden in layer 0, also while decoding), then selection at layer >= 2.
         "shallow": PruningConfig(
             num_layers=layers,
             shallow_mid_layer=1,
             layer_threshold=0.9999,
-            tokens_threshold=TOKENS_THRESHOLD[loaded.adapter.model_type],
+            tokens_threshold=TOKENS_THRESHOLDS[loaded.adapter.model_type],
         ),
         # The authors' rule: text->image weights zeroed after the softmax (prefill only), their 7B layer-0 rule.
         "authors": PruningConfig(
             num_layers=layers,
             shallow_mid_layer=1,
             layer_threshold=0.9999,
-            tokens_threshold=TOKENS_THRESHOLD[loaded.adapter.model_type],
+            tokens_threshold=TOKENS_THRESHOLDS[loaded.adapter.model_type],
         ).with_authors_rule("authors_7b"),
         "fastv": PruningConfig(method="fastv", num_layers=layers, prune_layer=2, keep_tokens=3),
         "random": PruningConfig(method="random", num_layers=layers, prune_layer=1, keep_tokens=3),

@@ -14,7 +14,7 @@ from __future__ import annotations
 import itertools
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -77,6 +77,10 @@ class RegionMasks:
                 keys[name][row, positions] = True
             queries["last"][row, layout.padded(layout.last)] = True
         return cls({k: v.to(device) for k, v in queries.items()}, {k: v.to(device) for k, v in keys.items()}, seq_len)
+
+    def with_keys(self, name: str, keys: torch.Tensor) -> RegionMasks:
+        """These masks plus a named key subset (B, T) (e.g. some image tokens); the original is left as it was."""
+        return replace(self, extra_keys={**self.extra_keys, name: keys})
 
     def query_rows(self, name: str, start: int, length: int) -> torch.Tensor:
         """(B, length) membership of absolute query positions [start, start+length) in a query group."""

@@ -56,6 +56,9 @@ class FamilyAdapter(ABC):
 
     model_type: ClassVar[str]
     description: ClassVar[str]
+    # Short names for the family's common hub checkpoints: alias -> (hub id, description).
+    checkpoints: ClassVar[dict[str, tuple[str, str]]] = {}
+    tiny_alias: ClassVar[str]  # the tiny random model of tests and smoke runs, built in memory
 
     def __init__(self, model: HFModel) -> None:
         self.model: HFModel = model
@@ -125,6 +128,10 @@ class FamilyAdapter(ABC):
     def image_features(self, tensors: dict[str, torch.Tensor]) -> Any:
         """The vision tower and projector alone on a batch's images: what the language model receives for them."""
         return self.model.model.get_image_features(**{key: tensors[key] for key in self.image_input_keys})
+
+    def explicit_positions(self, inputs: ModelInputs) -> torch.Tensor | None:
+        """Position ids a batch needs when its padding is given as a 4-D attention mask (None: plain 1-D RoPE)."""
+        return None
 
     @property
     def num_layers(self) -> int:

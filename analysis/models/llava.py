@@ -26,6 +26,11 @@ class LlavaAdapter(FamilyAdapter):
 
     model_type = "llava"
     description = "LLaVA-1.5 style: fixed image-token count per image, Llama RoPE"
+    checkpoints = {
+        "llava-1.5-7b": ("llava-hf/llava-1.5-7b-hf", "LLaVA-1.5 7B (Vicuna-7B, CLIP ViT-L/14-336)"),
+        "llava-1.5-13b": ("llava-hf/llava-1.5-13b-hf", "LLaVA-1.5 13B (Vicuna-13B, CLIP ViT-L/14-336)"),
+    }
+    tiny_alias = "tiny-llava"
 
     def decoder_layers(self, root: Any | None = None) -> Sequence[Any]:
         """The Llama decoder layers of ``root`` (default: the wrapped model)."""

@@ -9,7 +9,7 @@ import torch
 
 from analysis.data.samples import Sample
 from analysis.errors import ModelError
-from analysis.models.adapters import FamilyAdapter, RenderedPrompt
+from analysis.models.adapters import FamilyAdapter, ModelInputs, RenderedPrompt
 from analysis.models.hf import HFModel
 
 # Written for the tiny test processor only; real checkpoints ship their own template.
@@ -35,10 +35,26 @@ class Qwen25VLAdapter(FamilyAdapter):
     model_type = "qwen2_5_vl"
     description = "Qwen2.5-VL: dynamic image-token count from image size, multimodal RoPE"
     image_input_keys = ("pixel_values", "image_grid_thw")
+    checkpoints = {
+        f"qwen2.5-vl-{size}": (f"Qwen/Qwen2.5-VL-{size.upper()}-Instruct", f"Qwen2.5-VL {size.upper()} Instruct")
+        for size in ("3b", "7b", "32b", "72b")
+    }
+    tiny_alias = "tiny-qwen2.5-vl"
 
     def decoder_layers(self, root: Any | None = None) -> Sequence[Any]:
         """The Qwen2 decoder layers of ``root`` (default: the wrapped model)."""
         return (root if root is not None else self.model).model.language_model.layers
+
+    def explicit_positions(self, inputs: ModelInputs) -> torch.Tensor | None:
+        """M-RoPE position ids (3, B, T), which the model otherwise derives from the 2-D padding mask."""
+        tensors = inputs.tensors
+        positions, _ = self.model.model.get_rope_index(
+            inputs.input_ids,
+            tensors["mm_token_type_ids"],
+            tensors["image_grid_thw"],
+            attention_mask=inputs.attention_mask,
+        )
+        return positions
 
     def render_prompt(self, processor: Any, sample: Sample) -> RenderedPrompt:
         """The processor's chat template with images at their marker positions (or first)."""

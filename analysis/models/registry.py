@@ -11,7 +11,7 @@ from typing import Any
 import torch
 
 from analysis.errors import ModelError
-from analysis.models.adapters import FamilyAdapter, adapter_class, get_adapter
+from analysis.models.adapters import FAMILIES, FamilyAdapter, adapter_class, get_adapter
 from analysis.models.hf import HFModel
 
 logger = logging.getLogger(__name__)
@@ -30,27 +30,29 @@ class ModelSpec:
     description: str
 
 
-ALIASES: dict[str, ModelSpec] = {
-    spec.alias: spec
-    for spec in (
-        ModelSpec("llava-1.5-7b", "llava-hf/llava-1.5-7b-hf", "llava", "LLaVA-1.5 7B (Vicuna-7B, CLIP ViT-L/14-336)"),
-        ModelSpec(
-            "llava-1.5-13b", "llava-hf/llava-1.5-13b-hf", "llava", "LLaVA-1.5 13B (Vicuna-13B, CLIP ViT-L/14-336)"
-        ),
-        ModelSpec("qwen2.5-vl-3b", "Qwen/Qwen2.5-VL-3B-Instruct", "qwen2_5_vl", "Qwen2.5-VL 3B Instruct"),
-        ModelSpec("qwen2.5-vl-7b", "Qwen/Qwen2.5-VL-7B-Instruct", "qwen2_5_vl", "Qwen2.5-VL 7B Instruct"),
-        ModelSpec("qwen2.5-vl-32b", "Qwen/Qwen2.5-VL-32B-Instruct", "qwen2_5_vl", "Qwen2.5-VL 32B Instruct"),
-        ModelSpec("qwen2.5-vl-72b", "Qwen/Qwen2.5-VL-72B-Instruct", "qwen2_5_vl", "Qwen2.5-VL 72B Instruct"),
+def _family_aliases() -> dict[str, ModelSpec]:
+    """Every registered family's checkpoint aliases and tiny model, plus the bundled organism."""
+    specs = [
         ModelSpec(
             ORGANISM_ALIAS,
             "package:analysis/organism/weights",
             "llava",
             "the bundled model organism: a small LLaVA trained on ShapesVQA (ships with the package)",
-        ),
-        ModelSpec("tiny-llava", "builtin:llava", "llava", "tiny random LLaVA built in memory (tests, smoke runs)"),
-        ModelSpec("tiny-qwen2.5-vl", "builtin:qwen2_5_vl", "qwen2_5_vl", "tiny random Qwen2.5-VL built in memory"),
-    )
-}
+        )
+    ]
+    for model_type in FAMILIES.names():
+        family = FAMILIES.get(model_type)
+        specs += [ModelSpec(alias, source, model_type, text) for alias, (source, text) in family.checkpoints.items()]
+        specs.append(
+            ModelSpec(
+                family.tiny_alias,
+                f"builtin:{model_type}",
+                model_type,
+                f"tiny random {model_type} model built in memory (tests, smoke runs)",
+            )
+        )
+    return {spec.alias: spec for spec in specs}
+
 
 DTYPES: dict[str, Any] = {
     "auto": "auto",
@@ -108,15 +110,16 @@ def check_device(device: str) -> str:
 
 def resolve(name: str) -> ModelSpec:
     """Turn an alias, a local path or a hub id into a ModelSpec (model_type '' until loaded)."""
-    if name in ALIASES:
-        return ALIASES[name]
+    aliases = _family_aliases()
+    if name in aliases:
+        return aliases[name]
     if Path(name).expanduser().exists():
         return ModelSpec(name, str(Path(name).expanduser()), "", "local checkpoint")
     parts = name.split("/")
     if len(parts) == 2 and all(parts):
         return ModelSpec(name, name, "", "hub checkpoint")
     raise ModelError(
-        f"unknown model {name!r}: not an alias ({', '.join(sorted(ALIASES))}), not an existing path, "
+        f"unknown model {name!r}: not an alias ({', '.join(sorted(aliases))}), not an existing path, "
         "and not a hub id of the form owner/name; run `python -m analysis --list-models`"
     )
 
@@ -263,4 +266,6 @@ def _first_line(error: BaseException) -> str:
 
 def list_models() -> dict[str, str]:
     """Alias -> 'source: description' for every registered model."""
-    return {alias: f"{spec.source} ({spec.model_type}): {spec.description}" for alias, spec in ALIASES.items()}
+    return {
+        alias: f"{spec.source} ({spec.model_type}): {spec.description}" for alias, spec in _family_aliases().items()
+    }

@@ -9,39 +9,28 @@ from pathlib import Path
 from typing import Any
 
 from analysis.errors import ConfigError
+from analysis.pruner.methods import METHODS, method_for
+from analysis.pruner.methods.visipruner import (
+    AUTHORS_DEEP_COSINE,
+    AUTHORS_DEEP_PATIENCE,
+    LAYER0_RULES,
+    STAGES,
+)
 
-METHODS = ("visipruner", "fastv", "random", "pre_llm", "none")
-STAGES = ("shallow", "middle", "deep")
-# How the shallow stage removes text->image attention. "mask": hidden before the softmax, so the text's attention
-# renormalises over the remaining keys (ours). "zero": weights zeroed after the softmax without renormalising, as
-# the authors' code does; the removed mass is lost (in layer 0 their rules below decide).
-SHALLOW_RULES = ("mask", "zero")
-# Layer 0 of the shallow stage. "none": a shallow layer like the others. The authors' code has one rule per
-# checkpoint size (custom_modeling_llama.py, VisiPrunerLlamaAttention.forward, lines 687-699): "authors_7b" zeroes
-# every query row from the first image token on (image and text) against the image keys and puts each text row's
-# removed mass on the first image token (image rows lose theirs); "authors_13b" zeroes image->image and text->the
-# first half of the image tokens, moving nothing.
-LAYER0_RULES = ("none", "authors_7b", "authors_13b")
-# Which implementation of VisiPruner a config follows: ours, or the authors' code (their arithmetic, limits and the
-# keep-everything behaviour; the README lists every difference).
-RULES = ("ours", "authors")
-# The authors' deep stage (value_aware_token_selection given the kept tokens, lines 560-568; the exit in
-# LlamaModel.forward, lines 1398-1403): the image leaves once, in two layers after the selection, no kept token
-# moved the last row's output below a cosine of 0.999.
-AUTHORS_DEEP_COSINE = 0.999
-AUTHORS_DEEP_PATIENCE = 2
 # LLaVA-1.5's decoders (Vicuna-7B and -13B): the shapes the authors' two layer-0 rules were written for.
 AUTHORS_ARCHITECTURES = {(32, 4096, 32, 11008): "authors_7b", (40, 5120, 40, 13824): "authors_13b"}
-# Precision of the selection rule's contributions and cosines: float32 (ours), or the model's dtype as in the
-# authors' code, where 0.999 is 2 ulp from 1 in fp16.
-RULE_PRECISIONS = ("float32", "model")
 # How a pruned model runs: tokens dropped from hidden states and KV cache, or hidden by attention masks.
 PRUNING_RUNTIMES = ("drop", "mask")
 
 
 @dataclass
 class PruningConfig:
-    """How to prune image tokens, for one model depth; ``provenance`` says how it was chosen."""
+    """How to prune image tokens, for one model depth; ``provenance`` says how it was chosen.
+
+    This is the file format. The method (``analysis.pruner.methods``) reads its typed parameters from it by name:
+    the built-in methods' parameters are the top-level fields below (as every config file written so far holds
+    them); a method registered later keeps its own under ``options``, so adding one changes nothing here.
+    """
 
     method: str = "visipruner"
     num_layers: int = 0
@@ -59,90 +48,25 @@ class PruningConfig:
     prune_layer: int = 2
     keep_tokens: int = 64
     seed: int = 0
+    options: dict[str, Any] = field(default_factory=dict)  # parameters of methods without a field above
     provenance: dict[str, Any] = field(default_factory=dict)
 
     def validate(self, num_layers: int | None = None) -> None:
         """Collect every problem and raise them together, before any model runs."""
         problems = []
-        if self.method not in METHODS:
-            problems.append(f"unknown method {self.method!r} (choose from {', '.join(METHODS)})")
-        unknown_stages = [s for s in self.stages if s not in STAGES]
-        if unknown_stages:
-            problems.append(f"unknown mode(s) {unknown_stages} (choose from {', '.join(STAGES)})")
         if num_layers is not None and self.num_layers != num_layers:
             problems.append(f"config is for a {self.num_layers}-layer model but this model has {num_layers} layers")
-        depth = num_layers if num_layers is not None else self.num_layers
-        if depth and self.method == "visipruner" and not 0 <= self.shallow_mid_layer < depth:
-            problems.append(f"shallow_mid_layer {self.shallow_mid_layer} outside 0..{depth - 1}")
-        if depth and self.method in ("fastv", "random") and not 1 <= self.prune_layer < depth:
-            problems.append(f"prune_layer {self.prune_layer} outside 1..{depth - 1}")
-        if not 0 < self.layer_threshold <= 1:
-            problems.append(f"layer_threshold {self.layer_threshold} outside (0, 1]")
-        if not 0 < self.deep_cosine <= 1:
-            problems.append(f"deep_cosine {self.deep_cosine} outside (0, 1]")
-        for name, value, allowed in (
-            ("shallow_rule", self.shallow_rule, SHALLOW_RULES),
-            ("layer0_rule", self.layer0_rule, LAYER0_RULES),
-            ("rule_precision", self.rule_precision, RULE_PRECISIONS),
-        ):
-            if value not in allowed:
-                problems.append(f"unknown {name} {value!r} (choose from {', '.join(allowed)})")
-        if self.layer0_rule != "none" and self.shallow_rule != "zero":
-            problems.append(
-                f"layer0_rule {self.layer0_rule!r} zeroes attention weights, so it needs shallow_rule 'zero'"
-            )
-        if self.layer0_rule == "first_image":
-            problems.append(
-                "layer0_rule 'first_image' left image->image attention alone, unlike the authors' code; "
-                "use 'authors_7b'"
-            )
-        if self.rule not in RULES:
-            problems.append(f"unknown rule {self.rule!r} (choose from {', '.join(RULES)})")
-        elif self.rule == "authors":
-            problems += self._authors_problems(depth)
-        if self.tokens_threshold < 0:
-            problems.append(f"tokens_threshold {self.tokens_threshold} must be >= 0 (an absolute norm)")
-        if self.deep_patience < 1 or self.keep_tokens < 0:
-            problems.append("deep_patience must be >= 1 and keep_tokens >= 0")
+        if self.method not in METHODS:
+            problems.append(f"unknown method {self.method!r} (choose from {', '.join(METHODS.names())})")
+        else:
+            known = METHODS.get(self.method).config_type.parameter_names()
+            unknown = sorted(set(self.options) - set(known))
+            if unknown:
+                problems.append(f"unknown options {unknown} for {self.method} (its parameters: {known})")
+            else:
+                problems += method_for(self).problems(num_layers if num_layers is not None else self.num_layers)
         if problems:
             raise ConfigError("invalid pruning config: " + "; ".join(problems))
-
-    def _authors_problems(self, depth: int) -> list[str]:
-        """What the authors' mode does not allow: their validation (validate_pruning_config, lines 103-126) and
-        their fixed choices."""
-        problems = []
-        if self.method != "visipruner":
-            problems.append(f"the authors' rule is VisiPruner's, not {self.method!r}")
-        stages = set(self.stages)
-        if stages & {"shallow", "middle"} and (
-            self.shallow_mid_layer < 1 or (depth and self.shallow_mid_layer >= depth)
-        ):
-            problems.append(
-                f"their shallow_mid_layer must lie in [1, {depth - 1 if depth else 'num_layers - 1'}], "
-                f"not {self.shallow_mid_layer}"
-            )
-        if stages & {"middle", "deep"}:
-            for name in ("layer_threshold", "tokens_threshold"):
-                if not 0 < getattr(self, name) < 1:
-                    problems.append(f"their {name} must lie strictly inside (0, 1), not {getattr(self, name)}")
-        if "deep" in stages and "middle" not in stages:
-            problems.append(
-                "their deep stage without the middle one needs mid_deep_layer, which their code never "
-                "reads (it cannot exit without a selection)"
-            )
-        fixed = {
-            "shallow_rule": "zero",
-            "shallow_in_decode": False,
-            "rule_precision": "model",
-            "deep_cosine": AUTHORS_DEEP_COSINE,
-            "deep_patience": AUTHORS_DEEP_PATIENCE,
-        }
-        problems += [
-            f"their {name} is {value!r}, not {getattr(self, name)!r}"
-            for name, value in fixed.items()
-            if getattr(self, name) != value
-        ]
-        return problems
 
     def to_json(self) -> dict[str, Any]:
         """A JSON-ready mapping."""

@@ -15,6 +15,7 @@ from analysis.hooks.attention import RegionMasks, route_attention
 from analysis.models.registry import LoadedModel
 from analysis.pruner.config import PRUNING_RUNTIMES, PruningConfig
 from analysis.pruner.flops import DecoderShape
+from analysis.pruner.methods import method_for
 from analysis.pruner.runtime import pruned_runtime
 from analysis.pruner.simulate import PruningHooks, full_flops, sample_flops
 
@@ -40,6 +41,7 @@ def evaluate_pruned(
     if runtime not in PRUNING_RUNTIMES:
         raise ConfigError(f"unknown pruning runtime {runtime!r}; choose {' or '.join(PRUNING_RUNTIMES)}")
     config.validate(loaded.adapter.num_layers)
+    prunes = method_for(config).prunes
     shape = DecoderShape.from_config(loaded.adapter.text_config)
     device = next(loaded.model.parameters()).device
     rows = []
@@ -53,21 +55,20 @@ def evaluate_pruned(
         hooks: PruningHooks
         if runtime == "drop":
             with pruned_runtime(loaded.model, config, inputs.layouts) as hooks:
-                pruned = clean if config.method == "none" else generate_answers(loaded, inputs, max_new_tokens)
+                pruned = generate_answers(loaded, inputs, max_new_tokens) if prunes else clean
         else:
             masks = RegionMasks.from_layouts(inputs.layouts, prompt_length, device)
             hooks = PruningHooks(config, masks, inputs.layouts, prompt_length)
-            if config.method == "none":
-                pruned = clean
-            else:
+            if prunes:
                 with route_attention(loaded.adapter, hooks, prompt_length - 1):
                     pruned = generate_answers(loaded, inputs, max_new_tokens)
+            else:
+                pruned = clean
         decisions = hooks.decisions(inputs.layouts)
         for row, (sample, layout) in enumerate(zip(batch, inputs.layouts, strict=True)):
             ours = sample_flops(config, decisions, row, layout.length, shape)
             full = full_flops(decisions, row, layout.length, shape)
-            if config.method == "none":
-                ours = full
+            selected = decisions.before_llm or decisions.selection_layer[row] >= 0
             rows.append(
                 {
                     "sample_id": sample.sample_id,
@@ -82,9 +83,7 @@ def evaluate_pruned(
                     "exit_layer": int(decisions.exit_layer[row]),
                     "n_tokens": layout.length,
                     "n_image": decisions.n_image[row],
-                    "n_kept": decisions.n_image[row]
-                    if config.method == "none" or decisions.selection_layer[row] < 0 and config.method != "pre_llm"
-                    else len(decisions.kept[row]),
+                    "n_kept": len(decisions.kept[row]) if selected else decisions.n_image[row],
                     "flops": ours["exact"],
                     "flops_full": full["exact"],
                     "flops_fastv": ours["fastv"],

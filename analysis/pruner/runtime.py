@@ -133,7 +133,8 @@ class PrunedRuntime(PruningHooks):
                 raise ConfigError(f"pinned kept ordinals of sample {row} outside 0..{n_image - 1}")
             keep[row, torch.as_tensor(list(kept), dtype=torch.long)] = True
         self.keep = keep
-        self.selection_layer = torch.full_like(selection, -2) if self.config.method == "pre_llm" else selection
+        self.selection_layer = selection
+        self.before_llm = decisions.before_llm
         self.exit_layer = exit_layer
         self.frozen = True
 
@@ -164,7 +165,7 @@ class PrunedRuntime(PruningHooks):
 
     def blocked(self, layer: int, query_start: int, query_length: int, key_length: int) -> torch.Tensor | None:
         """Shallow stage only (under our rule); pruned tokens are gone, not masked."""
-        if self.config.shallow_rule != "mask":
+        if self.shallow_rule(layer, query_start) != "mask":
             return None
         return self.shallow_edges(layer, query_start, query_length, key_length)
 
@@ -208,7 +209,7 @@ class PrunedRuntime(PruningHooks):
     def _cuts_before(self, layer: int) -> bool:
         """Whether some sample's token set shrinks between ``layer - 1`` and ``layer``."""
         if layer == 0:
-            return bool((self.selection_layer == -2).any())
+            return self.before_llm
         return bool(((self.selection_layer == layer - 1) | (self.exit_layer == layer - 1)).any())
 
     def _kept_positions(self, layer: int) -> torch.Tensor:
@@ -459,7 +460,7 @@ def pruned_runtime(
             f"{implementation!r}; load the model with attn_implementation='sdpa'"
         )
     runtime = PrunedRuntime(adapter, config, layouts, implementation, decisions)
-    if config.method == "none":
+    if not runtime.method.prunes:
         yield runtime
         return
     text_model = adapter.language_model()

@@ -6,6 +6,7 @@ import logging
 from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pandas as pd
@@ -16,10 +17,13 @@ from analysis.models.registry import LoadedModel
 from analysis.pruner.config import LAYER0_RULES, PruningConfig, authors_equivalent, authors_layer0_rule
 from analysis.pruner.evaluation import clean_answers, evaluate_pruned, summarize
 from analysis.pruner.flops import DecoderShape, LayerTokens, prefill_flops
+from analysis.pruner.methods import method_for, sweep_baselines
+from analysis.pruner.methods.visipruner import VisiPruner
 
 logger = logging.getLogger(__name__)
 
-BASELINES = ("fastv", "random", "pre_llm")
+# The one-shot methods compared with VisiPruner at matched FLOPs (those that declare themselves sweep baselines).
+BASELINES = tuple(sweep_baselines())
 
 
 def baseline_flops_cut(
@@ -34,11 +38,19 @@ def baseline_flops_cut(
     for n_tokens, n_image, weight in zip(per_sample["n_tokens"], per_sample["n_image"], weights, strict=True):
         kept = min(keep, n_image)
         pruned = LayerTokens(n_tokens - n_image + kept, kept)
-        start = 0 if method == "pre_llm" else prune_layer
+        start = _first_pruned_layer(method, prune_layer)
         layers = [LayerTokens(n_tokens, n_image)] * start + [pruned] * (shape.num_layers - start)
         ours += weight * prefill_flops(shape, layers)["exact"]
         full += weight * prefill_flops(shape, [LayerTokens(n_tokens, n_image)] * shape.num_layers)["exact"]
     return 100 * (1 - ours / full)
+
+
+def _first_pruned_layer(method: str, prune_layer: int) -> int:
+    """The first layer a one-shot baseline runs without its pruned tokens, for FastV-style K = ``prune_layer``."""
+    first = method_for(SimpleNamespace(method=method, prune_layer=prune_layer)).first_pruned_layer()
+    if first is None:
+        raise ConfigError(f"{method} is not a one-shot method; it has no token budget to match")
+    return first
 
 
 def matched_keep(
@@ -75,7 +87,7 @@ def sweep(
     # Their versions of the configs are made before anything runs; a config their format cannot hold gets no row.
     authors_versions = {}
     for index, config in enumerate(configs):
-        if not (authors_rule and config.method == "visipruner"):
+        if not (authors_rule and isinstance(method_for(config), VisiPruner)):
             continue
         config_layer0 = _authors_layer0(config, layer0)  # a missing choice stops the sweep here, before any work
         try:
@@ -140,18 +152,7 @@ def _authors_layer0(config: PruningConfig, layer0: str | None) -> str:
 
 def _settings(config: PruningConfig) -> str:
     """A short description of the parameters that matter for a method."""
-    if config.method == "visipruner":
-        rule = (
-            f" rule={config.rule} shallow={config.shallow_rule} layer0={config.layer0_rule}"
-            f" precision={config.rule_precision} in_decode={config.shallow_in_decode}"
-        )
-        return (
-            f"S={config.shallow_mid_layer} tL={config.layer_threshold} tT={config.tokens_threshold:.4g} "
-            f"stages={'+'.join(config.stages)}{rule}"
-        )
-    if config.method == "pre_llm":
-        return f"keep={config.keep_tokens}"
-    return f"K={config.prune_layer} keep={config.keep_tokens}"
+    return method_for(config).settings()
 
 
 def pruning_study(

@@ -1,0 +1,105 @@
+"""The pruning-method interface both executors run: which layers a rule observes, what it decides, its FLOPs profile.
+
+A method is one file: a typed config (a ``MethodConfig`` dataclass of its parameters, read by name from a pruning
+config) and a ``PruningMethod`` subclass. The executors (``simulate.PruningHooks`` with attention masks,
+``runtime.PrunedRuntime`` dropping tokens) own the per-sample state and call the method; they never ask which
+method they run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, ClassVar, Protocol
+
+import torch
+
+from analysis.errors import ConfigError
+from analysis.hooks.attention import LastRowObservation
+
+
+@dataclass(frozen=True)
+class MethodConfig:
+    """A method's parameters; subclasses declare them as fields with the papers' defaults."""
+
+    @classmethod
+    def from_values(cls, source: Any) -> MethodConfig:
+        """The parameters read by name from a pruning config: its ``options`` first, then its own fields."""
+        options = getattr(source, "options", None) or {}
+        values = {}
+        for field in dataclasses.fields(cls):
+            if field.name in options:
+                values[field.name] = options[field.name]
+            elif hasattr(source, field.name):
+                values[field.name] = getattr(source, field.name)
+        return cls(**values)
+
+    @classmethod
+    def parameter_names(cls) -> list[str]:
+        """The names of the method's parameters."""
+        return [field.name for field in dataclasses.fields(cls)]
+
+
+class SelectionState(Protocol):
+    """The per-sample decisions an executor holds and a method updates (tensors of the batch)."""
+
+    image_index: torch.Tensor  # (B, N) padded positions of each sample's image tokens (0 where absent)
+    image_valid: torch.Tensor  # (B, N) bool
+    keep: torch.Tensor  # (B, N) bool: image tokens kept once a selection applies
+    selection_layer: torch.Tensor  # (B,) layer whose attention the rule read (tokens go from the next); -1: never
+    exit_layer: torch.Tensor  # (B,) layer after which every image token goes; -1: never
+    negligible: torch.Tensor  # (B,) consecutive observed layers in which the kept tokens changed nothing
+    before_llm: bool  # the selection applies from layer 0 on (made before the language model)
+
+
+class PruningMethod:
+    """One pruning method's rule. The defaults describe a method that never observes and never prunes."""
+
+    name: ClassVar[str]
+    config_type: ClassVar[type[MethodConfig]] = MethodConfig
+    description: ClassVar[str] = ""
+    label: ClassVar[str] = ""  # how figures name it (default: its name)
+    prunes: ClassVar[bool] = True  # False: the model runs unchanged (the unpruned reference)
+    sweep_baseline: ClassVar[bool] = False  # compared with VisiPruner at matched FLOPs by ``pruner sweep``
+
+    def __init__(self, params: MethodConfig) -> None:
+        if not isinstance(params, self.config_type):
+            raise ConfigError(f"{self.name} takes a {self.config_type.__name__}, not a {type(params).__name__}")
+        self.params = params
+
+    def problems(self, num_layers: int) -> list[str]:
+        """What is wrong with the parameters for a model of ``num_layers`` layers (0: depth unknown)."""
+        return []
+
+    # -- the rule --------------------------------------------------------------------------------
+    def start(self, state: SelectionState) -> None:
+        """Decisions made before the language model runs (the pre-LLM baseline chooses its tokens here)."""
+
+    def observes(self, layer: int, state: SelectionState) -> bool:
+        """Whether the rule reads ``layer``'s last-row attention during the prefill."""
+        return False
+
+    def decide(self, state: SelectionState, observation: LastRowObservation) -> None:
+        """Update the decisions from one observed layer's last-row attention."""
+
+    # -- the shallow stage (text->image attention removed in early layers) -------------------------------
+    def shallow_rule(self, layer: int, decoding: bool) -> str | None:
+        """How ``layer`` removes text->image attention: "mask" (before the softmax), "zero" (after), or None."""
+        return None
+
+    def layer0_rule(self) -> str:
+        """The zeroing rule of layer 0 under the "zero" shallow rule (see ``pruner.config.LAYER0_RULES``)."""
+        return "none"
+
+    # -- cost ----------------------------------------------------------------------------------
+    def text_blind_layers(self) -> int:
+        """Leading layers whose text queries skip the image keys (their attention FLOPs are saved)."""
+        return 0
+
+    def first_pruned_layer(self) -> int | None:
+        """For a one-shot method: the first layer that runs without the pruned tokens (None: not one-shot)."""
+        return None
+
+    def settings(self) -> str:
+        """A short description of the parameters (sweep tables)."""
+        return " ".join(f"{name}={value}" for name, value in dataclasses.asdict(self.params).items())
