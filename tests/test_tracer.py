@@ -70,12 +70,8 @@ def _reference_stats(loaded: LoadedModel, inputs) -> tuple[np.ndarray, np.ndarra
 
 
 def _stack(stats) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Layer stats as numpy arrays with a leading layer axis."""
-    return (
-        torch.stack([s.region_mass for s in stats]).numpy(),
-        torch.stack([s.image_rows for s in stats]).numpy(),
-        torch.stack([s.value_l1 for s in stats]).numpy(),
-    )
+    """Trace statistics as numpy arrays with a leading layer axis."""
+    return stats.region_mass.numpy(), stats.image_rows.numpy(), stats.value_l1.numpy()
 
 
 @pytest.mark.parametrize("implementation", IMPLEMENTATIONS)

@@ -236,7 +236,7 @@ def timed_steps(model: HFModel, inputs: ModelInputs) -> dict[str, Callable[[], o
 
     def trace_only() -> object:
         stats, _ = trace_batch(adapter, inputs)
-        return torch.stack([s.region_mass for s in stats]).cpu()
+        return stats.region_mass.cpu()
 
     def trace_and_tables() -> object:
         stats, _ = trace_batch(adapter, inputs)

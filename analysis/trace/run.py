@@ -10,7 +10,6 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import torch
 
 from analysis.config import LIMIT_HELP, option
 from analysis.data import DEFAULT_DATASET
@@ -22,7 +21,7 @@ from analysis.models.adapters import ModelInputs
 from analysis.models.registry import DEFAULT_MODEL, DTYPES, LoadedModel
 from analysis.results import SAMPLES_TABLE, TRACE_SCHEMAS, default_run_dir
 from analysis.runs import RunSpec, start_run
-from analysis.trace.tracer import QUERY_GROUPS, LayerStats, trace_batch
+from analysis.trace.tracer import QUERY_GROUPS, TraceStats, trace_batch
 
 logger = logging.getLogger(__name__)
 
@@ -121,18 +120,22 @@ def _check_top_k(top_k: int, loaded: LoadedModel, sample: Sample) -> None:
 def batch_tables(
     batch: Sequence[Sample],
     inputs: ModelInputs,
-    stats: list[LayerStats],
+    stats: TraceStats,
     answers: list[str | None],
     top_k: int,
 ) -> dict[str, pa.Table]:
     """Turn one batch's layer reductions into the run's long-format tables (vectorised per sample)."""
     from analysis.data.scoring import is_correct
 
-    stacked = {
-        name: torch.stack([getattr(s, name) for s in stats]).cpu().numpy()  # leading layer axis
+    on_device = {
+        name: getattr(stats, name)  # leading layer axis
         for name in ("region_mass", "image_rows", "value_l1", "top_values", "top_indices", "entropy")
     }
-    region_mass, image_rows, value_l1 = stacked["region_mass"], stacked["image_rows"], stacked["value_l1"]
+    # The per-token rows are reduced where they are (one small transfer instead of every head's rows).
+    image_rows = on_device.pop("image_rows")  # (L, B, H, 2, N)
+    on_device.update(image_mass=image_rows.sum(-1), head_mean=image_rows.mean(2))
+    stacked = {name: tensor.cpu().numpy() for name, tensor in on_device.items()}
+    region_mass, head_mean, value_l1 = stacked["region_mass"], stacked["head_mean"], stacked["value_l1"]
     parts: dict[str, list[pa.Table]] = {name: [] for name in TRACE_SCHEMAS}
     sample_columns: dict[str, list[Any]] = {name: [] for name in TRACE_SCHEMAS[SAMPLES_TABLE].names}
     for row, (sample, layout) in enumerate(zip(batch, inputs.layouts, strict=True)):
@@ -141,7 +144,7 @@ def batch_tables(
         parts["sinks"].append(
             _sink_table(
                 sample.sample_id,
-                image_rows[:, row].sum(-1),
+                stacked["image_mass"][:, row],
                 stacked["top_values"][:, row],
                 stacked["top_indices"][:, row],
                 stacked["entropy"][:, row],
@@ -150,7 +153,7 @@ def batch_tables(
             )
         )
         parts["image_tokens"].append(
-            _image_token_table(sample.sample_id, layout, image_rows[:, row, :, :, :n_image], value_l1[:, row, :n_image])
+            _image_token_table(sample.sample_id, layout, head_mean[:, row, :, :n_image], value_l1[:, row, :n_image])
         )
         answer = answers[row]
         correct = None if answer is None or sample.answer is None else bool(is_correct(answer, sample))
@@ -158,6 +161,13 @@ def batch_tables(
     tables = {name: pa.concat_tables(tables) for name, tables in parts.items() if name != SAMPLES_TABLE}
     tables[SAMPLES_TABLE] = pa.table(sample_columns, schema=TRACE_SCHEMAS[SAMPLES_TABLE])
     return tables
+
+
+def _strings(names: Sequence[str], codes: np.ndarray) -> pa.Array:
+    """A string column ``names[codes]``, built in Arrow from the codes (no Python object per row)."""
+    return pa.DictionaryArray.from_arrays(pa.array(codes, pa.int32()), pa.array(list(names), pa.string())).cast(
+        pa.string()
+    )
 
 
 def _grid(*sizes: int) -> list[np.ndarray]:
@@ -170,11 +180,11 @@ def _attention_table(sample_id: str, mass: np.ndarray) -> pa.Table:
     layer, head, group, region = _grid(*mass.shape)
     return pa.table(
         {
-            "sample_id": pa.array([sample_id] * mass.size, pa.string()),
+            "sample_id": _strings([sample_id], np.zeros(mass.size, dtype=np.int32)),
             "layer": layer,
             "head": head,
-            "query": np.asarray(QUERY_GROUPS, dtype=object)[group],
-            "key_region": np.asarray(REGION_NAMES, dtype=object)[region],
+            "query": _strings(QUERY_GROUPS, group),
+            "key_region": _strings(REGION_NAMES, region),
             "mass": mass.ravel(),
         },
         schema=TRACE_SCHEMAS["attention"],
@@ -202,10 +212,10 @@ def _sink_table(
     )
     return pa.table(
         {
-            "sample_id": pa.array([sample_id] * n_rows, pa.string()),
+            "sample_id": _strings([sample_id], np.zeros(n_rows, dtype=np.int32)),
             "layer": layer,
             "head": head,
-            "query": np.asarray(QUERY_GROUPS[:2], dtype=object)[group],
+            "query": _strings(QUERY_GROUPS[:2], group),
             "image_mass": image_mass.ravel(),
             "top_k": np.full(n_rows, k),
             "top_k_share": top_share.ravel(),
@@ -217,15 +227,15 @@ def _sink_table(
     )
 
 
-def _image_token_table(sample_id: str, layout: TokenLayout, rows: np.ndarray, value_l1: np.ndarray) -> pa.Table:
-    """Per image token and layer for one sample: value L1 and head-mean attention received."""
+def _image_token_table(sample_id: str, layout: TokenLayout, head_mean: np.ndarray, value_l1: np.ndarray) -> pa.Table:
+    """Per image token and layer for one sample: value L1 and head-mean attention received (``head_mean`` is
+    (L, 2, n_image): last and instruction rows)."""
     n_layers, n_image = value_l1.shape
     image_index, token_index = layout.image_token_coordinates
     cols = np.asarray([grid[1] for grid in layout.image_grids])[image_index]
-    head_mean = rows.mean(axis=1)  # (L, 2, n_image)
     return pa.table(
         {
-            "sample_id": pa.array([sample_id] * (n_layers * n_image), pa.string()),
+            "sample_id": _strings([sample_id], np.zeros(n_layers * n_image, dtype=np.int32)),
             "layer": np.repeat(np.arange(n_layers), n_image),
             "image_index": np.tile(image_index, n_layers),
             "token_index": np.tile(token_index, n_layers),

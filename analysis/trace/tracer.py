@@ -1,11 +1,12 @@
 """Attention tracer: per-layer, per-head attention statistics computed inside the attention call.
 
 The statistics are taken from each layer's queries and keys as the attention function receives them, through the
-instrumentation layer (``analysis.hooks``): the last and instruction query rows are recomputed in float32 (all
-sink and image-token statistics come from them), and the image queries' mass on each key region is one more fused
-attention call whose values are the regions' one-hot columns (the model's dtype, float32 accumulation, as precise
-as the model's own attention output), so no T x T matrix is ever materialised. The model keeps its own attention
-(SDPA or eager) and its outputs are untouched.
+instrumentation layer (``analysis.hooks``). Inside the pass each layer costs two kernels: the image queries' mass
+on each key region as one more fused attention call whose values are the regions' one-hot columns (the model's
+dtype, float32 accumulation, as precise as the model's own attention output), and a copy of the last and
+instruction queries. After the pass their attention rows are recomputed in float32 from those queries and the
+keys the KV cache holds anyway (all sink and image-token statistics come from them), several layers per kernel.
+No T x T matrix is ever materialised; the model keeps its own attention (SDPA or eager), its outputs untouched.
 """
 
 from __future__ import annotations
@@ -68,23 +69,26 @@ class _Plan:
 
 @dataclass
 class _Reduced:
-    """What one layer's call leaves behind, reduced only as far as one kernel each; finished for all layers at once."""
+    """What one layer's call leaves behind; every statistic is finished after the pass, for many layers at once."""
 
-    query_rows: torch.Tensor  # (B, H, 2, K) float32: last and instruction-mean attention rows
+    text_queries: torch.Tensor  # (B, H, R, d) the last and instruction queries (a copy, in the model's dtype)
+    keys: torch.Tensor  # (B, H_kv, K, d) the call's keys: the KV cache's own tensor, so keeping it costs nothing
+    values: torch.Tensor  # (B, H_kv, K, d) likewise
+    text_mask: torch.Tensor  # (B, 1, R, K) additive float32 mask of the text rows
+    scaling: float
     region_mass_per_query: torch.Tensor  # (B, H, T, width) in the model's dtype, first 3 columns: mass per region
-    value_l1: torch.Tensor  # (B, K) float32
 
 
 @dataclass
-class LayerStats:
-    """One layer's reductions, still on the model's device."""
+class TraceStats:
+    """Every layer's statistics of a batch, stacked on a leading layer axis, still on the model's device."""
 
-    region_mass: torch.Tensor  # (B, H, 3 queries, 3 regions)
-    image_rows: torch.Tensor  # (B, H, 2, N): last / instruction attention on each image token
-    value_l1: torch.Tensor  # (B, N)
-    top_values: torch.Tensor  # (B, H, 2, k): largest entries of image_rows, descending
-    top_indices: torch.Tensor  # (B, H, 2, k): their image-token ordinals
-    entropy: torch.Tensor  # (B, H, 2): entropy (nats) of image_rows renormalised over image tokens
+    region_mass: torch.Tensor  # (L, B, H, 3 queries, 3 regions)
+    image_rows: torch.Tensor  # (L, B, H, 2, N): last / instruction attention on each image token
+    value_l1: torch.Tensor  # (L, B, N)
+    top_values: torch.Tensor  # (L, B, H, 2, k): largest entries of image_rows, descending
+    top_indices: torch.Tensor  # (L, B, H, 2, k): their image-token ordinals
+    entropy: torch.Tensor  # (L, B, H, 2): entropy (nats) of image_rows renormalised over image tokens
 
 
 def build_plan(layouts: list[TokenLayout], seq_len: int, top_k: int, device: torch.device) -> _Plan:
@@ -119,55 +123,91 @@ def build_plan(layouts: list[TokenLayout], seq_len: int, top_k: int, device: tor
     )
 
 
-def reduce_call(call: AttentionCall, plan: _Plan) -> _Reduced:
-    """One layer's attention call reduced to its query rows, per-query region mass and value L1 (see ``_Reduced``).
+# Bytes of float32 work the post-pass statistics may hold at once: a few layers at a time at batch 1 (one kernel per
+# step for several layers, where a per-layer kernel would cost a launch each), one at a time for large batches.
+_CHUNK_BYTES = 64 * 2**20
 
-    Few kernels per layer on purpose: at batch 1 the forward pass is bound by the host launching them.
+
+def reduce_call(call: AttentionCall, plan: _Plan) -> _Reduced:
+    """What one layer's attention call leaves for the statistics (see ``_Reduced``): two kernels in the pass.
+
+    The region mass of every query needs all of them, so it is one fused attention call here, whose values are the
+    regions' one-hot columns (the model's dtype, float32 accumulation); the text rows need only their queries, kept
+    as a copy, and the keys, which the KV cache keeps anyway.
     """
-    groups = call.query.shape[1] // call.key.shape[1]
     text_mask, image_mask = plan.call_masks(call)
-    # The last and instruction rows, recomputed in float32 from their queries only.
-    keys = per_query_head(call.key[:, :, : plan.seq_len].float(), groups)  # (B, H, K, d)
-    text = slice(plan.text_start, plan.seq_len)
-    scores = torch.matmul(call.query[:, :, text].float(), keys.transpose(2, 3))
-    weights = torch.softmax(torch.add(text_mask, scores, alpha=call.scaling), dim=-1)  # (B, H, R, K)
-    query_rows = torch.matmul(plan.query_weights[:, None, :2, text], weights)  # (B, H, 2, K)
-    # Every query's mass per key region: attention whose values are the regions' one-hot columns, in the model's
-    # fused kernel (float32 accumulation); only the image queries' rows are kept, in layer_stats.
+    keys = call.key[:, :, : plan.seq_len]
     per_query = torch.nn.functional.scaled_dot_product_attention(
         call.query,
-        call.key[:, :, : plan.seq_len],
+        keys,
         plan.values(call.query.dtype, call.key.shape[1]),
         attn_mask=image_mask,
         is_causal=image_mask is None,
         scale=call.scaling,
-        enable_gqa=groups > 1,
+        enable_gqa=call.query.shape[1] != call.key.shape[1],
     )
-    value_l1 = torch.linalg.vector_norm(call.value[:, :, : plan.seq_len], ord=1, dim=(1, 3), dtype=torch.float32)
-    return _Reduced(query_rows, per_query, value_l1)
+    text_queries = call.query[:, :, plan.text_start : plan.seq_len].clone()
+    return _Reduced(text_queries, keys, call.value[:, :, : plan.seq_len], text_mask, call.scaling, per_query)
 
 
-def layer_stats(reduced: list[_Reduced], plan: _Plan) -> list[LayerStats]:
-    """Every layer's reductions completed, all layers at once, with their sink statistics."""
-    # Stacked over layers: per-layer small kernels made the pass launch-bound at batch 1.
-    query_rows = torch.stack([r.query_rows for r in reduced])  # (L, B, H, 2, K)
+def _float32_scores(queries: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+    """q k^T (..., R, K) in float32 from queries and keys of any dtype (half-precision inputs stay exact)."""
+    if queries.dtype == torch.float32 or queries.device.type != "cuda":
+        return torch.matmul(queries.float(), keys.float().transpose(-1, -2))
+    # fp16/bf16 products are exact in float32, so a float32-output matmul is float32 arithmetic on the model's own
+    # queries and keys (to accumulation order), without float32 copies of the keys.
+    shape = queries.shape[:-2]
+    scores = torch.bmm(queries.flatten(0, -3), keys.flatten(0, -3).transpose(1, 2), out_dtype=torch.float32)
+    return scores.view(*shape, *scores.shape[-2:])
+
+
+def _stacked(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """The tensors stacked on a new leading axis; one alone is a view (a 40 MB key tensor at batch 8 is not copied)."""
+    return tensors[0].unsqueeze(0) if len(tensors) == 1 else torch.stack(tensors)
+
+
+def _text_rows(reduced: list[_Reduced], plan: _Plan) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every layer's last / instruction attention rows (L, B, H, 2, K) and value L1 (L, B, K), in float32."""
+    first = reduced[0]
+    batch, heads, rows, _ = first.text_queries.shape
+    # Per layer of a chunk: its keys and values stacked (the model's dtype), its scores and weights (float32).
+    stacked = 2 * first.keys.numel() * first.keys.element_size()
+    per_layer = stacked + 2 * 4 * batch * heads * rows * plan.seq_len
+    step = max(1, _CHUNK_BYTES // max(1, per_layer))
+    weights_of_rows = plan.query_weights[None, :, None, :2, plan.text_start :]  # (1, B, 1, 2, R)
+    query_rows, value_l1 = [], []
+    for start in range(0, len(reduced), step):
+        chunk = reduced[start : start + step]
+        groups = heads // chunk[0].keys.shape[1]
+        keys = per_query_head(_stacked([r.keys for r in chunk]).flatten(0, 1), groups)
+        keys = keys.unflatten(0, (len(chunk), batch))  # (c, B, H, K, d)
+        scores = _float32_scores(torch.stack([r.text_queries for r in chunk]), keys)  # (c, B, H, R, K)
+        # Every layer of a pass shares one mask: broadcast it instead of stacking copies.
+        shared = all(r.text_mask is chunk[0].text_mask for r in chunk)
+        masks = chunk[0].text_mask.unsqueeze(0) if shared else torch.stack([r.text_mask for r in chunk])
+        weights = torch.softmax(torch.add(masks, scores, alpha=chunk[0].scaling), dim=-1)
+        query_rows.append(torch.matmul(weights_of_rows, weights))
+        values = _stacked([r.values for r in chunk])
+        value_l1.append(torch.linalg.vector_norm(values, ord=1, dim=(2, 4), dtype=torch.float32))
+    return torch.cat(query_rows), torch.cat(value_l1)
+
+
+def layer_stats(reduced: list[_Reduced], plan: _Plan) -> TraceStats:
+    """Every layer's statistics, computed after the pass for many layers at once, with their sinks."""
+    query_rows, value_l1 = _text_rows(reduced, plan)  # (L, B, H, 2, K), (L, B, K)
     per_query = torch.stack([r.region_mass_per_query for r in reduced])[..., : len(REGION_NAMES)].float()
     image_mass = torch.matmul(plan.query_weights[None, :, None, 2:], per_query)  # (L, B, H, 1, 3)
     region_mass = torch.cat([torch.matmul(query_rows, plan.region_onehot[None, :, None]), image_mass], dim=3)
     layers, batch, heads, groups, _ = query_rows.shape
     index = plan.image_index[None, :, None, None, :].expand(layers, -1, heads, groups, -1)
     image_rows = torch.gather(query_rows, 4, index) * plan.image_valid[None, :, None, None, :]  # (L, B, H, 2, N)
-    value_l1 = torch.stack([r.value_l1 for r in reduced])  # (L, B, K)
     value_l1 = torch.gather(value_l1, 2, plan.image_index[None].expand(layers, -1, -1)) * plan.image_valid
     flat = image_rows.permute(1, 0, 2, 3, 4).reshape(batch, layers * heads, groups, -1)
     top_values, top_indices, entropy = (
         part.reshape(batch, layers, heads, *part.shape[2:]).transpose(0, 1)
         for part in sink_statistics(flat, plan.image_valid, plan.top_k)
     )
-    return [
-        LayerStats(region_mass[i], image_rows[i], value_l1[i], top_values[i], top_indices[i], entropy[i])
-        for i in range(layers)
-    ]
+    return TraceStats(region_mass, image_rows, value_l1, top_values, top_indices, entropy)
 
 
 def sink_statistics(
@@ -202,7 +242,7 @@ class TraceStatistics(AttentionHooks):
         """Reduce the layer's call as it happens; only the reductions outlive it."""
         self.reduced[call.layer] = reduce_call(call, self.plan)
 
-    def layer_stats(self) -> list[LayerStats]:
+    def layer_stats(self) -> TraceStats:
         """Every layer's statistics (an error naming the cause if the pass did not run through the route)."""
         if len(self.reduced) != self.num_layers:
             raise ConfigError(
@@ -233,7 +273,7 @@ def record_trace(adapter: FamilyAdapter, inputs: ModelInputs, *, top_k: int = 5)
 
 def trace_batch(
     adapter: FamilyAdapter, inputs: ModelInputs, *, top_k: int = 5, return_logits: bool = False
-) -> tuple[list[LayerStats], torch.Tensor | None]:
+) -> tuple[TraceStats, torch.Tensor | None]:
     """Run one forward pass of the adapter's model and reduce every layer's attention as it is produced.
 
     What leaves the pass is O(layers x heads x image tokens) per sample.
