@@ -10,10 +10,10 @@ from analysis.data.samples import Sample
 from analysis.models.registry import LoadedModel, load_model
 
 # Every family's tiny model: the parametrisation of every per-family test (a new family adds its line here).
-FAMILIES = {"llava": "tiny-llava", "qwen2_5_vl": "tiny-qwen2.5-vl"}
+FAMILIES = {"llava": "tiny-llava", "qwen2_5_vl": "tiny-qwen2.5-vl", "qwen2_vl": "tiny-qwen2-vl"}
 # Per family, a VisiPruner token threshold at which its random tiny model keeps some, and different numbers of,
 # image tokens (the pruned-runtime tests need partial selections).
-TOKENS_THRESHOLDS = {"llava": 0.02, "qwen2_5_vl": 0.04}
+TOKENS_THRESHOLDS = {"llava": 0.02, "qwen2_5_vl": 0.04, "qwen2_vl": 0.04}
 
 
 def noise_image(seed: int, height: int = 40, width: int = 50) -> Image.Image:

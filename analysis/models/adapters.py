@@ -248,7 +248,11 @@ def _content_parts(sample: Sample) -> list[dict[str, str]]:
 # One registration entry per built-in family (model_type -> its adapter class), imported on first use.
 FAMILIES: Registry[type[FamilyAdapter]] = Registry(
     "adapter for model_type",
-    {"llava": "analysis.models.llava:LlavaAdapter", "qwen2_5_vl": "analysis.models.qwen2_5_vl:Qwen25VLAdapter"},
+    {
+        "llava": "analysis.models.llava:LlavaAdapter",
+        "qwen2_5_vl": "analysis.models.qwen2_5_vl:Qwen25VLAdapter",
+        "qwen2_vl": "analysis.models.qwen2_vl:Qwen2VLAdapter",
+    },
     hint="Write a FamilyAdapter subclass and add it to FAMILIES in analysis/models/adapters.py, or call "
     "register_adapter(YourAdapter) before loading the model",
     error=ModelError,

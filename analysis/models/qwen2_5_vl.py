@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
@@ -29,6 +29,11 @@ _TINY_CHAT_TEMPLATE = (
 _TINY_SPECIALS = ["<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]
 
 
+def tiny_special_ids(tokenizer: Any) -> dict[str, int]:
+    """The ids of the tiny Qwen tokenizer's chat and vision tokens."""
+    return {token: tokenizer.convert_tokens_to_ids(token) for token in _TINY_SPECIALS}
+
+
 class Qwen25VLAdapter(FamilyAdapter):
     """Qwen2.5-VL: native-resolution ViT with 2x2 patch merging; image-token count depends on image size."""
 
@@ -40,6 +45,8 @@ class Qwen25VLAdapter(FamilyAdapter):
         for size in ("3b", "7b", "32b", "72b")
     }
     tiny_alias = "tiny-qwen2.5-vl"
+    # The transformers processor class of the family (its tiny processor is one over a word-level tokenizer).
+    processor_class: ClassVar[str] = "Qwen2_5_VLProcessor"
 
     def decoder_layers(self, root: Any | None = None) -> Sequence[Any]:
         """The Qwen2 decoder layers of ``root`` (default: the wrapped model)."""
@@ -84,7 +91,7 @@ class Qwen25VLAdapter(FamilyAdapter):
         from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
         tokenizer = cls.tiny_processor().tokenizer
-        ids = {token: tokenizer.convert_tokens_to_ids(token) for token in _TINY_SPECIALS}
+        ids = tiny_special_ids(tokenizer)
         config = Qwen2_5_VLConfig(
             vision_config={
                 "depth": 2,
@@ -124,8 +131,8 @@ class Qwen25VLAdapter(FamilyAdapter):
 
     @classmethod
     def tiny_processor(cls) -> Any:
-        """Qwen2_5_VLProcessor over a word-level tokenizer; images resized to 56-112 px per side."""
-        from transformers import Qwen2_5_VLProcessor
+        """The family's processor over a word-level tokenizer; images resized to 56-112 px per side."""
+        import transformers
         from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
         from analysis.models.tiny_vocab import tiny_words
@@ -142,7 +149,9 @@ class Qwen25VLAdapter(FamilyAdapter):
             min_pixels=56 * 56, max_pixels=112 * 112, patch_size=14, merge_size=2, temporal_patch_size=2
         )
 
-        class ImageOnlyQwenProcessor(Qwen2_5_VLProcessor):
+        base: Any = getattr(transformers, cls.processor_class)
+
+        class ImageOnlyQwenProcessor(base):
             """Accepts a missing video processor: its class lookup needs torchvision, which CPU CI lacks."""
 
             def check_argument_for_proper_class(self, argument_name: str, argument: Any) -> Any:
