@@ -217,3 +217,38 @@ def test_shipped_organism_answers_fixed_test_questions_offline(monkeypatch):
             output[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True
         ).strip()
     assert replies == {sample.sample_id: sample.answer for sample in samples}
+
+
+def test_an_organism_in_llava_15s_regime_trains_in_smoke_mode(tmp_path) -> None:
+    """The same code trains a 336 px tower (576 image tokens) over a 16-layer decoder; the image is >= 85% of
+    every prompt, and the saved model loads through the registry like the shipped one (issue 16's architecture)."""
+    import dataclasses
+
+    from analysis.models.registry import load_model
+    from analysis.organism.train import train
+
+    config = dataclasses.replace(load_config("smoke"), image_size=336, text_layers=16)
+    train(config, tmp_path / "organism", torch.device("cpu"), preset="smoke")
+    loaded = load_model(str(tmp_path / "organism"))
+    assert loaded.adapter.num_layers == 16
+    samples = generate_samples("test", 8, ShapesConfig())
+    layouts = loaded.adapter.build_inputs(loaded.processor, samples).layouts
+    assert {layout.n_image_tokens for layout in layouts} == {image_token_count(336, 14)} == {576}
+    assert min(layout.n_image_tokens / layout.length for layout in layouts) >= 0.85
+    with pytest.raises(ConfigError, match="multiple of patch_size"):
+        dataclasses.replace(config, image_size=330)
+
+
+@pytest.mark.parametrize("image_size", [112, 336])
+def test_training_pixels_match_the_processor(image_size: int) -> None:
+    """What training feeds the tower equals the processor's pixel_values, at the shipped size and upscaled."""
+    from analysis.organism.data import tower_input
+
+    image_processor = build_processor(ShapesConfig(), image_size, 14).image_processor
+    image = render(generate_items("train", 1, ShapesConfig())[0].scene)
+    ours = pixel_values(
+        torch.from_numpy(tower_input(image, image_processor).copy()).permute(2, 0, 1)[None], image_processor
+    )
+    theirs = image_processor(images=[image], return_tensors="pt")["pixel_values"]
+    assert ours.shape == theirs.shape == (1, 3, image_size, image_size)
+    torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=0)

@@ -8,6 +8,7 @@ from analysis.data.shapes import ShapesConfig, tokens, vocabulary
 from analysis.models.llava import VICUNA_V1_SYSTEM
 
 IMAGE_TOKEN = "<image>"
+# The shipped organism's vision tower: 112 px images in 14 px patches, 64 image tokens (a config may choose others).
 IMAGE_SIZE = 112
 PATCH_SIZE = 14
 # LLaVA-1.5 feeds the projector the penultimate CLIP layer, whose features are less tuned to the
@@ -49,8 +50,10 @@ def organism_words(shapes_config: ShapesConfig | None = None) -> list[str]:
     return list(dict.fromkeys([*vocabulary(shapes_config), *template]))
 
 
-def build_processor(shapes_config: ShapesConfig | None = None) -> Any:
-    """A LlavaProcessor over a word-level tokenizer and a 112 px CLIP image processor, built offline."""
+def build_processor(
+    shapes_config: ShapesConfig | None = None, image_size: int = IMAGE_SIZE, patch_size: int = PATCH_SIZE
+) -> Any:
+    """A LlavaProcessor over a word-level tokenizer and a CLIP image processor at the tower's size, built offline."""
     from transformers import LlavaProcessor
     from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
@@ -61,21 +64,21 @@ def build_processor(shapes_config: ShapesConfig | None = None) -> Any:
     )
     # The PIL backend: torchvision is not a dependency of the toolkit.
     image_processor = CLIPImageProcessorPil(
-        size={"shortest_edge": IMAGE_SIZE}, crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}, do_center_crop=True
+        size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size}, do_center_crop=True
     )
     return LlavaProcessor(
         image_processor=image_processor,
         tokenizer=tokenizer,
-        patch_size=PATCH_SIZE,
+        patch_size=patch_size,
         vision_feature_select_strategy="default",
         num_additional_image_tokens=1,
         chat_template=CHAT_TEMPLATE,
     )
 
 
-def image_token_count() -> int:
-    """Image tokens per image: one per 14 px patch of the 112 px image (the CLS token is dropped)."""
-    return (IMAGE_SIZE // PATCH_SIZE) ** 2
+def image_token_count(image_size: int = IMAGE_SIZE, patch_size: int = PATCH_SIZE) -> int:
+    """Image tokens per image: one per patch (the CLS token is dropped)."""
+    return (image_size // patch_size) ** 2
 
 
 def organism_config(
@@ -93,8 +96,11 @@ def organism_config(
     text_intermediate_size: int = 688,
     text_layers: int = 12,
     text_heads: int = 8,
+    image_size: int = IMAGE_SIZE,
+    patch_size: int = PATCH_SIZE,
 ) -> Any:
-    """The organism's LlavaConfig: CLIP tower (112 px, 14 px patches) -> GELU MLP projector -> Llama decoder."""
+    """The organism's LlavaConfig: CLIP tower (square images in square patches) -> GELU MLP projector -> Llama
+    decoder."""
     from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
 
     vision = CLIPVisionConfig(
@@ -102,8 +108,8 @@ def organism_config(
         intermediate_size=vision_intermediate_size,
         num_hidden_layers=vision_layers,
         num_attention_heads=vision_heads,
-        image_size=IMAGE_SIZE,
-        patch_size=PATCH_SIZE,
+        image_size=image_size,
+        patch_size=patch_size,
         projection_dim=vision_hidden_size,
         hidden_act="quick_gelu",
     )
@@ -115,7 +121,8 @@ def organism_config(
         num_attention_heads=text_heads,
         num_key_value_heads=text_heads,
         vocab_size=vocab_size,
-        max_position_embeddings=512,
+        # Room for the image and a question; the shipped 64-token organism keeps the 512 it was trained with.
+        max_position_embeddings=max(512, image_token_count(image_size, patch_size) + 256),
         pad_token_id=pad_token_id,
         bos_token_id=bos_token_id,
         eos_token_id=eos_token_id,

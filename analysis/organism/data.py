@@ -85,6 +85,16 @@ class TrainingData:
         )
 
 
+def tower_input(image: Image.Image, image_processor: Any) -> np.ndarray:
+    """A square scene as uint8 (h, w, 3) at the vision tower's size, resized as the image processor resizes it
+    (a square image's shortest-edge resize and center crop are one resize), so training sees what inference sees."""
+    side = int(image_processor.crop_size["height"])
+    rgb = image.convert("RGB")
+    if rgb.size != (side, side):
+        rgb = rgb.resize((side, side), resample=image_processor.resample)
+    return np.asarray(rgb)
+
+
 def pixel_values(pixels: torch.Tensor, image_processor: Any) -> torch.Tensor:
     """CLIP-normalised float pixels from uint8 (n, 3, h, w) images, as the processor computes them."""
     mean = torch.tensor(image_processor.image_mean, device=pixels.device).view(1, 3, 1, 1)
@@ -99,9 +109,13 @@ def encode_sequences(
     image_index: Sequence[int],
     *,
     loss_on_prompt: bool,
+    image_tokens: int = image_token_count(),
 ) -> SequenceSet:
-    """Tokenise prompt + target + EOS per row; the loss covers the target and EOS (and the prompt if asked)."""
-    expanded = [prompt.replace(IMAGE_TOKEN, IMAGE_TOKEN * image_token_count()) for prompt in prompts]
+    """Tokenise prompt + target + EOS per row; the loss covers the target and EOS (and the prompt if asked).
+
+    Each image marker becomes ``image_tokens`` image tokens, as the processor expands it.
+    """
+    expanded = [prompt.replace(IMAGE_TOKEN, IMAGE_TOKEN * image_tokens) for prompt in prompts]
     # Prompts and answers repeat a lot (stage 2 has a single prompt), so each distinct string is tokenised once.
     unique_prompts = list(dict.fromkeys(expanded))
     unique_targets = list(dict.fromkeys(targets))
@@ -158,7 +172,8 @@ def build_training_data(
     image_of_sample = [scene_of_image[item.scene.index] for item in items]
     logger.info("generated %d train questions over %d scenes", len(samples), len(images))
 
-    pixels = torch.from_numpy(np.stack([np.asarray(image.convert("RGB")) for image in images])).permute(0, 3, 1, 2)
+    pixels = torch.from_numpy(np.stack([tower_input(image, processor.image_processor) for image in images]))
+    pixels = pixels.permute(0, 3, 1, 2)
     tokenizer = processor.tokenizer
     caption_ids, caption_mask = encode_captions(tokenizer, captions)
 
@@ -167,17 +182,34 @@ def build_training_data(
         adapter.render_prompt(processor, text_only_sample(sample, captions[image])).text
         for sample, image in zip(samples, image_of_sample, strict=True)
     ]
+    # As many image tokens per marker as the processor makes: one per patch of the tower's input.
+    n_image = image_token_count(int(processor.image_processor.crop_size["height"]), int(processor.patch_size))
     text_qa = encode_sequences(
-        tokenizer, text_prompts, [s.answer or "" for s in samples], [-1] * len(samples), loss_on_prompt=True
+        tokenizer,
+        text_prompts,
+        [s.answer or "" for s in samples],
+        [-1] * len(samples),
+        loss_on_prompt=True,
+        image_tokens=n_image,
     )
     describe = Sample("caption", [images[0]], prompt=CAPTION_PROMPT, question=CAPTION_PROMPT)
     caption_prompt = adapter.render_prompt(processor, describe).text
     caption_chat = encode_sequences(
-        tokenizer, [caption_prompt] * len(images), captions, range(len(images)), loss_on_prompt=False
+        tokenizer,
+        [caption_prompt] * len(images),
+        captions,
+        range(len(images)),
+        loss_on_prompt=False,
+        image_tokens=n_image,
     )
     vqa_prompts = [adapter.render_prompt(processor, sample).text for sample in samples]
     vqa = encode_sequences(
-        tokenizer, vqa_prompts, [s.answer or "" for s in samples], image_of_sample, loss_on_prompt=False
+        tokenizer,
+        vqa_prompts,
+        [s.answer or "" for s in samples],
+        image_of_sample,
+        loss_on_prompt=False,
+        image_tokens=n_image,
     )
     families = [sample.family for sample in samples]
     return TrainingData(pixels, captions, caption_ids, caption_mask, families, text_qa, caption_chat, vqa)

@@ -85,6 +85,8 @@ class OrganismTrainConfig:
     vision_intermediate_size: int
     vision_layers: int
     vision_heads: int
+    image_size: int  # the vision tower's input (ShapesVQA's scenes are resized to it)
+    patch_size: int
     text_hidden_size: int
     text_intermediate_size: int
     text_layers: int
@@ -132,6 +134,10 @@ class OrganismTrainConfig:
                 value == 0 and field.name not in ("seed", "test_size", "weight_decay", "finetune_vision_lr")
             ):
                 raise ConfigError(f"OrganismTrainConfig.{field.name} must be positive, got {value!r}")
+        if self.image_size % self.patch_size:
+            raise ConfigError(
+                f"OrganismTrainConfig.image_size {self.image_size} must be a multiple of patch_size {self.patch_size}"
+            )
         if not self.warmup_fraction < 1:
             raise ConfigError(f"OrganismTrainConfig.warmup_fraction must be below 1, got {self.warmup_fraction}")
 
@@ -402,7 +408,7 @@ def _train_and_save(
     """Stages 0-3 (vision pretraining, language, alignment, VQA fine-tuning), then the organism saved to ``out``."""
     from transformers import LlavaForConditionalGeneration
 
-    processor = build_processor(shapes_config)
+    processor = build_processor(shapes_config, config.image_size, config.patch_size)
     tokenizer = processor.tokenizer
     model_config = organism_config(
         len(tokenizer),
@@ -418,6 +424,8 @@ def _train_and_save(
         text_intermediate_size=config.text_intermediate_size,
         text_layers=config.text_layers,
         text_heads=config.text_heads,
+        image_size=config.image_size,
+        patch_size=config.patch_size,
     )
     hf.set_attention_implementation(model_config, "sdpa")
     model: HFModel = LlavaForConditionalGeneration(model_config)
