@@ -252,3 +252,18 @@ def test_training_pixels_match_the_processor(image_size: int) -> None:
     theirs = image_processor(images=[image], return_tensors="pt")["pixel_values"]
     assert ours.shape == theirs.shape == (1, 3, image_size, image_size)
     torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=0)
+
+
+def test_marker_ids_expand_as_the_expanded_prompt_tokenises(processor, adapter) -> None:
+    """Expanding each image-marker id after tokenising equals tokenising the prompt with every marker expanded."""
+    from analysis.organism.data import expand_marker_ids
+
+    tokenizer = processor.tokenizer
+    n = image_token_count()
+    samples = generate_samples("test", 4, ShapesConfig())
+    prompts = [adapter.render_prompt(processor, sample).text for sample in samples]
+    prompts.append(prompts[0].replace(IMAGE_TOKEN, IMAGE_TOKEN + " and " + IMAGE_TOKEN))  # two images
+    image_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
+    for prompt in prompts:
+        expected = tokenizer(prompt.replace(IMAGE_TOKEN, IMAGE_TOKEN * n))["input_ids"]
+        assert expand_marker_ids(tokenizer(prompt)["input_ids"], image_id, n) == expected

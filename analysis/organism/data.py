@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -102,6 +103,16 @@ def pixel_values(pixels: torch.Tensor, image_processor: Any) -> torch.Tensor:
     return (pixels.float() * float(image_processor.rescale_factor) - mean) / std
 
 
+def expand_marker_ids(ids: list[int], image_id: int, copies: int) -> list[int]:
+    """Token ids with every image-marker id repeated ``copies`` times."""
+    if image_id not in ids:
+        return ids
+    expanded: list[int] = []
+    for token in ids:
+        expanded.extend([token] * copies if token == image_id else [token])
+    return expanded
+
+
 def encode_sequences(
     tokenizer: Any,
     prompts: Sequence[str],
@@ -115,14 +126,19 @@ def encode_sequences(
 
     Each image marker becomes ``image_tokens`` image tokens, as the processor expands it.
     """
-    expanded = [prompt.replace(IMAGE_TOKEN, IMAGE_TOKEN * image_tokens) for prompt in prompts]
-    # Prompts and answers repeat a lot (stage 2 has a single prompt), so each distinct string is tokenised once.
-    unique_prompts = list(dict.fromkeys(expanded))
+    # Prompts and answers repeat a lot (stage 2 has a single prompt), so each distinct string is tokenised once,
+    # with one marker per image: the marker is a special token, so expanding its id afterwards gives the ids of
+    # the expanded prompt without tokenising hundreds of markers per prompt.
+    image_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
+    unique_prompts = list(dict.fromkeys(prompts))
+    prompt_ids = {
+        prompt: expand_marker_ids(ids, image_id, image_tokens)
+        for prompt, ids in zip(unique_prompts, tokenizer(unique_prompts)["input_ids"], strict=True)
+    }
     unique_targets = list(dict.fromkeys(targets))
-    prompt_ids = dict(zip(unique_prompts, tokenizer(unique_prompts)["input_ids"], strict=True))
     encoded = tokenizer(unique_targets, add_special_tokens=False)["input_ids"]
     target_ids = dict(zip(unique_targets, encoded, strict=True))
-    rows = [(prompt_ids[p], [*target_ids[t], tokenizer.eos_token_id]) for p, t in zip(expanded, targets, strict=True)]
+    rows = [(prompt_ids[p], [*target_ids[t], tokenizer.eos_token_id]) for p, t in zip(prompts, targets, strict=True)]
     width = max(len(p) + len(t) for p, t in rows)
     ids = np.full((len(rows), width), tokenizer.pad_token_id, dtype=np.int64)
     labels = np.full((len(rows), width), IGNORE_INDEX, dtype=np.int64)
@@ -172,7 +188,10 @@ def build_training_data(
     image_of_sample = [scene_of_image[item.scene.index] for item in items]
     logger.info("generated %d train questions over %d scenes", len(samples), len(images))
 
-    pixels = torch.from_numpy(np.stack([tower_input(image, processor.image_processor) for image in images]))
+    # PIL resizes without the GIL, so the scenes are brought to the tower's size on every core.
+    with ThreadPoolExecutor() as pool:
+        resized = list(pool.map(lambda image: tower_input(image, processor.image_processor), images))
+    pixels = torch.from_numpy(np.stack(resized))
     pixels = pixels.permute(0, 3, 1, 2)
     tokenizer = processor.tokenizer
     caption_ids, caption_mask = encode_captions(tokenizer, captions)
