@@ -115,6 +115,9 @@ class LastRowObservation:
     weights: torch.Tensor  # (B, H, K) softmax row incl. the intervention's mask and zeroed edges
     model_dtype: torch.dtype = torch.float32  # the dtype the model computes attention in
     mask: torch.Tensor | None = None  # (B, 1, K) the row's additive mask (the intervention's blocked edges included)
+    # (B, N) the key index of each sample's image tokens in this observation (set by a pruning executor: the
+    # token-dropping one moves them from layer to layer).
+    image_index: torch.Tensor | None = None
 
 
 @dataclass

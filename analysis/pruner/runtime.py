@@ -35,7 +35,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -98,7 +98,6 @@ class PrunedRuntime(PruningHooks):
         self.layouts = list(layouts)
         self.num_layers = adapter.num_layers
         self.eager = attn_implementation == "eager"
-        self.image_positions = self.image_index  # padded input positions; image_index is swapped while observing
         self.prompt_valid = torch.zeros(len(layouts), prompt_length, dtype=torch.bool, device=device)
         for row, layout in enumerate(layouts):
             self.prompt_valid[row, layout.pad_offset :] = True
@@ -157,11 +156,7 @@ class PrunedRuntime(PruningHooks):
 
     def observe(self, observation: LastRowObservation) -> None:
         """Apply the rule with image tokens addressed by their slots in this layer."""
-        self.image_index = self._image_slots(self._layout)
-        try:
-            super().observe(observation)
-        finally:
-            self.image_index = self.image_positions
+        super().observe(replace(observation, image_index=self._image_slots(self._layout)))
 
     def blocked(self, layer: int, query_start: int, query_length: int, key_length: int) -> torch.Tensor | None:
         """Shallow stage only (under our rule); pruned tokens are gone, not masked."""
@@ -216,7 +211,7 @@ class PrunedRuntime(PruningHooks):
         """(B, input length) bool: the input positions ``layer`` processes."""
         rows, ordinals = self.dropped_image_tokens(layer).nonzero(as_tuple=True)
         kept = self._input_valid()
-        kept[rows, self.image_positions[rows, ordinals]] = False
+        kept[rows, self.image_index[rows, ordinals]] = False
         return kept
 
     def _input_valid(self) -> torch.Tensor:
@@ -251,12 +246,12 @@ class PrunedRuntime(PruningHooks):
     def _image_slots(self, layout: _Layout) -> torch.Tensor:
         """(B, N) slot of each image token in ``layout`` (0 for tokens no longer there)."""
         if layout.identity:
-            return self.image_positions
+            return self.image_index
         batch, length = layout.positions.shape
         slot_of = torch.zeros(batch, self._input_length + 1, dtype=torch.long, device=layout.positions.device)
         target = torch.where(layout.valid, layout.positions, self._input_length)  # pads go to a spare column
         slot_of.scatter_(1, target, torch.arange(length, device=target.device).expand(batch, -1))
-        return slot_of[:, : self._input_length].gather(1, self.image_positions)
+        return slot_of[:, : self._input_length].gather(1, self.image_index)
 
     def _mask(
         self, key_valid: torch.Tensor, padded: bool, query_length: int, dtype: torch.dtype

@@ -9,7 +9,7 @@ as each layer's KV cache keeps what that layer had at prefill.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -94,7 +94,9 @@ class PruningHooks(AttentionHooks):
         return self.method.observes(layer, self)
 
     def observe(self, observation: LastRowObservation) -> None:
-        """Let the method decide from one layer's last-row attention."""
+        """Let the method decide from one layer's last-row attention (image tokens at their input positions)."""
+        if observation.image_index is None:
+            observation = replace(observation, image_index=self.image_index)
         self.method.decide(self, observation)
 
     def dropped_image_tokens(self, layer: int) -> torch.Tensor:

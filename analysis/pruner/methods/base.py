@@ -43,7 +43,7 @@ class MethodConfig:
 class SelectionState(Protocol):
     """The per-sample decisions an executor holds and a method updates (tensors of the batch)."""
 
-    image_index: torch.Tensor  # (B, N) padded positions of each sample's image tokens (0 where absent)
+    image_index: torch.Tensor  # (B, N) padded input positions of each sample's image tokens (0 where absent)
     image_valid: torch.Tensor  # (B, N) bool
     keep: torch.Tensor  # (B, N) bool: image tokens kept once a selection applies
     selection_layer: torch.Tensor  # (B,) layer whose attention the rule read (tokens go from the next); -1: never
@@ -80,7 +80,8 @@ class PruningMethod:
         return False
 
     def decide(self, state: SelectionState, observation: LastRowObservation) -> None:
-        """Update the decisions from one observed layer's last-row attention."""
+        """Update the decisions from one observed layer's last-row attention (its ``image_index`` says which of its
+        keys are each sample's image tokens)."""
 
     # -- the shallow stage (text->image attention removed in early layers) -------------------------------
     def shallow_rule(self, layer: int, decoding: bool) -> str | None:

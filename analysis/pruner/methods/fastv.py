@@ -29,6 +29,13 @@ def one_shot_problems(prune_layer: int, keep_tokens: int, num_layers: int) -> li
     return problems
 
 
+def image_keys(observation: LastRowObservation) -> torch.Tensor:
+    """(B, N) which of the observation's keys are each sample's image tokens (an executor always sets them)."""
+    if observation.image_index is None:
+        raise RuntimeError("a pruning executor must say where the image tokens are (LastRowObservation.image_index)")
+    return observation.image_index
+
+
 def keep_chosen(state: SelectionState, layer: int, chosen: list[torch.Tensor]) -> None:
     """Keep each sample's ``chosen`` image-token ordinals, selected at ``layer``."""
     keep = torch.zeros_like(state.image_valid)
@@ -58,7 +65,7 @@ class FastV(PruningMethod):
 
     def decide(self, state: SelectionState, observation: LastRowObservation) -> None:
         """Keep the most attended image tokens of each sample."""
-        weights = torch.gather(observation.weights.mean(1), 1, state.image_index)
+        weights = torch.gather(observation.weights.mean(1), 1, image_keys(observation))
         weights = weights.masked_fill(~state.image_valid, -1.0)
         counts = state.image_valid.sum(1).tolist()
         chosen = [weights[row].topk(min(self.params.keep_tokens, n)).indices for row, n in enumerate(counts)]

@@ -19,6 +19,7 @@ import torch
 from analysis.hooks.attention import LastRowObservation
 from analysis.hooks.contributions import image_contributions
 from analysis.pruner.methods.base import MethodConfig, PruningMethod, SelectionState
+from analysis.pruner.methods.fastv import image_keys
 
 STAGES = ("shallow", "middle", "deep")
 # How the shallow stage removes text->image attention. "mask": hidden before the softmax, so the text's attention
@@ -171,7 +172,9 @@ class VisiPruner(PruningMethod):
                 values=observation.values.to(dtype),
                 weights=weights,
             )
-        recorded = image_contributions(observation, state.image_index, state.image_valid, authors_formulas=authors)
+        recorded = image_contributions(
+            observation, image_keys(observation), state.image_valid, authors_formulas=authors
+        )
         cosine, norm = recorded["cosine"], recorded["norm"]
         layer = observation.layer
         valid = state.image_valid
