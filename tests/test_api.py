@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+import torch
 from fixtures_data import LOCAL_RECORDS, write_jsonl
 from PIL import Image
 
@@ -101,3 +102,22 @@ def test_bad_input_is_one_clear_line(tmp_path: Path, loaded) -> None:
     image = _image(write_jsonl(tmp_path / "data", [RECORD]))
     with pytest.raises(ConfigError, match="top_k"):
         api.trace(loaded, image, "what?", top_k=10_000)
+
+
+def test_pruned_context_runs_the_model_on_dropped_tokens(tmp_path: Path, loaded) -> None:
+    """Inside api.pruned a forward of the yielded inputs is the pruned model's: keep-everything changes nothing,
+    a real budget changes the logits."""
+    image = _image(write_jsonl(tmp_path / "data", [RECORD]))
+    n_image = plain_image_tokens(loaded, image)
+    layers = loaded.adapter.num_layers
+    unpruned = PruningConfig(method="none", num_layers=layers)
+    with api.pruned(loaded, unpruned, image, RECORD["prompt"]) as inputs, torch.no_grad():
+        plain = loaded.model(**inputs.tensors).logits[:, -1]
+    keep_all = PruningConfig(method="fastv", num_layers=layers, prune_layer=1, keep_tokens=n_image)
+    with api.pruned(loaded, keep_all, image, RECORD["prompt"]) as inputs, torch.no_grad():
+        same = loaded.model(**inputs.tensors).logits[:, -1]
+    few = PruningConfig(method="fastv", num_layers=layers, prune_layer=1, keep_tokens=2)
+    with api.pruned(loaded, few, image, RECORD["prompt"]) as inputs, torch.no_grad():
+        pruned = loaded.model(**inputs.tensors).logits[:, -1]
+    torch.testing.assert_close(same, plain, atol=1e-5, rtol=0)
+    assert not torch.allclose(pruned, plain, atol=1e-4)
