@@ -29,11 +29,6 @@ _TINY_CHAT_TEMPLATE = (
 _TINY_SPECIALS = ["<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]
 
 
-def tiny_special_ids(tokenizer: Any) -> dict[str, int]:
-    """The ids of the tiny Qwen tokenizer's chat and vision tokens."""
-    return {token: tokenizer.convert_tokens_to_ids(token) for token in _TINY_SPECIALS}
-
-
 class Qwen25VLAdapter(FamilyAdapter):
     """Qwen2.5-VL: native-resolution ViT with 2x2 patch merging; image-token count depends on image size."""
 
@@ -45,8 +40,22 @@ class Qwen25VLAdapter(FamilyAdapter):
         for size in ("3b", "7b", "32b", "72b")
     }
     tiny_alias = "tiny-qwen2.5-vl"
-    # The transformers processor class of the family (its tiny processor is one over a word-level tokenizer).
+    # The family's transformers classes (its tiny processor is one over a word-level tokenizer) and its tiny
+    # model's vision tower; the tiny text decoder is shared by the Qwen VL families.
     processor_class: ClassVar[str] = "Qwen2_5_VLProcessor"
+    model_classes: ClassVar[tuple[str, str]] = ("Qwen2_5_VLConfig", "Qwen2_5_VLForConditionalGeneration")
+    tiny_vision_config: ClassVar[dict[str, Any]] = {
+        "depth": 2,
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_heads": 2,
+        "out_hidden_size": 64,
+        "patch_size": 14,
+        "spatial_merge_size": 2,
+        "temporal_patch_size": 2,
+        "window_size": 56,
+        "fullatt_block_indexes": [1],
+    }
 
     def decoder_layers(self, root: Any | None = None) -> Sequence[Any]:
         """The Qwen2 decoder layers of ``root`` (default: the wrapped model)."""
@@ -87,24 +96,14 @@ class Qwen25VLAdapter(FamilyAdapter):
 
     @classmethod
     def tiny_model(cls, seed: int = 0, num_layers: int = 4) -> HFModel:
-        """A tiny random Qwen2.5-VL with M-RoPE and GQA; 4-16 image tokens depending on image size."""
-        from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+        """A tiny random model of the family with M-RoPE and GQA; 4-16 image tokens depending on image size."""
+        import transformers
 
+        config_class, model_class = (getattr(transformers, name) for name in cls.model_classes)
         tokenizer = cls.tiny_processor().tokenizer
-        ids = tiny_special_ids(tokenizer)
-        config = Qwen2_5_VLConfig(
-            vision_config={
-                "depth": 2,
-                "hidden_size": 32,
-                "intermediate_size": 64,
-                "num_heads": 2,
-                "out_hidden_size": 64,
-                "patch_size": 14,
-                "spatial_merge_size": 2,
-                "temporal_patch_size": 2,
-                "window_size": 56,
-                "fullatt_block_indexes": [1],
-            },
+        ids = {token: tokenizer.convert_tokens_to_ids(token) for token in _TINY_SPECIALS}
+        config = config_class(
+            vision_config=dict(cls.tiny_vision_config),
             text_config={
                 "hidden_size": 64,
                 "intermediate_size": 128,
@@ -125,7 +124,7 @@ class Qwen25VLAdapter(FamilyAdapter):
         )
         config._attn_implementation = "eager"
         torch.manual_seed(seed)
-        model = Qwen2_5_VLForConditionalGeneration(config).eval()
+        model = model_class(config).eval()
         model.generation_config.pad_token_id = tokenizer.pad_token_id
         return model
 
