@@ -10,12 +10,18 @@ from typing import Any
 
 from analysis.errors import ConfigError
 from analysis.pruner.methods import METHODS, method_for
+from analysis.pruner.methods.random_tokens import RandomConfig
 from analysis.pruner.methods.visipruner import (
     AUTHORS_DEEP_COSINE,
     AUTHORS_DEEP_PATIENCE,
     LAYER0_RULES,
     STAGES,
+    VisiPrunerConfig,
 )
+
+# The built-in methods' defaults, stated once in their typed configs (FastV's K and budget are random's too).
+_VISIPRUNER = VisiPrunerConfig()
+_ONE_SHOT = RandomConfig()
 
 # LLaVA-1.5's decoders (Vicuna-7B and -13B): the shapes the authors' two layer-0 rules were written for.
 AUTHORS_ARCHITECTURES = {(32, 4096, 32, 11008): "authors_7b", (40, 5120, 40, 13824): "authors_13b"}
@@ -35,19 +41,19 @@ class PruningConfig:
     method: str = "visipruner"
     num_layers: int = 0
     stages: list[str] = field(default_factory=lambda: list(STAGES))
-    shallow_mid_layer: int = 6
-    layer_threshold: float = 0.995
-    tokens_threshold: float = 0.2
-    deep_cosine: float = 0.999
-    deep_patience: int = 2
-    shallow_in_decode: bool = True
-    shallow_rule: str = "mask"
-    layer0_rule: str = "none"
-    rule_precision: str = "float32"
-    rule: str = "ours"
-    prune_layer: int = 2
-    keep_tokens: int = 64
-    seed: int = 0
+    shallow_mid_layer: int = _VISIPRUNER.shallow_mid_layer
+    layer_threshold: float = _VISIPRUNER.layer_threshold
+    tokens_threshold: float = _VISIPRUNER.tokens_threshold
+    deep_cosine: float = _VISIPRUNER.deep_cosine
+    deep_patience: int = _VISIPRUNER.deep_patience
+    shallow_in_decode: bool = _VISIPRUNER.shallow_in_decode
+    shallow_rule: str = _VISIPRUNER.shallow_rule
+    layer0_rule: str = _VISIPRUNER.layer0_rule
+    rule_precision: str = _VISIPRUNER.rule_precision
+    rule: str = _VISIPRUNER.rule
+    prune_layer: int = _ONE_SHOT.prune_layer
+    keep_tokens: int = _ONE_SHOT.keep_tokens
+    seed: int = _ONE_SHOT.seed
     options: dict[str, Any] = field(default_factory=dict)  # parameters of methods without a field above
     provenance: dict[str, Any] = field(default_factory=dict)
 
