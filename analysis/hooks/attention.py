@@ -202,9 +202,11 @@ class AttentionCall:
     scaling: float
     query_start: int  # absolute position of the first query (cache-aware)
 
-    def row_mask(self, rows: torch.Tensor | slice) -> torch.Tensor:
-        """The additive float32 mask (B, 1, R, K) of some query rows (indices into this call's queries)."""
-        return row_mask(self.attention_mask, self.query, self.key.shape[2], self.query_start, rows)
+    def row_mask(self, rows: slice) -> torch.Tensor:
+        """The additive float32 mask (B, 1, R, K) of some query rows (a slice of this call's queries)."""
+        return additive_mask(
+            self.attention_mask, self.query, self.key.shape[2], self.query_start, rows, dtype=torch.float32
+        )
 
 
 def eager_attention(
@@ -277,7 +279,7 @@ class AttentionRoute:
         if blocked is None and zeroed is None and not observe:
             # Untouched layers see exactly the mask the model made, so a no-op intervention is bit-identical.
             return self.base(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
-        mask = _full_mask(attention_mask, query, key_length, query_start)
+        mask = additive_mask(attention_mask, query, key_length, query_start)
         minimum = torch.finfo(mask.dtype).min
         if blocked is not None:
             mask = mask.masked_fill(blocked[:, None], minimum)
@@ -302,44 +304,36 @@ class AttentionRoute:
         return _rescale_zeroed(output, weights, query, key, value, mask, scaling, zeroed)
 
 
-def row_mask(
+def additive_mask(
     attention_mask: torch.Tensor | None,
     query: torch.Tensor,
     key_length: int,
     query_start: int,
-    rows: torch.Tensor | slice,
+    rows: slice = slice(None),
+    dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
-    """The additive float32 mask (B, 1, R, K) of some query rows, from a model's float, bool or absent mask."""
+    """The additive mask (B, 1, R, K) of some query rows, from a model's float, bool or absent (causal) mask.
+
+    ``dtype`` None: a float mask exactly as the model made it, the others in the query's dtype (what the model's
+    own attention would add); a dtype converts the float mask too, its minimum clamped to that dtype's.
+    """
     batch = query.shape[0]
-    minimum = torch.finfo(torch.float32).min
-    if attention_mask is None:
+    n_rows = len(range(*rows.indices(query.shape[2])))
+    if attention_mask is not None and attention_mask.dtype != torch.bool:
+        selected = attention_mask[..., :key_length]
+        if rows != slice(None):
+            selected = selected[:, :, rows]
+        selected = selected.expand(batch, 1, n_rows, key_length)
+        return selected if dtype is None else selected.to(dtype).clamp(min=torch.finfo(dtype).min)
+    target = dtype or query.dtype
+    if attention_mask is not None:
+        allowed = attention_mask[:, :, rows, :key_length].expand(batch, 1, n_rows, key_length)
+    else:
         positions = torch.arange(query.shape[2], device=query.device)[rows] + query_start
         allowed = torch.arange(key_length, device=query.device)[None, :] <= positions[:, None]
-        allowed = allowed[None, None].expand(batch, 1, -1, -1)
-    else:
-        selected = attention_mask[:, :, rows, :key_length].expand(batch, 1, -1, -1)
-        if selected.dtype != torch.bool:
-            return selected.float().clamp(min=minimum)
-        allowed = selected
-    return torch.zeros((), device=query.device).masked_fill(~allowed, minimum)
-
-
-def _full_mask(
-    attention_mask: torch.Tensor | None, query: torch.Tensor, key_length: int, query_start: int
-) -> torch.Tensor:
-    """A (B, 1, Q, K) additive float mask, built causally when the model passed none."""
-    batch, _, query_length, _ = query.shape
-    if attention_mask is not None and attention_mask.dtype != torch.bool:
-        return attention_mask[..., :key_length].expand(batch, 1, query_length, key_length)
-    minimum = torch.finfo(query.dtype).min
-    if attention_mask is not None:
-        allowed = attention_mask[..., :key_length].expand(batch, 1, query_length, key_length)
-    else:
-        positions = torch.arange(key_length, device=query.device)
-        allowed = positions[None, :] <= (query_start + torch.arange(query_length, device=query.device))[:, None]
-        allowed = allowed[None, None].expand(batch, 1, query_length, key_length)
-    zero = torch.zeros((), dtype=query.dtype, device=query.device)
-    return torch.where(allowed, zero, torch.full((), minimum, dtype=query.dtype, device=query.device))
+        allowed = allowed[None, None].expand(batch, 1, n_rows, key_length)
+    zero = torch.zeros((), dtype=target, device=query.device)
+    return torch.where(allowed, zero, torch.full((), torch.finfo(target).min, dtype=target, device=query.device))
 
 
 def _zero_weights(
