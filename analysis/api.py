@@ -18,11 +18,11 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
-import torch
 from PIL import Image
 
 from analysis.data.samples import Sample
 from analysis.errors import ConfigError
+from analysis.models.adapters import ModelInputs
 from analysis.models.registry import LoadedModel, default_device, load_model
 from analysis.pruner.config import PruningConfig, config_for_model, parse_config
 
@@ -42,6 +42,14 @@ def _samples(images: Image.Image | Sequence[Image.Image], question: str, answer:
     return [Sample("sample", pictures, prompt=question, question=question, answer=answer)]
 
 
+def _inputs(
+    loaded: LoadedModel, images: Image.Image | Sequence[Image.Image], question: str, answer: str | None = None
+) -> tuple[list[Sample], ModelInputs]:
+    """The one sample and its model inputs on the model's device."""
+    samples = _samples(images, question, answer)
+    return samples, loaded.adapter.build_inputs(loaded.processor, samples, device=loaded.device)
+
+
 def _frames(tables: dict[str, Any]) -> dict[str, pd.DataFrame]:
     """Arrow tables as DataFrames."""
     return {name: table.to_pandas() for name, table in tables.items()}
@@ -57,14 +65,11 @@ def trace(
 ) -> dict[str, pd.DataFrame]:
     """The trace tables (attention, sinks, image_tokens, samples) of one image-question pair, no run folder."""
     from analysis.generation import generate_answers
-    from analysis.trace.run import batch_tables
+    from analysis.trace.run import batch_tables, check_top_k
     from analysis.trace.tracer import trace_batch
 
-    samples = _samples(images, question, None)
-    inputs = loaded.adapter.build_inputs(loaded.processor, samples, device=_device(loaded))
-    n_image = inputs.layouts[0].n_image_tokens
-    if top_k > n_image:
-        raise ConfigError(f"top_k {top_k} exceeds the image's {n_image} tokens; choose top_k <= {n_image}")
+    samples, inputs = _inputs(loaded, images, question)
+    check_top_k(top_k, inputs.layouts[0].n_image_tokens, samples[0].sample_id, option="top_k")
     stats, _ = trace_batch(loaded.adapter, inputs, top_k=top_k)
     answers = generate_answers(loaded, inputs, max_new_tokens)
     return _frames(batch_tables(samples, inputs, stats, answers, top_k))
@@ -84,8 +89,7 @@ def probe(
 
     config = ProbeConfig(model=loaded.name, probes=",".join(probes), **options)
     config.validate(loaded.adapter.num_layers)
-    samples = _samples(images, question, answer)
-    inputs = loaded.adapter.build_inputs(loaded.processor, samples, device=_device(loaded))
+    samples, inputs = _inputs(loaded, images, question, answer)
     return _frames(probe_batch(loaded, config, config.selected(), samples, inputs))
 
 
@@ -146,7 +150,7 @@ def pruned(
     from analysis.pruner.runtime import pruned_runtime
 
     config = _config(loaded, pruning)
-    inputs = loaded.adapter.build_inputs(loaded.processor, _samples(images, question, None), device=_device(loaded))
+    _, inputs = _inputs(loaded, images, question)
     with pruned_runtime(loaded.model, config, inputs.layouts):
         yield inputs
 
@@ -168,7 +172,7 @@ def generate(
         if pruning is not None
         else PruningConfig(method="none", num_layers=loaded.adapter.num_layers)
     )
-    inputs = loaded.adapter.build_inputs(loaded.processor, _samples(images, question, None), device=_device(loaded))
+    _, inputs = _inputs(loaded, images, question)
     with pruned_runtime(loaded.model, config, inputs.layouts) as runtime:
         answers = generate_answers(loaded, inputs, max_new_tokens)
     decisions = runtime.decisions(inputs.layouts)
@@ -178,8 +182,3 @@ def generate(
         [int(layer) for layer in decisions.selection_layer],
         [int(layer) for layer in decisions.exit_layer],
     )
-
-
-def _device(loaded: LoadedModel) -> torch.device:
-    """Where the model's first weights are (inputs go there)."""
-    return next(loaded.model.parameters()).device

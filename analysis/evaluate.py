@@ -123,7 +123,7 @@ class EvalConfig:
 
 def _prediction_rows(loaded: LoadedModel, batch: Sequence[Sample], max_new_tokens: int) -> list[dict[str, Any]]:
     """Greedy answers of the unpruned model for one batch, scored."""
-    device = next(loaded.model.parameters()).device
+    device = loaded.device
     inputs = loaded.adapter.build_inputs(loaded.processor, batch, device=device)
     return [
         {

@@ -79,8 +79,7 @@ class Run:
 
     def inputs(self, batch: Sequence[Sample]) -> ModelInputs:
         """A batch tokenised for the run's model, on its device."""
-        device = next(self.loaded.model.parameters()).device
-        return self.loaded.adapter.build_inputs(self.loaded.processor, batch, device=device)
+        return self.loaded.adapter.build_inputs(self.loaded.processor, batch, device=self.loaded.device)
 
     def process(self, batch_tables: BatchFn) -> None:
         """Compute and commit every pending batch (one part each)."""

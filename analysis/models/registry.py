@@ -73,6 +73,11 @@ class LoadedModel:
     source: str
     revision: str | None
 
+    @property
+    def device(self) -> torch.device:
+        """Where the model's first weights are (inputs go there; a sharded model takes them on its first device)."""
+        return next(self.model.parameters()).device
+
 
 def default_device() -> str:
     """cuda when a GPU is visible, else cpu."""

@@ -39,9 +39,20 @@ logger = logging.getLogger(__name__)
 PROBES = tuple(probe_names())
 DEFAULT_PROBES = ("knockout", "masking", "kv_removal", "logit_lens", "contribution")
 KNOCKOUT_MODES = ("single", "window", "from", "upto")
-PROBE_SCHEMAS: dict[str, pa.Schema] = {
-    table: schema for name in PROBES for table, schema in PROBE_KINDS.get(name).tables.items()
-}
+
+
+def _schemas_for(probes: Sequence[str]) -> dict[str, pa.Schema]:
+    """The tables a set of probes writes and their schemas, in the run's order (registered probes' order)."""
+    wanted = set(probes)
+    return {
+        table: schema
+        for name in probe_names()
+        if name in wanted
+        for table, schema in PROBE_KINDS.get(name).tables.items()
+    }
+
+
+PROBE_SCHEMAS = _schemas_for(PROBES)
 
 
 def _int_list(text: str | None) -> list[int] | None:
@@ -207,7 +218,7 @@ def run_probes(config: ProbeConfig, *, loaded: LoadedModel | None = None, progre
     """Run the selected probes over a dataset into a run folder (resumable; a resumed run may gain probes)."""
     config.validate()
     probes = config.selected()
-    schemas = {table: schema for name in probes for table, schema in PROBE_KINDS.get(name).tables.items()}
+    schemas = _schemas_for(probes)
     schemas[SAMPLES_TABLE] = TRACE_SCHEMAS[SAMPLES_TABLE]
 
     def out_dir(split: str) -> Path:
@@ -292,10 +303,7 @@ def extend_command(run_dir: str | Path, probes: Sequence[str]) -> str:
 
 def _tables_for(probes: Sequence[str]) -> list[str]:
     """Tables a set of probes writes, in the run's order."""
-    wanted = set(probes)
-    return list(
-        dict.fromkeys(table for name in probe_names() if name in wanted for table in PROBE_KINDS.get(name).tables)
-    )
+    return list(_schemas_for(probes))
 
 
 @torch.inference_mode()

@@ -43,7 +43,7 @@ def evaluate_pruned(
     config.validate(loaded.adapter.num_layers)
     prunes = method_for(config).prunes
     shape = DecoderShape.from_config(loaded.adapter.text_config)
-    device = next(loaded.model.parameters()).device
+    device = loaded.device
     rows = []
     for batch in batched(list(samples), batch_size):
         inputs = loaded.adapter.build_inputs(loaded.processor, batch, device=device)
@@ -121,7 +121,7 @@ def clean_answers(
     on_batch: Callable[[int], object] | None = None,
 ) -> dict[str, str | None]:
     """Unpruned greedy answers by sample id (to share among several configs); ``on_batch`` as in evaluate_pruned."""
-    device = next(loaded.model.parameters()).device
+    device = loaded.device
     answers: dict[str, str | None] = {}
     with torch.inference_mode():
         for batch in batched(list(samples), batch_size):

@@ -108,12 +108,16 @@ def run_trace(config: TraceConfig, *, loaded: LoadedModel | None = None, progres
 
 def _check_top_k(top_k: int, loaded: LoadedModel, sample: Sample) -> None:
     """Refuse a sink top-k larger than a sample's image (checked on the first sample, before anything is written)."""
-    device = next(loaded.model.parameters()).device
+    device = loaded.device
     n_image = loaded.adapter.build_inputs(loaded.processor, [sample], device=device).layouts[0].n_image_tokens
+    check_top_k(top_k, n_image, sample.sample_id)
+
+
+def check_top_k(top_k: int, n_image: int, sample_id: str, option: str = "--top-k") -> None:
+    """Refuse a sink top-k larger than a sample's image tokens; ``option`` names the setting in the message."""
     if top_k > n_image:
         raise ConfigError(
-            f"--top-k {top_k} exceeds the {n_image} image tokens of sample {sample.sample_id!r}; "
-            f"choose --top-k <= {n_image}"
+            f"{option} {top_k} exceeds the {n_image} image tokens of sample {sample_id!r}; choose {option} <= {n_image}"
         )
 
 

@@ -43,7 +43,7 @@ class _Plan:
     seq_len: int
     text_start: int  # first padded position holding an instruction or last query in any sample
     # The model's mask of the current pass (kept, so identity means the same pass) and its two conversions.
-    masks: list[tuple[torch.Tensor | None, torch.Tensor, torch.Tensor | None]] = field(default_factory=list)
+    converted: tuple[torch.Tensor | None, torch.Tensor, torch.Tensor | None] | None = None
     region_values: dict[tuple[torch.dtype, int], torch.Tensor] = field(default_factory=dict)
 
     def call_masks(self, call: AttentionCall) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -52,10 +52,10 @@ class _Plan:
         Every layer of a pass gets the same mask object from the model, so it is converted only once.
         """
         mask = call.attention_mask
-        if not self.masks or self.masks[0][0] is not mask:
+        if self.converted is None or self.converted[0] is not mask:
             text_mask = call.row_mask(slice(self.text_start, self.seq_len))
-            self.masks[:] = [(mask, text_mask, None if mask is None else mask[..., : self.seq_len])]
-        return self.masks[0][1], self.masks[0][2]
+            self.converted = (mask, text_mask, None if mask is None else mask[..., : self.seq_len])
+        return self.converted[1], self.converted[2]
 
     def values(self, dtype: torch.dtype, heads: int) -> torch.Tensor:
         """The regions' one-hot columns as attention values (B, heads, T, width), made once per dtype and width."""
@@ -181,7 +181,7 @@ def _text_rows(reduced: list[_Reduced], plan: _Plan) -> tuple[torch.Tensor, torc
         groups = heads // chunk[0].keys.shape[1]
         keys = per_query_head(_stacked([r.keys for r in chunk]).flatten(0, 1), groups)
         keys = keys.unflatten(0, (len(chunk), batch))  # (c, B, H, K, d)
-        scores = _float32_scores(torch.stack([r.text_queries for r in chunk]), keys)  # (c, B, H, R, K)
+        scores = _float32_scores(_stacked([r.text_queries for r in chunk]), keys)  # (c, B, H, R, K)
         # Every layer of a pass shares one mask: broadcast it instead of stacking copies.
         shared = all(r.text_mask is chunk[0].text_mask for r in chunk)
         masks = chunk[0].text_mask.unsqueeze(0) if shared else torch.stack([r.text_mask for r in chunk])
