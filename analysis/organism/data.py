@@ -44,10 +44,11 @@ class SequenceSet:
         tensors = (self.input_ids, self.attention_mask, self.labels, self.image_index)
         return SequenceSet(*(tensor.to(device) for tensor in tensors))
 
-    def batch(self, rows: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Rows ``rows`` with the padding columns they all share removed, plus generation-style position ids."""
+    def batch(self, rows: torch.Tensor, *, full_width: bool = False) -> dict[str, torch.Tensor]:
+        """Rows ``rows`` with the padding columns they all share removed (kept with ``full_width``), plus
+        generation-style position ids."""
         mask = self.attention_mask[rows]
-        width = int(mask.sum(dim=1).max())
+        width = mask.shape[1] if full_width else int(mask.sum(dim=1).max())
         mask = mask[:, -width:]
         # The positions generate() derives from a left-padded mask, so training sees the same RoPE phases.
         positions = (mask.long().cumsum(dim=1) - 1).clamp(min=0)

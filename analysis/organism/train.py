@@ -108,6 +108,8 @@ class OrganismTrainConfig:
     finetune_batch_size: int
     finetune_lr: float
     finetune_vision_lr: float
+    # torch.compile the fine-tune's forward (CUDA only; batches then keep their set's full width, one shape)
+    compile_finetune: bool
     family_repeats: dict[str, int]
     warmup_fraction: float
     weight_decay: float
@@ -123,8 +125,10 @@ class OrganismTrainConfig:
                 "OrganismTrainConfig.family_repeats needs positive whole repeat counts keyed by families of "
                 f"{list(FAMILIES)}, got {self.family_repeats}"
             )
+        if not isinstance(self.compile_finetune, bool):
+            raise ConfigError(f"OrganismTrainConfig.compile_finetune must be true or false, got {self.compile_finetune!r}")
         for field in dataclasses.fields(self):
-            if field.name == "family_repeats":
+            if field.name in ("family_repeats", "compile_finetune"):
                 continue
             value = getattr(self, field.name)
             expected = float if field.type in ("float", float) else int
@@ -449,12 +453,13 @@ def _train_and_save(
     _pretrain_vision(model, tokenizer, data, image_processor, config, log, device)
     model.train()
 
-    def chat_loss(sequences: SequenceSet, with_images: bool) -> LossFn:
+    def chat_loss(sequences: SequenceSet, with_images: bool, forward: Callable[..., Any] = model) -> LossFn:
         def loss(rows: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-            inputs = sequences.batch(rows)
+            # A compiled forward sees one shape for the whole stage instead of recompiling per batch width.
+            inputs = sequences.batch(rows, full_width=forward is not model)
             if with_images:
                 inputs["pixel_values"] = pixel_values(data.pixels[sequences.image_index[rows]], image_processor)
-            return model(**inputs).loss, {}
+            return forward(**inputs).loss, {}
 
         return loss
 
@@ -502,11 +507,13 @@ def _train_and_save(
         tower = model.model.vision_tower
         tower.requires_grad_(True)
         groups.append((list(tower.parameters()), config.finetune_vision_lr))
+    # Compiling pays for itself only on the long fine-tune (about 1.6x per step on an H200, after about 80 s).
+    compiled = config.compile_finetune and device.type == "cuda"
     run_stage(
         Stage(
             "finetune",
             groups,
-            chat_loss(data.vqa, True),
+            chat_loss(data.vqa, True, torch.compile(model, dynamic=False) if compiled else model),
             questions,
             config.finetune_batch_size,
             config.finetune_epochs * per_epoch,
