@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import save_file
 
 from analysis.data.shapes import ShapesConfig, generate_items, generate_samples, item_sample, render
-from analysis.errors import ConfigError, ModelError
+from analysis.errors import ConfigError, DataError, ModelError
 from analysis.models.llava import LlavaAdapter
 from analysis.organism import ORGANISM_DIR, check_organism_files
 from analysis.organism.build import IMAGE_TOKEN, build_processor, image_token_count, organism_config
@@ -220,14 +220,16 @@ def test_shipped_organism_answers_fixed_test_questions_offline(monkeypatch):
 
 
 def test_an_organism_in_llava_15s_regime_trains_in_smoke_mode(tmp_path) -> None:
-    """The same code trains a 336 px tower (576 image tokens) over a 16-layer decoder; the image is >= 85% of
-    every prompt, and the saved model loads through the registry like the shipped one (issue 16's architecture)."""
+    """configs/organism-576.json, in smoke mode, trains a 336 px tower (576 image tokens) over a 16-layer decoder
+    with its text stage packed; the image is >= 85% of every prompt, and the saved model loads through the
+    registry like the shipped one (issue 16's architecture)."""
     import dataclasses
 
     from analysis.models.registry import load_model
     from analysis.organism.train import train
 
-    config = dataclasses.replace(load_config("smoke"), image_size=336, text_layers=16)
+    config = load_config("smoke", DEFAULT_CONFIG.with_name("organism-576.json"))
+    assert (config.image_size, config.text_layers, config.language_context) == (336, 16, 640)
     train(config, tmp_path / "organism", torch.device("cpu"), preset="smoke")
     loaded = load_model(str(tmp_path / "organism"))
     assert loaded.adapter.num_layers == 16
@@ -237,6 +239,35 @@ def test_an_organism_in_llava_15s_regime_trains_in_smoke_mode(tmp_path) -> None:
     assert min(layout.n_image_tokens / layout.length for layout in layouts) >= 0.85
     with pytest.raises(ConfigError, match="multiple of patch_size"):
         dataclasses.replace(config, image_size=330)
+
+
+def test_packing_keeps_every_question_once_with_its_labels() -> None:
+    """Packed rows hold the chosen rows' real tokens and labels, in order, each exactly once, within the context."""
+    from analysis.organism.data import IGNORE_INDEX, SequenceSet, pack_sequences
+
+    lengths = [3, 5, 2, 4, 6]
+    width = max(lengths)
+    ids = torch.zeros(len(lengths), width, dtype=torch.long)
+    labels = torch.full_like(ids, IGNORE_INDEX)
+    mask = torch.zeros_like(ids)
+    for row, length in enumerate(lengths):
+        ids[row, width - length :] = torch.arange(length) + 10 * (row + 1)
+        labels[row, width - 1] = 100 + row
+        mask[row, width - length :] = 1
+    sequences = SequenceSet(ids, mask, labels, torch.arange(len(lengths)))
+    order = torch.tensor([4, 0, 1, 3, 2, 0])
+    packed = pack_sequences(sequences, order, context=8, pad_token_id=7)
+    assert packed.attention_mask.sum(dim=1).max() <= 8 and bool((packed.image_index == -1).all())
+    real = packed.attention_mask.bool()
+    assert bool((packed.input_ids[~real] == 7).all()) and bool((packed.labels[~real] == IGNORE_INDEX).all())
+    expected = torch.cat([ids[row][mask[row].bool()] for row in order.tolist()])
+    torch.testing.assert_close(packed.input_ids[real], expected)
+    kept = packed.labels[real]
+    assert kept[kept != IGNORE_INDEX].tolist() == [100 + row for row in order.tolist()]
+    # Greedy: 6 | 3+5 | 2+4 | 3; every row starts where the previous could not take the next question.
+    assert packed.attention_mask.sum(dim=1).tolist() == [6, 8, 6, 3]
+    with pytest.raises(DataError, match="packing context of 4"):
+        pack_sequences(sequences, order, context=4, pad_token_id=7)
 
 
 @pytest.mark.parametrize("image_size", [112, 336])

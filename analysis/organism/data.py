@@ -160,6 +160,33 @@ def encode_sequences(
     )
 
 
+def pack_sequences(sequences: SequenceSet, order: torch.Tensor, context: int, pad_token_id: int) -> SequenceSet:
+    """The rows of ``sequences`` in ``order`` (repeats allowed), concatenated greedily into left-padded rows of at
+    most ``context`` tokens, each keeping its labels: the packed documents of LLM pretraining."""
+    mask = sequences.attention_mask.bool()
+    lengths = mask.sum(dim=1)
+    longest = int(lengths[order].max()) if len(order) else 0
+    if longest > context:
+        raise DataError(f"a {longest}-token training sequence does not fit a packing context of {context} tokens")
+    packed: list[list[int]] = []
+    length = context
+    for row in order.tolist():
+        if length + int(lengths[row]) > context:
+            packed.append([])
+            length = 0
+        packed[-1].append(row)
+        length += int(lengths[row])
+    ids = torch.full((len(packed), context), pad_token_id, dtype=sequences.input_ids.dtype)
+    labels = torch.full((len(packed), context), IGNORE_INDEX, dtype=sequences.labels.dtype)
+    attention = torch.zeros((len(packed), context), dtype=sequences.attention_mask.dtype)
+    for index, rows in enumerate(packed):
+        width = int(lengths[rows].sum())
+        ids[index, context - width :] = torch.cat([sequences.input_ids[row][mask[row]] for row in rows])
+        labels[index, context - width :] = torch.cat([sequences.labels[row][mask[row]] for row in rows])
+        attention[index, context - width :] = 1
+    return SequenceSet(ids, attention, labels, torch.full((len(packed),), -1, dtype=sequences.image_index.dtype))
+
+
 def encode_captions(tokenizer: Any, captions: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
     """Right-padded ``<s> caption </s>`` ids and mask: CLIP's text encoder pools at the first EOS."""
     encoded = [[*ids, tokenizer.eos_token_id] for ids in tokenizer(list(captions))["input_ids"]]

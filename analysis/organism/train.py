@@ -41,7 +41,14 @@ from analysis.models.adapters import FamilyAdapter, get_adapter
 from analysis.models.hf import HFModel
 from analysis.organism import check_organism_files
 from analysis.organism.build import IMAGE_TOKEN, build_processor, organism_config
-from analysis.organism.data import SequenceSet, TrainingData, build_training_data, pixel_values, text_only_sample
+from analysis.organism.data import (
+    SequenceSet,
+    TrainingData,
+    build_training_data,
+    pack_sequences,
+    pixel_values,
+    text_only_sample,
+)
 from analysis.organism.vision import VisionPretrainer
 
 logger = logging.getLogger(__name__)
@@ -101,6 +108,9 @@ class OrganismTrainConfig:
     language_steps: int
     language_batch_size: int
     language_lr: float
+    # Tokens per row of the text-only stage: 0 trains one question per row; a context as long as the image
+    # prompts packs several per row, so the decoder learns attention over the distances it meets with images
+    language_context: int
     alignment_steps: int
     alignment_batch_size: int
     alignment_lr: float
@@ -126,7 +136,9 @@ class OrganismTrainConfig:
                 f"{list(FAMILIES)}, got {self.family_repeats}"
             )
         if not isinstance(self.compile_finetune, bool):
-            raise ConfigError(f"OrganismTrainConfig.compile_finetune must be true or false, got {self.compile_finetune!r}")
+            raise ConfigError(
+                f"OrganismTrainConfig.compile_finetune must be true or false, got {self.compile_finetune!r}"
+            )
         for field in dataclasses.fields(self):
             if field.name in ("family_repeats", "compile_finetune"):
                 continue
@@ -135,7 +147,8 @@ class OrganismTrainConfig:
             if isinstance(value, bool) or not isinstance(value, (int, float) if expected is float else int):
                 raise ConfigError(f"OrganismTrainConfig.{field.name} must be a {expected.__name__}, got {value!r}")
             if value < 0 or (
-                value == 0 and field.name not in ("seed", "test_size", "weight_decay", "finetune_vision_lr")
+                value == 0
+                and field.name not in ("seed", "test_size", "weight_decay", "finetune_vision_lr", "language_context")
             ):
                 raise ConfigError(f"OrganismTrainConfig.{field.name} must be positive, got {value!r}")
         if self.image_size % self.patch_size:
@@ -466,12 +479,26 @@ def _train_and_save(
     language = [model.model.language_model, model.lm_head]
     # Both question stages see the same mixture; repeating a family gives its harder questions more updates.
     questions = question_pool(data.families, config.family_repeats)
+    text_qa, text_pool = data.text_qa, questions
+    if config.language_context:
+        shuffle = torch.Generator().manual_seed(config.seed)
+        order = questions[torch.randperm(len(questions), generator=shuffle)]
+        text_qa = pack_sequences(
+            data.text_qa.to(torch.device("cpu")), order, config.language_context, tokenizer.pad_token_id
+        ).to(device)
+        text_pool = torch.arange(len(text_qa))
+        logger.info(
+            "text-only stage: %d questions packed into %d rows of %d tokens",
+            len(order),
+            len(text_qa),
+            config.language_context,
+        )
     run_stage(
         Stage(
             "language",
             [(_trainable(language, model), config.language_lr)],
-            chat_loss(data.text_qa, False),
-            questions,
+            chat_loss(text_qa, False),
+            text_pool,
             config.language_batch_size,
             config.language_steps,
         ),
