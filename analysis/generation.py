@@ -48,5 +48,11 @@ def add_sample_row(
     out["image_ends"].append([span.end for span in layout.images])
     out["image_rows"].append([grid[0] for grid in layout.image_grids])
     out["image_cols"].append([grid[1] for grid in layout.image_grids])
+    pieces = [(index, piece) for index, image in enumerate(layout.image_pieces) for piece in image]
+    out["piece_images"].append([index for index, _ in pieces])
+    out["piece_kinds"].append([piece.kind for _, piece in pieces])
+    out["piece_rows"].append([piece.rows for _, piece in pieces])
+    out["piece_cols"].append([piece.cols for _, piece in pieces])
+    out["piece_newlines"].append([piece.newline for _, piece in pieces])
     out["instruction_positions"].append(layout.instruction_positions.tolist())
     out["last_position"].append(layout.last)

@@ -27,6 +27,32 @@ class Span:
 
 
 @dataclass(frozen=True)
+class ImagePiece:
+    """One part of an image's tokens: a ``rows`` x ``cols`` grid in raster order, each row followed by one
+    newline token when ``newline`` (LLaVA-NeXT's tiles), e.g. kind "base" (the whole image at the tower's size),
+    "tiles" (the any-resolution crops stitched together) or "newline" (a lone newline token)."""
+
+    kind: str
+    span: Span
+    rows: int
+    cols: int
+    newline: bool = False
+
+    def __post_init__(self) -> None:
+        if len(self.span) != self.rows * (self.cols + int(self.newline)):
+            raise DataError(
+                f"image piece {self.kind!r} spans {len(self.span)} tokens, not {self.rows} rows of {self.cols} "
+                f"tokens{' plus a newline' if self.newline else ''}; the family adapter's piece sizes are wrong"
+            )
+
+    def shifted(self, offset: int) -> ImagePiece:
+        """The same piece ``offset`` positions later."""
+        return ImagePiece(
+            self.kind, Span(self.span.start + offset, self.span.end + offset), self.rows, self.cols, self.newline
+        )
+
+
+@dataclass(frozen=True)
 class TokenLayout:
     """Where each part of one prompt sits; positions count from the sample's first real token."""
 
@@ -36,6 +62,8 @@ class TokenLayout:
     images: tuple[Span, ...]
     image_grids: tuple[tuple[int, int], ...]
     regions: np.ndarray  # int8 per real token: REGION_SYSTEM / REGION_IMAGE / REGION_INSTRUCTION
+    # Per image, its parts in sequence order; an image of one plain grid is one piece of kind "grid".
+    image_pieces: tuple[tuple[ImagePiece, ...], ...] = ()
 
     @property
     def last(self) -> int:
@@ -53,6 +81,20 @@ class TokenLayout:
         image_index = np.concatenate([np.full(len(span), i) for i, span in enumerate(self.images)])
         token_index = np.concatenate([np.arange(len(span)) for span in self.images])
         return image_index, token_index
+
+    @property
+    def image_token_cells(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """For each image token (in ``image_positions`` order): its piece within its image, and its row and column
+        in that piece's grid (a row's newline token has column ``cols``)."""
+        pieces, rows, cols = [], [], []
+        for image in self.image_pieces:
+            for index, piece in enumerate(image):
+                width = piece.cols + int(piece.newline)
+                offsets = np.arange(len(piece.span))
+                pieces.append(np.full(len(piece.span), index))
+                rows.append(offsets // width)
+                cols.append(offsets % width)
+        return np.concatenate(pieces), np.concatenate(rows), np.concatenate(cols)
 
     @property
     def instruction_positions(self) -> np.ndarray:
@@ -86,12 +128,15 @@ def compute_layouts(
     system_token_ids: Sequence[Sequence[int]],
     image_token_counts: Sequence[Sequence[int]],
     image_grids: Sequence[Sequence[tuple[int, int]]],
+    image_pieces: Sequence[Sequence[Sequence[ImagePiece]]] | None = None,
 ) -> list[TokenLayout]:
     """Lay out every row of a padded batch.
 
     ``system_token_ids[b]`` is the tokenisation of the text before the user's content; the system
     span is the part of it the full prompt really starts with, cut at the first image token.
     ``image_token_counts[b]`` splits runs of image tokens into images (adjacent images form one run).
+    ``image_pieces[b][i]``, spans counted from the image's first token, must tile image ``i`` exactly; without
+    them an image is one piece, its grid.
     """
     layouts = []
     ids_rows = input_ids.detach().cpu().numpy()
@@ -122,6 +167,11 @@ def compute_layouts(
                 raise DataError(f"batch row {row}: image {len(images)} is not a contiguous run of image tokens")
             images.append(Span(int(positions[0]), int(positions[-1]) + 1))
             cursor += count
+        grids = [(int(g[0]), int(g[1])) for g in image_grids[row]]
+        pieces = tuple(
+            _image_pieces(span, grid, None if image_pieces is None else image_pieces[row][index], row, index)
+            for index, (span, grid) in enumerate(zip(images, grids, strict=True))
+        )
         system_end = min(common_prefix_length(system_token_ids[row], tokens.tolist()), images[0].start)
         regions = np.full(tokens.size, REGION_INSTRUCTION, dtype=np.int8)
         regions[:system_end] = REGION_SYSTEM
@@ -134,8 +184,26 @@ def compute_layouts(
                 length=int(tokens.size),
                 system=Span(0, system_end),
                 images=tuple(images),
-                image_grids=tuple((int(g[0]), int(g[1])) for g in image_grids[row]),
+                image_grids=tuple(grids),
                 regions=regions,
+                image_pieces=pieces,
             )
         )
     return layouts
+
+
+def _image_pieces(
+    span: Span, grid: tuple[int, int], pieces: Sequence[ImagePiece] | None, row: int, image: int
+) -> tuple[ImagePiece, ...]:
+    """An image's pieces at its positions: the adapter's, checked to tile the image in order, else its grid."""
+    if pieces is None:
+        rows, cols = grid if grid[0] * grid[1] == len(span) else (1, len(span))
+        return (ImagePiece("grid", span, rows, cols),)
+    placed = tuple(piece.shifted(span.start) for piece in pieces)
+    ends = [span.start, *(piece.span.end for piece in placed)]
+    if [piece.span.start for piece in placed] != ends[:-1] or ends[-1] != span.end:
+        raise DataError(
+            f"batch row {row}: the pieces of image {image} ({[p.kind for p in placed]}) do not tile its "
+            f"{len(span)} tokens; the family adapter's piece sizes disagree with the processor"
+        )
+    return placed

@@ -281,15 +281,18 @@ def attention_sink_heatmaps(
     layers: Sequence[int] | None = None,
     *,
     image_index: int = 0,
+    piece: int = 0,
     query: str = "last",
 ) -> Figure:
-    """Small multiples over layers of the attention each image-grid cell receives from the text."""
+    """Small multiples over layers of the attention each image-grid cell (of one piece of the image, e.g.
+    LLaVA-NeXT's base image 0 or its tiles 1, whose newline tokens form the last column) receives from the text."""
     _check_query(query)
     tokens = _table(trace_run, "image_tokens")
     sample_id = _pick_sample(tokens, sample_id)
     tokens = tokens[(tokens["sample_id"] == sample_id) & (tokens["image_index"] == image_index)]
+    tokens = tokens[tokens["piece"] == piece]
     if tokens.empty:
-        raise ValueError(f"sample {sample_id!r} has no image {image_index}")
+        raise ValueError(f"sample {sample_id!r} has no image {image_index} (piece {piece})")
     layers = _pick_layers(tokens["layer"].unique(), layers)
     n_rows, n_cols = int(tokens["row"].max()) + 1, int(tokens["col"].max()) + 1
     column = f"{query}_attention"
@@ -620,17 +623,25 @@ def masking_bars(probe_run: RunLike, *, confidence: float = 0.95, n_boot: int = 
 
 
 def token_grid_positions(samples: pd.DataFrame) -> pd.DataFrame:
-    """(sample_id, ordinal) -> image_index, row, col, n_rows, n_cols of every image token, from the samples table."""
-    # Ordinals count a sample's image tokens over its images in order, each image's tokens row-major.
+    """(sample_id, ordinal) -> image_index, piece, row, col, n_rows, n_cols of every image token, from the samples
+    table; a row's newline token (LLaVA-NeXT's tiles) has col == n_cols."""
+    # Ordinals count a sample's image tokens over its images in order, each piece's tokens row-major.
     parts = []
-    for sample_id, rows, cols in zip(samples["sample_id"], samples["image_rows"], samples["image_cols"], strict=True):
-        for image_index, (n_rows, n_cols) in enumerate(zip(rows, cols, strict=True)):
-            row, col = np.divmod(np.arange(int(n_rows) * int(n_cols)), int(n_cols))
+    columns = ("piece_images", "piece_rows", "piece_cols", "piece_newlines")
+    for sample_id, images, rows, cols, newlines in zip(
+        samples["sample_id"], *(samples[name] for name in columns), strict=True
+    ):
+        piece_of_image: dict[int, int] = {}
+        for image_index, n_rows, n_cols, newline in zip(images, rows, cols, newlines, strict=True):
+            piece = piece_of_image.get(int(image_index), 0)
+            piece_of_image[int(image_index)] = piece + 1
+            row, col = np.divmod(np.arange(int(n_rows) * (int(n_cols) + int(newline))), int(n_cols) + int(newline))
             parts.append(
                 pd.DataFrame(
                     {
                         "sample_id": sample_id,
-                        "image_index": image_index,
+                        "image_index": int(image_index),
+                        "piece": piece,
                         "row": row,
                         "col": col,
                         "n_rows": int(n_rows),
@@ -658,9 +669,13 @@ def critical_token_figure(probe_run: str | Path, stage_config: StageConfig | Non
     positions = positions[positions["sample_id"].isin(critical.index)]
     picked = critical["critical_ordinals"].explode().dropna().rename("ordinal").reset_index()
     picked = picked.astype({"ordinal": int}).merge(positions, on=["sample_id", "ordinal"])
-    # Variable-resolution models give every image its own grid; positions are then pooled on the median
-    # grid by relative position, so a cell means the same part of the picture whatever its resolution.
-    shapes = positions.drop_duplicates(["sample_id", "image_index"])[["n_rows", "n_cols"]]
+    # A newline token stands for no place on the image; it is counted in the histogram, not on the grid.
+    newlines = int((picked["col"] >= picked["n_cols"]).sum())
+    picked = picked[picked["col"] < picked["n_cols"]]
+    # Variable-resolution models give every image (and each piece of one: base image, tiles) its own grid;
+    # positions are then pooled on the median grid by relative position, so a cell means the same part of the
+    # picture whatever its resolution.
+    shapes = positions.drop_duplicates(["sample_id", "image_index", "piece"])[["n_rows", "n_cols"]]
     grid_rows, grid_cols = (int(round(float(shapes[axis].median()))) for axis in ("n_rows", "n_cols"))
     rescaled = len(shapes.drop_duplicates()) > 1
     heat = np.zeros((grid_rows, grid_cols))
@@ -688,6 +703,7 @@ def critical_token_figure(probe_run: str | Path, stage_config: StageConfig | Non
         grid_ax.set_title(
             f"Where they sit on the {'median ' if rescaled else ''}{grid_rows}×{grid_cols} grid"
             + (" (grids rescaled)" if rescaled else "")
+            + (f"; {newlines / len(critical):.2f} per sample are newline tokens" if newlines else "")
         )
         fig.colorbar(image, ax=grid_ax, shrink=0.85, label="critical tokens per sample")
         _overlap_bars(overlap_ax, critical, config, colors)

@@ -24,7 +24,7 @@ from analysis.errors import ConfigError, RunInterrupted
 
 logger = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: image_tokens gained "piece" (images of several grids)
 MANIFEST = "manifest.json"
 SAMPLES_TABLE = "samples"
 _PART = re.compile(r"^part-(\d{5})\.parquet$")
@@ -80,6 +80,7 @@ TRACE_SCHEMAS: dict[str, pa.Schema] = {
             ("layer", pa.int16()),
             ("image_index", pa.int16()),
             ("token_index", pa.int32()),
+            ("piece", pa.int16()),
             ("row", pa.int16()),
             ("col", pa.int16()),
             ("position", pa.int32()),
@@ -88,7 +89,9 @@ TRACE_SCHEMAS: dict[str, pa.Schema] = {
             ("instruction_attention", pa.float32()),
         ],
         "Per image token and layer: L1 norm of its value vector over all KV heads, and the attention it "
-        "receives from the last position and from the instruction tokens (mean over query heads).",
+        "receives from the last position and from the instruction tokens (mean over query heads). piece, row "
+        "and col place it in its image: the piece (0 for an image of one grid; LLaVA-NeXT: 0 base image, 1 "
+        "tiles) and its cell there (a row's newline token has col = the piece's column count).",
     ),
     SAMPLES_TABLE: table_schema(
         [
@@ -107,10 +110,17 @@ TRACE_SCHEMAS: dict[str, pa.Schema] = {
             ("image_ends", pa.list_(pa.int32())),
             ("image_rows", pa.list_(pa.int16())),
             ("image_cols", pa.list_(pa.int16())),
+            ("piece_images", pa.list_(pa.int16())),
+            ("piece_kinds", pa.list_(pa.string())),
+            ("piece_rows", pa.list_(pa.int16())),
+            ("piece_cols", pa.list_(pa.int16())),
+            ("piece_newlines", pa.list_(pa.bool_())),
             ("instruction_positions", pa.list_(pa.int32())),
             ("last_position", pa.int32()),
         ],
-        "One row per sample: text, reference and greedy model answer, and the token layout (half-open spans).",
+        "One row per sample: text, reference and greedy model answer, and the token layout (half-open spans). "
+        "image_rows / image_cols: each image's (first) grid; piece_*: every image's parts in token order (its "
+        "image, kind, grid rows and columns, and whether a newline token ends each row).",
     ),
 }
 

@@ -10,10 +10,18 @@ from analysis.data.samples import Sample
 from analysis.models.registry import LoadedModel, load_model
 
 # Every family's tiny model: the parametrisation of every per-family test (a new family adds its line here).
-FAMILIES = {"llava": "tiny-llava", "qwen2_5_vl": "tiny-qwen2.5-vl", "qwen2_vl": "tiny-qwen2-vl"}
+FAMILIES = {
+    "llava": "tiny-llava",
+    "qwen2_5_vl": "tiny-qwen2.5-vl",
+    "qwen2_vl": "tiny-qwen2-vl",
+    "llava_next": "tiny-llava-next",
+    "llava_onevision": "tiny-llava-onevision",
+}
 # Per family, a VisiPruner token threshold at which its random tiny model keeps some, and different numbers of,
-# image tokens (the pruned-runtime tests need partial selections).
-TOKENS_THRESHOLDS = {"llava": 0.02, "qwen2_5_vl": 0.04, "qwen2_vl": 0.04}
+# image tokens, and a layer threshold at which every sample selects at the first possible layer (the
+# pruned-runtime tests need partial selections; LLaVA-NeXT's many tile tokens each move the output less).
+TOKENS_THRESHOLDS = {"llava": 0.02, "qwen2_5_vl": 0.04, "qwen2_vl": 0.04, "llava_next": 0.01, "llava_onevision": 0.02}
+LAYER_THRESHOLDS = {family: 0.9999 for family in FAMILIES} | {"llava_next": 0.99999}
 
 
 def noise_image(seed: int, height: int = 40, width: int = 50) -> Image.Image:

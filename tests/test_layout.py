@@ -28,9 +28,13 @@ def test_two_images_mid_prompt(tiny_eager: LoadedModel, samples) -> None:
     assert set(layout.regions[first.end : second.start]) == {REGION_INSTRUCTION}
     # "compare" sits between the system prompt and the first image and belongs to the instruction.
     assert "compare" in tokenizer.decode(ids[layout.system.end : first.start], skip_special_tokens=True)
-    # Grid sizes multiply to the token counts; the second image is larger in the qwen family.
-    for span, (rows, cols) in zip(layout.images, layout.image_grids, strict=True):
-        assert rows * cols == len(span)
+    # An image's pieces tile it in order (one grid for llava and qwen; base image + tiles for llava_next), the
+    # first piece's grid is the image's; the second image is larger in the qwen family.
+    for span, (rows, cols), pieces in zip(layout.images, layout.image_grids, layout.image_pieces, strict=True):
+        assert [p.span.start for p in pieces] == [span.start, *(p.span.end for p in pieces[:-1])]
+        assert pieces[-1].span.end == span.end
+        assert (pieces[0].rows, pieces[0].cols) == (rows, cols)
+        assert sum(p.rows * (p.cols + p.newline) for p in pieces) == len(span)
     assert layout.last == len(ids) - 1
     assert layout.regions[layout.last] == REGION_INSTRUCTION
 
@@ -56,13 +60,53 @@ def test_layout_independent_of_padding(tiny_eager: LoadedModel, samples) -> None
     for sample, in_batch in zip(samples, batch, strict=True):
         alone = tiny_eager.adapter.build_inputs(tiny_eager.processor, [sample]).layouts[0]
         assert alone.pad_offset == 0
-        assert (alone.system, alone.images, alone.image_grids, alone.length) == (
+        assert (alone.system, alone.images, alone.image_grids, alone.image_pieces, alone.length) == (
             in_batch.system,
             in_batch.images,
             in_batch.image_grids,
+            in_batch.image_pieces,
             in_batch.length,
         )
         assert np.array_equal(alone.regions, in_batch.regions)
+
+
+@pytest.mark.parametrize("alias", ["tiny-llava-next", "tiny-llava-onevision"])
+def test_any_resolution_pieces_are_where_the_model_puts_them(samples, alias: str) -> None:
+    """LLaVA-NeXT / OneVision: each image is its base image then its tiles with a newline token closing every row
+    (OneVision: downscaled past its cap; an image of a multi-image sample untiled, base + one newline). In a
+    left-padded batch with images of different sizes, the newline positions are exactly those the model fills with
+    its image_newline embedding, and each image is as long as the model's packed features."""
+    from analysis.models.registry import load_model
+
+    loaded = load_model(alias)
+    inputs = loaded.adapter.build_inputs(loaded.processor, samples)
+    pair = inputs.layouts[2]
+    kinds = [[piece.kind for piece in image] for image in pair.image_pieces]
+    if alias == "tiny-llava-next":
+        assert len(pair.images[0]) != len(pair.images[1]), "two images of different sizes"
+        assert kinds == [["base", "tiles"]] * 2
+    else:
+        assert kinds == [["base", "newline"]] * 2
+        downscaled = loaded.adapter.tiles_grid(inputs.tensors["image_sizes"][1].tolist())
+        assert downscaled != super(type(loaded.adapter), loaded.adapter).tiles_grid(
+            inputs.tensors["image_sizes"][1].tolist()
+        ), "the second sample's image is past the tiny model's cap"
+    features = loaded.adapter.image_features(inputs.tensors).pooler_output
+    packed = torch.cat(list(features))
+    newline = (packed == loaded.model.model.image_newline).all(dim=-1)
+    ours = []
+    lengths = []
+    for layout in inputs.layouts:
+        pieces, _, cols = layout.image_token_cells
+        for image in layout.image_pieces:
+            assert image[0].kind == "base" and (image[0].rows, image[0].cols) == (4, 4) and image[1].newline
+            lengths.append(image[-1].span.end - image[0].span.start)
+        widths = np.concatenate(
+            [np.full(len(p.span), p.cols if p.newline else -1) for i in layout.image_pieces for p in i]
+        )
+        ours.append(torch.as_tensor(cols == widths))
+    assert torch.equal(torch.cat(ours), newline) and int(newline.sum()) > len(lengths)
+    assert lengths == [int(f.shape[0]) for f in features]
 
 
 def test_adjacent_images_split_by_count() -> None:

@@ -94,7 +94,10 @@ def _displayed_images(notebook: nbformat.NotebookNode) -> int:
 # Every notebook on the bundled organism (what the committed figures come from), and the critical-token one (probe
 # run, image-grid maps) on a tiny Qwen2.5-VL with per-image, non-square grids: another model through the
 # parameters alone. Each execution costs ~10 s of imports, so the other family runs one notebook only.
-RUNS = [("shapes-llava", path.stem) for path in NOTEBOOKS] + [("tiny-qwen2.5-vl", "05_critical_tokens")]
+RUNS = [("shapes-llava", path.stem) for path in NOTEBOOKS] + [
+    ("tiny-qwen2.5-vl", "05_critical_tokens"),
+    ("tiny-llava-next", "05_critical_tokens"),
+]
 RUN_IDS = [f"{model}/{stem}" for model, stem in RUNS]
 
 

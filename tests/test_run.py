@@ -8,10 +8,12 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
+from conftest import FAMILIES
 from fixtures_data import LOCAL_RECORDS, write_jsonl, write_pope
 
 from analysis import results
 from analysis.errors import ConfigError
+from analysis.models.adapters import adapter_class
 from analysis.results import TRACE_SCHEMAS, read_table
 from analysis.trace.__main__ import main
 from analysis.trace.run import TraceConfig, run_trace
@@ -244,3 +246,30 @@ def test_resume_refuses_retrained_weights(tmp_path: Path) -> None:
     weights.write_bytes(bytes(data))
     with pytest.raises(ConfigError, match="weights: '[0-9a-f]+' -> '[0-9a-f]+'"):
         run_trace(replace(config, resume=True), progress=False)
+
+
+# Processors with a video part (Qwen VL, LLaVA-OneVision) cannot be saved or loaded without their video processor,
+# whose class needs torchvision (not a dependency); the README's support matrix says so.
+SAVABLE_FAMILIES = sorted(
+    family for family in FAMILIES if not hasattr(adapter_class(family).tiny_processor(), "video_processor")
+)
+
+
+@pytest.mark.parametrize("family", SAVABLE_FAMILIES)
+def test_a_saved_model_traces_by_path(tmp_path: Path, family: str) -> None:
+    """A family's tiny model saved with save_pretrained (model and processor) traces by path through the command,
+    with the same tables as the built-in model."""
+    from analysis.models.registry import load_model
+
+    folder = tmp_path / "checkpoint"
+    loaded = load_model(FAMILIES[family])
+    loaded.model.save_pretrained(folder)
+    loaded.processor.save_pretrained(folder)
+    data = str(_dataset(tmp_path))
+    for name, model in (("builtin", FAMILIES[family]), ("saved", str(folder))):
+        argv = ["--model", model, "--dataset", data, "--limit", "3", "--out", str(tmp_path / name), "--quiet"]
+        assert main([*argv, "--device", "cpu"]) == 0
+    for table in ("attention", "sinks", "image_tokens"):
+        builtin = read_table(tmp_path / "builtin", table).to_pandas()
+        saved = read_table(tmp_path / "saved", table).to_pandas()
+        assert builtin.equals(saved), table

@@ -6,7 +6,7 @@ from collections.abc import Iterator
 
 import pytest
 import torch
-from conftest import FAMILIES, TOKENS_THRESHOLDS
+from conftest import FAMILIES, LAYER_THRESHOLDS, TOKENS_THRESHOLDS
 
 from analysis.errors import ConfigError, DataError
 from analysis.hooks.attention import RegionMasks, route_attention
@@ -41,21 +41,21 @@ def _configs(loaded: LoadedModel) -> dict[str, PruningConfig]:
         "visipruner": PruningConfig(
             num_layers=layers,
             shallow_mid_layer=0,
-            layer_threshold=0.9999,
+            layer_threshold=LAYER_THRESHOLDS[loaded.adapter.model_type],
             tokens_threshold=TOKENS_THRESHOLDS[loaded.adapter.model_type],
         ),
         # The shallow stage too (text->image hidden in layer 0, also while decoding), then selection at layer >= 2.
         "shallow": PruningConfig(
             num_layers=layers,
             shallow_mid_layer=1,
-            layer_threshold=0.9999,
+            layer_threshold=LAYER_THRESHOLDS[loaded.adapter.model_type],
             tokens_threshold=TOKENS_THRESHOLDS[loaded.adapter.model_type],
         ),
         # The authors' rule: text->image weights zeroed after the softmax (prefill only), their 7B layer-0 rule.
         "authors": PruningConfig(
             num_layers=layers,
             shallow_mid_layer=1,
-            layer_threshold=0.9999,
+            layer_threshold=LAYER_THRESHOLDS[loaded.adapter.model_type],
             tokens_threshold=TOKENS_THRESHOLDS[loaded.adapter.model_type],
         ).with_authors_rule("authors_7b"),
         "fastv": PruningConfig(method="fastv", num_layers=layers, prune_layer=2, keep_tokens=3),

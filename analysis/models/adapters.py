@@ -15,7 +15,7 @@ from torch import nn
 
 from analysis.data.samples import IMAGE_PLACEHOLDER, Sample
 from analysis.errors import DataError, ModelError
-from analysis.layout import TokenLayout, compute_layouts
+from analysis.layout import ImagePiece, TokenLayout, compute_layouts
 from analysis.models.hf import HFModel
 from analysis.registry import Registry
 
@@ -170,6 +170,18 @@ class FamilyAdapter(ABC):
     ) -> tuple[list[list[int]], list[list[tuple[int, int]]]]:
         """Per sample and image: how many image tokens it became and their (rows, cols) grid."""
 
+    def image_pieces(
+        self, processor: Any, tensors: dict[str, torch.Tensor], counts: list[list[int]]
+    ) -> list[list[list[ImagePiece]]] | None:
+        """Per sample and image, its parts (spans from the image's first token) when an image is more than one
+        grid of tokens; None: every image is its grid."""
+        return None
+
+    def processor_images(self, samples: Sequence[Sample]) -> list[Any]:
+        """The batch's images as the processor takes them: one flat list (families that treat a sample's several
+        images differently take one list per sample)."""
+        return [image for sample in samples for image in sample.images]
+
     def processor_kwargs(self) -> dict[str, Any]:
         """Extra keyword arguments the family's processor needs."""
         return {}
@@ -185,7 +197,7 @@ class FamilyAdapter(ABC):
                     "drop text-only samples from the dataset"
                 )
         prompts = [self.render_prompt(processor, sample) for sample in samples]
-        images = [image for sample in samples for image in sample.images]
+        images = self.processor_images(samples)
         tokenizer = processor.tokenizer
         previous_side = tokenizer.padding_side
         tokenizer.padding_side = "left"
@@ -203,7 +215,13 @@ class FamilyAdapter(ABC):
         counts, grids = self.image_token_counts(processor, tensors, [len(s.images) for s in samples])
         system_ids = [tokenizer(prompt.text[: prompt.content_start])["input_ids"] for prompt in prompts]
         layouts = compute_layouts(
-            tensors["input_ids"], tensors["attention_mask"], self.image_token_id, system_ids, counts, grids
+            tensors["input_ids"],
+            tensors["attention_mask"],
+            self.image_token_id,
+            system_ids,
+            counts,
+            grids,
+            self.image_pieces(processor, tensors, counts),
         )
         return ModelInputs(tensors=tensors, prompts=prompts, layouts=layouts)
 
@@ -252,6 +270,8 @@ FAMILIES: Registry[type[FamilyAdapter]] = Registry(
         "llava": "analysis.models.llava:LlavaAdapter",
         "qwen2_5_vl": "analysis.models.qwen2_5_vl:Qwen25VLAdapter",
         "qwen2_vl": "analysis.models.qwen2_vl:Qwen2VLAdapter",
+        "llava_next": "analysis.models.llava_next:LlavaNextAdapter",
+        "llava_onevision": "analysis.models.llava_onevision:LlavaOnevisionAdapter",
     },
     hint="Write a FamilyAdapter subclass and add it to FAMILIES in analysis/models/adapters.py, or call "
     "register_adapter(YourAdapter) before loading the model",

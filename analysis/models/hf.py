@@ -327,3 +327,19 @@ def pixel_values(tensors: dict[str, torch.Tensor]) -> torch.Tensor:
 def with_pixel_values(tensors: dict[str, torch.Tensor], pixels: torch.Tensor) -> dict[str, torch.Tensor]:
     """Processor-style model inputs with image pixels added."""
     return {**tensors, "pixel_values": pixels}
+
+
+def without_video_processor(processor_class: Any) -> Any:
+    """A subclass of an image-and-video processor class that accepts ``video_processor=None``: the video
+    processors' classes need torchvision, which the toolkit does not depend on (tiny test processors)."""
+
+    class ImageOnlyProcessor(processor_class):
+        """The processor with its video part left out."""
+
+        def check_argument_for_proper_class(self, argument_name: str, argument: Any) -> Any:
+            if argument is None and argument_name == "video_processor":
+                return None
+            return super().check_argument_for_proper_class(argument_name, argument)
+
+    ImageOnlyProcessor.__name__ = ImageOnlyProcessor.__qualname__ = processor_class.__name__
+    return ImageOnlyProcessor

@@ -9,6 +9,7 @@ import torch
 
 from analysis.data.samples import Sample
 from analysis.errors import ModelError
+from analysis.models import hf
 from analysis.models.adapters import FamilyAdapter, ModelInputs, RenderedPrompt
 from analysis.models.hf import HFModel
 
@@ -148,17 +149,7 @@ class Qwen25VLAdapter(FamilyAdapter):
             min_pixels=56 * 56, max_pixels=112 * 112, patch_size=14, merge_size=2, temporal_patch_size=2
         )
 
-        base: Any = getattr(transformers, cls.processor_class)
-
-        class ImageOnlyQwenProcessor(base):
-            """Accepts a missing video processor: its class lookup needs torchvision, which CPU CI lacks."""
-
-            def check_argument_for_proper_class(self, argument_name: str, argument: Any) -> Any:
-                if argument is None and argument_name == "video_processor":
-                    return None
-                return super().check_argument_for_proper_class(argument_name, argument)
-
-        return ImageOnlyQwenProcessor(
+        return hf.without_video_processor(getattr(transformers, cls.processor_class))(
             image_processor=image_processor,
             tokenizer=tokenizer,
             video_processor=None,

@@ -236,15 +236,16 @@ def _image_token_table(sample_id: str, layout: TokenLayout, head_mean: np.ndarra
     (L, 2, n_image): last and instruction rows)."""
     n_layers, n_image = value_l1.shape
     image_index, token_index = layout.image_token_coordinates
-    cols = np.asarray([grid[1] for grid in layout.image_grids])[image_index]
+    piece, row, col = layout.image_token_cells
     return pa.table(
         {
             "sample_id": _strings([sample_id], np.zeros(n_layers * n_image, dtype=np.int32)),
             "layer": np.repeat(np.arange(n_layers), n_image),
             "image_index": np.tile(image_index, n_layers),
             "token_index": np.tile(token_index, n_layers),
-            "row": np.tile(token_index // cols, n_layers),
-            "col": np.tile(token_index % cols, n_layers),
+            "piece": np.tile(piece, n_layers),
+            "row": np.tile(row, n_layers),
+            "col": np.tile(col, n_layers),
             "position": np.tile(layout.image_positions, n_layers),
             "value_l1": value_l1.ravel(),
             "last_attention": head_mean[:, 0].ravel(),
