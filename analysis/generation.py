@@ -54,5 +54,7 @@ def add_sample_row(
     out["piece_rows"].append([piece.rows for _, piece in pieces])
     out["piece_cols"].append([piece.cols for _, piece in pieces])
     out["piece_newlines"].append([piece.newline for _, piece in pieces])
+    out["marker_images"].append([index for index, markers in enumerate(layout.image_markers) for _ in markers])
+    out["marker_positions"].append([position for markers in layout.image_markers for position in markers])
     out["instruction_positions"].append(layout.instruction_positions.tolist())
     out["last_position"].append(layout.last)

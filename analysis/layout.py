@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -64,6 +64,9 @@ class TokenLayout:
     regions: np.ndarray  # int8 per real token: REGION_SYSTEM / REGION_IMAGE / REGION_INSTRUCTION
     # Per image, its parts in sequence order; an image of one plain grid is one piece of kind "grid".
     image_pieces: tuple[tuple[ImagePiece, ...], ...] = ()
+    # Per image, the positions of the family's marker text tokens around it (InternVL's <img> and </img>); they
+    # stay instruction tokens, so knockouts and pruning treat them as text.
+    image_markers: tuple[tuple[int, ...], ...] = ()
 
     @property
     def last(self) -> int:
@@ -129,6 +132,7 @@ def compute_layouts(
     image_token_counts: Sequence[Sequence[int]],
     image_grids: Sequence[Sequence[tuple[int, int]]],
     image_pieces: Sequence[Sequence[Sequence[ImagePiece]]] | None = None,
+    marker_ids: Collection[int] = (),
 ) -> list[TokenLayout]:
     """Lay out every row of a padded batch.
 
@@ -136,7 +140,8 @@ def compute_layouts(
     span is the part of it the full prompt really starts with, cut at the first image token.
     ``image_token_counts[b]`` splits runs of image tokens into images (adjacent images form one run).
     ``image_pieces[b][i]``, spans counted from the image's first token, must tile image ``i`` exactly; without
-    them an image is one piece, its grid.
+    them an image is one piece, its grid. ``marker_ids``: the family's image marker tokens; each image's markers are
+    the unbroken runs of them just before and just after it.
     """
     layouts = []
     ids_rows = input_ids.detach().cpu().numpy()
@@ -187,9 +192,24 @@ def compute_layouts(
                 image_grids=tuple(grids),
                 regions=regions,
                 image_pieces=pieces,
+                image_markers=tuple(_markers(tokens, span, marker_ids) for span in images),
             )
         )
     return layouts
+
+
+def _markers(tokens: np.ndarray, span: Span, marker_ids: Collection[int]) -> tuple[int, ...]:
+    """Positions of the marker tokens directly before and after an image, nearest last."""
+    if not marker_ids:
+        return ()
+    is_marker = np.isin(tokens, list(marker_ids))
+    before = span.start
+    while before > 0 and is_marker[before - 1]:
+        before -= 1
+    after = span.end
+    while after < tokens.size and is_marker[after]:
+        after += 1
+    return (*range(before, span.start), *range(span.end, after))
 
 
 def _image_pieces(

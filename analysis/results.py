@@ -115,12 +115,15 @@ TRACE_SCHEMAS: dict[str, pa.Schema] = {
             ("piece_rows", pa.list_(pa.int16())),
             ("piece_cols", pa.list_(pa.int16())),
             ("piece_newlines", pa.list_(pa.bool_())),
+            ("marker_images", pa.list_(pa.int16())),
+            ("marker_positions", pa.list_(pa.int32())),
             ("instruction_positions", pa.list_(pa.int32())),
             ("last_position", pa.int32()),
         ],
         "One row per sample: text, reference and greedy model answer, and the token layout (half-open spans). "
         "image_rows / image_cols: each image's (first) grid; piece_*: every image's parts in token order (its "
-        "image, kind, grid rows and columns, and whether a newline token ends each row).",
+        "image, kind, grid rows and columns, and whether a newline token ends each row); marker_*: the family's "
+        "marker text tokens around each image (InternVL's <img> and </img>), by image and position.",
     ),
 }
 

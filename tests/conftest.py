@@ -16,11 +16,19 @@ FAMILIES = {
     "qwen2_vl": "tiny-qwen2-vl",
     "llava_next": "tiny-llava-next",
     "llava_onevision": "tiny-llava-onevision",
+    "internvl": "tiny-internvl",
 }
 # Per family, a VisiPruner token threshold at which its random tiny model keeps some, and different numbers of,
 # image tokens, and a layer threshold at which every sample selects at the first possible layer (the
 # pruned-runtime tests need partial selections; LLaVA-NeXT's many tile tokens each move the output less).
-TOKENS_THRESHOLDS = {"llava": 0.02, "qwen2_5_vl": 0.04, "qwen2_vl": 0.04, "llava_next": 0.01, "llava_onevision": 0.02}
+TOKENS_THRESHOLDS = {
+    "llava": 0.02,
+    "qwen2_5_vl": 0.04,
+    "qwen2_vl": 0.04,
+    "llava_next": 0.01,
+    "llava_onevision": 0.02,
+    "internvl": 0.03,
+}
 LAYER_THRESHOLDS = {family: 0.9999 for family in FAMILIES} | {"llava_next": 0.99999}
 
 

@@ -109,6 +109,37 @@ def test_any_resolution_pieces_are_where_the_model_puts_them(samples, alias: str
     assert lengths == [int(f.shape[0]) for f in features]
 
 
+def test_internvl_tiles_thumbnail_and_markers(samples) -> None:
+    """InternVL: each image is its crops (row-major on the processor's grid) then a thumbnail, each crop one
+    tile of context tokens, wrapped in <img> </img>; for two images of different sizes in one prompt and a
+    left-padded batch, the pieces match the processor's tiles one to one (the thumbnail is the whole image
+    resized) and the markers sit just outside each image."""
+    from analysis.models.registry import load_model
+
+    loaded = load_model("tiny-internvl")
+    processor = loaded.processor
+    inputs = loaded.adapter.build_inputs(processor, samples)
+    pair = inputs.layouts[2]
+    assert len(pair.images[0]) != len(pair.images[1]), "two images of different sizes"
+    tile = 0
+    pixels = inputs.tensors["pixel_values"]
+    tokenizer = processor.tokenizer
+    for row, (sample, layout) in enumerate(zip(samples, inputs.layouts, strict=True)):
+        ids = inputs.input_ids[row, layout.pad_offset :].tolist()
+        for image, span, pieces, markers in zip(
+            sample.images, layout.images, layout.image_pieces, layout.image_markers, strict=True
+        ):
+            assert [piece.kind for piece in pieces][-1] == "thumbnail" and len(pieces) > 2
+            assert all(len(piece.span) == loaded.adapter.tile_tokens for piece in pieces)
+            alone = processor.image_processor(images=[image], crop_to_patches=False, return_tensors="pt")
+            torch.testing.assert_close(pixels[tile + len(pieces) - 1], alone["pixel_values"][0])
+            tile += len(pieces)
+            assert markers == (span.start - 1, span.end)
+            assert tokenizer.convert_ids_to_tokens([ids[p] for p in markers]) == ["<img>", "</img>"]
+            assert set(layout.regions[list(markers)]) == {REGION_INSTRUCTION}
+    assert tile == len(pixels)
+
+
 def test_adjacent_images_split_by_count() -> None:
     """Two images with no text between them form one run that the per-image counts split."""
     ids = torch.tensor([[0, 1, 2, 9, 9, 9, 9, 9, 9, 3, 4]])

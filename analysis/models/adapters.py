@@ -171,11 +171,15 @@ class FamilyAdapter(ABC):
         """Per sample and image: how many image tokens it became and their (rows, cols) grid."""
 
     def image_pieces(
-        self, processor: Any, tensors: dict[str, torch.Tensor], counts: list[list[int]]
+        self, processor: Any, tensors: dict[str, torch.Tensor], counts: list[list[int]], samples: Sequence[Sample]
     ) -> list[list[list[ImagePiece]]] | None:
         """Per sample and image, its parts (spans from the image's first token) when an image is more than one
         grid of tokens; None: every image is its grid."""
         return None
+
+    def image_marker_ids(self, processor: Any) -> tuple[int, ...]:
+        """Ids of the text tokens the family puts around each image (none by default)."""
+        return ()
 
     def processor_images(self, samples: Sequence[Sample]) -> list[Any]:
         """The batch's images as the processor takes them: one flat list (families that treat a sample's several
@@ -221,7 +225,8 @@ class FamilyAdapter(ABC):
             system_ids,
             counts,
             grids,
-            self.image_pieces(processor, tensors, counts),
+            self.image_pieces(processor, tensors, counts, samples),
+            self.image_marker_ids(processor),
         )
         return ModelInputs(tensors=tensors, prompts=prompts, layouts=layouts)
 
@@ -272,6 +277,7 @@ FAMILIES: Registry[type[FamilyAdapter]] = Registry(
         "qwen2_vl": "analysis.models.qwen2_vl:Qwen2VLAdapter",
         "llava_next": "analysis.models.llava_next:LlavaNextAdapter",
         "llava_onevision": "analysis.models.llava_onevision:LlavaOnevisionAdapter",
+        "internvl": "analysis.models.internvl:InternVLAdapter",
     },
     hint="Write a FamilyAdapter subclass and add it to FAMILIES in analysis/models/adapters.py, or call "
     "register_adapter(YourAdapter) before loading the model",

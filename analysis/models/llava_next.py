@@ -129,7 +129,7 @@ class LlavaNextAdapter(LlavaAdapter):
         return counts, [[(side, side)] * n for n in n_images]
 
     def image_pieces(
-        self, processor: Any, tensors: dict[str, torch.Tensor], counts: list[list[int]]
+        self, processor: Any, tensors: dict[str, torch.Tensor], counts: list[list[int]], samples: Sequence[Sample]
     ) -> list[list[list[ImagePiece]]] | None:
         """Base image and tiles (or newline) of every image, sample by sample."""
         images_per_sample = [len(sample_counts) for sample_counts in counts]
