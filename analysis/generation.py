@@ -8,6 +8,7 @@ import torch
 
 from analysis.data.samples import Sample
 from analysis.layout import TokenLayout
+from analysis.models import hf
 from analysis.models.adapters import ModelInputs
 from analysis.models.registry import LoadedModel
 
@@ -18,8 +19,11 @@ def generate_answers(loaded: LoadedModel, inputs: ModelInputs, max_new_tokens: i
         return [None] * inputs.input_ids.shape[0]
     tokenizer = loaded.processor.tokenizer
     with torch.inference_mode():
+        # A cache that keeps every key: interventions and the pruned runtime index keys from position 0, which a
+        # sliding-window cache (Gemma 3's local layers) breaks.
         generated = loaded.model.generate(
             **inputs.tensors,
+            **hf.cache_kwargs(loaded.model, hf.new_cache()),
             max_new_tokens=max_new_tokens,
             do_sample=False,
             pad_token_id=tokenizer.pad_token_id,

@@ -17,6 +17,8 @@ FAMILIES = {
     "llava_next": "tiny-llava-next",
     "llava_onevision": "tiny-llava-onevision",
     "internvl": "tiny-internvl",
+    "qwen3_vl": "tiny-qwen3-vl",
+    "gemma3": "tiny-gemma3",
 }
 # Per family, a VisiPruner token threshold at which its random tiny model keeps some, and different numbers of,
 # image tokens, and a layer threshold at which every sample selects at the first possible layer (the
@@ -28,6 +30,8 @@ TOKENS_THRESHOLDS = {
     "llava_next": 0.01,
     "llava_onevision": 0.02,
     "internvl": 0.03,
+    "qwen3_vl": 0.04,
+    "gemma3": 0.03,
 }
 LAYER_THRESHOLDS = {family: 0.9999 for family in FAMILIES} | {"llava_next": 0.99999}
 

@@ -140,6 +140,24 @@ def test_internvl_tiles_thumbnail_and_markers(samples) -> None:
     assert tile == len(pixels)
 
 
+def test_gemma3_images_and_their_markers(samples) -> None:
+    """Gemma 3: every image is its fixed grid of soft tokens between <start_of_image> and <end_of_image>, for two
+    images in one prompt and a left-padded batch; the markers stay text."""
+    from analysis.models.registry import load_model
+
+    loaded = load_model("tiny-gemma3")
+    inputs = loaded.adapter.build_inputs(loaded.processor, samples)
+    tokenizer = loaded.processor.tokenizer
+    assert any(layout.pad_offset for layout in inputs.layouts) and len(inputs.layouts[2].images) == 2
+    for row, layout in enumerate(inputs.layouts):
+        ids = inputs.input_ids[row, layout.pad_offset :].tolist()
+        for span, markers in zip(layout.images, layout.image_markers, strict=True):
+            assert len(span) == loaded.model.config.mm_tokens_per_image
+            assert markers == (span.start - 1, span.end)
+            assert tokenizer.convert_ids_to_tokens([ids[p] for p in markers]) == ["<start_of_image>", "<end_of_image>"]
+            assert set(layout.regions[list(markers)]) == {REGION_INSTRUCTION}
+
+
 def test_adjacent_images_split_by_count() -> None:
     """Two images with no text between them form one run that the per-image counts split."""
     ids = torch.tensor([[0, 1, 2, 9, 9, 9, 9, 9, 9, 3, 4]])

@@ -77,21 +77,35 @@ def test_full_image_knockout_equals_masked_model(tiny_sdpa: LoadedModel, samples
         tiny_sdpa.adapter, KnockoutHooks(masks, [Knockout("instruction", "image", layers)]), seq_len - 1
     ):
         knocked = _forward(tiny_sdpa, inputs.tensors)
-    # Independent computation: causal + padding mask, with image columns hidden from non-image rows.
-    allowed = torch.ones(seq_len, seq_len).tril().bool()[None].expand(batch, -1, -1).clone()
-    allowed &= inputs.attention_mask.bool()[:, None, :]
-    for row, layout in enumerate(inputs.layouts):
-        image = torch.as_tensor(layout.padded(layout.image_positions))
-        text_rows = torch.as_tensor(layout.padded(layout.instruction_positions))
-        allowed[row, text_rows[:, None], image[None, :]] = False
-        allowed[row, torch.arange(layout.pad_offset), torch.arange(layout.pad_offset)] = True  # pads see themselves
-    additive = torch.zeros(batch, 1, seq_len, seq_len).masked_fill(~allowed[:, None], torch.finfo(torch.float32).min)
+
+    # Independent computation: the family's own mask (causal + padding; Gemma 3: an image's tokens see each other,
+    # local layers a window), with image columns hidden from non-image rows; one mask per attention kind.
+    def allowed_for(rule) -> torch.Tensor:
+        positions = torch.arange(seq_len)
+        allowed = (positions[None, :] <= positions[:, None])[None].expand(batch, -1, -1).clone()
+        for row, layout in enumerate(inputs.layouts):
+            for span in layout.images if rule.bidirectional_images else ():
+                block = torch.arange(layout.padded(span.start), layout.padded(span.end))
+                allowed[row, block[:, None], block[None, :]] = True
+        if rule.window is not None:  # the window bounds the image blocks too
+            allowed &= (positions[:, None] - positions[None, :] < rule.window)[None]
+        allowed &= inputs.attention_mask.bool()[:, None, :]
+        for row, layout in enumerate(inputs.layouts):
+            image = torch.as_tensor(layout.padded(layout.image_positions))
+            text_rows = torch.as_tensor(layout.padded(layout.instruction_positions))
+            allowed[row, text_rows[:, None], image[None, :]] = False
+            allowed[row, torch.arange(layout.pad_offset), torch.arange(layout.pad_offset)] = True  # pads see themselves
+        return torch.zeros(batch, 1, seq_len, seq_len).masked_fill(~allowed[:, None], torch.finfo(torch.float32).min)
+
+    rules = {rule.kind: rule for rule in map(tiny_sdpa.adapter.attention_rule, range(tiny_sdpa.adapter.num_layers))}
+    per_kind = {kind: allowed_for(rule) for kind, rule in rules.items()}
     tensors = dict(inputs.tensors)
     # Positions a family derives from the 2-D padding mask (Qwen2.5-VL's M-RoPE): a 4-D mask hides it.
     positions = tiny_sdpa.adapter.explicit_positions(inputs)
     if positions is not None:
         tensors = hf.with_position_ids(tensors, positions)
-    tensors["attention_mask"] = additive
+    # One kind: a 4-D mask; several (Gemma 3's global and local layers): the model takes one per kind.
+    tensors["attention_mask"] = next(iter(per_kind.values())) if len(per_kind) == 1 else per_kind
     reference = _forward(tiny_sdpa, tensors)
     real = inputs.attention_mask.bool()
     assert torch.allclose(knocked[real], reference[real], atol=1e-5)
@@ -281,3 +295,26 @@ def test_config_rejects_bad_values() -> None:
     """Validation names every problem at once."""
     with pytest.raises(ConfigError, match="--window"):
         ProbeConfig(window=0).validate()
+
+
+def test_a_full_knockout_leaves_no_other_path_from_the_image(tiny_sdpa: LoadedModel) -> None:
+    """With the instruction's queries blocked from every image key in every layer, the next-token distribution
+    does not depend on the image at all: attention is the only way image information reaches the text, also
+    under Qwen3-VL's DeepStack, which adds visual features to the image positions only."""
+    from conftest import noise_image
+
+    from analysis.data.samples import Sample
+
+    results, plain = [], []
+    for seed in (10, 11):
+        sample = Sample("s", [noise_image(seed, 56, 56)], prompt="what is the colour ?", question="?", answer="red")
+        inputs = tiny_sdpa.adapter.build_inputs(tiny_sdpa.processor, [sample])
+        length = inputs.input_ids.shape[1]
+        masks = RegionMasks.from_layouts(inputs.layouts, length, inputs.input_ids.device)
+        hooks = KnockoutHooks(masks, [Knockout("instruction", "image", frozenset(range(tiny_sdpa.adapter.num_layers)))])
+        with torch.no_grad():
+            plain.append(tiny_sdpa.model(**inputs.tensors).logits[0, -1])
+            with route_attention(tiny_sdpa.adapter, hooks, length - 1):
+                results.append(tiny_sdpa.model(**inputs.tensors).logits[0, -1])
+    assert not torch.allclose(plain[0], plain[1], atol=1e-4), "without the knockout the image matters"
+    torch.testing.assert_close(results[0], results[1], atol=1e-5, rtol=0)

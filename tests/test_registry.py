@@ -38,7 +38,7 @@ def test_a_duplicate_name_is_an_error() -> None:
 def test_an_unknown_family_lists_the_registered_ones() -> None:
     """The error names every registered model_type and how to add one."""
     with pytest.raises(ModelError) as error:
-        adapter_class("gemma3")
+        adapter_class("mllama")
     message = str(error.value)
     for name in FAMILIES.names():
         assert name in message

@@ -10,6 +10,7 @@ from conftest import FAMILIES, LAYER_THRESHOLDS, TOKENS_THRESHOLDS
 
 from analysis.errors import ConfigError, DataError
 from analysis.hooks.attention import RegionMasks, route_attention
+from analysis.models import hf
 from analysis.models.adapters import ModelInputs
 from analysis.models.registry import LoadedModel, load_model
 from analysis.pruner.config import PruningConfig
@@ -90,11 +91,14 @@ def _dropped(
 
 
 def _generate(loaded: LoadedModel, inputs: ModelInputs, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
-    """Greedy new tokens (B, N) and each step's logits (N, B, V)."""
+    """Greedy new tokens (B, N) and each step's logits (N, B, V), on a cache that keeps every key (hooks index keys
+    from position 0, which Gemma 3's default sliding-window cache breaks)."""
     tokenizer = loaded.processor.tokenizer
     with torch.no_grad():
+        cache = {} if kwargs.get("use_cache") is False else hf.cache_kwargs(loaded.model, hf.new_cache())
         out = loaded.model.generate(
             **inputs.tensors,
+            **cache,
             max_new_tokens=NEW_TOKENS,
             do_sample=False,
             eos_token_id=None,

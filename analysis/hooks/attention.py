@@ -24,6 +24,7 @@ from analysis.errors import ConfigError
 from analysis.layout import REGION_IMAGE, REGION_INSTRUCTION, REGION_SYSTEM, TokenLayout
 from analysis.models import hf
 from analysis.models.adapters import FamilyAdapter
+from analysis.models.hf import CompatibilityError
 
 ROUTE_PREFIX = "visipruner_route"
 QUERY_REGIONS = ("system", "image", "instruction", "last")
@@ -245,6 +246,9 @@ class AttentionRoute:
         self.last_position = last_position
         self.base = base
         self.layers = {adapter.attention(layer): index for index, layer in enumerate(adapter.decoder_layers())}
+        # Keys each layer has been given so far in this pass: hooks index keys by position from 0, which a
+        # sliding-window cache (Gemma 3's local layers) breaks by dropping the oldest.
+        self.seen: dict[int, int] = {}
         # Hooks that only inspect take a short path: at batch 1 every Python call per layer shows in the time.
         cls = type(hooks)
         self.inspect_only = all(
@@ -269,6 +273,16 @@ class AttentionRoute:
         hooks = self.hooks
         query_length, key_length = query.shape[2], key.shape[2]
         query_start = key_length - query_length  # absolute position of the first query (cache-aware)
+        # A continuation of a pass this route saw must bring every earlier key back (a first call may continue a
+        # cache filled elsewhere, as the probes' partial passes do).
+        expected = self.seen.get(layer, 0) + query_length
+        if query_start and layer in self.seen and key_length != expected:
+            raise CompatibilityError(
+                f"layer {layer} received {key_length} keys where {expected} were seen: a sliding-window KV cache "
+                "dropped the oldest, which interventions index from position 0; generate with a cache that keeps "
+                "every key (analysis.models.hf.new_cache())"
+            )
+        self.seen[layer] = key_length
         if hooks.wants_call(layer, query_start, query_length):
             hooks.inspect(AttentionCall(layer, query, key, value, attention_mask, scaling, query_start))
         if self.inspect_only:

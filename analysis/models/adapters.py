@@ -51,6 +51,17 @@ class ModelInputs:
         return self.tensors["attention_mask"]
 
 
+@dataclass(frozen=True)
+class AttentionRule:
+    """Which keys a layer's queries may see besides causality and padding: ``kind`` names the layer's attention
+    (layers of one kind share masks and position embeddings), ``window`` limits it to the last ``window``
+    positions (sliding-window layers), ``bidirectional_images`` lets an image's tokens see each other."""
+
+    kind: str = "full_attention"
+    window: int | None = None
+    bidirectional_images: bool = False
+
+
 class FamilyAdapter(ABC):
     """Maps the canonical parts of a vision-language model family onto HF module paths."""
 
@@ -104,6 +115,9 @@ class FamilyAdapter(ABC):
         """The output projection to vocabulary logits."""
         return self.model.lm_head
 
+    # Whether the language model adds visual features to the image positions' hidden states after its first
+    # layers (Qwen3-VL's DeepStack), which the token-dropping runtime then adds to the tokens each row keeps.
+    deepstack: ClassVar[bool] = False
     # Processor outputs the vision tower reads (the rest are sequence-aligned: ids, mask).
     image_input_keys: ClassVar[tuple[str, ...]] = ("pixel_values",)
     # Processor outputs laid out along the sequence besides ids and mask, and what extends them on the right.
@@ -124,6 +138,14 @@ class FamilyAdapter(ABC):
             if value is not None and value.dim() == 2 and value.shape[1] == prompt.shape[1]:
                 extended[name] = torch.cat([value, torch.full_like(ids, fill, dtype=value.dtype)], dim=1)
         return extended
+
+    def expanded_image_token(self, processor: Any) -> str:
+        """The token the processor repeats for each image embedding (usually its ``image_token``)."""
+        return str(processor.image_token)
+
+    def attention_rule(self, layer: int) -> AttentionRule:
+        """The attention rule of ``layer`` (default: causal, every earlier position)."""
+        return AttentionRule()
 
     def image_features(self, tensors: dict[str, torch.Tensor]) -> Any:
         """The vision tower and projector alone on a batch's images: what the language model receives for them."""
@@ -275,9 +297,11 @@ FAMILIES: Registry[type[FamilyAdapter]] = Registry(
         "llava": "analysis.models.llava:LlavaAdapter",
         "qwen2_5_vl": "analysis.models.qwen2_5_vl:Qwen25VLAdapter",
         "qwen2_vl": "analysis.models.qwen2_vl:Qwen2VLAdapter",
+        "qwen3_vl": "analysis.models.qwen3_vl:Qwen3VLAdapter",
         "llava_next": "analysis.models.llava_next:LlavaNextAdapter",
         "llava_onevision": "analysis.models.llava_onevision:LlavaOnevisionAdapter",
         "internvl": "analysis.models.internvl:InternVLAdapter",
+        "gemma3": "analysis.models.gemma3:Gemma3Adapter",
     },
     hint="Write a FamilyAdapter subclass and add it to FAMILIES in analysis/models/adapters.py, or call "
     "register_adapter(YourAdapter) before loading the model",

@@ -208,6 +208,16 @@ def layer_overrides(
     return overrides
 
 
+def layer_output_hidden(output: Any) -> torch.Tensor:
+    """The hidden states a decoder layer returns (alone, or first of a tuple in some releases)."""
+    return output if isinstance(output, torch.Tensor) else output[0]
+
+
+def with_layer_output_hidden(output: Any, hidden: torch.Tensor) -> Any:
+    """A decoder layer's output with new hidden states, in the same form."""
+    return hidden if isinstance(output, torch.Tensor) else (hidden, *output[1:])
+
+
 def text_model_output_hidden(output: Any) -> torch.Tensor:
     """The final hidden states of a text-model output."""
     return output.last_hidden_state
@@ -283,25 +293,82 @@ def returned_attentions(output: Any) -> tuple[torch.Tensor, ...]:
 
 # --- calls the toolkit makes itself ---------------------------------------------------------------------------------
 @dataclass(frozen=True)
+class DeepStack:
+    """Qwen3-VL's DeepStack inputs: visual features added to the image positions' hidden states after each of the
+    first decoder layers (level i after layer i)."""
+
+    positions: torch.Tensor  # (B, T) bool, True at image positions
+    embeds: list[torch.Tensor]  # per level, (image positions, D): rows in the row-major order of ``positions``
+
+    def after(self, split: int) -> DeepStack:
+        """The same for the positions from ``split`` on."""
+        later = self.positions.clone()
+        later[:, :split] = False
+        chosen = later[self.positions]
+        return DeepStack(self.positions[:, split:], [embeds[chosen] for embeds in self.embeds])
+
+
+@dataclass(frozen=True)
 class LanguageModelInputs:
     """What a multimodal model handed its language model: merged embeddings, padding mask, positions."""
 
     embeds: torch.Tensor | None
     attention_mask: torch.Tensor | None
     positions: torch.Tensor | None  # position ids; None: derived from the cache length; M-RoPE ids for Qwen2.5-VL
+    deepstack: DeepStack | None = None  # Qwen3-VL's visual features for the first layers
+
+    def after(self, split: int) -> LanguageModelInputs:
+        """The inputs of the positions from ``split`` on: a 2-D padding mask stays whole (it covers the cached keys
+        too); 4-D masks, alone or per attention kind (Gemma 3), keep the rows of those queries."""
+        if self.embeds is None:
+            raise CompatibilityError("the language model received no input embeddings to continue from")
+
+        def rows(mask: Any) -> Any:
+            if isinstance(mask, dict):
+                return {kind: rows(value) for kind, value in mask.items()}
+            return mask[:, :, split:] if isinstance(mask, torch.Tensor) and mask.dim() == 4 else mask
+
+        return LanguageModelInputs(
+            self.embeds[:, split:],
+            rows(self.attention_mask),
+            None if self.positions is None else self.positions[..., split:],
+            None if self.deepstack is None else self.deepstack.after(split),
+        )
+
+
+def deepstack_inputs(kwargs: dict[str, Any]) -> DeepStack | None:
+    """The DeepStack inputs of a language model's forward call (None for models without DeepStack)."""
+    embeds = kwargs.get("deepstack_visual_embeds")
+    if embeds is None:
+        return None
+    return DeepStack(kwargs["visual_pos_masks"], list(embeds))
+
+
+def without_deepstack(kwargs: dict[str, Any]) -> dict[str, Any]:
+    """A language model's forward keyword arguments with the DeepStack inputs taken out."""
+    return {**kwargs, "deepstack_visual_embeds": None, "visual_pos_masks": None}
 
 
 def language_model_inputs(kwargs: dict[str, Any]) -> LanguageModelInputs:
     """The language model's inputs, read from its forward call's keyword arguments (a forward pre-hook's)."""
-    return LanguageModelInputs(kwargs.get("inputs_embeds"), kwargs.get("attention_mask"), kwargs.get("position_ids"))
+    return LanguageModelInputs(
+        kwargs.get("inputs_embeds"), kwargs.get("attention_mask"), kwargs.get("position_ids"), deepstack_inputs(kwargs)
+    )
 
 
 def run_language_model(text_model: HFModel, inputs: LanguageModelInputs, cache: Any) -> torch.Tensor:
     """The text model's final hidden states for given embeddings, continuing ``cache``."""
+    deepstack = inputs.deepstack
+    extra = (
+        {}
+        if deepstack is None
+        else {"visual_pos_masks": deepstack.positions, "deepstack_visual_embeds": deepstack.embeds}
+    )
     output = text_model(
         inputs_embeds=inputs.embeds,
         attention_mask=inputs.attention_mask,
         position_ids=inputs.positions,
+        **extra,
         **cache_kwargs(text_model, cache),
     )
     return text_model_output_hidden(output)

@@ -186,10 +186,8 @@ class InternVLAdapter(FamilyAdapter):
             ["<|im_start|>", "<|im_end|>", *_TINY_TOKENS.values()],
             add_bos=False,
             chat_template=_TINY_CHAT_TEMPLATE,
-            extra_attributes=_TINY_TOKENS,
+            named_tokens=_TINY_TOKENS,
         )
-        for name, token in _TINY_TOKENS.items():
-            setattr(tokenizer, f"{name}_id", tokenizer.convert_tokens_to_ids(token))
         image_processor = GotOcr2ImageProcessorPil(
             size={"height": _TINY_SIDE, "width": _TINY_SIDE},
             crop_to_patches=True,

@@ -57,6 +57,9 @@ class Qwen25VLAdapter(FamilyAdapter):
         "window_size": 56,
         "fullatt_block_indexes": [1],
     }
+    # What the family's tiny text decoder and image processor add to the shared ones (Qwen3-VL: head_dim, 16 px).
+    tiny_text_overrides: ClassVar[dict[str, Any]] = {}
+    tiny_patch_size: ClassVar[int] = 14
 
     def decoder_layers(self, root: Any | None = None) -> Sequence[Any]:
         """The Qwen2 decoder layers of ``root`` (default: the wrapped model)."""
@@ -117,6 +120,7 @@ class Qwen25VLAdapter(FamilyAdapter):
                 "pad_token_id": tokenizer.pad_token_id,
                 "bos_token_id": tokenizer.bos_token_id,
                 "eos_token_id": tokenizer.eos_token_id,
+                **cls.tiny_text_overrides,
             },
             image_token_id=ids["<|image_pad|>"],
             video_token_id=ids["<|video_pad|>"],
@@ -131,7 +135,7 @@ class Qwen25VLAdapter(FamilyAdapter):
 
     @classmethod
     def tiny_processor(cls) -> Any:
-        """The family's processor over a word-level tokenizer; images resized to 56-112 px per side."""
+        """The family's processor over a word-level tokenizer; images resized to 4-8 patches per side."""
         import transformers
         from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
@@ -145,8 +149,14 @@ class Qwen25VLAdapter(FamilyAdapter):
             chat_template=_TINY_CHAT_TEMPLATE,
             extra_attributes={"image_token": "<|image_pad|>", "video_token": "<|video_pad|>"},
         )
+        # 4-16 merged patches per image (4 x 4 to 8 x 8 patches of tiny_patch_size before the 2 x 2 merge).
+        side = 4 * cls.tiny_patch_size
         image_processor = Qwen2VLImageProcessorPil(
-            min_pixels=56 * 56, max_pixels=112 * 112, patch_size=14, merge_size=2, temporal_patch_size=2
+            min_pixels=side * side,
+            max_pixels=4 * side * side,
+            patch_size=cls.tiny_patch_size,
+            merge_size=2,
+            temporal_patch_size=2,
         )
 
         return hf.without_video_processor(getattr(transformers, cls.processor_class))(

@@ -241,11 +241,12 @@ def check_image_token(adapter: FamilyAdapter, processor: Any) -> None:
     tokenizer = getattr(processor, "tokenizer", None)
     if tokenizer is None or not hasattr(processor, "image_token"):
         raise ModelError("the processor has no tokenizer or image token; load the model's own multimodal processor")
-    processor_id = tokenizer.convert_tokens_to_ids(processor.image_token)
+    token = adapter.expanded_image_token(processor)
+    processor_id = tokenizer.convert_tokens_to_ids(token)
     if processor_id != adapter.image_token_id:
         raise ModelError(
             f"the model's image_token_id {adapter.image_token_id} is not the processor's image token "
-            f"{processor.image_token!r} (id {processor_id}); fix config.image_token_id"
+            f"{token!r} (id {processor_id}); fix config.image_token_id"
         )
 
 

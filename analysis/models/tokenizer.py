@@ -18,8 +18,13 @@ def build_word_tokenizer(
     add_bos: bool = True,
     chat_template: str | None = None,
     extra_attributes: dict[str, str] | None = None,
+    named_tokens: dict[str, str] | None = None,
 ) -> PreTrainedTokenizerFast:
-    """Return a fast word-level tokenizer over ``words`` whose special tokens are never split."""
+    """Return a fast word-level tokenizer over ``words`` whose special tokens are never split.
+
+    ``named_tokens`` (name -> special token) become attributes ``name`` and ``name_id`` that survive
+    ``save_pretrained`` (Gemma 3's ``boi_token``); ``extra_attributes`` are plain attributes, not saved.
+    """
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
 
     specials = [pad_token, unk_token, bos_token, eos_token, *special_tokens]
@@ -44,6 +49,7 @@ def build_word_tokenizer(
         additional_special_tokens=list(special_tokens),
         chat_template=chat_template,
         padding_side="left",
+        **({"extra_special_tokens": dict(named_tokens)} if named_tokens else {}),
     )
     for name, value in (extra_attributes or {}).items():
         setattr(tokenizer, name, value)

@@ -86,17 +86,14 @@ class SuffixScorer:
         language_inputs: hf.LanguageModelInputs,
         cache: Any,
     ) -> None:
-        embeds = language_inputs.embeds
-        if embeds is None:
+        if language_inputs.embeds is None:
             raise ModelError(f"{type(model).__name__} did not pass input embeddings to its language model")
         self.model = model
         self.adapter = adapter
         self.batch = batch
         self.split = split
         # What the language model received for the whole sequence.
-        self.embeds = embeds
-        self.attention_mask = language_inputs.attention_mask
-        self.positions = language_inputs.positions
+        self.language_inputs = language_inputs
         self.cache = cache  # clean keys/values of positions [0, split) in every layer
 
     @classmethod
@@ -134,11 +131,7 @@ class SuffixScorer:
         width = self.batch.answer_ids.shape[1]
         with route_attention(self.adapter, hooks, first), torch.inference_mode():
             try:
-                suffix = hf.LanguageModelInputs(
-                    self.embeds[:, self.split :],
-                    self.attention_mask,
-                    None if self.positions is None else self.positions[..., self.split :],
-                )
+                suffix = self.language_inputs.after(self.split)
                 hidden = hf.run_language_model(self.adapter.language_model(), suffix, self.cache)
             finally:
                 self._crop()

@@ -46,7 +46,7 @@ from analysis.errors import ConfigError, DataError
 from analysis.hooks.attention import LastRowObservation, RegionMasks, extend_membership, route_attention
 from analysis.layout import TokenLayout
 from analysis.models import hf
-from analysis.models.adapters import FamilyAdapter, get_adapter
+from analysis.models.adapters import AttentionRule, FamilyAdapter, get_adapter
 from analysis.models.hf import HFModel
 from analysis.pruner.config import PruningConfig
 from analysis.pruner.simulate import Decisions, PruningHooks, ShallowRegions
@@ -111,8 +111,19 @@ class PrunedRuntime(PruningHooks):
         self._generated = 0
         self._layout_or_none: _Layout | None = None
         self._layer_layouts: list[_Layout] = []
-        self._prepared: dict[int, dict[str, Any]] = {}
+        self._prepared: dict[tuple[int, str], dict[str, Any]] = {}
         self._compacted: dict[tuple[int, int], tuple[_Layout, torch.Tensor]] = {}
+        self._deepstack: hf.DeepStack | None = None
+        self.adds_deepstack = adapter.deepstack
+        self._model_mask: torch.Tensor | None = None
+        self.rules = [adapter.attention_rule(layer) for layer in range(self.num_layers)]
+        # (B, prompt length) the image each position belongs to (-1: text), for bidirectional image attention.
+        self.image_blocks = torch.full((len(layouts), prompt_length), -1, dtype=torch.long, device=device)
+        for row, layout in enumerate(layouts):
+            image_of_token, _ = layout.image_token_coordinates
+            self.image_blocks[row, layout.padded(layout.image_positions)] = torch.as_tensor(
+                image_of_token, device=device
+            )
 
     # -- decisions ------------------------------------------------------------------------------
     def _pin(self, decisions: Decisions) -> None:
@@ -254,16 +265,36 @@ class PrunedRuntime(PruningHooks):
         return slot_of[:, : self._input_length].gather(1, self.image_index)
 
     def _mask(
-        self, key_valid: torch.Tensor, padded: bool, query_length: int, dtype: torch.dtype
+        self,
+        layout_positions: torch.Tensor,
+        key_valid: torch.Tensor,
+        padded: bool,
+        query_length: int,
+        dtype: torch.dtype,
+        rule: AttentionRule,
     ) -> torch.Tensor | None:
-        """The attention mask of queries that are the last ``query_length`` keys: causal, pad keys hidden."""
+        """The attention mask of queries that are the last ``query_length`` keys (``layout_positions``: each key's
+        input position): causal, pad keys hidden, and the layer's own rule (a window, bidirectional images)."""
         batch, key_length = key_valid.shape
-        if not self.eager and not padded and query_length in (1, key_length):
+        plain = rule.window is None and not rule.bidirectional_images
+        if plain and not self.eager and not padded and query_length in (1, key_length):
             return None  # SDPA's own causal path (or full attention for one query) is exact and fastest
         keys = torch.arange(key_length, device=key_valid.device)
         queries = keys[key_length - query_length :]
         causal = keys[None, :] <= queries[:, None]
         allowed = causal[None] & key_valid[:, None, :]
+        if not plain:
+            # Input positions, not slots: a window counts the tokens of the input, dropped ones included, as the
+            # mask-based model (which only hides them) does.
+            key_pos = layout_positions
+            query_pos = key_pos[:, key_length - query_length :]
+            if rule.bidirectional_images:
+                blocks = self._image_blocks(key_pos)
+                query_blocks = blocks[:, key_length - query_length :]
+                same = (query_blocks[:, :, None] == blocks[:, None, :]) & (query_blocks[:, :, None] >= 0)
+                allowed = allowed | (same & key_valid[:, None, :])
+            if rule.window is not None:
+                allowed = allowed & ((query_pos[:, :, None] - key_pos[:, None, :]) < rule.window)
         allowed |= (keys[None, :] == queries[:, None])[None]  # a pad query sees itself: no empty softmax row
         allowed = allowed[:, None]
         if not self.eager:
@@ -272,9 +303,20 @@ class PrunedRuntime(PruningHooks):
             ~allowed, torch.finfo(dtype).min
         )
 
-    def _prefill_kwargs(self, layout: _Layout, kwargs: dict[str, Any], dtype: torch.dtype) -> dict[str, Any]:
-        """Mask, position embeddings and position ids of a prefill layer under ``layout`` (shared by its layers)."""
-        cached = self._prepared.get(id(layout))
+    def _image_blocks(self, positions: torch.Tensor) -> torch.Tensor:
+        """(B, S) the image each input position belongs to, -1 for text and generated tokens."""
+        # Every position the current pass can hold: the input, the tokens generated since and this pass's.
+        width = self._input_length + self._generated + self._query_length
+        table = torch.full((positions.shape[0], width), -1, dtype=torch.long, device=positions.device)
+        table[:, : self.image_blocks.shape[1]] = self.image_blocks
+        return table.gather(1, positions)
+
+    def _prefill_kwargs(
+        self, layout: _Layout, kwargs: dict[str, Any], dtype: torch.dtype, rule: AttentionRule
+    ) -> dict[str, Any]:
+        """Mask, position embeddings and position ids of a prefill layer under ``layout`` (shared by its layers of
+        one attention kind)."""
+        cached = self._prepared.get((id(layout), rule.kind))
         if cached is not None:
             return cached
         batch = layout.positions.shape[0]
@@ -286,22 +328,24 @@ class PrunedRuntime(PruningHooks):
 
         embeddings, position_ids = hf.layer_positions(kwargs)
         prepared = hf.layer_overrides(
-            self._mask(layout.valid, layout.padded, layout.length, dtype),
+            self._mask(layout.positions, layout.valid, layout.padded, layout.length, dtype, rule),
             None if embeddings is None else tuple(take(part) for part in embeddings),
             take(position_ids) if isinstance(position_ids, torch.Tensor) and position_ids.dim() == 2 else None,
         )
-        self._prepared[id(layout)] = prepared
+        self._prepared[(id(layout), rule.kind)] = prepared
         return prepared
 
-    def _decode_kwargs(self, layout: _Layout, dtype: torch.dtype) -> dict[str, Any]:
+    def _decode_kwargs(self, layout: _Layout, dtype: torch.dtype, rule: AttentionRule) -> dict[str, Any]:
         """The mask of a continuation in a layer whose cache holds ``layout`` then the tokens generated since."""
-        cached = self._prepared.get(id(layout))
+        cached = self._prepared.get((id(layout), rule.kind))
         if cached is None:
             batch = layout.valid.shape[0]
             fresh = layout.valid.new_ones(batch, self._generated + self._query_length)
             keys = torch.cat([layout.valid, fresh], dim=1)
-            cached = hf.layer_overrides(self._mask(keys, layout.padded, self._query_length, dtype))
-            self._prepared[id(layout)] = cached
+            seen = self._input_length + torch.arange(fresh.shape[1], device=fresh.device)
+            positions = torch.cat([layout.positions, seen[None].expand(batch, -1)], dim=1)
+            cached = hf.layer_overrides(self._mask(positions, keys, layout.padded, self._query_length, dtype, rule))
+            self._prepared[(id(layout), rule.kind)] = cached
         return cached
 
     # -- hooks ----------------------------------------------------------------------------------
@@ -315,6 +359,10 @@ class PrunedRuntime(PruningHooks):
         self._query_length = length
         self._prepared = {}
         mask = call.attention_mask
+        if isinstance(mask, dict):
+            # Masks per attention kind, built by the model before its text model (Gemma 3): the padding check reads
+            # the 2-D mask the model itself was given instead; the runtime builds its own masks from the layouts.
+            mask = self._model_mask
         if mask is not None and not (isinstance(mask, torch.Tensor) and mask.dim() == 2):
             raise DataError(
                 "the pruned runtime needs a 2-D attention mask (or none); use a DynamicCache, "
@@ -332,6 +380,11 @@ class PrunedRuntime(PruningHooks):
             positions = torch.arange(length, device=self.prompt_valid.device).expand(batch, -1)
             self._layout_or_none = _Layout(positions, self._input_valid(), identity=True, padded=self.prompt_padded)
             self._layer_layouts = []
+            # DeepStack (Qwen3-VL) adds visual features to the image positions after the first layers; the model
+            # would add them to its full sequence, so the runtime adds them to the tokens each layer kept instead.
+            self._deepstack = hf.deepstack_inputs(kwargs) if self.adds_deepstack else None
+            if self._deepstack is not None:
+                return args, hf.without_deepstack(kwargs)
             return None
         self._check_mask(mask, self._input_length + self._generated + length)
         if call.positions is None and not self._layer_layouts[0].identity:
@@ -400,13 +453,39 @@ class PrunedRuntime(PruningHooks):
                 self._layer_layouts.append(layout)
                 if layout.identity:
                     return None
-                kwargs.update(self._prefill_kwargs(layout, kwargs, hidden.dtype))
+                kwargs.update(self._prefill_kwargs(layout, kwargs, hidden.dtype, self.rules[layer]))
                 return args, kwargs
             layout = self._layer_layouts[layer]
             if layout.identity:
                 return None
-            kwargs.update(self._decode_kwargs(layout, hidden.dtype))
+            kwargs.update(self._decode_kwargs(layout, hidden.dtype, self.rules[layer]))
             return args, kwargs
+
+        return hook
+
+    def model_call(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        """Model pre-hook: keep the 2-D padding mask the model was given, for families whose text model gets masks
+        per attention kind instead."""
+        self._model_mask = hf.text_model_call(args, kwargs).attention_mask
+
+    def deepstack_hook(self, layer: int) -> Callable[[nn.Module, tuple[Any, ...], Any], Any]:
+        """Decoder-layer hook: add the layer's DeepStack level to the image tokens it kept (prefill only)."""
+
+        def hook(module: nn.Module, args: tuple[Any, ...], output: Any) -> Any:
+            deepstack = self._deepstack
+            if not self._prefill or deepstack is None or layer >= len(deepstack.embeds):
+                return None
+            hidden = hf.layer_output_hidden(output)
+            layout = self._layer_layouts[layer]
+            # The level's rows follow the image positions in row-major order, as the image ordinals do.
+            row_offsets = torch.cumsum(self.image_valid.sum(1), 0) - self.image_valid.sum(1)
+            rank = row_offsets[:, None] + torch.arange(self.image_valid.shape[1], device=hidden.device)[None, :]
+            present = self.image_valid & ~self.dropped_image_tokens(layer)
+            rows, ordinals = present.nonzero(as_tuple=True)
+            slots = self._image_slots(layout)[rows, ordinals]
+            added = hidden.clone()
+            added[rows, slots] = hidden[rows, slots] + deepstack.embeds[layer][rank[rows, ordinals]].to(hidden.dtype)
+            return hf.with_layer_output_hidden(output, added)
 
         return hook
 
@@ -460,6 +539,7 @@ def pruned_runtime(
         return
     text_model = adapter.language_model()
     handles = [
+        model.register_forward_pre_hook(runtime.model_call, with_kwargs=True),
         text_model.register_forward_pre_hook(runtime.start_pass, with_kwargs=True),
         text_model.register_forward_hook(runtime.end_pass, with_kwargs=True),
     ]
@@ -467,6 +547,11 @@ def pruned_runtime(
         handles += [
             layer.register_forward_pre_hook(runtime.layer_hook(index), with_kwargs=True)
             for index, layer in enumerate(adapter.decoder_layers())
+        ]
+        handles += [
+            layer.register_forward_hook(runtime.deepstack_hook(index))
+            for index, layer in enumerate(adapter.decoder_layers())
+            if adapter.deepstack
         ]
         with route_attention(adapter, runtime, runtime.prompt_length - 1):
             yield runtime
