@@ -73,16 +73,22 @@ class TokenLayout:
         """The last prompt position (the one whose next-token prediction is the answer)."""
         return self.length - 1
 
+    def image_token_positions(self, image: int) -> np.ndarray:
+        """Unpadded positions of one image's tokens (its span may hold marker text between them: Idefics3)."""
+        span = self.images[image]
+        return span.start + np.flatnonzero(self.regions[span.start : span.end] == REGION_IMAGE)
+
     @property
     def image_positions(self) -> np.ndarray:
         """Unpadded positions of all image tokens, image by image."""
-        return np.concatenate([np.arange(span.start, span.end) for span in self.images])
+        return np.concatenate([self.image_token_positions(index) for index in range(len(self.images))])
 
     @property
     def image_token_coordinates(self) -> tuple[np.ndarray, np.ndarray]:
         """For each image token (in ``image_positions`` order): which image it belongs to and its index there."""
-        image_index = np.concatenate([np.full(len(span), i) for i, span in enumerate(self.images)])
-        token_index = np.concatenate([np.arange(len(span)) for span in self.images])
+        counts = [len(self.image_token_positions(index)) for index in range(len(self.images))]
+        image_index = np.concatenate([np.full(count, i) for i, count in enumerate(counts)])
+        token_index = np.concatenate([np.arange(count) for count in counts])
         return image_index, token_index
 
     @property
@@ -107,7 +113,7 @@ class TokenLayout:
     @property
     def n_image_tokens(self) -> int:
         """Total number of image tokens over all images of the sample."""
-        return int(sum(len(span) for span in self.images))
+        return int((self.regions == REGION_IMAGE).sum())
 
     def padded(self, position: int | np.ndarray) -> Any:
         """Translate unpadded positions into indices of the padded batch row."""
@@ -139,9 +145,10 @@ def compute_layouts(
     ``system_token_ids[b]`` is the tokenisation of the text before the user's content; the system
     span is the part of it the full prompt really starts with, cut at the first image token.
     ``image_token_counts[b]`` splits runs of image tokens into images (adjacent images form one run).
-    ``image_pieces[b][i]``, spans counted from the image's first token, must tile image ``i`` exactly; without
+    ``image_pieces[b][i]``, spans counted from the image's first token, must cover image ``i``'s tokens exactly; without
     them an image is one piece, its grid. ``marker_ids``: the family's image marker tokens; each image's markers are
-    the unbroken runs of them just before and just after it.
+    the unbroken runs of them just before and just after it, and those between its tokens (the only tokens that may
+    interrupt an image).
     """
     layouts = []
     ids_rows = input_ids.detach().cpu().numpy()
@@ -166,15 +173,18 @@ def compute_layouts(
             )
         images: list[Span] = []
         cursor = 0
+        is_marker = np.isin(tokens, list(marker_ids)) if marker_ids else np.zeros(tokens.size, dtype=bool)
         for count in counts:
             positions = image_positions[cursor : cursor + count]
-            if positions[-1] - positions[0] + 1 != count:
+            # Only the family's marker tokens may interrupt an image (Idefics3's tiles: row/column tags).
+            inside = np.arange(positions[0], positions[-1] + 1)
+            if not (is_image[inside] | is_marker[inside]).all():
                 raise DataError(f"batch row {row}: image {len(images)} is not a contiguous run of image tokens")
             images.append(Span(int(positions[0]), int(positions[-1]) + 1))
             cursor += count
         grids = [(int(g[0]), int(g[1])) for g in image_grids[row]]
         pieces = tuple(
-            _image_pieces(span, grid, None if image_pieces is None else image_pieces[row][index], row, index)
+            _image_pieces(span, grid, None if image_pieces is None else image_pieces[row][index], is_image, row, index)
             for index, (span, grid) in enumerate(zip(images, grids, strict=True))
         )
         system_end = min(common_prefix_length(system_token_ids[row], tokens.tolist()), images[0].start)
@@ -192,38 +202,43 @@ def compute_layouts(
                 image_grids=tuple(grids),
                 regions=regions,
                 image_pieces=pieces,
-                image_markers=tuple(_markers(tokens, span, marker_ids) for span in images),
+                image_markers=tuple(_markers(is_marker, span) for span in images),
             )
         )
     return layouts
 
 
-def _markers(tokens: np.ndarray, span: Span, marker_ids: Collection[int]) -> tuple[int, ...]:
-    """Positions of the marker tokens directly before and after an image, nearest last."""
-    if not marker_ids:
-        return ()
-    is_marker = np.isin(tokens, list(marker_ids))
+def _markers(is_marker: np.ndarray, span: Span) -> tuple[int, ...]:
+    """Positions of the marker tokens of an image: the unbroken runs just before and after it, and any inside."""
     before = span.start
     while before > 0 and is_marker[before - 1]:
         before -= 1
     after = span.end
-    while after < tokens.size and is_marker[after]:
+    while after < is_marker.size and is_marker[after]:
         after += 1
-    return (*range(before, span.start), *range(span.end, after))
+    inside = span.start + np.flatnonzero(is_marker[span.start : span.end])
+    return (*range(before, span.start), *(int(p) for p in inside), *range(span.end, after))
 
 
 def _image_pieces(
-    span: Span, grid: tuple[int, int], pieces: Sequence[ImagePiece] | None, row: int, image: int
+    span: Span,
+    grid: tuple[int, int],
+    pieces: Sequence[ImagePiece] | None,
+    is_image: np.ndarray,
+    row: int,
+    image: int,
 ) -> tuple[ImagePiece, ...]:
-    """An image's pieces at its positions: the adapter's, checked to tile the image in order, else its grid."""
+    """An image's pieces at its positions: the adapter's, checked to cover its image tokens exactly and in order
+    (markers may sit between them), else its grid."""
     if pieces is None:
         rows, cols = grid if grid[0] * grid[1] == len(span) else (1, len(span))
         return (ImagePiece("grid", span, rows, cols),)
     placed = tuple(piece.shifted(span.start) for piece in pieces)
-    ends = [span.start, *(piece.span.end for piece in placed)]
-    if [piece.span.start for piece in placed] != ends[:-1] or ends[-1] != span.end:
+    covered = np.concatenate([np.arange(piece.span.start, piece.span.end) for piece in placed])
+    tokens = span.start + np.flatnonzero(is_image[span.start : span.end])
+    if not np.array_equal(covered, tokens):
         raise DataError(
-            f"batch row {row}: the pieces of image {image} ({[p.kind for p in placed]}) do not tile its "
-            f"{len(span)} tokens; the family adapter's piece sizes disagree with the processor"
+            f"batch row {row}: the pieces of image {image} ({[p.kind for p in placed]}) do not cover its "
+            f"{tokens.size} image tokens; the family adapter's piece sizes disagree with the processor"
         )
     return placed

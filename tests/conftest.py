@@ -19,6 +19,7 @@ FAMILIES = {
     "internvl": "tiny-internvl",
     "qwen3_vl": "tiny-qwen3-vl",
     "gemma3": "tiny-gemma3",
+    "idefics3": "tiny-idefics3",
 }
 # Per family, a VisiPruner token threshold at which its random tiny model keeps some, and different numbers of,
 # image tokens, and a layer threshold at which every sample selects at the first possible layer (the
@@ -32,6 +33,7 @@ TOKENS_THRESHOLDS = {
     "internvl": 0.03,
     "qwen3_vl": 0.04,
     "gemma3": 0.03,
+    "idefics3": 0.015,
 }
 LAYER_THRESHOLDS = {family: 0.9999 for family in FAMILIES} | {"llava_next": 0.99999}
 

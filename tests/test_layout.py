@@ -20,21 +20,24 @@ def test_two_images_mid_prompt(tiny_eager: LoadedModel, samples) -> None:
     assert len(layout.images) == 2
     first, second = layout.images
     assert first.end < second.start, "text ('and') must separate the images"
-    assert all(
-        ids[p] == tiny_eager.adapter.image_token_id for span in layout.images for p in range(span.start, span.end)
-    )
+    # An image's span holds its image tokens and, between them, only its own markers (Idefics3's tile tags).
+    for span, markers in zip(layout.images, layout.image_markers, strict=True):
+        assert all(ids[p] == tiny_eager.adapter.image_token_id or p in markers for p in range(span.start, span.end))
     between = tokenizer.decode(ids[first.end : second.start], skip_special_tokens=True)
     assert "and" in between
     assert set(layout.regions[first.end : second.start]) == {REGION_INSTRUCTION}
     # "compare" sits between the system prompt and the first image and belongs to the instruction.
     assert "compare" in tokenizer.decode(ids[layout.system.end : first.start], skip_special_tokens=True)
-    # An image's pieces tile it in order (one grid for llava and qwen; base image + tiles for llava_next), the
-    # first piece's grid is the image's; the second image is larger in the qwen family.
-    for span, (rows, cols), pieces in zip(layout.images, layout.image_grids, layout.image_pieces, strict=True):
-        assert [p.span.start for p in pieces] == [span.start, *(p.span.end for p in pieces[:-1])]
-        assert pieces[-1].span.end == span.end
+    # An image's pieces (one grid for llava and qwen; base image + tiles for llava_next; Idefics3's tiles with their
+    # tags between them) are in order and cover exactly its image tokens; the first piece's grid is the image's.
+    for index, (span, (rows, cols), pieces) in enumerate(
+        zip(layout.images, layout.image_grids, layout.image_pieces, strict=True)
+    ):
+        covered = np.concatenate([np.arange(p.span.start, p.span.end) for p in pieces])
+        assert np.array_equal(covered, layout.image_token_positions(index))
+        assert pieces[0].span.start == span.start and pieces[-1].span.end == span.end
         assert (pieces[0].rows, pieces[0].cols) == (rows, cols)
-        assert sum(p.rows * (p.cols + p.newline) for p in pieces) == len(span)
+        assert sum(p.rows * (p.cols + p.newline) for p in pieces) == len(layout.image_token_positions(index))
     assert layout.last == len(ids) - 1
     assert layout.regions[layout.last] == REGION_INSTRUCTION
 
@@ -156,6 +159,37 @@ def test_gemma3_images_and_their_markers(samples) -> None:
             assert markers == (span.start - 1, span.end)
             assert tokenizer.convert_ids_to_tokens([ids[p] for p in markers]) == ["<start_of_image>", "<end_of_image>"]
             assert set(layout.regions[list(markers)]) == {REGION_INSTRUCTION}
+
+
+def test_idefics3_tiles_behind_their_tags(samples) -> None:
+    """Idefics3: an image is several runs of image tokens, each behind its tag (<row_r_col_c> for a tile, <global-img>
+    for the global view last); for two images with different tile grids in one prompt and a left-padded batch,
+    every piece is the run after its tag, the tags and <fake_token_around_image> are the image's markers, and the
+    pieces are as many as the processor's real tiles."""
+    from analysis.models.registry import load_model
+
+    loaded = load_model("tiny-idefics3")
+    inputs = loaded.adapter.build_inputs(loaded.processor, samples)
+    tokenizer = loaded.processor.tokenizer
+    pair = inputs.layouts[2]
+    assert len(pair.image_pieces[0]) != len(pair.image_pieces[1]), "two images with different tile grids"
+    real_tiles = inputs.tensors["pixel_attention_mask"].flatten(2).any(-1)  # (B, tiles)
+    for row, layout in enumerate(inputs.layouts):
+        ids = inputs.input_ids[row, layout.pad_offset :].tolist()
+        for pieces, markers in zip(layout.image_pieces, layout.image_markers, strict=True):
+            assert pieces[-1].kind == "global"
+            for piece in pieces:
+                tag = tokenizer.convert_ids_to_tokens(ids[piece.span.start - 1])
+                row_col = piece.kind.removeprefix("tile_").split("_")
+                expected = (
+                    "<global-img>"
+                    if piece.kind == "global"
+                    else f"<row_{int(row_col[0]) + 1}_col_{int(row_col[1]) + 1}>"
+                )
+                assert tag == expected and piece.span.start - 1 in markers
+            names = set(tokenizer.convert_ids_to_tokens([ids[p] for p in markers]))
+            assert "<fake_token_around_image>" in names and set(layout.regions[list(markers)]) == {REGION_INSTRUCTION}
+        assert sum(len(pieces) for pieces in layout.image_pieces) == int(real_tiles[row].sum())
 
 
 def test_adjacent_images_split_by_count() -> None:

@@ -302,6 +302,7 @@ FAMILIES: Registry[type[FamilyAdapter]] = Registry(
         "llava_onevision": "analysis.models.llava_onevision:LlavaOnevisionAdapter",
         "internvl": "analysis.models.internvl:InternVLAdapter",
         "gemma3": "analysis.models.gemma3:Gemma3Adapter",
+        "idefics3": "analysis.models.idefics3:Idefics3Adapter",
     },
     hint="Write a FamilyAdapter subclass and add it to FAMILIES in analysis/models/adapters.py, or call "
     "register_adapter(YourAdapter) before loading the model",
