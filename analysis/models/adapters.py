@@ -276,6 +276,16 @@ class FamilyAdapter(ABC):
         """A processor matching ``tiny_model``, built offline."""
 
 
+def seeded_tiny_model(model_class: Any, config: Any, seed: int, tokenizer: Any) -> HFModel:
+    """A family's tiny test model from its config: random weights from ``seed``, eager attention, eval mode, and
+    the tokenizer's padding id for generation."""
+    config._attn_implementation = "eager"
+    torch.manual_seed(seed)
+    model = model_class(config).eval()
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    return model
+
+
 def _content_parts(sample: Sample) -> list[dict[str, str]]:
     """Chat-message content items in prompt order; images first when the prompt has no markers."""
     if IMAGE_PLACEHOLDER not in sample.prompt:

@@ -16,7 +16,7 @@ import torch
 
 from analysis.data.samples import Sample
 from analysis.errors import ModelError
-from analysis.models.adapters import AttentionRule, FamilyAdapter, RenderedPrompt
+from analysis.models.adapters import AttentionRule, FamilyAdapter, RenderedPrompt, seeded_tiny_model
 from analysis.models.hf import HFModel
 
 _TINY_CHAT_TEMPLATE = (
@@ -128,15 +128,12 @@ class Gemma3Adapter(FamilyAdapter):
             eoi_token_index=tokenizer.eoi_token_id,
             image_token_index=tokenizer.image_token_id,
         )
-        config._attn_implementation = "eager"
-        torch.manual_seed(seed)
-        model = Gemma3ForConditionalGeneration(config).eval()
+        model = seeded_tiny_model(Gemma3ForConditionalGeneration, config, seed, tokenizer)
         # Gemma 3 initialises its image projection to zeros, which would make every image the same to a random
         # model (and every image intervention a no-op); the tiny model gets random projection weights.
         projection = model.model.multi_modal_projector.mm_input_projection_weight
         with torch.no_grad():
             projection.normal_(std=projection.shape[0] ** -0.5)
-        model.generation_config.pad_token_id = tokenizer.pad_token_id
         return model
 
     @classmethod

@@ -19,7 +19,7 @@ import torch
 from analysis.data.samples import Sample
 from analysis.errors import ModelError
 from analysis.layout import ImagePiece, Span
-from analysis.models.adapters import FamilyAdapter, RenderedPrompt
+from analysis.models.adapters import FamilyAdapter, RenderedPrompt, seeded_tiny_model
 from analysis.models.hf import HFModel
 
 _TINY_CHAT_TEMPLATE = (
@@ -167,11 +167,7 @@ class Idefics3Adapter(FamilyAdapter):
             image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
             scale_factor=2,
         )
-        config._attn_implementation = "eager"
-        torch.manual_seed(seed)
-        model = Idefics3ForConditionalGeneration(config).eval()
-        model.generation_config.pad_token_id = tokenizer.pad_token_id
-        return model
+        return seeded_tiny_model(Idefics3ForConditionalGeneration, config, seed, tokenizer)
 
     @classmethod
     def tiny_processor(cls) -> Any:

@@ -20,7 +20,7 @@ from analysis.data.samples import Sample
 from analysis.errors import ModelError
 from analysis.layout import ImagePiece, Span
 from analysis.models import hf
-from analysis.models.adapters import FamilyAdapter, RenderedPrompt
+from analysis.models.adapters import FamilyAdapter, RenderedPrompt, seeded_tiny_model
 from analysis.models.hf import HFModel
 
 _TINY_CHAT_TEMPLATE = (
@@ -166,11 +166,7 @@ class InternVLAdapter(FamilyAdapter):
             vision_feature_layer=-1,
             vision_feature_select_strategy="default",
         )
-        config._attn_implementation = "eager"
-        torch.manual_seed(seed)
-        model = InternVLForConditionalGeneration(config).eval()
-        model.generation_config.pad_token_id = tokenizer.pad_token_id
-        return model
+        return seeded_tiny_model(InternVLForConditionalGeneration, config, seed, tokenizer)
 
     @classmethod
     def tiny_processor(cls) -> Any:

@@ -9,7 +9,7 @@ import torch
 
 from analysis.data.samples import IMAGE_PLACEHOLDER, Sample
 from analysis.errors import ModelError
-from analysis.models.adapters import FamilyAdapter, RenderedPrompt
+from analysis.models.adapters import FamilyAdapter, RenderedPrompt, seeded_tiny_model
 from analysis.models.hf import HFModel
 
 # LLaVA-1.5 was trained and evaluated with the Vicuna v1 conversation format, not the hub
@@ -102,11 +102,7 @@ class LlavaAdapter(FamilyAdapter):
             vision_feature_select_strategy="default",
             projector_hidden_act="gelu",
         )
-        config._attn_implementation = "eager"
-        torch.manual_seed(seed)
-        model = LlavaForConditionalGeneration(config).eval()
-        model.generation_config.pad_token_id = tokenizer.pad_token_id
-        return model
+        return seeded_tiny_model(LlavaForConditionalGeneration, config, seed, tokenizer)
 
     @classmethod
     def tiny_processor(cls) -> Any:

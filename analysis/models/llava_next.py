@@ -16,7 +16,7 @@ import torch
 from analysis.data.samples import Sample
 from analysis.errors import ModelError
 from analysis.layout import ImagePiece, Span
-from analysis.models.adapters import RenderedPrompt
+from analysis.models.adapters import RenderedPrompt, seeded_tiny_model
 from analysis.models.hf import HFModel
 from analysis.models.llava import LlavaAdapter
 
@@ -179,11 +179,7 @@ class LlavaNextAdapter(LlavaAdapter):
             vision_feature_select_strategy="default",
             projector_hidden_act="gelu",
         )
-        config._attn_implementation = "eager"
-        torch.manual_seed(seed)
-        model = model_class(config).eval()
-        model.generation_config.pad_token_id = tokenizer.pad_token_id
-        return model
+        return seeded_tiny_model(model_class, config, seed, tokenizer)
 
     @classmethod
     def tiny_processor(cls) -> Any:

@@ -12,10 +12,9 @@ import math
 from collections.abc import Sequence
 from typing import Any, ClassVar
 
-import torch
-
 from analysis.data.samples import Sample
 from analysis.models import hf
+from analysis.models.adapters import seeded_tiny_model
 from analysis.models.hf import HFModel
 from analysis.models.llava_next import LlavaNextAdapter
 
@@ -113,11 +112,7 @@ class LlavaOnevisionAdapter(LlavaNextAdapter):
             vision_feature_layer=-1,
             vision_feature_select_strategy="full",
         )
-        config._attn_implementation = "eager"
-        torch.manual_seed(seed)
-        model = model_class(config).eval()
-        model.generation_config.pad_token_id = tokenizer.pad_token_id
-        return model
+        return seeded_tiny_model(model_class, config, seed, tokenizer)
 
     @classmethod
     def tiny_processor(cls) -> Any:

@@ -10,7 +10,7 @@ import torch
 from analysis.data.samples import Sample
 from analysis.errors import ModelError
 from analysis.models import hf
-from analysis.models.adapters import FamilyAdapter, ModelInputs, RenderedPrompt
+from analysis.models.adapters import FamilyAdapter, ModelInputs, RenderedPrompt, seeded_tiny_model
 from analysis.models.hf import HFModel
 
 # Written for the tiny test processor only; real checkpoints ship their own template.
@@ -127,11 +127,7 @@ class Qwen25VLAdapter(FamilyAdapter):
             vision_start_token_id=ids["<|vision_start|>"],
             vision_end_token_id=ids["<|vision_end|>"],
         )
-        config._attn_implementation = "eager"
-        torch.manual_seed(seed)
-        model = model_class(config).eval()
-        model.generation_config.pad_token_id = tokenizer.pad_token_id
-        return model
+        return seeded_tiny_model(model_class, config, seed, tokenizer)
 
     @classmethod
     def tiny_processor(cls) -> Any:
