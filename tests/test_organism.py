@@ -14,7 +14,7 @@ from analysis.errors import ConfigError, DataError, ModelError
 from analysis.models.llava import LlavaAdapter
 from analysis.organism import ORGANISM_DIR, check_organism_files
 from analysis.organism.build import IMAGE_TOKEN, build_processor, image_token_count, organism_config
-from analysis.organism.data import build_training_data, pixel_values
+from analysis.organism.data import build_training_data, expand_marker_ids, pixel_values, scene_conversations
 from analysis.organism.train import (
     DEFAULT_CONFIG,
     SMOKE_OVERRIDES,
@@ -127,6 +127,40 @@ def test_training_tokens_match_inference_inputs(processor, adapter):
         assert (data.vqa.labels[row][mask][: len(reference)] == -100).all()
     images = pixel_values(data.pixels[data.vqa.image_index], processor.image_processor)
     torch.testing.assert_close(images, inputs.tensors["pixel_values"], atol=1e-5, rtol=0)
+
+
+def test_conversations_tokenise_as_the_chat_template_renders_them(processor, adapter):
+    """Multi-turn rows: each image's questions once, each row the template's rendering of its chat (the first turn
+    exactly the inference prompt), and the loss on every answer and its end of turn only."""
+    config = ShapesConfig(train_size=40)
+    data = build_training_data(processor, adapter, config, 40, turns=3, seed=1)
+    single = build_training_data(processor, adapter, config, 40)
+    samples = [item_sample(item, render(item.scene)) for item in generate_items("train", 40, config)]
+    tokenizer = processor.tokenizer
+    groups = scene_conversations(single.vqa.image_index.tolist(), 3, seed=1)
+    assert sorted(i for group in groups for i in group) == list(range(len(samples)))
+    assert len(data.vqa) == len(groups) < len(samples) and max(map(len, groups)) == 3
+    n_image = image_token_count()
+    for row, group in enumerate(groups):
+        messages: list[dict] = []
+        for turn, index in enumerate(group):
+            content = [{"type": "text", "text": samples[index].prompt}]
+            messages.append({"role": "user", "content": ([{"type": "image"}] if turn == 0 else []) + content})
+            messages.append({"role": "assistant", "content": [{"type": "text", "text": samples[index].answer}]})
+        text = processor.apply_chat_template(messages, tokenize=False)
+        expected = expand_marker_ids(tokenizer(text)["input_ids"], tokenizer.convert_tokens_to_ids("<image>"), n_image)
+        mask = data.vqa.attention_mask[row].bool()
+        assert data.vqa.input_ids[row][mask].tolist() == expected
+        first = single.vqa.input_ids[group[0]][single.vqa.attention_mask[group[0]].bool()]
+        first_prompt = first[single.vqa.labels[group[0]][single.vqa.attention_mask[group[0]].bool()] == -100]
+        assert expected[: len(first_prompt)] == first_prompt.tolist()
+        labelled = data.vqa.labels[row][mask]
+        eos = tokenizer.eos_token_id
+        answers = [
+            t for i in group for t in [*tokenizer(samples[i].answer, add_special_tokens=False)["input_ids"], eos]
+        ]
+        assert labelled[labelled != -100].tolist() == answers
+        assert int(data.vqa.image_index[row]) == int(single.vqa.image_index[group[0]])
 
 
 def test_question_pool_repeats_families():

@@ -7,7 +7,7 @@ token ids seen in training are the ones ``build_inputs`` produces at inference.
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -160,6 +160,80 @@ def encode_sequences(
     )
 
 
+def encode_conversations(
+    tokenizer: Any,
+    conversations: Sequence[Sequence[tuple[str, str]]],
+    image_index: Sequence[int],
+    followup_texts: Callable[[str, str], tuple[str, str]],
+    *,
+    image_tokens: int,
+) -> SequenceSet:
+    """Tokenise multi-turn chats about one image each, as LLaVA's instruction data holds several questions per
+    image; the loss covers every answer and its end of turn.
+
+    Each conversation lists (prompt, answer) turns: the first prompt is the whole rendered first turn (with the
+    image marker), later prompts are the user's text, placed by ``followup_texts`` as the chat template places it.
+    """
+    image_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
+    # Questions and answers repeat a lot, so each distinct piece is rendered and tokenised once.
+    pieces: dict[tuple[str, str], tuple[list[int], list[int]]] = {}
+    first_ids: dict[str, list[int]] = {}
+    for conversation in conversations:
+        first_ids.setdefault(conversation[0][0], [])
+        for (_, answer), (prompt, _) in zip(conversation, conversation[1:], strict=False):
+            pieces.setdefault((prompt, answer), ([], []))
+        pieces.setdefault(("", conversation[-1][1]), ([], []))
+    for prompt, ids in zip(first_ids, tokenizer(list(first_ids))["input_ids"], strict=True):
+        first_ids[prompt] = expand_marker_ids(ids, image_id, image_tokens)
+    keys = list(pieces)
+    texts = [followup_texts(prompt or " ", answer) for prompt, answer in keys]
+    replies = tokenizer([reply for reply, _ in texts], add_special_tokens=False)["input_ids"]
+    asks = tokenizer([ask for _, ask in texts], add_special_tokens=False)["input_ids"]
+    for key, reply_ids, ask_ids in zip(keys, replies, asks, strict=True):
+        pieces[key] = (reply_ids, ask_ids)
+    rows: list[tuple[list[int], list[bool]]] = []
+    for conversation in conversations:
+        ids, is_answer = list(first_ids[conversation[0][0]]), [False] * len(first_ids[conversation[0][0]])
+        for turn, (_, answer) in enumerate(conversation):
+            following = conversation[turn + 1][0] if turn + 1 < len(conversation) else ""
+            reply_ids, ask_ids = pieces[(following, answer)]
+            ids += reply_ids
+            is_answer += [True] * len(reply_ids)
+            if following:
+                ids += ask_ids
+                is_answer += [False] * len(ask_ids)
+        rows.append((ids, is_answer))
+    width = max(len(ids) for ids, _ in rows)
+    input_ids = np.full((len(rows), width), tokenizer.pad_token_id, dtype=np.int64)
+    labels = np.full((len(rows), width), IGNORE_INDEX, dtype=np.int64)
+    mask = np.zeros((len(rows), width), dtype=np.int64)
+    for row, (ids, is_answer) in enumerate(rows):
+        start = width - len(ids)
+        input_ids[row, start:] = ids
+        mask[row, start:] = 1
+        labels[row, start:] = np.where(is_answer, ids, IGNORE_INDEX)
+    unknown = int((input_ids == tokenizer.unk_token_id).sum())
+    if unknown:
+        raise DataError(f"{unknown} training tokens are unknown to the organism's tokenizer; rebuild its vocabulary")
+    return SequenceSet(
+        torch.from_numpy(input_ids), torch.from_numpy(mask), torch.from_numpy(labels), torch.tensor(list(image_index))
+    )
+
+
+def scene_conversations(image_of_sample: Sequence[int], turns: int, seed: int) -> list[list[int]]:
+    """Sample indices grouped into conversations of at most ``turns`` questions about one image, each image's
+    questions in a seeded random order (so every family is sometimes asked first, as at evaluation)."""
+    by_image: dict[int, list[int]] = {}
+    for sample, image in enumerate(image_of_sample):
+        by_image.setdefault(image, []).append(sample)
+    rng = np.random.default_rng(seed)
+    conversations = []
+    for samples in by_image.values():
+        order = [samples[i] for i in rng.permutation(len(samples))]
+        conversations += [order[start : start + turns] for start in range(0, len(order), turns)]
+    return conversations
+
+
 def pack_sequences(sequences: SequenceSet, order: torch.Tensor, context: int, pad_token_id: int) -> SequenceSet:
     """The rows of ``sequences`` in ``order`` (repeats allowed), concatenated greedily into left-padded rows of at
     most ``context`` tokens, each keeping its labels: the packed documents of LLM pretraining."""
@@ -200,9 +274,16 @@ def encode_captions(tokenizer: Any, captions: Sequence[str]) -> tuple[torch.Tens
 
 
 def build_training_data(
-    processor: Any, adapter: FamilyAdapter, shapes_config: ShapesConfig, train_size: int
+    processor: Any,
+    adapter: FamilyAdapter,
+    shapes_config: ShapesConfig,
+    train_size: int,
+    *,
+    turns: int = 1,
+    seed: int = 0,
 ) -> TrainingData:
-    """Generate the first ``train_size`` train questions, render each scene once and tokenise all stages."""
+    """Generate the first ``train_size`` train questions, render each scene once and tokenise all stages; VQA rows
+    are conversations of up to ``turns`` questions about one image (1: one question per row)."""
     items = generate_items("train", train_size, shapes_config)
     scene_of_image: dict[int, int] = {}
     images: list[Image.Image] = []
@@ -250,14 +331,23 @@ def build_training_data(
         image_tokens=n_image,
     )
     vqa_prompts = [adapter.render_prompt(processor, sample).text for sample in samples]
-    vqa = encode_sequences(
-        tokenizer,
-        vqa_prompts,
-        [s.answer or "" for s in samples],
-        image_of_sample,
-        loss_on_prompt=False,
-        image_tokens=n_image,
-    )
+    answers = [s.answer or "" for s in samples]
+    if turns == 1:
+        vqa = encode_sequences(
+            tokenizer, vqa_prompts, answers, image_of_sample, loss_on_prompt=False, image_tokens=n_image
+        )
+    else:
+        groups = scene_conversations(image_of_sample, turns, seed)
+        vqa = encode_conversations(
+            tokenizer,
+            [
+                [(vqa_prompts[first], answers[first])] + [(samples[i].prompt, answers[i]) for i in rest]
+                for first, *rest in groups
+            ],
+            [image_of_sample[group[0]] for group in groups],
+            lambda prompt, answer: adapter.followup_texts(processor, prompt, answer),
+            image_tokens=n_image,
+        )
     families = [sample.family for sample in samples]
     return TrainingData(pixels, captions, caption_ids, caption_mask, families, text_qa, caption_chat, vqa)
 

@@ -70,7 +70,7 @@ SMOKE_OVERRIDES: dict[str, Any] = {
     "alignment_steps": 2,
     "alignment_batch_size": 2,
     "finetune_epochs": 1,
-    "finetune_batch_size": 16,
+    "finetune_batch_size": 4,
     "eval_batch_size": 7,
     "log_every": 1,
 }
@@ -118,6 +118,9 @@ class OrganismTrainConfig:
     finetune_batch_size: int
     finetune_lr: float
     finetune_vision_lr: float
+    # Questions about one image per fine-tuning row, as a multi-turn chat (LLaVA's instruction data holds several
+    # per image): 1 is one question per row; more shares each row's image tokens among its questions
+    finetune_turns: int
     # torch.compile the fine-tune's forward (CUDA only; batches then keep their set's full width, one shape)
     compile_finetune: bool
     family_repeats: dict[str, int]
@@ -452,7 +455,9 @@ def _train_and_save(
     adapter = get_adapter(model)
     logger.info("organism: %.2fM parameters", sum(p.numel() for p in model.parameters()) / 1e6)
 
-    data = build_training_data(processor, adapter, shapes_config, config.train_size).to(device)
+    data = build_training_data(
+        processor, adapter, shapes_config, config.train_size, turns=config.finetune_turns, seed=config.seed
+    ).to(device)
     validation_items, validation_samples = eval_items("validation", config.validation_size, shapes_config)
     validation = build_eval_set("validation", validation_samples, processor, adapter, config.eval_batch_size, device)
     validation_text = build_text_eval_set(
@@ -526,7 +531,9 @@ def _train_and_save(
     def epoch_end(epoch: int, step: int) -> None:
         record_eval(log, "finetune", epoch, step, model, tokenizer, validation)
 
-    per_epoch = len(questions) // config.finetune_batch_size
+    # Conversations hold every question of their image once, so family repeats weight single-question rows only.
+    finetune_pool = questions if config.finetune_turns == 1 else torch.arange(len(data.vqa))
+    per_epoch = len(finetune_pool) // config.finetune_batch_size
     groups = [(_trainable([model.model.multi_modal_projector, *language], model), config.finetune_lr)]
     # Everything is fine-tuned on VQA, the tower at its own (usually lower) rate; a rate of 0 keeps it frozen
     # as in LLaVA-1.5.
@@ -541,7 +548,7 @@ def _train_and_save(
             "finetune",
             groups,
             chat_loss(data.vqa, True, torch.compile(model, dynamic=False) if compiled else model),
-            questions,
+            finetune_pool,
             config.finetune_batch_size,
             config.finetune_epochs * per_epoch,
             on_epoch_end=epoch_end,
