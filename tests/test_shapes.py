@@ -218,7 +218,14 @@ def test_hf_dataset_has_the_loader_columns(tmp_path):
 
 @pytest.mark.parametrize(
     "kwargs",
-    [{"image_size": 32}, {"min_objects": 4, "max_objects": 3}, {"max_objects": 12}, {"families": ("colour",)}],
+    [
+        {"image_size": 32},
+        {"min_objects": 4, "max_objects": 3},
+        {"max_objects": 12},
+        {"families": ("colour",)},
+        {"draws": {"spatial": 0}},
+        {"draws": {"colour": 2}},
+    ],
 )
 def test_bad_config_raises_data_error(kwargs):
     with pytest.raises(DataError):
@@ -258,3 +265,25 @@ def test_count_question_when_every_shape_is_present() -> None:
     assert answer != "0" and int(answer) == sum(
         1 for o in objects if o.shape in question or shapes.PLURALS[o.shape] in question
     )
+
+
+def test_draws_ask_a_family_several_distinct_questions_per_train_scene(train_items) -> None:
+    """ShapesConfig.draws: up to N different questions of a family per train scene, each with its own id, the
+    other families and the evaluation splits unchanged."""
+    config = ShapesConfig(seed=7, draws={"spatial": 4})
+    items = generate_items("train", 1400, config)
+    assert len({item.sample_id for item in items}) == len(items)
+    per_scene = Counter(item.scene.index for item in items if item.family == "spatial")
+    assert max(per_scene.values()) == 4 and sum(per_scene.values()) > 2 * len(per_scene)
+    by_scene: dict[int, list[str]] = {}
+    for item in items:
+        if item.family == "spatial":
+            by_scene.setdefault(item.scene.index, []).append(item.question)
+    assert all(len(set(questions)) == len(questions) for questions in by_scene.values())
+    others = [(i.sample_id, i.question) for i in items if i.family != "spatial"]
+    reference = [(i.sample_id, i.question) for i in train_items if i.family != "spatial"]
+    assert others == reference[: len(others)]
+    answers = Counter(item.answer for item in items if item.family == "spatial")
+    assert abs(answers["yes"] - answers["no"]) <= 1
+    for split in ("validation", "test"):
+        assert generate_items(split, 50, config) == generate_items(split, 50, CONFIG)

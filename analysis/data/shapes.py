@@ -11,7 +11,7 @@ import hashlib
 import random
 import re
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -104,6 +104,9 @@ class ShapesConfig:
     test_size: int = 1000
     families: tuple[str, ...] = FAMILIES
     all_families_splits: tuple[str, ...] = ("train",)
+    # Questions per scene and family in the all-families splits (default one): several distinct questions of a
+    # hard family about the same image, as instruction data asks several things of one picture.
+    draws: dict[str, int] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.image_size < 48:
@@ -117,6 +120,15 @@ class ShapesConfig:
             )
         if not 0 < self.small_fraction < self.large_fraction <= 0.4:
             raise DataError("ShapesConfig needs 0 < small_fraction < large_fraction <= 0.4 so objects fit the image")
+        bad_draws = {
+            f: n
+            for f, n in self.draws.items()
+            if f not in FAMILIES or isinstance(n, bool) or not isinstance(n, int) or n < 1
+        }
+        if bad_draws:
+            raise DataError(
+                f"ShapesConfig.draws needs positive whole counts keyed by families of {list(FAMILIES)}, got {bad_draws}"
+            )
         unknown = sorted(set(self.families) - set(FAMILIES))
         if unknown or not self.families:
             raise DataError(f"ShapesConfig.families has unknown or no families {unknown}; choose from {list(FAMILIES)}")
@@ -191,11 +203,13 @@ class ShapesItem:
     question: str
     answer: str
     answer_type: str
+    draw: int = 0  # which of the family's questions about this scene (ShapesConfig.draws)
 
     @property
     def sample_id(self) -> str:
-        """A stable id such as ``shapes-test-000123-color``."""
-        return f"shapes-{self.scene.split}-{self.scene.index:06d}-{self.family}"
+        """A stable id such as ``shapes-test-000123-color`` (``-2`` appended for a scene's third draw)."""
+        suffix = f"-{self.draw}" if self.draw else ""
+        return f"shapes-{self.scene.split}-{self.scene.index:06d}-{self.family}{suffix}"
 
 
 def _check_split(split: str) -> None:
@@ -455,10 +469,12 @@ def _ask_spatial(scene: Scene, rng: random.Random, want_yes: bool, margin: int) 
     return None
 
 
-def ask(scene: Scene, family: str, config: ShapesConfig, want_yes: bool = True) -> ShapesItem | None:
-    """The ``family`` question about ``scene``, or None when its answer would be ambiguous or undefined."""
-    # One stream per (scene, family) so a question never depends on which other families were asked.
-    rng = random.Random(f"{DATASET_NAME}/{config.seed}/{scene.split}/{scene.index}/{family}")
+def ask(scene: Scene, family: str, config: ShapesConfig, want_yes: bool = True, draw: int = 0) -> ShapesItem | None:
+    """The ``family`` question about ``scene`` (its ``draw``-th), or None when its answer would be ambiguous or
+    undefined."""
+    # One stream per (scene, family, draw) so a question never depends on which other families were asked.
+    stream = f"{DATASET_NAME}/{config.seed}/{scene.split}/{scene.index}/{family}" + (f"/{draw}" if draw else "")
+    rng = random.Random(stream)
     answer_type = "open"
     if family == "color":
         qa = _ask_color(scene, rng)
@@ -481,7 +497,7 @@ def ask(scene: Scene, family: str, config: ShapesConfig, want_yes: bool = True) 
         raise DataError(f"unknown ShapesVQA family {family!r}; choose from {list(FAMILIES)}")
     if qa is None:
         return None
-    return ShapesItem(scene, family, qa[0], qa[1], answer_type)
+    return ShapesItem(scene, family, qa[0], qa[1], answer_type, draw)
 
 
 def generate_items(split: str, n: int | None = None, config: ShapesConfig | None = None) -> list[ShapesItem]:
@@ -500,10 +516,14 @@ def generate_items(split: str, n: int | None = None, config: ShapesConfig | None
         wanted = list(config.families) if every_family else [config.families[len(items) % len(config.families)]]
         before = len(items)
         for family in wanted:
-            item = ask(scene, family, config, want_yes=asked[family] % 2 == 0)
-            if item is not None and len(items) < n:
-                asked[family] += 1
-                items.append(item)
+            questions: set[str] = set()
+            for draw in range(config.draws.get(family, 1) if every_family else 1):
+                item = ask(scene, family, config, want_yes=asked[family] % 2 == 0, draw=draw)
+                # A repeated draw that lands on a question already asked adds nothing.
+                if item is not None and item.question not in questions and len(items) < n:
+                    asked[family] += 1
+                    questions.add(item.question)
+                    items.append(item)
         # A family no scene can answer (e.g. "read" without tiles) would otherwise loop forever.
         barren = barren + 1 if len(items) == before else 0
         if barren > 1000:

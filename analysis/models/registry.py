@@ -17,6 +17,7 @@ from analysis.models.hf import HFModel
 logger = logging.getLogger(__name__)
 
 ORGANISM_ALIAS = "shapes-llava"
+ORGANISM_576_ALIAS = "shapes-llava-576tok-16l"
 DEFAULT_MODEL = ORGANISM_ALIAS  # every command's default model: the organism that ships with the package
 
 
@@ -35,10 +36,16 @@ def _family_aliases() -> dict[str, ModelSpec]:
     specs = [
         ModelSpec(
             ORGANISM_ALIAS,
-            "package:analysis/organism/weights",
+            f"package:{ORGANISM_ALIAS}",
             "llava",
-            "the bundled model organism: a small LLaVA trained on ShapesVQA (ships with the package)",
-        )
+            "the bundled model organism: a small LLaVA trained on ShapesVQA, 64 image tokens, 12 layers (fast)",
+        ),
+        ModelSpec(
+            ORGANISM_576_ALIAS,
+            f"package:{ORGANISM_576_ALIAS}",
+            "llava",
+            "the bundled organism in LLaVA-1.5's regime: 576 image tokens (88% of the prompt), 16 layers",
+        ),
     ]
     for model_type in FAMILIES.names():
         family = FAMILIES.get(model_type)
@@ -132,9 +139,10 @@ def resolve(name: str) -> ModelSpec:
 def local_source(spec: ModelSpec) -> str:
     """What ``from_pretrained`` reads for a spec: the installed folder of a packaged model, else its source."""
     if spec.source.startswith("package:"):
-        from analysis.organism import ORGANISM_DIR
+        from analysis.organism import ORGANISM_576_DIR, ORGANISM_DIR
 
-        return str(ORGANISM_DIR)
+        folders = {ORGANISM_ALIAS: ORGANISM_DIR, ORGANISM_576_ALIAS: ORGANISM_576_DIR}
+        return str(folders[spec.source.removeprefix("package:")])
     return spec.source
 
 

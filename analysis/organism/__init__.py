@@ -11,6 +11,8 @@ from pathlib import Path
 from analysis.errors import ModelError
 
 ORGANISM_DIR = Path(__file__).parent / "weights"
+# The LLaVA-1.5-regime organism: 576 image tokens (88% of its prompts) into a 16-layer decoder.
+ORGANISM_576_DIR = Path(__file__).parent / "weights-576"
 WEIGHTS_NAME = "model.safetensors"
 REQUIRED_FILES = ("config.json", WEIGHTS_NAME)
 

@@ -123,6 +123,8 @@ class OrganismTrainConfig:
     finetune_turns: int
     # torch.compile the fine-tune's forward (CUDA only; batches then keep their set's full width, one shape)
     compile_finetune: bool
+    # How much more a family trains: its rows repeated (one question per row), or that many distinct questions
+    # of it per image (multi-turn rows)
     family_repeats: dict[str, int]
     warmup_fraction: float
     weight_decay: float
@@ -401,8 +403,12 @@ def train(config: OrganismTrainConfig, out: Path, device: torch.device, preset: 
         json.dumps({"preset": preset, "config": dataclasses.asdict(config), **environment}, indent=2) + "\n"
     )
     torch.manual_seed(config.seed)
+    # Multi-turn rows weight a family by asking it several distinct questions per image instead of repeating rows.
     shapes_config = ShapesConfig(
-        train_size=config.train_size, validation_size=config.validation_size, test_size=config.test_size
+        train_size=config.train_size,
+        validation_size=config.validation_size,
+        test_size=config.test_size,
+        draws=config.family_repeats if config.finetune_turns > 1 else {},
     )
     _train_and_save(config, shapes_config, out, log, device)
 
@@ -483,7 +489,7 @@ def _train_and_save(
 
     language = [model.model.language_model, model.lm_head]
     # Both question stages see the same mixture; repeating a family gives its harder questions more updates.
-    questions = question_pool(data.families, config.family_repeats)
+    questions = question_pool(data.families, config.family_repeats if config.finetune_turns == 1 else {})
     text_qa, text_pool = data.text_qa, questions
     if config.language_context:
         shuffle = torch.Generator().manual_seed(config.seed)
@@ -531,7 +537,7 @@ def _train_and_save(
     def epoch_end(epoch: int, step: int) -> None:
         record_eval(log, "finetune", epoch, step, model, tokenizer, validation)
 
-    # Conversations hold every question of their image once, so family repeats weight single-question rows only.
+    # Conversations hold every question of their image once (a repeated family as several distinct questions).
     finetune_pool = questions if config.finetune_turns == 1 else torch.arange(len(data.vqa))
     per_epoch = len(finetune_pool) // config.finetune_batch_size
     groups = [(_trainable([model.model.multi_modal_projector, *language], model), config.finetune_lr)]
