@@ -20,6 +20,7 @@ FAMILIES = {
     "qwen3_vl": "tiny-qwen3-vl",
     "gemma3": "tiny-gemma3",
     "idefics3": "tiny-idefics3",
+    "smolvlm": "tiny-smolvlm",
 }
 # Per family, a VisiPruner token threshold at which its random tiny model keeps some, and different numbers of,
 # image tokens, and a layer threshold at which every sample selects at the first possible layer (the
@@ -34,6 +35,7 @@ TOKENS_THRESHOLDS = {
     "qwen3_vl": 0.04,
     "gemma3": 0.03,
     "idefics3": 0.015,
+    "smolvlm": 0.015,
 }
 LAYER_THRESHOLDS = {family: 0.9999 for family in FAMILIES} | {"llava_next": 0.99999}
 

@@ -161,14 +161,15 @@ def test_gemma3_images_and_their_markers(samples) -> None:
             assert set(layout.regions[list(markers)]) == {REGION_INSTRUCTION}
 
 
-def test_idefics3_tiles_behind_their_tags(samples) -> None:
-    """Idefics3: an image is several runs of image tokens, each behind its tag (<row_r_col_c> for a tile, <global-img>
-    for the global view last); for two images with different tile grids in one prompt and a left-padded batch,
-    every piece is the run after its tag, the tags and <fake_token_around_image> are the image's markers, and the
-    pieces are as many as the processor's real tiles."""
+@pytest.mark.parametrize("alias", ["tiny-idefics3", "tiny-smolvlm"])
+def test_idefics3_tiles_behind_their_tags(samples, alias: str) -> None:
+    """Idefics3 and SmolVLM2: an image is several runs of image tokens, each behind its tag (<row_r_col_c> for a
+    tile, <global-img> for the global view last); for two images with different tile grids in one prompt and a
+    left-padded batch, every piece is the run after its tag, the tags and <fake_token_around_image> are the image's
+    markers, and the pieces are as many as the processor's real tiles."""
     from analysis.models.registry import load_model
 
-    loaded = load_model("tiny-idefics3")
+    loaded = load_model(alias)
     inputs = loaded.adapter.build_inputs(loaded.processor, samples)
     tokenizer = loaded.processor.tokenizer
     pair = inputs.layouts[2]

@@ -255,6 +255,24 @@ SAVABLE_FAMILIES = sorted(
 )
 
 
+def test_a_saved_video_capable_processor_without_torchvision_is_one_clear_line(tmp_path: Path) -> None:
+    """A saved SmolVLM2 folder loads its video processor, whose class needs torchvision: without it the load is
+    one line naming the missing package, not a traceback."""
+    import importlib.util
+
+    from analysis.errors import ModelError
+    from analysis.models.registry import load_model
+
+    if importlib.util.find_spec("torchvision") is not None:
+        pytest.skip("torchvision is installed, so the saved folder loads")
+    adapter = adapter_class("smolvlm")
+    adapter.tiny_model().save_pretrained(tmp_path)
+    adapter.tiny_processor().save_pretrained(tmp_path)
+    with pytest.raises(ModelError, match="Torchvision") as error:
+        load_model(str(tmp_path))
+    assert "\n" not in str(error.value) and "pip install" in str(error.value)
+
+
 @pytest.mark.parametrize("family", SAVABLE_FAMILIES)
 def test_a_saved_model_traces_by_path(tmp_path: Path, family: str) -> None:
     """A family's tiny model saved with save_pretrained (model and processor) traces by path through the command,

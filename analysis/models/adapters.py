@@ -252,14 +252,26 @@ class FamilyAdapter(ABC):
         )
         return ModelInputs(tensors=tensors, prompts=prompts, layouts=layouts)
 
-    def render_with_template(self, processor: Any, sample: Sample) -> RenderedPrompt:
-        """Render the processor's chat template, keeping images where the prompt's markers put them."""
+    def render_with_template(
+        self, processor: Any, sample: Sample, *, preamble_depends_on_first_part: bool = False
+    ) -> RenderedPrompt:
+        """Render the processor's chat template, keeping images where the prompt's markers put them.
+
+        ``preamble_depends_on_first_part``: the template writes the user's preamble differently when the message
+        opens with an image (SmolVLM: ``User:`` then the image, ``User: `` before text), so the content's start
+        is found with a probe that opens the same way, at the processor's image string.
+        """
         content = _content_parts(sample)
         messages = [{"role": "user", "content": content}]
         text = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-        probe = [{"role": "user", "content": [{"type": "text", "text": _CONTENT_SENTINEL}]}]
+        sentinel = {"type": "text", "text": _CONTENT_SENTINEL}
+        if preamble_depends_on_first_part and content[0]["type"] == "image":
+            probe_content, opening = [{"type": "image"}, sentinel], str(processor.image_token)
+        else:
+            probe_content, opening = [sentinel], _CONTENT_SENTINEL
+        probe = [{"role": "user", "content": probe_content}]
         rendered_probe = processor.apply_chat_template(probe, add_generation_prompt=True, tokenize=False)
-        prefix = rendered_probe[: rendered_probe.index(_CONTENT_SENTINEL)]
+        prefix = rendered_probe[: rendered_probe.index(opening)]
         if not text.startswith(prefix):
             raise ModelError("the chat template renders a different preamble per message; set a fixed template")
         return RenderedPrompt(text=text, content_start=len(prefix))
@@ -335,6 +347,7 @@ FAMILIES: Registry[type[FamilyAdapter]] = Registry(
         "internvl": "analysis.models.internvl:InternVLAdapter",
         "gemma3": "analysis.models.gemma3:Gemma3Adapter",
         "idefics3": "analysis.models.idefics3:Idefics3Adapter",
+        "smolvlm": "analysis.models.smolvlm:SmolVLMAdapter",
     },
     hint="Write a FamilyAdapter subclass and add it to FAMILIES in analysis/models/adapters.py, or call "
     "register_adapter(YourAdapter) before loading the model",

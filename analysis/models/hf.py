@@ -397,14 +397,15 @@ def with_pixel_values(tensors: dict[str, torch.Tensor], pixels: torch.Tensor) ->
 
 
 def without_video_processor(processor_class: Any) -> Any:
-    """A subclass of an image-and-video processor class that accepts ``video_processor=None``: the video
-    processors' classes need torchvision, which the toolkit does not depend on (tiny test processors)."""
+    """A subclass of an image-and-video processor class that accepts ``video_processor=None`` or a video
+    processor built by hand: looking the video processors' classes up needs torchvision, which the toolkit does
+    not depend on (tiny test processors)."""
 
     class ImageOnlyProcessor(processor_class):
-        """The processor with its video part left out."""
+        """The processor with its video part left out (or not checked)."""
 
         def check_argument_for_proper_class(self, argument_name: str, argument: Any) -> Any:
-            if argument is None and argument_name == "video_processor":
+            if argument_name == "video_processor":
                 return None
             return super().check_argument_for_proper_class(argument_name, argument)
 

@@ -11,6 +11,7 @@ are the image's markers (kept as text).
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Sequence
 from typing import Any, ClassVar
 
@@ -31,8 +32,9 @@ _TINY_CHAT_TEMPLATE = (
     "{%- endfor %}"
     "{%- if add_generation_prompt %}Assistant:{% endif %}"
 )
-_TINY_SIDE = 28
+TINY_SIDE = 28  # the tiny models' tile side in pixels
 _GLOBAL = "<global-img>"
+_TILE_TAG = re.compile(r"<row_(\d+)_col_(\d+)>")
 
 
 class Idefics3Adapter(FamilyAdapter):
@@ -59,13 +61,23 @@ class Idefics3Adapter(FamilyAdapter):
         """The checkpoint's chat template with images at their marker positions (or first)."""
         return self.render_with_template(processor, sample)
 
+    def image_tags(self, processor: Any) -> dict[int, str]:
+        """The tag tokens that open an image's runs: each ``<row_r_col_c>`` as ``tile_<r-1>_<c-1>`` and
+        ``<global-img>`` as ``global``, read from the tokenizer's vocabulary."""
+        tokenizer = processor.tokenizer
+        # Idefics3's processor names the global view's tag global_image_tag, SmolVLM's global_image_token.
+        global_tag = getattr(processor, "global_image_tag", None) or processor.global_image_token
+        tags = {int(tokenizer.convert_tokens_to_ids(global_tag)): "global"}
+        for token, token_id in tokenizer.get_vocab().items():
+            match = _TILE_TAG.fullmatch(token)
+            if match:
+                tags[int(token_id)] = f"tile_{int(match[1]) - 1}_{int(match[2]) - 1}"
+        return tags
+
     def image_marker_ids(self, processor: Any) -> tuple[int, ...]:
         """``<fake_token_around_image>``, ``<global-img>`` and the ``<row_r_col_c>`` tags."""
-        return (
-            int(processor.fake_image_token_id),
-            int(processor.global_image_token_id),
-            *map(int, processor.row_col_ids),
-        )
+        fake = int(processor.tokenizer.convert_tokens_to_ids(processor.fake_image_token))
+        return (fake, *self.image_tags(processor))
 
     @property
     def tile_tokens(self) -> int:
@@ -76,8 +88,7 @@ class Idefics3Adapter(FamilyAdapter):
 
     def _runs(self, processor: Any, ids: list[int]) -> list[tuple[int, int, str]]:
         """The runs of image tokens of one row: (start, end, the tag before it)."""
-        tags = {int(processor.global_image_token_id): "global"}
-        tags.update({int(token): f"tile_{index // 6}_{index % 6}" for index, token in enumerate(processor.row_col_ids)})
+        tags = self.image_tags(processor)
         runs: list[tuple[int, int, str]] = []
         position = 0
         while position < len(ids):
@@ -142,31 +153,7 @@ class Idefics3Adapter(FamilyAdapter):
         from transformers import Idefics3Config, Idefics3ForConditionalGeneration
 
         tokenizer = cls.tiny_processor().tokenizer
-        config = Idefics3Config(
-            vision_config={
-                "hidden_size": 32,
-                "intermediate_size": 64,
-                "num_hidden_layers": 2,
-                "num_attention_heads": 2,
-                "image_size": _TINY_SIDE,
-                "patch_size": 7,
-            },
-            text_config={
-                "model_type": "llama",
-                "hidden_size": 64,
-                "intermediate_size": 128,
-                "num_hidden_layers": num_layers,
-                "num_attention_heads": 4,
-                "num_key_value_heads": 2,
-                "vocab_size": len(tokenizer),
-                "max_position_embeddings": 1024,
-                "pad_token_id": tokenizer.pad_token_id,
-                "bos_token_id": tokenizer.bos_token_id,
-                "eos_token_id": tokenizer.eos_token_id,
-            },
-            image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
-            scale_factor=2,
-        )
+        config = Idefics3Config(**tiny_idefics3_config(tokenizer, num_layers))
         return seeded_tiny_model(Idefics3ForConditionalGeneration, config, seed, tokenizer)
 
     @classmethod
@@ -175,20 +162,54 @@ class Idefics3Adapter(FamilyAdapter):
         from transformers import Idefics3Processor
         from transformers.models.idefics3.image_processing_pil_idefics3 import Idefics3ImageProcessorPil
 
-        from analysis.models.tiny_vocab import tiny_words
-        from analysis.models.tokenizer import build_word_tokenizer
-
-        tags = [f"<row_{row + 1}_col_{col + 1}>" for row in range(6) for col in range(6)]
-        tokenizer = build_word_tokenizer(
-            [*tiny_words(), "User", "Assistant"],
-            ["<fake_token_around_image>", "<image>", "<end_of_utterance>", _GLOBAL, *tags],
-            chat_template=_TINY_CHAT_TEMPLATE,
-        )
+        tokenizer = tiny_idefics3_tokenizer(_TINY_CHAT_TEMPLATE)
         image_processor = Idefics3ImageProcessorPil(
-            size={"longest_edge": 3 * _TINY_SIDE},
-            max_image_size={"longest_edge": _TINY_SIDE},
+            size={"longest_edge": 3 * TINY_SIDE},
+            max_image_size={"longest_edge": TINY_SIDE},
             do_image_splitting=True,
         )
         return Idefics3Processor(
             image_processor=image_processor, tokenizer=tokenizer, image_seq_len=4, chat_template=_TINY_CHAT_TEMPLATE
         )
+
+
+def tiny_idefics3_config(tokenizer: Any, num_layers: int) -> dict[str, Any]:
+    """Keyword arguments of a tiny Idefics3-layout config (Idefics3 and SmolVLM share them)."""
+    return {
+        "vision_config": {
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 2,
+            "image_size": TINY_SIDE,
+            "patch_size": 7,
+        },
+        "text_config": {
+            "model_type": "llama",
+            "hidden_size": 64,
+            "intermediate_size": 128,
+            "num_hidden_layers": num_layers,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 2,
+            "vocab_size": len(tokenizer),
+            "max_position_embeddings": 1024,
+            "pad_token_id": tokenizer.pad_token_id,
+            "bos_token_id": tokenizer.bos_token_id,
+            "eos_token_id": tokenizer.eos_token_id,
+        },
+        "image_token_id": tokenizer.convert_tokens_to_ids("<image>"),
+        "scale_factor": 2,
+    }
+
+
+def tiny_idefics3_tokenizer(chat_template: str) -> Any:
+    """A word-level tokenizer with the Idefics3 layout's special tokens (image, tags, end of utterance)."""
+    from analysis.models.tiny_vocab import tiny_words
+    from analysis.models.tokenizer import build_word_tokenizer
+
+    tags = [f"<row_{row + 1}_col_{col + 1}>" for row in range(6) for col in range(6)]
+    return build_word_tokenizer(
+        [*tiny_words(), "User", "Assistant"],
+        ["<fake_token_around_image>", "<image>", "<end_of_utterance>", _GLOBAL, *tags],
+        chat_template=chat_template,
+    )

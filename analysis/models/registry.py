@@ -235,6 +235,12 @@ def load_model(
         processor = AutoProcessor.from_pretrained(source, revision=revision)
     except (OSError, ValueError) as error:
         raise ModelError(f"cannot load {source!r}: {_first_line(error)}") from None
+    except ImportError as error:
+        # A processor part whose library is missing: torchvision for video processors, num2words for SmolVLM2.
+        raise ModelError(
+            f"cannot load {source!r}: {_first_line(error)} (pip install the package it names; the README's support "
+            "matrix lists what each family needs)"
+        ) from None
     if device != "auto":
         model = model.to(device)
     model.eval()
