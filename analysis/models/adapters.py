@@ -208,6 +208,12 @@ class FamilyAdapter(ABC):
         images differently take one list per sample)."""
         return [image for sample in samples for image in sample.images]
 
+    @classmethod
+    def video_processor_standin(cls) -> Any | None:
+        """A video processor the family's processor can hold when it is loaded without torchvision (its chat
+        template may read the video settings); None: the video part is left out."""
+        return None
+
     def processor_kwargs(self) -> dict[str, Any]:
         """Extra keyword arguments the family's processor needs."""
         return {}

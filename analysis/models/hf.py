@@ -14,6 +14,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import lru_cache
 from importlib import metadata
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -402,12 +403,41 @@ def without_video_processor(processor_class: Any) -> Any:
     not depend on (tiny test processors)."""
 
     class ImageOnlyProcessor(processor_class):
-        """The processor with its video part left out (or not checked)."""
+        """The processor with its video part left out: ``video_processor`` is None unless a stand-in is set."""
+
+        video_processor: Any = None
 
         def check_argument_for_proper_class(self, argument_name: str, argument: Any) -> Any:
             if argument_name == "video_processor":
                 return None
             return super().check_argument_for_proper_class(argument_name, argument)
 
+        @classmethod
+        def get_attributes(cls) -> list[str]:
+            # Saving and loading then skip the video part, so a folder round-trips without torchvision.
+            return [name for name in processor_class.get_attributes() if name != "video_processor"]
+
     ImageOnlyProcessor.__name__ = ImageOnlyProcessor.__qualname__ = processor_class.__name__
     return ImageOnlyProcessor
+
+
+def load_processor_without_video(source: str, revision: str | None, video_processor: Any) -> Any:
+    """A saved or hub processor of an image-and-video family loaded without its video part (whose class needs
+    torchvision), with ``video_processor`` (a stand-in or None) in its place."""
+    import json
+
+    import transformers
+    from transformers.utils import cached_file
+
+    config_file = cached_file(source, "processor_config.json", revision=revision)
+    if config_file is None:
+        raise OSError(f"{source} has no processor_config.json")
+    name = json.loads(Path(config_file).read_text()).get("processor_class")
+    processor_class = getattr(transformers, str(name), None)
+    if processor_class is None:
+        raise OSError(f"{source}'s processor class {name!r} is not in this transformers")
+    processor = without_video_processor(processor_class).from_pretrained(
+        source, revision=revision, video_processor=video_processor
+    )
+    processor.video_processor = video_processor
+    return processor

@@ -11,6 +11,7 @@ from typing import Any
 import torch
 
 from analysis.errors import ModelError
+from analysis.models import hf
 from analysis.models.adapters import FAMILIES, FamilyAdapter, adapter_class, get_adapter
 from analysis.models.hf import HFModel
 
@@ -218,7 +219,7 @@ def load_model(
         from analysis.organism import check_organism_files
 
         check_organism_files(Path(source))
-    from transformers import AutoModelForImageTextToText, AutoProcessor
+    from transformers import AutoModelForImageTextToText
 
     config = _pretrained_config(source, revision)
     adapter_class(config.model_type)  # fails before the weights are read when no adapter fits
@@ -232,11 +233,11 @@ def load_model(
             attn_implementation=attn_implementation,
             **device_kwargs,
         )
-        processor = AutoProcessor.from_pretrained(source, revision=revision)
+        processor = _load_processor(source, revision, model.config.model_type)
     except (OSError, ValueError) as error:
         raise ModelError(f"cannot load {source!r}: {_first_line(error)}") from None
     except ImportError as error:
-        # A processor part whose library is missing: torchvision for video processors, num2words for SmolVLM2.
+        # A processor whose library is missing, e.g. num2words for SmolVLM2.
         raise ModelError(
             f"cannot load {source!r}: {_first_line(error)} (pip install the package it names; the README's support "
             "matrix lists what each family needs)"
@@ -276,6 +277,22 @@ def _load_tiny(spec: ModelSpec, *, dtype: str, device: str, attn_implementation:
     adapter = get_adapter(model)
     check_image_token(adapter, processor)
     return LoadedModel(model, processor, adapter, spec.alias, spec.source, "seed-0")
+
+
+def _load_processor(source: str, revision: str | None, model_type: str) -> Any:
+    """The checkpoint's processor; one of an image-and-video family without torchvision is loaded without its
+    video part (images work; videos are not a toolkit input)."""
+    from transformers import AutoProcessor
+
+    try:
+        return AutoProcessor.from_pretrained(source, revision=revision)
+    except (ImportError, OSError) as error:
+        # The video part's class needs torchvision, or a folder was saved without the video part.
+        message = str(error).lower()
+        if not ("torchvision" in message or "video processor" in message) or model_type not in FAMILIES.names():
+            raise
+    logger.warning("%s: its processor is loaded without the video part (torchvision missing or not saved)", source)
+    return hf.load_processor_without_video(source, revision, FAMILIES.get(model_type).video_processor_standin())
 
 
 def _first_line(error: BaseException) -> str:

@@ -63,18 +63,25 @@ class SmolVLMAdapter(Idefics3Adapter):
         """SmolVLM's processor over a word-level tokenizer, without its video part; up to 3 x 3 tiles of 28 px."""
         from transformers import SmolVLMProcessor
         from transformers.models.smolvlm.image_processing_pil_smolvlm import SmolVLMImageProcessorPil
-        from transformers.models.smolvlm.video_processing_smolvlm import SmolVLMVideoProcessor
 
         tokenizer = tiny_idefics3_tokenizer(_TINY_CHAT_TEMPLATE)
         image_processor = SmolVLMImageProcessorPil(
             size={"longest_edge": 3 * TINY_SIDE}, max_image_size={"longest_edge": TINY_SIDE}, do_image_splitting=True
         )
-        # Its video processor builds without torchvision (only processing videos needs it) and the chat template
-        # reads its frame settings, so it stays; only the class lookup that checks it needs torchvision.
-        return hf.without_video_processor(SmolVLMProcessor)(
+        processor = hf.without_video_processor(SmolVLMProcessor)(
             image_processor=image_processor,
             tokenizer=tokenizer,
-            video_processor=SmolVLMVideoProcessor(),
+            video_processor=None,
             image_seq_len=4,
             chat_template=_TINY_CHAT_TEMPLATE,
         )
+        processor.video_processor = cls.video_processor_standin()
+        return processor
+
+    @classmethod
+    def video_processor_standin(cls) -> Any:
+        """SmolVLM's own video processor with its defaults: it builds without torchvision (only processing videos
+        needs it), and the chat template reads its frame settings."""
+        from transformers.models.smolvlm.video_processing_smolvlm import SmolVLMVideoProcessor
+
+        return SmolVLMVideoProcessor()
