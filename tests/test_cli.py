@@ -368,7 +368,8 @@ def test_long_commands_show_progress_in_samples(tmp_path: Path, capsys: pytest.C
         == 0
     )
     err = capsys.readouterr().err
-    assert "sweep" in err and "10/10" in err and "sample" in err  # clean answers + the config + 3 baselines
+    # Clean answers, the config and its six FLOPs-matched baselines.
+    assert "sweep" in err and "16/16" in err and "sample" in err
 
 
 def test_ablation_band_errors_name_the_real_problem(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

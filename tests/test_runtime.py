@@ -15,7 +15,7 @@ from analysis.models.adapters import ModelInputs
 from analysis.models.registry import LoadedModel, load_model
 from analysis.pruner.config import PruningConfig
 from analysis.pruner.runtime import pruned_runtime
-from analysis.pruner.simulate import Decisions, PruningHooks
+from analysis.pruner.simulate import Decisions, PruningHooks, masked_pruning
 
 NEW_TOKENS = 5
 
@@ -62,6 +62,19 @@ def _configs(loaded: LoadedModel) -> dict[str, PruningConfig]:
         "fastv": PruningConfig(method="fastv", num_layers=layers, prune_layer=2, keep_tokens=3),
         "random": PruningConfig(method="random", num_layers=layers, prune_layer=1, keep_tokens=3),
         "pre_llm": PruningConfig(method="pre_llm", num_layers=layers, keep_tokens=3),
+        # One image pivot and two text pivots, so most kept tokens come from the duplication rule.
+        "dart": PruningConfig(
+            method="dart",
+            num_layers=layers,
+            prune_layer=2,
+            keep_tokens=5,
+            options={"pivot_image_tokens": 1, "pivot_text_tokens": 2},
+        ),
+        "cdpruner": PruningConfig(method="cdpruner", num_layers=layers, keep_tokens=3),
+        # Two stages: half the image tokens go after layer 0, half of the rest after layer 1.
+        "pyramiddrop": PruningConfig(
+            method="pyramiddrop", num_layers=layers, options={"stage_layers": [1, 2], "ratio": 0.5}
+        ),
     }
 
 
@@ -76,7 +89,7 @@ def _masked(loaded: LoadedModel, inputs: ModelInputs, config: PruningConfig) -> 
     hooks = PruningHooks(
         config, RegionMasks.from_layouts(inputs.layouts, length, inputs.input_ids.device), inputs.layouts, length
     )
-    with torch.no_grad(), route_attention(loaded.adapter, hooks, length - 1):
+    with torch.no_grad(), masked_pruning(loaded.adapter, hooks):
         logits = loaded.model(**inputs.tensors).logits
     return logits, hooks.decisions(inputs.layouts)
 
@@ -111,8 +124,9 @@ def _generate(loaded: LoadedModel, inputs: ModelInputs, **kwargs) -> tuple[torch
 
 
 def _same_decisions(a: Decisions, b: Decisions) -> bool:
-    """Same selections, exits and kept tokens."""
-    return (a.selection_layer == b.selection_layer).all() and (a.exit_layer == b.exit_layer).all() and a.kept == b.kept
+    """Same selections, exits, kept tokens and staged drops."""
+    same_layers = (a.selection_layer == b.selection_layer).all() and (a.exit_layer == b.exit_layer).all()
+    return bool(same_layers) and a.kept == b.kept and a.stage_drops == b.stage_drops
 
 
 def test_all_off_is_bit_identical(tiny: LoadedModel, samples) -> None:
@@ -153,7 +167,9 @@ def test_keeping_every_token_changes_nothing(tiny: LoadedModel, samples) -> None
     assert torch.equal(logits[:, -1].argmax(-1), reference[:, -1].argmax(-1))
 
 
-@pytest.mark.parametrize("method", ["visipruner", "shallow", "authors", "fastv", "random", "pre_llm"])
+@pytest.mark.parametrize(
+    "method", ["visipruner", "shallow", "authors", "fastv", "random", "pre_llm", "dart", "cdpruner", "pyramiddrop"]
+)
 def test_dropping_equals_masking(tiny: LoadedModel, samples, method: str) -> None:
     """Same decisions, last-position logits and greedy answers as the mask-based pruned model."""
     inputs = _inputs(tiny, samples)
@@ -161,7 +177,7 @@ def test_dropping_equals_masking(tiny: LoadedModel, samples, method: str) -> Non
     masked, masked_decisions = _masked(tiny, inputs, config)
     dropped, decisions = _dropped(tiny, inputs, config)
     assert _same_decisions(decisions, masked_decisions)
-    kept = [len(k) for k in decisions.kept]
+    kept = [decisions.n_kept(row) for row in range(len(decisions.kept))]
     assert any(0 < n < total for n, total in zip(kept, decisions.n_image, strict=True))  # a real, partial selection
     if method == "visipruner":
         assert (decisions.selection_layer == 1).all()
@@ -170,7 +186,7 @@ def test_dropping_equals_masking(tiny: LoadedModel, samples, method: str) -> Non
     hooks = PruningHooks(
         config, RegionMasks.from_layouts(inputs.layouts, length, inputs.input_ids.device), inputs.layouts, length
     )
-    with route_attention(tiny.adapter, hooks, length - 1):
+    with masked_pruning(tiny.adapter, hooks):
         masked_tokens, masked_logits = _generate(tiny, inputs)
     with pruned_runtime(tiny.model, config, inputs.layouts):
         tokens, logits = _generate(tiny, inputs)

@@ -33,7 +33,7 @@ def main(argv: list[str] | None = None) -> int:
         help="accuracy vs FLOPs of VisiPruner configs and FLOPs-matched baselines",
         formatter_class=HelpFormatter,
     )
-    sweep.add_argument("configs", nargs="+", help="pruning config JSON files (ours or the authors')")
+    sweep.add_argument("configs", nargs="*", help="pruning config JSON files (ours or the authors')")
     sweep.add_argument("--model", default=DEFAULT_MODEL, help="model alias, hub id or local path")
     sweep.add_argument("--dataset", default="shapes-vqa", help="dataset name or local path")
     sweep.add_argument("--split", default=None, help="dataset split")
@@ -53,8 +53,16 @@ def main(argv: list[str] | None = None) -> int:
         help="with --authors-rule or an authors' JSON: which of their layer-0 rules runs; auto: theirs "
         "for a LLaVA-1.5-7B or -13B architecture (other models with a shallow stage must name one)",
     )
+    sweep.add_argument(
+        "--budgets",
+        action="store_true",
+        help="also run every one-shot method at the classic token budgets (64 / 128 / 192 of LLaVA-1.5's 576 image "
+        "tokens, scaled to the model's), with bootstrap intervals and per-family scores",
+    )
     sweep.add_argument("--device", default=None, help="torch device; default cuda if available")
-    sweep.add_argument("-o", "--output", default=None, help="also write the table as CSV")
+    sweep.add_argument(
+        "-o", "--output", default=None, help="also write the table as CSV (the budget table beside it, -budgets.csv)"
+    )
     ceiling = commands.add_parser(
         "ceiling",
         help="FLOPs cut of exiting vision at each layer next to the answers it changes, from a probe run",
@@ -99,28 +107,38 @@ def _sweep(args: argparse.Namespace) -> int:
     from analysis.data.loaders import load_samples
     from analysis.models.registry import default_device, load_model
     from analysis.pruner.config import config_for_model
-    from analysis.pruner.sweep import sweep
+    from analysis.pruner.sweep import budget_sweep, sweep
     from analysis.results import atomic_write_bytes
 
+    if not args.configs and not args.budgets:
+        raise ConfigError("pruner sweep needs config files to match, --budgets, or both")
     samples = load_samples(args.dataset, args.split, args.limit)
     loaded = load_model(args.model, device=args.device or default_device())
     adapter = loaded.adapter
     configs = [
         config_for_model(path, adapter.model_type, adapter.text_config, args.authors_layer0) for path in args.configs
     ]
-    table = sweep(
-        loaded,
-        samples,
-        configs,
-        prune_layer=args.prune_layer,
-        batch_size=args.batch_size,
-        authors_rule=args.authors_rule,
-        authors_layer0=None if args.authors_layer0 == "auto" else args.authors_layer0,
-    )
-    columns = ["method", "settings", "accuracy", "agreement", "flops_cut", "flops_cut_fastv", "kept_tokens"]
-    sys.stdout.write(table[columns].to_string(index=False, float_format=lambda v: f"{v:.2f}") + "\n")
-    if args.output:
-        atomic_write_bytes(Path(args.output), table.to_csv(index=False).encode())
+    if configs:
+        table = sweep(
+            loaded,
+            samples,
+            configs,
+            prune_layer=args.prune_layer,
+            batch_size=args.batch_size,
+            authors_rule=args.authors_rule,
+            authors_layer0=None if args.authors_layer0 == "auto" else args.authors_layer0,
+        )
+        columns = ["method", "settings", "accuracy", "agreement", "flops_cut", "flops_cut_fastv", "kept_tokens"]
+        sys.stdout.write(table[columns].to_string(index=False, float_format=lambda v: f"{v:.2f}") + "\n")
+        if args.output:
+            atomic_write_bytes(Path(args.output), table.to_csv(index=False).encode())
+    if args.budgets:
+        budgets = budget_sweep(loaded, samples, prune_layer=args.prune_layer, batch_size=args.batch_size)
+        columns = ["method", "settings", "accuracy", "accuracy_low", "accuracy_high", "agreement", "flops_cut"]
+        sys.stdout.write(budgets[columns].to_string(index=False, float_format=lambda v: f"{v:.2f}") + "\n")
+        if args.output:
+            path = Path(args.output)
+            atomic_write_bytes(path.with_name(f"{path.stem}-budgets.csv"), budgets.to_csv(index=False).encode())
     return 0
 
 

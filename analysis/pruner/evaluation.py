@@ -11,13 +11,13 @@ from analysis.data.samples import Sample, batched
 from analysis.data.scoring import is_correct
 from analysis.errors import ConfigError
 from analysis.generation import generate_answers
-from analysis.hooks.attention import RegionMasks, route_attention
+from analysis.hooks.attention import RegionMasks
 from analysis.models.registry import LoadedModel
 from analysis.pruner.config import PRUNING_RUNTIMES, PruningConfig
 from analysis.pruner.flops import DecoderShape
 from analysis.pruner.methods import method_for
 from analysis.pruner.runtime import pruned_runtime
-from analysis.pruner.simulate import PruningHooks, full_flops, sample_flops
+from analysis.pruner.simulate import PruningHooks, full_flops, masked_pruning, sample_flops
 
 
 def evaluate_pruned(
@@ -60,7 +60,7 @@ def evaluate_pruned(
             masks = RegionMasks.from_layouts(inputs.layouts, prompt_length, device)
             hooks = PruningHooks(config, masks, inputs.layouts, prompt_length)
             if prunes:
-                with route_attention(loaded.adapter, hooks, prompt_length - 1):
+                with masked_pruning(loaded.adapter, hooks):
                     pruned = generate_answers(loaded, inputs, max_new_tokens)
             else:
                 pruned = clean
@@ -68,7 +68,6 @@ def evaluate_pruned(
         for row, (sample, layout) in enumerate(zip(batch, inputs.layouts, strict=True)):
             ours = sample_flops(config, decisions, row, layout.length, shape)
             full = full_flops(decisions, row, layout.length, shape)
-            selected = decisions.before_llm or decisions.selection_layer[row] >= 0
             rows.append(
                 {
                     "sample_id": sample.sample_id,
@@ -83,7 +82,7 @@ def evaluate_pruned(
                     "exit_layer": int(decisions.exit_layer[row]),
                     "n_tokens": layout.length,
                     "n_image": decisions.n_image[row],
-                    "n_kept": len(decisions.kept[row]) if selected else decisions.n_image[row],
+                    "n_kept": decisions.n_kept(row),
                     "flops": ours["exact"],
                     "flops_full": full["exact"],
                     "flops_fastv": ours["fastv"],

@@ -117,6 +117,7 @@ class PrunedRuntime(PruningHooks):
         self.adds_deepstack = adapter.deepstack
         self._model_mask: torch.Tensor | None = None
         self.rules = [adapter.attention_rule(layer) for layer in range(self.num_layers)]
+        self._final_norm = adapter.final_norm()
         # (B, prompt length) the image each position belongs to (-1: text), for bidirectional image attention.
         self.image_blocks = torch.full((len(layouts), prompt_length), -1, dtype=torch.long, device=device)
         for row, layout in enumerate(layouts):
@@ -143,6 +144,14 @@ class PrunedRuntime(PruningHooks):
                 raise ConfigError(f"pinned kept ordinals of sample {row} outside 0..{n_image - 1}")
             keep[row, torch.as_tensor(list(kept), dtype=torch.long)] = True
         self.keep = keep
+        if decisions.stage_drops is not None:
+            for row, drops in enumerate(decisions.stage_drops):
+                if len(drops) != int(self.image_valid[row].sum()) or any(not -1 <= d < self.num_layers for d in drops):
+                    raise ConfigError(
+                        f"pinned stage drops of sample {row} need one layer in -1..{self.num_layers - 1} "
+                        "per image token"
+                    )
+                self.stage_drops[row, : len(drops)] = torch.as_tensor(drops, dtype=torch.long)
         self.selection_layer = selection
         self.before_llm = decisions.before_llm
         self.exit_layer = exit_layer
@@ -216,7 +225,9 @@ class PrunedRuntime(PruningHooks):
         """Whether some sample's token set shrinks between ``layer - 1`` and ``layer``."""
         if layer == 0:
             return self.before_llm
-        return bool(((self.selection_layer == layer - 1) | (self.exit_layer == layer - 1)).any())
+        if bool(((self.selection_layer == layer - 1) | (self.exit_layer == layer - 1)).any()):
+            return True
+        return bool((self.stage_drops == layer - 1).any())
 
     def _kept_positions(self, layer: int) -> torch.Tensor:
         """(B, input length) bool: the input positions ``layer`` processes."""
@@ -445,6 +456,8 @@ class PrunedRuntime(PruningHooks):
         ) -> tuple[tuple[Any, ...], dict[str, Any]] | None:
             hidden = hf.layer_hidden_states(args, kwargs)
             if self._prefill:
+                if not self.frozen and self.method.reads_hidden(layer):
+                    self._observe_hidden(layer, hidden)
                 if self._cuts_before(layer):
                     self._layout_or_none, slots = self._compact_once(self._layout, layer)
                     hidden = hidden.gather(1, slots[..., None].expand(-1, -1, hidden.shape[-1]))
@@ -462,6 +475,13 @@ class PrunedRuntime(PruningHooks):
             return args, kwargs
 
         return hook
+
+    def _observe_hidden(self, layer: int, hidden: torch.Tensor) -> None:
+        """Give the rule the hidden states entering ``layer``, image tokens and text addressed by their slots."""
+        layout = self._layout
+        text = extend_membership(self.text_after_image, 0, self._input_length, fill=False)
+        text = text.gather(1, layout.positions) & layout.valid
+        self.observe_hidden(layer, hidden, self._image_slots(layout), text, self._final_norm)
 
     def model_call(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         """Model pre-hook: keep the 2-D padding mask the model was given, for families whose text model gets masks

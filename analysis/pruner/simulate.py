@@ -9,11 +9,14 @@ as each layer's KV cache keeps what that layer had at prefill.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
 import torch
+from torch import nn
 
 from analysis.hooks.attention import (
     AttentionHooks,
@@ -21,12 +24,15 @@ from analysis.hooks.attention import (
     RegionMasks,
     ZeroedEdges,
     extend_membership,
+    route_attention,
 )
 from analysis.hooks.contributions import image_index_tensors
 from analysis.layout import TokenLayout
+from analysis.models import hf
+from analysis.models.adapters import FamilyAdapter
 from analysis.pruner.config import PruningConfig
 from analysis.pruner.flops import DecoderShape, LayerTokens, prefill_flops
-from analysis.pruner.methods import method_for
+from analysis.pruner.methods import HiddenObservation, method_for
 
 
 @dataclass
@@ -38,15 +44,26 @@ class Decisions:
     kept: list[list[int]]  # kept image-token ordinals per sample (after selection)
     n_image: list[int]
     before_llm: bool = False  # the kept tokens were chosen before the language model (every layer sees only them)
+    # Per sample and image-token ordinal, the layer after which a staged rule dropped it (-1: never); None: no
+    # staged rule ran.
+    stage_drops: list[list[int]] | None = None
+
+    def n_kept(self, row: int) -> int:
+        """Image tokens left to one sample after its selection and every staged drop (before any exit)."""
+        selected = self.before_llm or self.selection_layer[row] >= 0
+        kept = len(self.kept[row]) if selected else self.n_image[row]
+        return kept - (sum(d >= 0 for d in self.stage_drops[row]) if self.stage_drops else 0)
 
     def tokens_per_layer(self, row: int, prompt_length: int, num_layers: int) -> list[LayerTokens]:
         """Tokens each layer processes for one sample in the prefill."""
         n_image, n_kept = self.n_image[row], len(self.kept[row])
+        drops = self.stage_drops[row] if self.stage_drops else []
         counts = []
         for layer in range(num_layers):
             image = n_image
             if self.before_llm or 0 <= self.selection_layer[row] < layer:
                 image = n_kept
+            image -= sum(0 <= d < layer for d in drops)
             if 0 <= self.exit_layer[row] < layer:
                 image = 0
             counts.append(LayerTokens(prompt_length - n_image + image, image))
@@ -75,11 +92,14 @@ class PruningHooks(AttentionHooks):
         batch = len(layouts)
         self.image_index, self.image_valid = image_index_tensors(layouts, masks.keys["image"].device)
         self.keep = self.image_valid.clone()
+        self.stage_drops = torch.full_like(self.image_index, -1)
         self.selection_layer = torch.full((batch,), -1, dtype=torch.long)
         self.exit_layer = torch.full((batch,), -1, dtype=torch.long)
         self.negligible = torch.zeros(batch, dtype=torch.long)
         self.before_llm = False
         self.method = method_for(config)
+        self.text_after_image = text_after_image(layouts, prompt_length, self.image_valid.device)
+        self.hidden_observed: set[int] = set()  # layers whose input hidden states the rule has read
         # (B, prompt length) the first half of each sample's image tokens (the authors' 13B layer-0 rule), made once.
         self.first_half_keys = torch.zeros(batch, prompt_length, dtype=torch.bool, device=self.image_valid.device)
         for row, count in enumerate(self.image_valid.sum(1).tolist()):
@@ -91,7 +111,25 @@ class PruningHooks(AttentionHooks):
         """Observe only in the prefill pass, in the layers the method reads."""
         if not query_start <= self.prompt_length - 1 < query_start + query_length:
             return False
+        if self.method.reads_hidden(layer) and layer not in self.hidden_observed:
+            raise RuntimeError(
+                f"{self.method.name} reads the hidden states entering layer {layer}, which nothing gave it; run the "
+                "mask-based pruned model through analysis.pruner.simulate.masked_pruning"
+            )
         return self.method.observes(layer, self)
+
+    def observe_hidden(
+        self, layer: int, hidden: torch.Tensor, image_index: torch.Tensor, text: torch.Tensor, final_norm: nn.Module
+    ) -> None:
+        """Let the method decide from the hidden states entering ``layer`` (once per layer, in the prefill)."""
+        if layer in self.hidden_observed:
+            return
+        self.hidden_observed.add(layer)
+
+        def normed(states: torch.Tensor) -> torch.Tensor:
+            return final_norm(states).float()
+
+        self.method.decide_hidden(self, HiddenObservation(layer, hidden.float(), image_index, text, normed))
 
     def observe(self, observation: LastRowObservation) -> None:
         """Let the method decide from one layer's last-row attention (image tokens at their input positions)."""
@@ -104,7 +142,8 @@ class PruningHooks(AttentionHooks):
         active = ((self.selection_layer >= 0) & (self.selection_layer < layer)) | self.before_llm
         exited = (self.exit_layer >= 0) & (self.exit_layer < layer)
         device = self.keep.device
-        return self.image_valid & (exited.to(device)[:, None] | (active.to(device)[:, None] & ~self.keep))
+        staged = (self.stage_drops >= 0) & (self.stage_drops < layer)
+        return self.image_valid & (exited.to(device)[:, None] | (active.to(device)[:, None] & ~self.keep) | staged)
 
     # -- masks ----------------------------------------------------------------------------------
     def decoding(self, query_start: int) -> bool:
@@ -171,13 +210,55 @@ class PruningHooks(AttentionHooks):
             torch.nonzero(self.keep[row][: layout.n_image_tokens]).flatten().tolist()
             for row, layout in enumerate(layouts)
         ]
+        staged = None
+        if bool((self.stage_drops >= 0).any()):
+            staged = [self.stage_drops[row, : layout.n_image_tokens].tolist() for row, layout in enumerate(layouts)]
         return Decisions(
             self.selection_layer.numpy().copy(),
             self.exit_layer.numpy().copy(),
             kept,
             [layout.n_image_tokens for layout in layouts],
             self.before_llm,
+            staged,
         )
+
+
+def text_after_image(layouts: list[TokenLayout], prompt_length: int, device: torch.device) -> torch.Tensor:
+    """(B, prompt length) bool: each sample's prompt tokens after its last image token (the question and the
+    template's tail)."""
+    text = torch.zeros(len(layouts), prompt_length, dtype=torch.bool)
+    for row, layout in enumerate(layouts):
+        first = int(layout.image_positions[-1]) + 1 if layout.n_image_tokens else layout.length
+        text[row, torch.as_tensor(layout.padded(np.arange(first, layout.length)), dtype=torch.long)] = True
+    return text.to(device)
+
+
+@contextmanager
+def masked_pruning(adapter: FamilyAdapter, hooks: PruningHooks) -> Iterator[PruningHooks]:
+    """Inside the block the model runs pruned by attention masks: the routed attention, and the decoder-layer hooks
+    that give hidden-state rules (DART, CDPruner) the states entering the layers they read."""
+    norm = adapter.final_norm()
+
+    def hidden_hook(layer: int) -> Any:
+        def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+            hidden = hf.layer_hidden_states(args, kwargs)
+            if hidden.shape[1] >= hooks.prompt_length:  # the prefill (decoding steps carry one token)
+                text = extend_membership(hooks.text_after_image, 0, hidden.shape[1], fill=False)
+                hooks.observe_hidden(layer, hidden, hooks.image_index, text, norm)
+
+        return hook
+
+    handles = [
+        layer.register_forward_pre_hook(hidden_hook(index), with_kwargs=True)
+        for index, layer in enumerate(adapter.decoder_layers())
+        if hooks.method.reads_hidden(index)
+    ]
+    try:
+        with route_attention(adapter, hooks, hooks.prompt_length - 1):
+            yield hooks
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 def sample_flops(

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from dataclasses import replace
+from dataclasses import fields, replace
 from pathlib import Path
-from types import SimpleNamespace
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -24,42 +24,57 @@ logger = logging.getLogger(__name__)
 
 # The one-shot methods compared with VisiPruner at matched FLOPs (those that declare themselves sweep baselines).
 BASELINES = tuple(sweep_baselines())
+# The token budgets pruning papers report on LLaVA-1.5 (64, 128 and 192 kept of its 24 x 24 image tokens), as
+# shares of the image so that they scale to any model's token count.
+CLASSIC_BUDGET_SHARES = (1 / 9, 2 / 9, 1 / 3)
+BOOTSTRAP_DRAWS = 2000
 
 
-def baseline_flops_cut(
-    shape: DecoderShape, per_sample: pd.DataFrame, method: str, prune_layer: int, keep: int
-) -> float:
-    """Exact prefill FLOPs cut (%) of a one-shot baseline keeping ``keep`` image tokens, over the given samples.
+def config_flops_cut(shape: DecoderShape, per_sample: pd.DataFrame, config: PruningConfig) -> float:
+    """Exact prefill FLOPs cut (%) over the given samples (``n_tokens``, ``n_image``) of a method whose image tokens per
+    layer follow from its parameters.
 
     A ``weight`` column, where present, counts how many samples each row stands for.
     """
+    method = method_for(config)
+    if method.image_tokens(0, 1) is None:
+        raise ConfigError(f"{config.method}'s token counts depend on the data; it has no budget to match")
     ours = full = 0.0
     weights = per_sample["weight"] if "weight" in per_sample else [1] * len(per_sample)
     for n_tokens, n_image, weight in zip(per_sample["n_tokens"], per_sample["n_image"], weights, strict=True):
-        kept = min(keep, n_image)
-        pruned = LayerTokens(n_tokens - n_image + kept, kept)
-        start = _first_pruned_layer(method, prune_layer)
-        layers = [LayerTokens(n_tokens, n_image)] * start + [pruned] * (shape.num_layers - start)
+        layers = []
+        for layer in range(shape.num_layers):
+            image = method.image_tokens(layer, int(n_image))
+            assert image is not None  # checked above: the count follows from the parameters
+            layers.append(LayerTokens(n_tokens - n_image + image, image))
         ours += weight * prefill_flops(shape, layers)["exact"]
         full += weight * prefill_flops(shape, [LayerTokens(n_tokens, n_image)] * shape.num_layers)["exact"]
     return 100 * (1 - ours / full)
 
 
-def _first_pruned_layer(method: str, prune_layer: int) -> int:
-    """The first layer a one-shot baseline runs without its pruned tokens, for FastV-style K = ``prune_layer``."""
-    first = method_for(SimpleNamespace(method=method, prune_layer=prune_layer)).first_pruned_layer()
-    if first is None:
-        raise ConfigError(f"{method} is not a one-shot method; it has no token budget to match")
-    return first
+def baseline_flops_cut(
+    shape: DecoderShape, per_sample: pd.DataFrame, method: str, prune_layer: int, keep: int
+) -> float:
+    """Exact prefill FLOPs cut (%) of a one-shot baseline keeping ``keep`` image tokens from layer K on."""
+    config = PruningConfig(method=method, num_layers=shape.num_layers, prune_layer=prune_layer, keep_tokens=keep)
+    return config_flops_cut(shape, per_sample, config)
 
 
-def matched_keep(
-    shape: DecoderShape, per_sample: pd.DataFrame, method: str, prune_layer: int, target_cut: float
-) -> int:
-    """The token budget whose FLOPs cut is closest to ``target_cut`` for a baseline."""
-    budgets = np.arange(0, int(per_sample["n_image"].max()) + 1)
-    cuts = np.array([baseline_flops_cut(shape, per_sample, method, prune_layer, int(k)) for k in budgets])
-    return int(budgets[np.argmin(np.abs(cuts - target_cut))])
+def with_budget(config: PruningConfig, value: Any) -> PruningConfig:
+    """``config`` with its method's budget parameter set (a config field, or one of the method's options)."""
+    parameter = method_for(config).budget_parameter
+    if parameter in {f.name for f in fields(PruningConfig)}:
+        return replace(config, **{parameter: value})
+    return replace(config, options={**config.options, parameter: value})
+
+
+def matched_budget(
+    shape: DecoderShape, per_sample: pd.DataFrame, config: PruningConfig, target_cut: float
+) -> PruningConfig:
+    """``config`` at the budget whose FLOPs cut over the samples is closest to ``target_cut``."""
+    values = method_for(config).budget_values(int(per_sample["n_image"].max()))
+    cuts = np.array([config_flops_cut(shape, per_sample, with_budget(config, value)) for value in values])
+    return with_budget(config, values[int(np.argmin(np.abs(cuts - target_cut)))])
 
 
 AUTHORS_RULE_METHOD = "visipruner_authors"
@@ -130,8 +145,8 @@ def sweep(
                     }
                 )
             for method in BASELINES:
-                keep = matched_keep(shape, per_sample, method, prune_layer, scores["flops_cut"])
-                matched = replace(config, method=method, prune_layer=prune_layer, keep_tokens=keep, provenance={})
+                template = replace(config, method=method, prune_layer=prune_layer, options={}, provenance={})
+                matched = matched_budget(shape, per_sample, template, scores["flops_cut"])
                 rows.append(
                     {"method": method, "point": index, "settings": _settings(matched), **summarize(evaluated(matched))}
                 )
@@ -228,3 +243,107 @@ def pruning_study(
     atomic_write_bytes(table_path, table.to_csv(index=False).encode())
     atomic_write_json(study_path, study)
     return table
+
+
+def bootstrap_interval(
+    values: np.ndarray, draws: int = BOOTSTRAP_DRAWS, confidence: float = 0.95
+) -> tuple[float, float]:
+    """Percentile bootstrap interval (in %) of the mean of per-sample 0/1 values."""
+    values = np.asarray(values, dtype=float)
+    if len(values) < 2:
+        mean = 100 * float(values.mean()) if len(values) else float("nan")
+        return mean, mean
+    counts = np.random.default_rng(0).multinomial(len(values), np.full(len(values), 1 / len(values)), size=draws)
+    means = counts @ values / len(values)
+    alpha = (1 - confidence) / 2
+    low, high = np.quantile(means, [alpha, 1 - alpha])
+    return 100 * float(low), 100 * float(high)
+
+
+def family_scores(per_sample: pd.DataFrame) -> dict[str, float]:
+    """Accuracy and agreement (%) per question family, as ``accuracy_<family>`` and ``agreement_<family>``."""
+    scores: dict[str, float] = {}
+    for family, rows in per_sample.groupby("family", sort=True):
+        if not family:  # a dataset without families
+            continue
+        scores[f"accuracy_{family}"] = 100 * rows["pruned_correct"].astype(float).mean()
+        scores[f"agreement_{family}"] = 100 * rows["agrees"].astype(float).mean()
+    return scores
+
+
+def prompt_sizes(loaded: LoadedModel, samples: Sequence[Sample], batch_size: int) -> pd.DataFrame:
+    """Each sample's prompt and image token counts (``n_tokens``, ``n_image``), from its inputs; no model runs."""
+    from analysis.data.samples import batched
+
+    rows = []
+    for batch in batched(list(samples), batch_size):
+        inputs = loaded.adapter.build_inputs(loaded.processor, batch)
+        rows += [{"n_tokens": layout.length, "n_image": layout.n_image_tokens} for layout in inputs.layouts]
+    return pd.DataFrame(rows)
+
+
+def budget_sweep(
+    loaded: LoadedModel,
+    samples: Sequence[Sample],
+    *,
+    shares: Sequence[float] = CLASSIC_BUDGET_SHARES,
+    methods: Sequence[str] = BASELINES,
+    prune_layer: int = 2,
+    batch_size: int = 16,
+    max_new_tokens: int = 8,
+    progress: bool = True,
+) -> pd.DataFrame:
+    """One row per method and token budget: every method at the same share of the image tokens.
+
+    A share becomes a token count from the samples' median image size (576 tokens of LLaVA-1.5 at 1/9 keep 64). A
+    one-shot method keeps that many; a staged one (PyramidDrop) gets the budget whose exact prefill FLOPs match a
+    one-shot method keeping them from layer ``prune_layer``. Rows hold accuracy with its bootstrap interval, agreement
+    with the unpruned answers, the exact prefill FLOPs cut and both scores per question family.
+    """
+    from tqdm.auto import tqdm
+
+    bad = [share for share in shares if not 0 < share <= 1]
+    if bad:
+        raise ConfigError(f"token budgets are shares of the image in (0, 1], got {bad}")
+    num_layers = loaded.adapter.num_layers
+    for method in methods:
+        if method_for(PruningConfig(method=method, num_layers=num_layers)).image_tokens(0, 1) is None:
+            raise ConfigError(f"{method}'s token counts depend on the data; it has no token budget")
+    shape = DecoderShape.from_config(loaded.adapter.text_config)
+    sizes = prompt_sizes(loaded, samples, batch_size)
+    image_tokens = int(np.median(sizes["n_image"]))
+    passes = 1 + len(shares) * len(methods)
+    rows = []
+    with tqdm(total=passes * len(samples), desc="budgets", unit="sample", disable=not progress) as bar:
+        baseline = clean_answers(
+            loaded, samples, batch_size=batch_size, max_new_tokens=max_new_tokens, on_batch=bar.update
+        )
+        for share in shares:
+            keep = max(1, round(share * image_tokens))
+            for method in methods:
+                config = PruningConfig(method=method, num_layers=num_layers, prune_layer=prune_layer, keep_tokens=keep)
+                if method_for(config).budget_parameter != "keep_tokens":
+                    target = baseline_flops_cut(shape, sizes, "fastv", prune_layer, keep)
+                    config = matched_budget(shape, sizes, config, target)
+                per_sample = evaluate_pruned(
+                    loaded,
+                    samples,
+                    config,
+                    batch_size=batch_size,
+                    max_new_tokens=max_new_tokens,
+                    baseline=baseline,
+                    on_batch=bar.update,
+                )
+                low, high = bootstrap_interval(per_sample["pruned_correct"].astype(float).to_numpy())
+                rows.append(
+                    {
+                        "method": method,
+                        "budget_share": share,
+                        "settings": _settings(config),
+                        **summarize(per_sample),
+                        "accuracy_low": low,
+                        "accuracy_high": high,
+                        **family_scores(per_sample),
+                    }
+                )
+    return pd.DataFrame(rows)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from analysis.errors import ConfigError
-from analysis.pruner.methods.base import MethodConfig, PruningMethod, SelectionState
+from analysis.pruner.methods.base import HiddenObservation, MethodConfig, PruningMethod, SelectionState
 from analysis.registry import Registry
 
 METHODS: Registry[type[PruningMethod]] = Registry(
@@ -15,6 +15,9 @@ METHODS: Registry[type[PruningMethod]] = Registry(
         "fastv": "analysis.pruner.methods.fastv:FastV",
         "random": "analysis.pruner.methods.random_tokens:RandomTokens",
         "pre_llm": "analysis.pruner.methods.pre_llm:PreLLM",
+        "dart": "analysis.pruner.methods.dart:DART",
+        "cdpruner": "analysis.pruner.methods.cdpruner:CDPruner",
+        "pyramiddrop": "analysis.pruner.methods.pyramiddrop:PyramidDrop",
         "none": "analysis.pruner.methods.unpruned:Unpruned",
     },
     hint="Write a PruningMethod subclass with its MethodConfig and add it to METHODS in "
@@ -41,6 +44,7 @@ def sweep_baselines() -> list[str]:
 
 __all__ = [
     "METHODS",
+    "HiddenObservation",
     "MethodConfig",
     "PruningMethod",
     "SelectionState",

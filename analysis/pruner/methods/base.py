@@ -9,6 +9,7 @@ method they run.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar, Protocol
 
@@ -40,12 +41,24 @@ class MethodConfig:
         return [field.name for field in dataclasses.fields(cls)]
 
 
+@dataclass(frozen=True)
+class HiddenObservation:
+    """The hidden states entering a decoder layer in the prefill, in float32, addressed as the executor holds them."""
+
+    layer: int
+    hidden: torch.Tensor  # (B, T, D) the layer's input: the embeddings for layer 0, else the previous layer's output
+    image_index: torch.Tensor  # (B, N) index along T of each sample's image tokens (0 where absent)
+    text_after_image: torch.Tensor  # (B, T) bool: prompt text after the sample's last image token
+    final_norm: Callable[[torch.Tensor], torch.Tensor]  # the model's norm after its last layer (float32 in and out)
+
+
 class SelectionState(Protocol):
     """The per-sample decisions an executor holds and a method updates (tensors of the batch)."""
 
     image_index: torch.Tensor  # (B, N) padded input positions of each sample's image tokens (0 where absent)
     image_valid: torch.Tensor  # (B, N) bool
     keep: torch.Tensor  # (B, N) bool: image tokens kept once a selection applies
+    stage_drops: torch.Tensor  # (B, N) long: layer after which a staged rule (PyramidDrop) dropped a token; -1 never
     selection_layer: torch.Tensor  # (B,) layer whose attention the rule read (tokens go from the next); -1: never
     exit_layer: torch.Tensor  # (B,) layer after which every image token goes; -1: never
     negligible: torch.Tensor  # (B,) consecutive observed layers in which the kept tokens changed nothing
@@ -83,6 +96,14 @@ class PruningMethod:
         """Update the decisions from one observed layer's last-row attention (its ``image_index`` says which of its
         keys are each sample's image tokens)."""
 
+    def reads_hidden(self, layer: int) -> bool:
+        """Whether the rule reads the hidden states entering ``layer`` in the prefill (before the layer runs, so a
+        selection made there applies from ``layer`` on: set ``selection_layer`` to ``layer - 1``)."""
+        return False
+
+    def decide_hidden(self, state: SelectionState, observation: HiddenObservation) -> None:
+        """Update the decisions from the hidden states entering one layer."""
+
     # -- the shallow stage (text->image attention removed in early layers) -------------------------------
     def shallow_rule(self, layer: int, decoding: bool) -> str | None:
         """How ``layer`` removes text->image attention: "mask" (before the softmax), "zero" (after), or None."""
@@ -100,6 +121,24 @@ class PruningMethod:
     def first_pruned_layer(self) -> int | None:
         """For a one-shot method: the first layer that runs without the pruned tokens (None: not one-shot)."""
         return None
+
+    # The parameter ``pruner sweep`` varies to match a FLOPs cut (a PruningConfig field, or one of the method's
+    # options), and the image tokens each layer then processes for a sample of ``n_image`` (None: the count depends
+    # on the data, as VisiPruner's does).
+    budget_parameter: ClassVar[str] = "keep_tokens"
+
+    def budget_values(self, n_image: int) -> list[Any]:
+        """The values of ``budget_parameter`` a FLOPs match searches, for samples of up to ``n_image`` image tokens."""
+        return list(range(n_image + 1))
+
+    def image_tokens(self, layer: int, n_image: int) -> int | None:
+        """Image tokens ``layer`` processes in the prefill of a sample with ``n_image`` (None: data-dependent).
+
+        The default serves one-shot methods: all of them before ``first_pruned_layer``, then ``keep_tokens``."""
+        first, keep = self.first_pruned_layer(), getattr(self.params, "keep_tokens", None)
+        if first is None or keep is None:
+            return None
+        return n_image if layer < first else min(int(keep), n_image)
 
     def settings(self) -> str:
         """A short description of the parameters (sweep tables)."""
