@@ -84,18 +84,25 @@ def test_pruned_speed_runs(capsys: pytest.CaptureFixture[str]) -> None:
                 "--dtype",
                 "float32",
                 "--rule-cost",
+                "--methods",
+                "dart",
+                "cdpruner",
+                "pyramiddrop",
             ]
         )
         == 0
     )
     lines = capsys.readouterr().out.strip().splitlines()
-    assert lines[0].startswith("device: cpu") and len(lines) == 2 + 2 * 5
+    assert lines[0].startswith("device: cpu") and len(lines) == 2 + 2 * 8
     assert lines[2].split()[2] == "unpruned" and "visipruner keep 4 @1 exit @2" in lines[3] and "fastv keep" in lines[4]
-    assert lines[5].startswith("    1 vision tower alone")
-    assert lines[6].startswith("    1 selection rule evaluated in 3 layers")
+    assert [lines[row].split()[2] for row in (5, 6, 7)] == ["dart", "cdpruner", "pyramiddrop"]
+    assert lines[8].startswith("    1 vision tower alone")
+    assert lines[9].startswith("    1 selection rule evaluated in 3 layers")
     unpruned = lines[2].split()
-    # The unpruned row is its own baseline: speedups of exactly 1.
-    assert unpruned[-8] == "1.000" and unpruned[-3] == "1.000"
+    # The unpruned row is its own baseline: speedups of exactly 1 (prefill at counts, generate, time to first token).
+    assert unpruned[-10] == "1.000" and unpruned[-5] == "1.000" and unpruned[-1] == "1.000"
+    # Every pruned variant, matched to VisiPruner's prefill FLOPs, has an ideal prefill speedup above 1.
+    assert all(float(lines[row].split()[-11]) > 1 for row in range(3, 8))
 
 
 def test_interleaved_rotates_and_counts_calls() -> None:

@@ -11,7 +11,10 @@ through all of them, so drift of the machine falls on all variants alike. Random
 meaningless, so selections are pinned: VisiPruner keeps ``--keep`` evenly spaced image tokens after
 ``--selection-layer`` and drops all after ``--exit-layer``; FastV keeps the number of tokens after ``--fastv-layer``
 whose prefill FLOPs come closest. The cost of evaluating the rule (a float32 last-row recomputation in observed
-layers) is therefore not in the table; ``--rule-cost`` times it on its own.
+layers) is therefore not in the table; ``--rule-cost`` times it on its own. ``--methods`` adds other registered
+methods (DART, CDPruner, PyramidDrop, random, pre-LLM) at VisiPruner's exact prefill FLOPs, each running its own
+rule, whose token counts do not depend on the weights. The TTFT column (time to first token: pixels and token ids
+to one greedy token, a fresh runtime per call) includes every rule's cost; for VisiPruner only the pinned part.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
 
 import numpy as np
+import pandas as pd
 import torch
 
 from analysis.benchmarks.trace_overhead import PRESETS, Measurement, benchmark_model, build_inputs, synchronize
@@ -35,8 +39,10 @@ from analysis.models.adapters import ModelInputs, get_adapter
 from analysis.models.hf import HFModel
 from analysis.pruner.config import PruningConfig
 from analysis.pruner.flops import DecoderShape, LayerTokens, decode_flops, prefill_flops
+from analysis.pruner.methods import method_for
 from analysis.pruner.runtime import pruned_runtime
 from analysis.pruner.simulate import Decisions
+from analysis.pruner.sweep import matched_budget
 
 # Pinned selections per preset: LLaVA-1.5-7B's keep selection near layer 9 with ~10-60 tokens (the paper's FLOPs cut).
 PINNED = {
@@ -132,6 +138,26 @@ def variants(shape: DecoderShape, length: int, n_image: int, batch: int, pinned:
             f"fastv keep {fastv_keep} @{fastv_layer}", fastv_config, decisions(fastv_keep, fastv_layer - 1, -1), fastv
         ),
     ]
+
+
+def matched_variant(
+    method: str, shape: DecoderShape, length: int, n_image: int, target_flops: float, prune_layer: int
+) -> Variant:
+    """``method`` at the budget whose exact prefill FLOPs come closest to ``target_flops``, running its own rule."""
+    layers = shape.num_layers
+    full = prefill_flops(shape, [LayerTokens(length, n_image)] * layers)["exact"]
+    template = PruningConfig(method=method, num_layers=layers, prune_layer=prune_layer)
+    if method_for(template).image_tokens(0, n_image) is None:
+        raise ConfigError(f"--methods {method}: its token counts depend on the weights, so no budget can be matched")
+    sizes = pd.DataFrame({"n_tokens": [length], "n_image": [n_image]})
+    config = matched_budget(shape, sizes, template, 100 * (1 - target_flops / full))
+    rule = method_for(config)
+    tokens = []
+    for layer in range(layers):
+        image = rule.image_tokens(layer, n_image)
+        assert image is not None  # checked above on the template
+        tokens.append(LayerTokens(length - n_image + image, image))
+    return Variant(f"{method} {rule.settings()}", config, None, tokens)
 
 
 def graphed(step: Callable[[], object], device: torch.device) -> Callable[[], object]:
@@ -262,6 +288,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--keep", type=int, help="image tokens kept after the selection layer")
     parser.add_argument("--exit-layer", type=int, help="layer after which no image token is left")
     parser.add_argument("--fastv-layer", type=int, help="FastV's pruning layer K")
+    parser.add_argument(
+        "--methods",
+        nargs="*",
+        default=[],
+        help="more pruning methods to run at VisiPruner's prefill FLOPs, each with its own rule (e.g. random pre_llm "
+        "dart cdpruner pyramiddrop)",
+    )
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", choices=["float16", "bfloat16", "float32"], default="float16")
     parser.add_argument("--warmup", type=int, default=2, help="untimed calls of each step before the rounds")
@@ -314,12 +347,13 @@ def main(argv: list[str] | None = None) -> int:
         f"speedup = unpruned / variant, ideal = decoder FLOPs ratio (exact), ratio = speedup / ideal; n-ideal = the "
         f"speedup if every layer ran as fast as the unpruned model does at that layer's token count; host s = prefill "
         f"time until the call returns; spread = interquartile range / median; peak = most memory a prefill or "
-        f"generate call allocates; GPU s = time the GPU spends in kernels during one generate (profiled)\n"
+        f"generate call allocates; GPU s = time the GPU spends in kernels during one generate (profiled); TTFT = "
+        f"pixels and token ids to one greedy token, each call in a fresh runtime, so a method's rule runs every time\n"
     )
     header = (
-        f"{'batch':>5} {'tokens':>6} {'variant':<34} {'prefill s':>9} {'host s':>7} {'generate s':>10} "
+        f"{'batch':>5} {'tokens':>6} {'variant':<40} {'prefill s':>9} {'host s':>7} {'generate s':>10} "
         f"{'spread':>6} {'peak GiB':>8} {'prefill x':>9} {'ideal':>6} {'ratio':>6} {'n-ideal':>8} {'ratio':>6} "
-        f"{'generate x':>10} {'ideal':>6} {'ratio':>6} {'GPU s':>7} {'GPU x':>6}"
+        f"{'generate x':>10} {'ideal':>6} {'ratio':>6} {'GPU s':>7} {'GPU x':>6} {'TTFT s':>7} {'TTFT x':>6}"
     )
     sys.stdout.write(header + "\n")
     for batch_size in args.batch_sizes:
@@ -343,6 +377,10 @@ def _benchmark_batch(
     length, n_image = inputs.input_ids.shape[1], inputs.layouts[0].n_image_tokens
     pad = model.config.get_text_config().pad_token_id
     all_variants = variants(shape, length, n_image, batch_size, pinned)
+    target = prefill_flops(shape, all_variants[1].tokens)["exact"]
+    all_variants += [
+        matched_variant(method, shape, length, n_image, target, pinned["fastv_layer"]) for method in args.methods
+    ]
 
     def prefill(n_tokens: int) -> Callable[[], object]:
         """The eager decoder prefill of the prompts' first ``n_tokens`` positions."""
@@ -380,6 +418,15 @@ def _benchmark_batch(
         with torch.inference_mode():
             return adapter.image_features(inputs.tensors)
 
+    def first_token(variant: Variant) -> Callable[[], object]:
+        """Pixels and token ids to one greedy token, the runtime (and so the rule) made anew in every call."""
+
+        def step() -> object:
+            with running(model, variant, inputs), torch.inference_mode():
+                return model.generate(**inputs.tensors, max_new_tokens=1, do_sample=False, pad_token_id=pad)
+
+        return step
+
     entries = [Timed("vision tower", vision_tower)]
     # What a variant would take if each layer ran as fast as the unpruned model at that layer's token count: the
     # ideal that also knows where a pass is memory- or launch-bound, unlike the FLOPs ratio.
@@ -404,6 +451,7 @@ def _benchmark_batch(
             else:
                 entries.append(Timed(f"{variant.name} prefill", prefill(length), context))
         entries.append(Timed(f"{variant.name} generate", generate, context))
+        entries.append(Timed(f"{variant.name} first token", first_token(variant)))
         peaks[variant.name] = max(peak_bytes(prefill(length), context, device), peak_bytes(generate, context, device))
         busy[variant.name] = device_busy_seconds(generate, context, device)
     timed = interleaved(entries, device, args.warmup, args.repeats, args.rounds)
@@ -425,8 +473,10 @@ def _benchmark_batch(
         counts_ideal = base_prefill.seconds / at_counts
         gpu, base_gpu = busy[variant.name], busy[all_variants[0].name]
         gpu_cells = f"{gpu:>7.4f} {base_gpu / gpu:>6.3f}" if gpu and base_gpu else f"{'-':>7} {'-':>6}"
+        ttft = timed[f"{variant.name} first token"].seconds
+        gpu_cells += f" {ttft:>7.4f} {timed['unpruned first token'].seconds / ttft:>6.3f}"
         sys.stdout.write(
-            f"{batch_size:>5} {length:>6} {variant.name:<34} {prefill_m.seconds:>9.4f} {prefill_m.host_seconds:>7.4f} "
+            f"{batch_size:>5} {length:>6} {variant.name:<40} {prefill_m.seconds:>9.4f} {prefill_m.host_seconds:>7.4f} "
             f"{generate_m.seconds:>10.4f} {generate_m.spread:>6.2f} {peaks[variant.name] / 2**30:>8.3f} "
             f"{prefill_x:>9.3f} {prefill_ideal:>6.3f} {prefill_x / prefill_ideal:>6.3f} "
             f"{counts_ideal:>8.3f} {prefill_x / counts_ideal:>6.3f} "
