@@ -808,3 +808,48 @@ def pruning_tradeoff(sweep_table: str | Path | pd.DataFrame) -> Figure:
         fig.legend(handles, names, loc="outside lower center", ncols=len(names), fontsize=9)
         fig.suptitle("Pruning image tokens: accuracy against compute, methods at matched FLOPs")
     return fig
+
+
+def pruning_budgets(budget_table: str | Path | pd.DataFrame) -> Figure:
+    """Accuracy (with its bootstrap interval) and agreement at each token budget, per pruning method."""
+    table = pd.read_csv(budget_table) if not isinstance(budget_table, pd.DataFrame) else budget_table
+    needed = {"method", "budget_share", "kept_tokens", "accuracy", "accuracy_low", "accuracy_high", "agreement"}
+    missing = needed - set(table.columns)
+    if missing:
+        raise ConfigError(
+            f"not a budget table (missing columns {sorted(missing)}); make one with "
+            "`python -m analysis.pruner sweep --budgets ... -o table.csv`"
+        )
+    table = table.assign(method_name=table["method"].map(method_label))
+    shares = sorted(table["budget_share"].unique())
+    methods = list(dict.fromkeys(table["method_name"]))
+    width = 0.8 / max(len(methods), 1)
+    with _styled():
+        fig = Figure(figsize=(11, 4.4), layout="constrained")
+        left, right = fig.subplots(1, 2, sharex=True)
+        palette = sns.color_palette(n_colors=len(methods))
+        for index, name in enumerate(methods):
+            rows = table[table["method_name"] == name]
+            positions = [
+                shares.index(share) + (index - (len(methods) - 1) / 2) * width for share in rows["budget_share"]
+            ]
+            errors = [rows["accuracy"] - rows["accuracy_low"], rows["accuracy_high"] - rows["accuracy"]]
+            left.bar(positions, rows["accuracy"], width, yerr=errors, color=palette[index], label=name, capsize=2)
+            right.bar(positions, rows["agreement"], width, color=palette[index], label=name)
+        kept = table.groupby("budget_share")["kept_tokens"].median()
+        for ax, title in ((left, "Accuracy (95% bootstrap interval)"), (right, "Same answer as unpruned")):
+            ax.set_xticks(range(len(shares)))
+            ax.set_xticklabels(
+                [
+                    f"{share:.0%} of the image\n(~{kept[share]:.0f} tokens)" if kept is not None else ""
+                    for share in shares
+                ]
+            )
+            ax.set_title(title)
+            ax.set_ylabel("%")
+        if "baseline_accuracy" in table:
+            left.axhline(float(table["baseline_accuracy"].iloc[0]), color="0.3", lw=1, ls="--", label="unpruned")
+        handles, names = left.get_legend_handles_labels()
+        fig.legend(handles, names, loc="outside lower center", ncols=len(names), fontsize=9)
+        fig.suptitle("Pruning image tokens at the classic budgets (64 / 128 / 192 of LLaVA-1.5's image tokens)")
+    return fig

@@ -164,6 +164,17 @@ def test_greedy_dpp_reaches_the_brute_force_maximum(seed: int) -> None:
         assert sorted(greedy_dpp(kernel, count).tolist()) == sorted(best)
 
 
+def test_greedy_dpp_fills_a_low_rank_kernel_with_distinct_tokens() -> None:
+    """Duplicated features (an upsampled image's identical patches) leave the kernel's rank below the budget; the
+    selection still has as many distinct tokens, the volume-adding ones first."""
+    generator = torch.Generator().manual_seed(6)
+    features = torch.nn.functional.normalize(torch.randn(3, 4, generator=generator), dim=-1).repeat(4, 1)
+    kernel = features @ features.T  # 12 tokens, rank 3
+    chosen = greedy_dpp(kernel, 8).tolist()
+    assert len(set(chosen)) == 8
+    assert len({index % 3 for index in chosen[:3]}) == 3  # the first three span the three distinct features
+
+
 # -- PyramidDrop --------------------------------------------------------------------------------------------------
 def test_pyramiddrop_stages_match_the_formula() -> None:
     """Fed fixed attention rows, each stage keeps int(N lambda^s) of the original tokens, the most attended among

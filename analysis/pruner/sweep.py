@@ -209,6 +209,7 @@ def pruning_study(
         "calibration_limit": calibration_limit,
         "authors_rule": authors_rule,
         "authors_layer0": authors_layer0,
+        "baselines": list(BASELINES),
     }
     table_path, study_path = folder / "sweep.csv", folder / "study.json"
     if table_path.is_file() and study_path.is_file() and json.loads(study_path.read_text()) == study:

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from analysis.pruner.methods.base import HiddenObservation, MethodConfig, PruningMethod, SelectionState
 
 RELEVANCE_EPSILON = 1e-6  # the code's floor, so no token's relevance (and kernel row) is exactly zero
+RANK_TOLERANCE = 1e-6  # a gain below this share of the largest diagonal entry adds no volume (rank used up)
 
 
 @dataclass(frozen=True)
@@ -51,17 +52,27 @@ def greedy_dpp(kernel: torch.Tensor, count: int) -> torch.Tensor:
     """The indices (in selection order) that greedy MAP inference of the DPP with ``kernel`` picks, ``count`` of them.
 
     Each step adds the item that most increases the determinant of the selected submatrix, kept as Cholesky
-    factors updated by one row per step (Chen et al. 2018), so no determinant is recomputed.
+    factors updated by one row per step (Chen et al. 2018), so no determinant is recomputed. Once no item adds
+    volume (the kernel's rank is used up), the rest are taken by the kernel's diagonal.
     """
     n = kernel.shape[0]
     count = min(count, n)
     factors = kernel.new_zeros(count, n)
     gains = torch.diagonal(kernel).clone()  # the squared Cholesky diagonal each candidate would add
+    floor = RANK_TOLERANCE * float(gains.max()) if n else 0.0
     chosen = torch.empty(count, dtype=torch.long, device=kernel.device)
     for step in range(count):
         best = int(torch.argmax(gains))
+        if float(gains[best]) <= floor:
+            # The kernel's rank is used up (duplicate patches make it low): no item adds volume, and dividing by a
+            # vanishing gain would only spread rounding noise (the authors' loop turns it into NaN picks). The rest
+            # follow by the kernel's diagonal, relevance squared.
+            rest = torch.diagonal(kernel).clone()
+            rest[chosen[:step]] = -float("inf")
+            chosen[step:] = rest.topk(count - step).indices
+            break
         chosen[step] = best
-        row = (kernel[best] - factors[:step, best] @ factors[:step]) / gains[best].clamp_min(1e-12).sqrt()
+        row = (kernel[best] - factors[:step, best] @ factors[:step]) / gains[best].sqrt()
         factors[step] = row
         gains = gains - row.square()
         gains[chosen[: step + 1]] = -float("inf")
