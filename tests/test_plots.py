@@ -329,3 +329,36 @@ def test_pruning_tradeoff_from_a_sweep_table(tmp_path) -> None:
     assert names == ["VisiPruner", "FastV", "random", "before the LLM", "unpruned"]
     with pytest.raises(ConfigError, match="analysis.pruner sweep"):
         plots.pruning_tradeoff(table.drop(columns=["agreement"]))
+
+
+def test_pruning_budgets_from_a_budget_table(tmp_path) -> None:
+    """The budget figure reads a budget CSV, draws one bar group per method and budget with its interval, and names
+    the fix for a wrong table."""
+    import pandas as pd
+
+    from analysis.errors import ConfigError
+
+    methods = ["fastv", "dart", "cdpruner", "pyramiddrop"]
+    table = pd.DataFrame(
+        {
+            "method": methods * 2,
+            "budget_share": [1 / 9] * 4 + [1 / 3] * 4,
+            "kept_tokens": [64, 64, 64, 2, 192, 192, 192, 34],
+            "accuracy": [80, 78, 62, 87, 88, 82, 83, 86],
+            "accuracy_low": [75, 72, 55, 82, 84, 77, 77, 81],
+            "accuracy_high": [85, 84, 69, 91, 92, 88, 88, 91],
+            "agreement": [86, 81, 63, 86, 91, 86, 88, 90],
+            "baseline_accuracy": [91.5] * 8,
+        }
+    )
+    path = tmp_path / "budgets.csv"
+    table.to_csv(path, index=False)
+    fig = plots.pruning_budgets(path)
+    names = [text.get_text() for text in fig.legends[0].get_texts()]
+    assert names == ["unpruned", "FastV", "DART", "CDPruner", "PyramidDrop"]
+    accuracy_axis = fig.axes[0]
+    assert len(accuracy_axis.patches) == 8 and [t.get_text() for t in accuracy_axis.get_xticklabels()][0].startswith(
+        "11% of the image"
+    )
+    with pytest.raises(ConfigError, match="sweep --budgets"):
+        plots.pruning_budgets(table.drop(columns=["accuracy_low"]))
