@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from analysis.data.samples import Sample
@@ -38,6 +41,17 @@ TOKENS_THRESHOLDS = {
     "smolvlm": 0.015,
 }
 LAYER_THRESHOLDS = {family: 0.9999 for family in FAMILIES} | {"llava_next": 0.99999}
+
+
+@pytest.fixture(scope="module")
+def one_thread() -> Iterator[None]:
+    """Run the tiny models on one CPU thread for the module using it, then restore the previous count."""
+    # Their matrices are too small to gain from more threads; on a busy two-core machine extra threads only
+    # contend, and the runs take ten times longer.
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
 
 
 def noise_image(seed: int, height: int = 40, width: int = 50) -> Image.Image:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Iterator
 
 import pytest
 import torch
@@ -26,13 +25,8 @@ from analysis.pruner.simulate import PruningHooks
 BOTH_FAMILIES = ("llava", "qwen2_5_vl")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Iterator[None]:
-    """Tiny matrices run faster on one thread than on threads contending for two busy cores."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+# Tiny matrices run faster on one thread than on threads contending for two busy cores.
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module", params=BOTH_FAMILIES)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -10,7 +9,6 @@ import matplotlib as mpl
 import numpy as np
 import pytest
 import seaborn as sns
-import torch
 from conftest import FAMILIES
 from fixtures_runs import (
     DEEP_START,
@@ -40,17 +38,6 @@ class Runs:
     trace: Path
     probe: Path
     probe_config: ProbeConfig
-
-
-@pytest.fixture(scope="module")
-def one_thread() -> Iterator[None]:
-    """Run the tiny models on one CPU thread for this module, then restore the previous count."""
-    # Their matrices are too small to gain from more threads; on a busy two-core machine extra threads only
-    # contend, and the runs take ten times longer.
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 @pytest.fixture(scope="module", params=[FAMILIES[name] for name in sorted(FAMILIES)])

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import pytest
 import torch
 from conftest import FAMILIES, LAYER_THRESHOLDS, TOKENS_THRESHOLDS
@@ -20,13 +18,8 @@ from analysis.pruner.simulate import Decisions, PruningHooks, masked_pruning
 NEW_TOKENS = 5
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Iterator[None]:
-    """Tiny matrices run faster on one thread than on threads contending for two busy cores."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+# Tiny matrices run faster on one thread than on threads contending for two busy cores.
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module", params=sorted(FAMILIES))
