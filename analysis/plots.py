@@ -25,6 +25,7 @@ from matplotlib.figure import Figure
 from matplotlib.layout_engine import ConstrainedLayoutEngine
 from matplotlib.ticker import MaxNLocator, PercentFormatter
 
+from analysis.bootstrap import bootstrap_ci
 from analysis.config import run_identity
 from analysis.errors import ConfigError
 from analysis.results import RunFolder, atomic_write_bytes, read_table
@@ -131,25 +132,6 @@ def _question_line(run: RunLike, sample_id: str) -> str:
         return ""
     samples = read_table(run, "samples").to_pandas().set_index("sample_id")
     return f"\n“{samples.loc[sample_id, 'question']}”" if sample_id in samples.index else ""
-
-
-def _bootstrap_ci(values: np.ndarray, n_boot: int, confidence: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Percentile bootstrap interval of each column's mean, resampling rows (samples); NaNs are skipped."""
-    values = np.asarray(values, dtype=float)
-    if values.ndim == 1:
-        values = values[:, None]
-    n = len(values)
-    if n < 2 or n_boot < 1:
-        mean = np.nanmean(values, axis=0) if n else np.full(values.shape[1], np.nan)
-        return mean, mean
-    # Resampling rows with replacement is a multinomial draw of how often each row is picked, which
-    # turns every bootstrap mean into one matrix product instead of a copy of the data per draw.
-    counts = np.random.default_rng(seed).multinomial(n, np.full(n, 1 / n), size=n_boot).astype(float)
-    present = ~np.isnan(values)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        means = (counts @ np.where(present, values, 0.0)) / (counts @ present)
-    alpha = (1 - confidence) / 2
-    return np.nanquantile(means, alpha, axis=0), np.nanquantile(means, 1 - alpha, axis=0)
 
 
 def _check_query(query: str) -> None:
@@ -267,7 +249,7 @@ def _mean_curve(
 ) -> None:
     """Mean over samples (rows) per layer (columns) with its bootstrap band; ci = (n_boot, confidence, seed)."""
     layers = matrix.columns.to_numpy(dtype=int)
-    low, high = _bootstrap_ci(matrix.to_numpy(), *ci)
+    low, high = bootstrap_ci(matrix.to_numpy(), *ci)
     ax.fill_between(layers, low, high, color=color, alpha=0.25, lw=0)
     ax.plot(layers, matrix.mean().to_numpy(), marker=marker, ls=ls, color=color, label=label)
 
@@ -739,7 +721,7 @@ def _overlap_bars(ax: Axes, critical: pd.DataFrame, config: StageConfig, colors:
         return
     values = critical[present].dropna(how="all")
     means = values.mean().to_numpy()
-    low, high = _bootstrap_ci(values.to_numpy(), config.n_bootstrap, config.confidence, config.seed)
+    low, high = bootstrap_ci(values.to_numpy(), config.n_bootstrap, config.confidence, config.seed)
     ax.bar(
         range(len(present)),
         means,

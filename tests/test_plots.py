@@ -22,6 +22,7 @@ from matplotlib.figure import Figure
 from PIL import Image
 
 from analysis import plots
+from analysis.bootstrap import bootstrap_ci
 from analysis.probes.run import ProbeConfig, run_probes
 from analysis.results import read_table
 from analysis.stages import StageConfig
@@ -289,7 +290,7 @@ def test_has_finished_run(runs: Runs, tmp_path: Path) -> None:
 def test_bootstrap_interval() -> None:
     """The percentile interval brackets the mean, is a point for constant data and skips missing values."""
     values = np.column_stack([np.arange(20.0), np.full(20, 0.5), np.r_[np.full(10, np.nan), np.ones(10)]])
-    low, high = plots._bootstrap_ci(values, 500, 0.95, 0)
+    low, high = bootstrap_ci(values, 500, 0.95, 0)
     assert low[0] < values[:, 0].mean() < high[0]
     assert low[1] == high[1] == 0.5 and low[2] == high[2] == 1.0
 

@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from analysis.bootstrap import bootstrap_ci
 from analysis.data.samples import Sample
 from analysis.errors import ConfigError
 from analysis.models.registry import LoadedModel
@@ -250,15 +251,8 @@ def bootstrap_interval(
     values: np.ndarray, draws: int = BOOTSTRAP_DRAWS, confidence: float = 0.95
 ) -> tuple[float, float]:
     """Percentile bootstrap interval (in %) of the mean of per-sample 0/1 values."""
-    values = np.asarray(values, dtype=float)
-    if len(values) < 2:
-        mean = 100 * float(values.mean()) if len(values) else float("nan")
-        return mean, mean
-    counts = np.random.default_rng(0).multinomial(len(values), np.full(len(values), 1 / len(values)), size=draws)
-    means = counts @ values / len(values)
-    alpha = (1 - confidence) / 2
-    low, high = np.quantile(means, [alpha, 1 - alpha])
-    return 100 * float(low), 100 * float(high)
+    low, high = bootstrap_ci(np.asarray(values, dtype=float), draws, confidence, seed=0)
+    return 100 * float(low[0]), 100 * float(high[0])
 
 
 def family_scores(per_sample: pd.DataFrame) -> dict[str, float]:
