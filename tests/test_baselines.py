@@ -17,7 +17,7 @@ from analysis.hooks.attention import RegionMasks
 from analysis.models.registry import LoadedModel, load_model
 from analysis.pruner.config import PruningConfig
 from analysis.pruner.evaluation import evaluate_pruned
-from analysis.pruner.methods.cdpruner import conditional_kernel, greedy_dpp
+from analysis.pruner.methods.cdpruner import conditional_kernel, greedy_dpp, greedy_dpp_batch
 from analysis.pruner.methods.dart import dart_selection
 from analysis.pruner.runtime import pruned_runtime
 from analysis.pruner.simulate import PruningHooks
@@ -167,6 +167,26 @@ def test_greedy_dpp_fills_a_low_rank_kernel_with_distinct_tokens() -> None:
     chosen = greedy_dpp(kernel, 8).tolist()
     assert len(set(chosen)) == 8
     assert len({index % 3 for index in chosen[:3]}) == 3  # the first three span the three distinct features
+
+
+def test_greedy_dpp_batch_equals_each_kernel_alone() -> None:
+    """Kernels of different sizes padded into one batch (one of them low-rank) pick what each picks on its own."""
+    generator = torch.Generator().manual_seed(8)
+    low_rank = torch.nn.functional.normalize(torch.randn(2, 5, generator=generator), dim=-1).repeat(3, 1)
+    kernels = [
+        conditional_kernel(torch.randn(9, 5, generator=generator), torch.randn(3, 5, generator=generator)),
+        conditional_kernel(torch.randn(7, 5, generator=generator), torch.randn(2, 5, generator=generator)),
+        low_rank @ low_rank.T,
+    ]
+    padded = torch.zeros(3, 9, 9)
+    valid = torch.zeros(3, 9, dtype=torch.bool)
+    for row, kernel in enumerate(kernels):
+        padded[row, : len(kernel), : len(kernel)] = kernel
+        valid[row, : len(kernel)] = True
+    together = greedy_dpp_batch(padded, valid, 4)
+    for row, kernel in enumerate(kernels):
+        assert together[row].tolist() == greedy_dpp(kernel, 4).tolist()
+        assert together[row].max() < len(kernel)
 
 
 # -- PyramidDrop --------------------------------------------------------------------------------------------------

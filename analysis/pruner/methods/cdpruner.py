@@ -49,33 +49,46 @@ def conditional_kernel(image: torch.Tensor, text: torch.Tensor, negate: bool = T
 
 
 def greedy_dpp(kernel: torch.Tensor, count: int) -> torch.Tensor:
-    """The indices (in selection order) that greedy MAP inference of the DPP with ``kernel`` picks, ``count`` of them.
+    """The indices (in selection order) that greedy DPP MAP inference on ``kernel`` picks, ``count`` of them."""
+    count = min(count, kernel.shape[0])
+    valid = torch.ones(1, kernel.shape[0], dtype=torch.bool, device=kernel.device)
+    return greedy_dpp_batch(kernel[None], valid, count)[0]
+
+
+def greedy_dpp_batch(kernels: torch.Tensor, valid: torch.Tensor, count: int) -> torch.Tensor:
+    """(B, count) greedy DPP MAP picks, in selection order, for B kernels (B, N, N) whose items ``valid`` (B, N)
+    marks; every row needs at least ``count`` valid items.
 
     Each step adds the item that most increases the determinant of the selected submatrix, kept as Cholesky
     factors updated by one row per step (Chen et al. 2018), so no determinant is recomputed. Once no item adds
-    volume (the kernel's rank is used up), the rest are taken by the kernel's diagonal.
+    volume (the kernel's rank is used up), the rest are taken by the kernel's diagonal. The rows run together and
+    nothing is read back to the host, so a batch costs ``count`` small kernel launches, not ``count`` syncs per row.
     """
-    n = kernel.shape[0]
-    count = min(count, n)
-    factors = kernel.new_zeros(count, n)
-    gains = torch.diagonal(kernel).clone()  # the squared Cholesky diagonal each candidate would add
-    floor = RANK_TOLERANCE * float(gains.max()) if n else 0.0
-    chosen = torch.empty(count, dtype=torch.long, device=kernel.device)
+    batch, n, _ = kernels.shape
+    rows = torch.arange(batch, device=kernels.device)
+    diagonal = torch.diagonal(kernels, dim1=1, dim2=2).masked_fill(~valid, -float("inf"))
+    gains = diagonal.clone()  # the squared Cholesky diagonal each candidate would add
+    by_diagonal = diagonal.clone()  # the fallback order once the rank is used up
+    floor = RANK_TOLERANCE * gains.amax(dim=1).clamp_min(0)
+    factors = kernels.new_zeros(batch, count, n)
+    exhausted = torch.zeros(batch, dtype=torch.bool, device=kernels.device)
+    chosen = torch.empty(batch, count, dtype=torch.long, device=kernels.device)
     for step in range(count):
-        best = int(torch.argmax(gains))
-        if float(gains[best]) <= floor:
-            # The kernel's rank is used up (duplicate patches make it low): no item adds volume, and dividing by a
-            # vanishing gain would only spread rounding noise (the authors' loop turns it into NaN picks). The rest
-            # follow by the kernel's diagonal, relevance squared.
-            rest = torch.diagonal(kernel).clone()
-            rest[chosen[:step]] = -float("inf")
-            chosen[step:] = rest.topk(count - step).indices
-            break
-        chosen[step] = best
-        row = (kernel[best] - factors[:step, best] @ factors[:step]) / gains[best].sqrt()
-        factors[step] = row
+        best_gain, best = gains.max(dim=1)
+        # Duplicate patches make the kernel low-rank: once no item adds volume, dividing by a vanishing gain would
+        # only spread rounding noise (the authors' loop turns it into NaN picks), so such a row goes on by the
+        # diagonal (relevance squared) and its factors stop changing.
+        exhausted |= best_gain <= floor
+        pick = torch.where(exhausted, by_diagonal.argmax(dim=1), best)
+        chosen[:, step] = pick
+        picked_gain = gains[rows, pick].clamp_min(torch.finfo(gains.dtype).tiny)
+        projected = torch.einsum("bs,bsn->bn", factors[rows, :step, pick], factors[:, :step])
+        row = (kernels[rows, pick] - projected) / picked_gain.sqrt()[:, None]
+        row = torch.where(exhausted[:, None], torch.zeros_like(row), row)
+        factors[:, step] = row
         gains = gains - row.square()
-        gains[chosen[: step + 1]] = -float("inf")
+        gains[rows, pick] = -float("inf")
+        by_diagonal[rows, pick] = -float("inf")
     return chosen
 
 
@@ -100,14 +113,23 @@ class CDPruner(PruningMethod):
     def decide_hidden(self, state: SelectionState, observation: HiddenObservation) -> None:
         """Select each sample's tokens from its image features and instruction embeddings."""
         keep = torch.zeros_like(state.image_valid)
-        for row, n_image in enumerate(state.image_valid.sum(1).tolist()):
-            if self.params.keep_tokens >= n_image:
+        counts = state.image_valid.sum(1).tolist()
+        pruned = [row for row, n_image in enumerate(counts) if self.params.keep_tokens < n_image]
+        for row, n_image in enumerate(counts):
+            if row not in pruned:
                 keep[row, :n_image] = True
-                continue
-            image = observation.hidden[row, observation.image_index[row, :n_image]]
-            text = observation.hidden[row, observation.text_after_image[row]]
-            kernel = conditional_kernel(image, text, self.params.negate_relevance)
-            keep[row, greedy_dpp(kernel, self.params.keep_tokens).to(keep.device)] = True
+        if pruned:
+            width = max(counts[row] for row in pruned)
+            kernels = observation.hidden.new_zeros(len(pruned), width, width, dtype=torch.float32)
+            valid = torch.zeros(len(pruned), width, dtype=torch.bool, device=kernels.device)
+            for slot, row in enumerate(pruned):
+                n_image = counts[row]
+                image = observation.hidden[row, observation.image_index[row, :n_image]]
+                text = observation.hidden[row, observation.text_after_image[row]]
+                kernels[slot, :n_image, :n_image] = conditional_kernel(image, text, self.params.negate_relevance)
+                valid[slot, :n_image] = True
+            picks = greedy_dpp_batch(kernels, valid, self.params.keep_tokens).to(keep.device)
+            keep[torch.tensor(pruned, device=keep.device)[:, None], picks] = True
         state.keep = keep
         state.before_llm = True
 
