@@ -359,3 +359,50 @@ def test_marker_ids_expand_as_the_expanded_prompt_tokenises(processor, adapter) 
     for prompt in prompts:
         expected = tokenizer(prompt.replace(IMAGE_TOKEN, IMAGE_TOKEN * n))["input_ids"]
         assert expand_marker_ids(tokenizer(prompt)["input_ids"], image_id, n) == expected
+
+
+def test_resume_screen_logs_accuracy_and_leaves_the_model_untouched(smoke_dir, tmp_path) -> None:
+    """A short screen from a saved organism logs the watched family at step 0 and every --eval-every steps, the
+    loss, then the whole validation split, and writes nothing into the model's folder."""
+    from analysis.organism.resume import main as resume_main
+
+    before = {path.name: path.read_bytes() for path in smoke_dir.iterdir() if path.is_file()}
+    log = tmp_path / "screen" / "log.jsonl"
+    argv = ["--model", str(smoke_dir), "--out", str(log), "--device", "cpu", "--questions", "28", "--batch-size", "4"]
+    argv += ["--steps", "3", "--eval-every", "2", "--eval-questions", "4", "--final-questions", "7"]
+    assert resume_main([*argv, "--turns", "3", "--draws", '{"spatial": 2}']) == 0
+    records = [json.loads(line) for line in log.read_text().splitlines()]
+    assert records[0]["stage"] == "resume-config" and records[0]["draws"] == {"spatial": 2}
+    checks = [(r["step"], r["split"]) for r in records if "accuracy" in r]
+    assert checks == [(0, "validation-spatial"), (2, "validation-spatial"), (3, "validation")]
+    assert set(records[-1]["accuracy"]) == {*ShapesConfig().families, "overall"}
+    assert any("loss" in r for r in records)
+    assert {path.name: path.read_bytes() for path in smoke_dir.iterdir() if path.is_file()} == before
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--draws", "{spatial: 2}"], "not JSON"),
+        (["--repeats", '{"colour": 2}'], "unknown families"),
+        (["--families", "spatial,depth"], "unknown or no families"),
+    ],
+)
+def test_resume_screen_rejects_bad_arguments_in_one_line(tmp_path, capsys, extra, message) -> None:
+    """A malformed count mapping or family list stops the command before any model loads, naming the fix."""
+    from analysis.organism.resume import main as resume_main
+
+    with pytest.raises(SystemExit) as stop:
+        resume_main(["--out", str(tmp_path / "log.jsonl"), *extra])
+    assert stop.value.code == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "log.jsonl").exists()
+
+
+def test_resume_screen_refuses_a_folder_without_an_organism(tmp_path, capsys) -> None:
+    """Pointing --model at a folder without organism files is one error line and no log."""
+    from analysis.organism.resume import main as resume_main
+
+    assert resume_main(["--model", str(tmp_path), "--out", str(tmp_path / "log.jsonl"), "--device", "cpu"]) == 2
+    assert "has no config.json" in capsys.readouterr().err
+    assert not (tmp_path / "log.jsonl").exists()
