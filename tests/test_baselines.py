@@ -1,5 +1,6 @@
-"""DART and CDPruner: their selections against direct re-implementations of the papers' formulas, and the pruned
-model under both executors on the tiny LLaVA and Qwen2.5-VL models."""
+"""DART, CDPruner, PyramidDrop and VisionZip: their selections against direct re-implementations of the papers'
+formulas, and the pruned model under both executors on the tiny LLaVA and Qwen2.5-VL models (VisionZip, which reads
+a CLIP tower's CLS attention, on LLaVA, and a clear refusal elsewhere)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from conftest import FAMILIES
 
-from analysis.errors import ConfigError
+from analysis.errors import ConfigError, ModelError
 from analysis.generation import generate_answers
 from analysis.hooks.attention import RegionMasks
 from analysis.models.registry import LoadedModel, load_model
@@ -19,6 +20,7 @@ from analysis.pruner.config import PruningConfig
 from analysis.pruner.evaluation import evaluate_pruned
 from analysis.pruner.methods.cdpruner import conditional_kernel, greedy_dpp, greedy_dpp_batch
 from analysis.pruner.methods.dart import dart_selection
+from analysis.pruner.methods.visionzip import split_budget, zip_image
 from analysis.pruner.runtime import pruned_runtime
 from analysis.pruner.simulate import PruningHooks
 
@@ -230,6 +232,134 @@ def test_pyramiddrop_default_stages_follow_the_depth() -> None:
     assert method_for(PruningConfig(method="pyramiddrop", num_layers=16)).params.boundaries() == (4, 8, 12)
     with pytest.raises(ConfigError, match="stage_layers"):
         PruningConfig(method="pyramiddrop", num_layers=4, options={"stage_layers": [2, 9]}).validate(4)
+
+
+# -- VisionZip ----------------------------------------------------------------------------------------------------
+def _visionzip_as_written(
+    cls_attention: torch.Tensor, keys: torch.Tensor, hidden: torch.Tensor, dominant_num: int, contextual_num: int
+) -> tuple[list[int], torch.Tensor]:
+    """The authors' CLIPVisionTower_VisionZip.forward on one image, step by step on the sequence [CLS, patches]
+    (``dominant_num`` excludes the CLS, as their main.py passes it): the kept sequence indices of the dominant tokens
+    (CLS included) and the contextual tokens' features."""
+    top = (cls_attention.topk(dominant_num).indices + 1).tolist()
+    kept = sorted([0, *top])
+    mask = [index not in kept for index in range(len(hidden))]
+    metric = keys[mask]
+    filtered = hidden[mask]
+    metric = metric / metric.norm(dim=-1, keepdim=True)
+    step = max(1, len(metric) // contextual_num)
+    targets = list(range(0, len(metric), step))[:contextual_num]
+    others = [index for index in range(len(metric)) if index not in targets]
+    best = (metric[others] @ metric[targets].T).argmax(dim=1)
+    contextual = []
+    for slot, target in enumerate(targets):
+        joined = [others[j] for j in range(len(others)) if best[j] == slot]
+        mean = filtered[joined].mean(dim=0) if joined else torch.zeros(hidden.shape[1])
+        contextual.append(filtered[target] + mean)
+    return kept, torch.stack(contextual)
+
+
+def test_visionzip_selection_matches_the_formula() -> None:
+    """On a fixed small image (12 patches), the dominant tokens, the contextual targets and their merged features are
+    the authors' code's; the CLS feature takes the first patch slot left free."""
+    generator = torch.Generator().manual_seed(11)
+    attention = torch.rand(12, generator=generator)
+    keys, features = torch.randn(13, 4, generator=generator), torch.randn(13, 6, generator=generator)
+    zipped = zip_image(attention, keys, features, dominant=4, contextual=3)
+    kept, contextual = _visionzip_as_written(attention, keys, features, dominant_num=3, contextual_num=3)
+    assert sorted((zipped.dominant + 1).tolist()) == [index for index in kept if index]  # sequence = patch + 1
+    assert torch.allclose(zipped.merged, contextual, atol=1e-6)
+    used = {*zipped.dominant.tolist(), *zipped.targets.tolist()}
+    assert zipped.cls_slot == min(set(range(12)) - used)
+    assert len(used) + 1 == 4 + 3
+
+
+def test_visionzip_budgets_are_the_papers() -> None:
+    """64 / 128 / 192 tokens split as the authors' README runs them: 54 + 10, 108 + 20, 162 + 30."""
+    assert [split_budget(keep, 10 / 64) for keep in (64, 128, 192)] == [(54, 10), (108, 20), (162, 30)]
+    assert split_budget(1, 10 / 64) == (1, 0) and split_budget(0, 10 / 64) == (0, 0)
+
+
+def test_visionzip_writes_the_merged_tokens_into_the_language_model(samples) -> None:
+    """Layer 0 receives, at each contextual target's slot, the projector's image of that target's feature plus the
+    mean of those merged into it, and the CLS token's feature at its slot; every other kept slot is unchanged."""
+    from analysis.pruner.simulate import masked_pruning
+
+    loaded = load_model(FAMILIES["llava"])
+    adapter = loaded.adapter
+    inputs = adapter.build_inputs(loaded.processor, samples[:1])
+    length = inputs.input_ids.shape[1]
+    config = PruningConfig(method="visionzip", num_layers=adapter.num_layers, keep_tokens=7)
+    seen: list[torch.Tensor] = []
+    layer0 = adapter.decoder_layers()[0]
+    hooks = PruningHooks(config, RegionMasks.from_layouts(inputs.layouts, length, "cpu"), inputs.layouts, length)
+    with torch.no_grad(), adapter.vision_attention() as passes, masked_pruning(adapter, hooks):
+        # Registered after the executor's hook, so it sees layer 0's input as the executor left it.
+        handle = layer0.register_forward_pre_hook(
+            lambda m, a, k: seen.append(a[0] if a else k["hidden_states"]), with_kwargs=True
+        )
+        try:
+            loaded.model(**inputs.tensors)
+        finally:
+            handle.remove()
+    vision = passes[-1]
+    zipped = zip_image(vision.cls_attention[0], vision.keys[0], vision.features[0], *split_budget(7, 10 / 64))
+    image = torch.as_tensor(inputs.layouts[0].padded(inputs.layouts[0].image_positions), dtype=torch.long)
+    expected = vision.project(torch.cat([zipped.merged, vision.features[0, :1]])[None])[0]
+    written = seen[0][0, image[torch.cat([zipped.targets, torch.tensor([zipped.cls_slot])])]]
+    assert torch.allclose(written, expected, atol=1e-5)
+    original = vision.project(vision.features[0, 1:][None])[0]
+    assert torch.allclose(seen[0][0, image[zipped.dominant]], original[zipped.dominant], atol=1e-5)
+    assert hooks.keep[0].sum() == 7
+    assert not torch.allclose(written[:-1], original[zipped.targets], atol=1e-3)  # merging changed the targets
+
+
+def test_visionzip_on_llava_agrees_across_executors_and_batches(samples) -> None:
+    """VisionZip on the tiny LLaVA: a budget covering the image gives the unpruned answers; the token-dropping and
+    mask executors give the same decisions and answers; a left-padded batch (one sample with two images, which share
+    its budget) gives each sample what it gets alone."""
+    loaded = load_model(FAMILIES["llava"])
+    full = PruningConfig(method="visionzip", num_layers=loaded.adapter.num_layers, keep_tokens=10_000)
+    for runtime in ("mask", "drop"):
+        assert evaluate_pruned(loaded, samples, full, batch_size=4, max_new_tokens=4, runtime=runtime)["agrees"].all()
+    config = PruningConfig(method="visionzip", num_layers=loaded.adapter.num_layers, keep_tokens=5)
+    tables = {
+        runtime: evaluate_pruned(loaded, samples, config, batch_size=4, max_new_tokens=4, runtime=runtime)
+        for runtime in ("mask", "drop")
+    }
+    assert list(tables["mask"]["pruned_answer"]) == list(tables["drop"]["pruned_answer"])
+    assert (tables["drop"]["n_kept"] == 5).all()
+    inputs = loaded.adapter.build_inputs(loaded.processor, samples)
+    with pruned_runtime(loaded.model, config, inputs.layouts) as state:
+        answers = generate_answers(loaded, inputs, 4)
+    decisions = state.decisions(inputs.layouts)
+    assert len({tuple(kept) for kept in decisions.kept}) > 1
+    for row, sample in enumerate(samples):
+        one = loaded.adapter.build_inputs(loaded.processor, [sample])
+        with pruned_runtime(loaded.model, config, one.layouts) as single:
+            alone = generate_answers(loaded, one, 4)
+        assert single.decisions(one.layouts).kept[0] == decisions.kept[row]
+        assert alone[0] == answers[row]
+
+
+def test_visionzip_refuses_a_tower_without_cls_and_the_sweep_leaves_it_out(samples, caplog) -> None:
+    """On Qwen2.5-VL (no CLS token in its tower) VisionZip is one ModelError naming the need, from either executor;
+    the sweep's default baselines leave it out with the reason logged, and asking for it is a ConfigError."""
+    import logging
+
+    from analysis.pruner.sweep import baselines_for, budget_sweep
+
+    loaded = load_model(FAMILIES["qwen2_5_vl"])
+    config = PruningConfig(method="visionzip", num_layers=loaded.adapter.num_layers, keep_tokens=5)
+    for runtime in ("mask", "drop"):
+        with pytest.raises(ModelError, match="no CLS token"):
+            evaluate_pruned(loaded, samples, config, batch_size=4, max_new_tokens=2, runtime=runtime)
+    with caplog.at_level(logging.INFO, logger="analysis.pruner.sweep"):
+        assert "visionzip" not in baselines_for(loaded.adapter)
+    assert any("visionzip is left out" in record.message for record in caplog.records)
+    assert "visionzip" in baselines_for(load_model(FAMILIES["llava"]).adapter)
+    with pytest.raises(ConfigError, match="visionzip cannot run on this model"):
+        budget_sweep(loaded, samples, methods=["visionzip"], progress=False)
 
 
 # -- the three methods, both executors ---------------------------------------------------------------------------------

@@ -345,13 +345,13 @@ def test_authors_json_round_trip(tmp_path: Path) -> None:
 
 def test_sweep_matches_baseline_flops(tiny: LoadedModel, samples) -> None:
     """Each baseline is evaluated at the token budget whose FLOPs cut is closest to VisiPruner's."""
-    from analysis.pruner.sweep import BASELINES, sweep
+    from analysis.pruner.sweep import baselines_for, sweep
 
     config = PruningConfig(
         num_layers=tiny.adapter.num_layers, shallow_mid_layer=1, layer_threshold=0.9999, tokens_threshold=0.02
     )
     table = sweep(tiny, samples, [config], prune_layer=2, batch_size=4, authors_rule=True, authors_layer0="authors_7b")
-    assert list(table["method"]) == ["visipruner", "visipruner_authors", *BASELINES]
+    assert list(table["method"]) == ["visipruner", "visipruner_authors", *baselines_for(tiny.adapter)]
     assert "shallow=zero" in table.loc[1, "settings"] and "shallow=mask" in table.loc[0, "settings"]
     visipruner_cut = table.loc[0, "flops_cut"]
     for method in ("fastv", "random", "dart", "pyramiddrop"):
@@ -525,7 +525,7 @@ def test_sweep_authors_rows_need_a_layer0_rule_and_skip_what_their_format_cannot
     """On a model that is not LLaVA-1.5, their rule on a shallow stage needs --authors-layer0, refused before any
     sample runs; a config with a token threshold >= 1 gets no authors' row, with a warning saying why."""
     import analysis.pruner.sweep as sweep_module
-    from analysis.pruner.sweep import BASELINES, sweep
+    from analysis.pruner.sweep import baselines_for, sweep
 
     layers = tiny.adapter.num_layers
     shallow = PruningConfig(num_layers=layers, shallow_mid_layer=1, layer_threshold=0.9999, tokens_threshold=0.02)
@@ -535,5 +535,5 @@ def test_sweep_authors_rows_need_a_layer0_rule_and_skip_what_their_format_cannot
             sweep(tiny, samples, [shallow], batch_size=4, authors_rule=True)
     absolute = replace(shallow, tokens_threshold=2.5)
     table = sweep(tiny, samples, [absolute], batch_size=4, authors_rule=True, authors_layer0="authors_13b")
-    assert list(table["method"]) == ["visipruner", *BASELINES]
+    assert list(table["method"]) == ["visipruner", *baselines_for(tiny.adapter)]
     assert any("no authors'-rule row" in record.message and "2.5" in record.message for record in caplog.records)

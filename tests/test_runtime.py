@@ -12,6 +12,7 @@ from analysis.models import hf
 from analysis.models.adapters import ModelInputs
 from analysis.models.registry import LoadedModel, load_model
 from analysis.pruner.config import PruningConfig
+from analysis.pruner.methods import method_for
 from analysis.pruner.runtime import pruned_runtime
 from analysis.pruner.simulate import Decisions, PruningHooks, masked_pruning
 
@@ -68,6 +69,8 @@ def _configs(loaded: LoadedModel) -> dict[str, PruningConfig]:
         "pyramiddrop": PruningConfig(
             method="pyramiddrop", num_layers=layers, options={"stage_layers": [1, 2], "ratio": 0.5}
         ),
+        # 4 dominant (CLS included) and 1 merged contextual token per sample.
+        "visionzip": PruningConfig(method="visionzip", num_layers=layers, keep_tokens=5),
     }
 
 
@@ -161,12 +164,17 @@ def test_keeping_every_token_changes_nothing(tiny: LoadedModel, samples) -> None
 
 
 @pytest.mark.parametrize(
-    "method", ["visipruner", "shallow", "authors", "fastv", "random", "pre_llm", "dart", "cdpruner", "pyramiddrop"]
+    "method",
+    ["visipruner", "shallow", "authors", "fastv", "random", "pre_llm", "dart", "cdpruner", "pyramiddrop", "visionzip"],
 )
 def test_dropping_equals_masking(tiny: LoadedModel, samples, method: str) -> None:
     """Same decisions, last-position logits and greedy answers as the mask-based pruned model."""
     inputs = _inputs(tiny, samples)
     config = _configs(tiny)[method]
+    reason = method_for(config).unsupported(tiny.adapter)
+    if reason is not None:
+        assert method == "visionzip" and tiny.adapter.model_type != "llava"  # only VisionZip is family-bound
+        pytest.skip(reason)
     masked, masked_decisions = _masked(tiny, inputs, config)
     dropped, decisions = _dropped(tiny, inputs, config)
     assert _same_decisions(decisions, masked_decisions)

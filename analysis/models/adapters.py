@@ -6,7 +6,8 @@ An adapter is chosen by the HF ``model_type`` of the loaded model's config, neve
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -22,6 +23,17 @@ from analysis.registry import Registry
 # A private-use character never produced by a tokenizer; rendering a chat template around it
 # tells us where user content begins without knowing the template.
 _CONTENT_SENTINEL = "\ue000"
+
+
+@dataclass(frozen=True)
+class VisionAttention:
+    """One vision-tower pass seen at the layer the language model reads its features from, every image of the
+    batch in order, in float32 (the inputs of VisionZip-style selection)."""
+
+    cls_attention: torch.Tensor  # (I, P) the CLS query's attention on each patch, summed over heads
+    keys: torch.Tensor  # (I, P + 1, head_dim) the layer's keys averaged over heads, CLS first
+    features: torch.Tensor  # (I, P + 1, D_vision) the layer's output, CLS first: what the projector reads
+    project: Callable[[torch.Tensor], torch.Tensor]  # (..., D_vision) -> the language model's input embeddings
 
 
 @dataclass(frozen=True)
@@ -150,6 +162,14 @@ class FamilyAdapter(ABC):
     def image_features(self, tensors: dict[str, torch.Tensor]) -> Any:
         """The vision tower and projector alone on a batch's images: what the language model receives for them."""
         return self.model.model.get_image_features(**{key: tensors[key] for key in self.image_input_keys})
+
+    def vision_attention(self) -> AbstractContextManager[list[VisionAttention]]:
+        """Inside the block every vision-tower pass appends its ``VisionAttention``; a family whose tower has no
+        CLS token to rank patches by raises ModelError."""
+        raise ModelError(
+            f"the {self.model_type} vision tower has no CLS token whose attention ranks the patches, which "
+            "VisionZip-style selection needs; use a llava-family model, or a method that reads the language model"
+        )
 
     def explicit_positions(self, inputs: ModelInputs) -> torch.Tensor | None:
         """Position ids a batch needs when its padding is given as a 4-D attention mask (None: plain 1-D RoPE)."""

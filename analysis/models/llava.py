@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import AbstractContextManager, contextmanager
 from typing import Any
 
 import torch
 
 from analysis.data.samples import IMAGE_PLACEHOLDER, Sample
 from analysis.errors import ModelError
-from analysis.models.adapters import FamilyAdapter, RenderedPrompt, seeded_tiny_model
+from analysis.models.adapters import FamilyAdapter, RenderedPrompt, VisionAttention, seeded_tiny_model
 from analysis.models.hf import HFModel
 
 # LLaVA-1.5 was trained and evaluated with the Vicuna v1 conversation format, not the hub
@@ -19,6 +20,12 @@ VICUNA_V1_SYSTEM = (
     "A chat between a curious human and an artificial intelligence assistant. "
     "The assistant gives helpful, detailed, and polite answers to the human's questions."
 )
+
+
+def _linear32(module: Any, inputs: torch.Tensor) -> torch.Tensor:
+    """``module``'s affine map in float32, whatever the model's dtype (the weights themselves stay as they are)."""
+    bias = None if module.bias is None else module.bias.float()
+    return torch.nn.functional.linear(inputs, module.weight.float(), bias)
 
 
 class LlavaAdapter(FamilyAdapter):
@@ -35,6 +42,66 @@ class LlavaAdapter(FamilyAdapter):
     def decoder_layers(self, root: Any | None = None) -> Sequence[Any]:
         """The Llama decoder layers of ``root`` (default: the wrapped model)."""
         return (root if root is not None else self.model).model.language_model.layers
+
+    def vision_attention(self) -> AbstractContextManager[list[VisionAttention]]:
+        """Inside the block every CLIP pass appends the CLS attention, mean keys and output of the layer whose output
+        the projector reads (``vision_feature_layer``), recomputed in float32 from the layer's normed input."""
+        return self._clip_attention()
+
+    @contextmanager
+    def _clip_attention(self) -> Iterator[list[VisionAttention]]:
+        config = self.model.config
+        if config.vision_feature_select_strategy != "default" or not isinstance(config.vision_feature_layer, int):
+            raise ModelError(
+                "VisionZip-style selection needs one vision_feature_layer and the 'default' strategy (CLS dropped), "
+                f"as LLaVA-1.5 has; this model has {config.vision_feature_layer!r} / "
+                f"{config.vision_feature_select_strategy!r}"
+            )
+        tower = self.model.model.vision_tower
+        tower = getattr(tower, "vision_model", tower)  # a CLIPVisionModel wrapper or the transformer itself
+        if getattr(tower.embeddings, "class_embedding", None) is None:
+            raise ModelError(
+                f"this LLaVA's {type(tower).__name__} tower has no CLS token whose attention ranks the patches, "
+                "which VisionZip-style selection needs (a CLIP tower has one)"
+            )
+        layers = tower.encoder.layers
+        # hidden_states[k] is the output of layer k - 1 (k = 0: the embeddings, which no attention made).
+        index = config.vision_feature_layer % (len(layers) + 1) - 1
+        if index < 0:
+            raise ModelError("vision_feature_layer 0 reads the tower's embeddings, which no attention layer made")
+        layer = layers[index]
+        attention = layer.self_attn
+        projector = self.model.model.multi_modal_projector
+        records: list[VisionAttention] = []
+        pending: dict[str, torch.Tensor] = {}
+
+        def before_attention(module: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+            normed = (kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]).float()
+            images, length, _ = normed.shape
+            heads, head_dim = attention.num_heads, attention.head_dim
+            query = _linear32(attention.q_proj, normed[:, :1]).view(images, 1, heads, head_dim).transpose(1, 2)
+            keys = _linear32(attention.k_proj, normed).view(images, length, heads, head_dim).transpose(1, 2)
+            weights = torch.softmax((query @ keys.transpose(-1, -2)) * attention.scale, dim=-1)  # (I, H, 1, P + 1)
+            pending["cls"] = weights[:, :, 0, 1:].sum(dim=1)
+            pending["keys"] = keys.mean(dim=1)
+
+        def after_layer(module: Any, args: tuple[Any, ...], output: Any) -> None:
+            hidden = output[0] if isinstance(output, tuple) else output
+            records.append(VisionAttention(pending.pop("cls"), pending.pop("keys"), hidden.float(), project))
+
+        def project(features: torch.Tensor) -> torch.Tensor:
+            parameter = next(projector.parameters())
+            return projector(features.to(parameter.dtype))
+
+        handles = [
+            attention.register_forward_pre_hook(before_attention, with_kwargs=True),
+            layer.register_forward_hook(after_layer),
+        ]
+        try:
+            yield records
+        finally:
+            for handle in handles:
+                handle.remove()
 
     def render_prompt(self, processor: Any, sample: Sample) -> RenderedPrompt:
         """Vicuna v1 prompt: system, ``USER:`` content (images where marked, else first), ``ASSISTANT:``."""

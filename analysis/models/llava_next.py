@@ -9,6 +9,7 @@ the image token id, so an image is one contiguous run; how many tokens it has de
 from __future__ import annotations
 
 from collections.abc import Sequence
+from contextlib import AbstractContextManager
 from typing import Any, ClassVar
 
 import torch
@@ -16,7 +17,7 @@ import torch
 from analysis.data.samples import Sample
 from analysis.errors import ModelError
 from analysis.layout import ImagePiece, Span
-from analysis.models.adapters import RenderedPrompt, seeded_tiny_model
+from analysis.models.adapters import RenderedPrompt, VisionAttention, seeded_tiny_model
 from analysis.models.hf import HFModel
 from analysis.models.llava import LlavaAdapter
 
@@ -55,6 +56,14 @@ class LlavaNextAdapter(LlavaAdapter):
     image_processor_path: ClassVar[str] = (
         "transformers.models.llava_next.image_processing_pil_llava_next:LlavaNextImageProcessorPil"
     )
+
+    def vision_attention(self) -> AbstractContextManager[list[VisionAttention]]:
+        """Not offered: any-resolution images (crops, unpadded grids, row-end tokens) do not map one tower pass per
+        image onto its tokens the way VisionZip-style selection needs."""
+        raise ModelError(
+            "VisionZip-style selection on llava_next would need its any-resolution crops, unpadding and row-end "
+            "tokens mapped to the tower's passes, which is not built; use a llava (LLaVA-1.5) model"
+        )
 
     def render_prompt(self, processor: Any, sample: Sample) -> RenderedPrompt:
         """The checkpoint's chat template with images at their marker positions (or first)."""

@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -458,6 +458,11 @@ class PrunedRuntime(PruningHooks):
             if self._prefill:
                 if not self.frozen and self.method.reads_hidden(layer):
                     self._observe_hidden(layer, hidden)
+                # Replacement embeddings (merged tokens) are content, kept from the first prefill for later ones.
+                written = self.rewrite_embeddings(hidden, self._image_slots(self._layout)) if layer == 0 else None
+                if written is not None:
+                    hidden = written
+                    args, kwargs = hf.with_layer_hidden_states(args, kwargs, hidden)
                 if self._cuts_before(layer):
                     self._layout_or_none, slots = self._compact_once(self._layout, layer)
                     hidden = hidden.gather(1, slots[..., None].expand(-1, -1, hidden.shape[-1]))
@@ -465,7 +470,7 @@ class PrunedRuntime(PruningHooks):
                 layout = self._layout
                 self._layer_layouts.append(layout)
                 if layout.identity:
-                    return None
+                    return (args, kwargs) if written is not None else None
                 kwargs.update(self._prefill_kwargs(layout, kwargs, hidden.dtype, self.rules[layer]))
                 return args, kwargs
             layout = self._layer_layouts[layer]
@@ -573,7 +578,9 @@ def pruned_runtime(
             for index, layer in enumerate(adapter.decoder_layers())
             if adapter.deepstack
         ]
-        with route_attention(adapter, runtime, runtime.prompt_length - 1):
+        vision = adapter.vision_attention() if runtime.method.reads_vision else nullcontext(runtime.vision_passes)
+        with vision as passes, route_attention(adapter, runtime, runtime.prompt_length - 1):
+            runtime.vision_passes = passes
             yield runtime
     finally:
         for handle in handles:

@@ -10,7 +10,7 @@ as each layer's KV cache keeps what that layer had at prefill.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -29,7 +29,7 @@ from analysis.hooks.attention import (
 from analysis.hooks.contributions import image_index_tensors
 from analysis.layout import TokenLayout
 from analysis.models import hf
-from analysis.models.adapters import FamilyAdapter
+from analysis.models.adapters import FamilyAdapter, VisionAttention
 from analysis.pruner.config import PruningConfig
 from analysis.pruner.flops import DecoderShape, LayerTokens, prefill_flops
 from analysis.pruner.methods import HiddenObservation, method_for
@@ -100,6 +100,9 @@ class PruningHooks(AttentionHooks):
         self.method = method_for(config)
         self.text_after_image = text_after_image(layouts, prompt_length, self.image_valid.device)
         self.hidden_observed: set[int] = set()  # layers whose input hidden states the rule has read
+        self.image_embeddings: torch.Tensor | None = None
+        self.rewritten: torch.Tensor | None = None
+        self.vision_passes: list[VisionAttention] = []  # filled by the executor while a vision-reading rule runs
         # (B, prompt length) the first half of each sample's image tokens (the authors' 13B layer-0 rule), made once.
         self.first_half_keys = torch.zeros(batch, prompt_length, dtype=torch.bool, device=self.image_valid.device)
         for row, count in enumerate(self.image_valid.sum(1).tolist()):
@@ -129,7 +132,18 @@ class PruningHooks(AttentionHooks):
         def normed(states: torch.Tensor) -> torch.Tensor:
             return final_norm(states).float()
 
-        self.method.decide_hidden(self, HiddenObservation(layer, hidden.float(), image_index, text, normed))
+        vision = self.vision_passes[-1] if self.vision_passes else None
+        self.method.decide_hidden(self, HiddenObservation(layer, hidden.float(), image_index, text, normed, vision))
+
+    def rewrite_embeddings(self, hidden: torch.Tensor, image_slots: torch.Tensor) -> torch.Tensor | None:
+        """Layer 0's input with the rule's replacement image embeddings (``image_slots``: each image token's index
+        in ``hidden``), or None where the rule replaces none."""
+        if self.rewritten is None or self.image_embeddings is None:
+            return None
+        rows, ordinals = self.rewritten.nonzero(as_tuple=True)
+        written = hidden.clone()
+        written[rows, image_slots[rows, ordinals]] = self.image_embeddings[rows, ordinals].to(hidden.dtype)
+        return written
 
     def observe(self, observation: LastRowObservation) -> None:
         """Let the method decide from one layer's last-row attention (image tokens at their input positions)."""
@@ -238,13 +252,20 @@ def masked_pruning(adapter: FamilyAdapter, hooks: PruningHooks) -> Iterator[Prun
     """Inside the block the model runs pruned by attention masks: the routed attention, and the decoder-layer hooks
     that give hidden-state rules (DART, CDPruner) the states entering the layers they read."""
     norm = adapter.final_norm()
+    # Made first: a family without the tower view the rule needs fails here, before any hook is in place.
+    vision = adapter.vision_attention() if hooks.method.reads_vision else nullcontext(hooks.vision_passes)
 
     def hidden_hook(layer: int) -> Any:
-        def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        def hook(
+            module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
+        ) -> tuple[tuple[Any, ...], dict[str, Any]] | None:
             hidden = hf.layer_hidden_states(args, kwargs)
-            if hidden.shape[1] >= hooks.prompt_length:  # the prefill (decoding steps carry one token)
-                text = extend_membership(hooks.text_after_image, 0, hidden.shape[1], fill=False)
-                hooks.observe_hidden(layer, hidden, hooks.image_index, text, norm)
+            if hidden.shape[1] < hooks.prompt_length:  # a decoding step (the prefill carries the prompt)
+                return None
+            text = extend_membership(hooks.text_after_image, 0, hidden.shape[1], fill=False)
+            hooks.observe_hidden(layer, hidden, hooks.image_index, text, norm)
+            written = hooks.rewrite_embeddings(hidden, hooks.image_index) if layer == 0 else None
+            return None if written is None else hf.with_layer_hidden_states(args, kwargs, written)
 
         return hook
 
@@ -254,7 +275,8 @@ def masked_pruning(adapter: FamilyAdapter, hooks: PruningHooks) -> Iterator[Prun
         if hooks.method.reads_hidden(index)
     ]
     try:
-        with route_attention(adapter, hooks, hooks.prompt_length - 1):
+        with vision as passes, route_attention(adapter, hooks, hooks.prompt_length - 1):
+            hooks.vision_passes = passes
             yield hooks
     finally:
         for handle in handles:

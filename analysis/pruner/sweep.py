@@ -14,11 +14,12 @@ import pandas as pd
 from analysis.bootstrap import bootstrap_ci
 from analysis.data.samples import Sample
 from analysis.errors import ConfigError
+from analysis.models.adapters import FamilyAdapter
 from analysis.models.registry import LoadedModel
 from analysis.pruner.config import LAYER0_RULES, PruningConfig, authors_equivalent, authors_layer0_rule
 from analysis.pruner.evaluation import clean_answers, evaluate_pruned, summarize
 from analysis.pruner.flops import DecoderShape, LayerTokens, prefill_flops
-from analysis.pruner.methods import method_for, sweep_baselines
+from analysis.pruner.methods import METHODS, method_for, sweep_baselines
 from analysis.pruner.methods.visipruner import VisiPruner
 
 logger = logging.getLogger(__name__)
@@ -28,6 +29,21 @@ BASELINES = tuple(sweep_baselines())
 # The token budgets pruning papers report on LLaVA-1.5 (64, 128 and 192 kept of its 24 x 24 image tokens), as
 # shares of the image so that they scale to any model's token count.
 CLASSIC_BUDGET_SHARES = (1 / 9, 2 / 9, 1 / 3)
+
+
+def baselines_for(adapter: FamilyAdapter, methods: Sequence[str] = BASELINES) -> list[str]:
+    """The ``methods`` that can run on ``adapter``'s model; each one left out is logged with its reason."""
+    runnable = []
+    for name in methods:
+        cls = METHODS.get(name)
+        reason = cls(cls.config_type()).unsupported(adapter)
+        if reason is None:
+            runnable.append(name)
+        else:
+            logger.info("%s is left out of the sweep on this model: %s", name, reason)
+    return runnable
+
+
 BOOTSTRAP_DRAWS = 2000
 
 
@@ -113,7 +129,8 @@ def sweep(
     from tqdm.auto import tqdm
 
     shape = DecoderShape.from_config(loaded.adapter.text_config)
-    passes = 1 + len(authors_versions) + len(configs) * (1 + len(BASELINES))
+    baselines = baselines_for(loaded.adapter)
+    passes = 1 + len(authors_versions) + len(configs) * (1 + len(baselines))
     rows = []
     with tqdm(total=passes * len(samples), desc="sweep", unit="sample", disable=not progress) as bar:
         baseline = clean_answers(
@@ -145,7 +162,7 @@ def sweep(
                         **summarize(evaluated(theirs)),
                     }
                 )
-            for method in BASELINES:
+            for method in baselines:
                 template = replace(config, method=method, prune_layer=prune_layer, options={}, provenance={})
                 matched = matched_budget(shape, per_sample, template, scores["flops_cut"])
                 rows.append(
@@ -282,7 +299,7 @@ def budget_sweep(
     samples: Sequence[Sample],
     *,
     shares: Sequence[float] = CLASSIC_BUDGET_SHARES,
-    methods: Sequence[str] = BASELINES,
+    methods: Sequence[str] | None = None,
     prune_layer: int = 2,
     batch_size: int = 16,
     max_new_tokens: int = 8,
@@ -293,7 +310,8 @@ def budget_sweep(
 
     A share becomes a token count from the samples' median image size (576 tokens of LLaVA-1.5 at 1/9 keep 64). A
     one-shot method keeps that many; a staged one (PyramidDrop) gets the budget whose exact prefill FLOPs match a
-    one-shot method keeping them from layer ``prune_layer``. Rows hold accuracy with its bootstrap interval, agreement
+    one-shot method keeping them from layer ``prune_layer``. ``methods`` defaults to every sweep baseline the model can
+    run; one it cannot is an error. Rows hold accuracy with its bootstrap interval, agreement
     with the unpruned answers, the exact prefill FLOPs cut and both scores per question family. ``runtime`` as in
     ``evaluate_pruned`` (the answers are the same; "drop" computes less).
     """
@@ -303,7 +321,12 @@ def budget_sweep(
     if bad:
         raise ConfigError(f"token budgets are shares of the image in (0, 1], got {bad}")
     num_layers = loaded.adapter.num_layers
+    if methods is None:
+        methods = baselines_for(loaded.adapter)
     for method in methods:
+        reason = method_for(PruningConfig(method=method, num_layers=num_layers)).unsupported(loaded.adapter)
+        if reason is not None:
+            raise ConfigError(f"{method} cannot run on this model: {reason}")
         if method_for(PruningConfig(method=method, num_layers=num_layers)).image_tokens(0, 1) is None:
             raise ConfigError(f"{method}'s token counts depend on the data; it has no token budget")
     shape = DecoderShape.from_config(loaded.adapter.text_config)

@@ -18,6 +18,7 @@ METHODS: Registry[type[PruningMethod]] = Registry(
         "dart": "analysis.pruner.methods.dart:DART",
         "cdpruner": "analysis.pruner.methods.cdpruner:CDPruner",
         "pyramiddrop": "analysis.pruner.methods.pyramiddrop:PyramidDrop",
+        "visionzip": "analysis.pruner.methods.visionzip:VisionZip",
         "none": "analysis.pruner.methods.unpruned:Unpruned",
     },
     hint="Write a PruningMethod subclass with its MethodConfig and add it to METHODS in "

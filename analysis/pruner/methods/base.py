@@ -15,8 +15,9 @@ from typing import Any, ClassVar, Protocol
 
 import torch
 
-from analysis.errors import ConfigError
+from analysis.errors import ConfigError, ModelError
 from analysis.hooks.attention import LastRowObservation
+from analysis.models.adapters import FamilyAdapter, VisionAttention
 
 
 @dataclass(frozen=True)
@@ -50,6 +51,7 @@ class HiddenObservation:
     image_index: torch.Tensor  # (B, N) index along T of each sample's image tokens (0 where absent)
     text_after_image: torch.Tensor  # (B, T) bool: prompt text after the sample's last image token
     final_norm: Callable[[torch.Tensor], torch.Tensor]  # the model's norm after its last layer (float32 in and out)
+    vision: VisionAttention | None = None  # the vision tower's pass over the batch's images (``reads_vision``)
 
 
 class SelectionState(Protocol):
@@ -63,6 +65,9 @@ class SelectionState(Protocol):
     exit_layer: torch.Tensor  # (B,) layer after which every image token goes; -1: never
     negligible: torch.Tensor  # (B,) consecutive observed layers in which the kept tokens changed nothing
     before_llm: bool  # the selection applies from layer 0 on (made before the language model)
+    # Replacement input embeddings of kept image tokens (merged tokens, VisionZip), written into layer 0's input.
+    image_embeddings: torch.Tensor | None  # (B, N, D) float32, or None: no token's embedding changes
+    rewritten: torch.Tensor | None  # (B, N) bool: which image tokens take their row of ``image_embeddings``
 
 
 class PruningMethod:
@@ -74,6 +79,8 @@ class PruningMethod:
     label: ClassVar[str] = ""  # how figures name it (default: its name)
     prunes: ClassVar[bool] = True  # False: the model runs unchanged (the unpruned reference)
     sweep_baseline: ClassVar[bool] = False  # compared with VisiPruner at matched FLOPs by ``pruner sweep``
+    # True: the rule reads the vision tower (``HiddenObservation.vision`` at layer 0), which the family must offer.
+    reads_vision: ClassVar[bool] = False
 
     def __init__(self, params: MethodConfig) -> None:
         if not isinstance(params, self.config_type):
@@ -83,6 +90,17 @@ class PruningMethod:
     def problems(self, num_layers: int) -> list[str]:
         """What is wrong with the parameters for a model of ``num_layers`` layers (0: depth unknown)."""
         return []
+
+    def unsupported(self, adapter: FamilyAdapter) -> str | None:
+        """Why the method cannot run on ``adapter``'s model (None: it can): a vision-reading rule needs the tower
+        view the family offers."""
+        if not self.reads_vision:
+            return None
+        try:
+            with adapter.vision_attention():
+                return None
+        except ModelError as error:
+            return str(error)
 
     # -- the rule --------------------------------------------------------------------------------
     def start(self, state: SelectionState) -> None:
