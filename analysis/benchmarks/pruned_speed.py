@@ -32,13 +32,14 @@ import numpy as np
 import pandas as pd
 import torch
 
+from analysis.benchmarks.device_peaks import DevicePeaks, measure_peaks
 from analysis.benchmarks.trace_overhead import PRESETS, Measurement, benchmark_model, build_inputs, synchronize
 from analysis.errors import ConfigError
 from analysis.models import hf
 from analysis.models.adapters import ModelInputs, get_adapter
 from analysis.models.hf import HFModel
 from analysis.pruner.config import PruningConfig
-from analysis.pruner.flops import DecoderShape, LayerTokens, decode_flops, prefill_flops
+from analysis.pruner.flops import DecoderShape, LayerTokens, decode_flops, prefill_flops, roofline_seconds
 from analysis.pruner.methods import method_for
 from analysis.pruner.runtime import pruned_runtime
 from analysis.pruner.simulate import Decisions
@@ -338,26 +339,33 @@ def main(argv: list[str] | None = None) -> int:
     if args.compile:
         compile_around_attention(model)
     shape = DecoderShape.from_config(model.config.get_text_config())
+    peaks = measure_peaks(device, getattr(torch, args.dtype))
     sys.stdout.write(
-        f"device: {name}; preset {args.preset}; dtype {args.dtype}; SDPA; {args.new_tokens} new tokens; "
+        f"device: {name}; {peaks.describe()}; preset {args.preset}; dtype {args.dtype}; SDPA; "
+        f"{args.new_tokens} new tokens; "
         f"median of {args.repeats} in {args.rounds} rounds over all steps, after {args.warmup} warm-up; "
         f"prefill: decoder only, {'replayed as a CUDA graph' if args.cuda_graphs else 'run eagerly'}"
         f"{', MLP and norms compiled' if args.compile else ''}; "
         f"generate: end to end from pixels and token ids (vision tower included), eager; "
         f"speedup = unpruned / variant, ideal = decoder FLOPs ratio (exact), ratio = speedup / ideal; n-ideal = the "
-        f"speedup if every layer ran as fast as the unpruned model does at that layer's token count; host s = prefill "
+        f"speedup if every layer ran as fast as the unpruned model does at that layer's token count; roof = the "
+        f"roofline ideal (per layer the larger of FLOPs / peak FLOP/s and bytes / bandwidth, both measured above), "
+        f"roof eff = roofline time / measured prefill time; host s = prefill "
         f"time until the call returns; spread = interquartile range / median; peak = most memory a prefill or "
         f"generate call allocates; GPU s = time the GPU spends in kernels during one generate (profiled); TTFT = "
-        f"pixels and token ids to one greedy token, each call in a fresh runtime, so a method's rule runs every time\n"
+        f"pixels and token ids to one greedy token, each call in a fresh runtime, so a method's rule runs every time; "
+        f"decode tok/s = batch x (new tokens - 1) / (generate s - TTFT s)\n"
     )
     header = (
         f"{'batch':>5} {'tokens':>6} {'variant':<40} {'prefill s':>9} {'host s':>7} {'generate s':>10} "
         f"{'spread':>6} {'peak GiB':>8} {'prefill x':>9} {'ideal':>6} {'ratio':>6} {'n-ideal':>8} {'ratio':>6} "
-        f"{'generate x':>10} {'ideal':>6} {'ratio':>6} {'GPU s':>7} {'GPU x':>6} {'TTFT s':>7} {'TTFT x':>6}"
+        f"{'roof':>6} {'ratio':>6} {'roof eff':>8} "
+        f"{'generate x':>10} {'ideal':>6} {'ratio':>6} {'GPU s':>7} {'GPU x':>6} {'TTFT s':>7} {'TTFT x':>6} "
+        f"{'dec tok/s':>9}"
     )
     sys.stdout.write(header + "\n")
     for batch_size in args.batch_sizes:
-        _benchmark_batch(model, preset, shape, pinned, batch_size, device, args)
+        _benchmark_batch(model, preset, shape, pinned, batch_size, device, args, peaks)
     return 0
 
 
@@ -369,6 +377,7 @@ def _benchmark_batch(
     batch_size: int,
     device: torch.device,
     args: argparse.Namespace,
+    roofline: DevicePeaks,
 ) -> None:
     """Time every variant's prefill and end-to-end generate for one batch size and print their rows."""
     inputs = build_inputs(model, preset, batch_size, device)
@@ -480,15 +489,26 @@ def _benchmark_batch(
         prefill_ideal = full_flops["prefill"] / prefill_flops(shape, variant.tokens)["exact"]
         generate_ideal = full_flops["generate"] / generation_flops(shape, variant.tokens, args.new_tokens)
         counts_ideal = base_prefill.seconds / at_counts
+        limits = (roofline.matmul_flops, roofline.copy_bandwidth)
+        bytes_per_value = roofline.bytes_per_value
+        roof_time = roofline_seconds(shape, variant.tokens, *limits, batch=batch_size, bytes_per_value=bytes_per_value)
+        base_roof = roofline_seconds(
+            shape, all_variants[0].tokens, *limits, batch=batch_size, bytes_per_value=bytes_per_value
+        )
+        roof_ideal = base_roof / roof_time
         gpu, base_gpu = busy[variant.name], busy[all_variants[0].name]
         gpu_cells = f"{gpu:>7.4f} {base_gpu / gpu:>6.3f}" if gpu and base_gpu else f"{'-':>7} {'-':>6}"
         ttft = timed[f"{variant.name} first token"].seconds
         gpu_cells += f" {ttft:>7.4f} {timed['unpruned first token'].seconds / ttft:>6.3f}"
+        decoding = generate_m.seconds - ttft
+        rate = batch_size * (args.new_tokens - 1) / decoding if args.new_tokens > 1 and decoding > 0 else None
+        gpu_cells += f" {rate:>9.1f}" if rate is not None else f" {'-':>9}"
         sys.stdout.write(
             f"{batch_size:>5} {length:>6} {variant.name:<40} {prefill_m.seconds:>9.4f} {prefill_m.host_seconds:>7.4f} "
             f"{generate_m.seconds:>10.4f} {generate_m.spread:>6.2f} {peaks[variant.name] / 2**30:>8.3f} "
             f"{prefill_x:>9.3f} {prefill_ideal:>6.3f} {prefill_x / prefill_ideal:>6.3f} "
             f"{counts_ideal:>8.3f} {prefill_x / counts_ideal:>6.3f} "
+            f"{roof_ideal:>6.3f} {prefill_x / roof_ideal:>6.3f} {roof_time / prefill_m.seconds:>8.3f} "
             f"{generate_x:>10.3f} {generate_ideal:>6.3f} {generate_x / generate_ideal:>6.3f} {gpu_cells}\n"
         )
     tower = timed["vision tower"]

@@ -103,3 +103,42 @@ def decode_flops(shape: DecoderShape, kv_lengths: Sequence[int]) -> float:
 def kv_cache_bytes(shape: DecoderShape, kv_lengths: Sequence[int], bytes_per_value: int = 2) -> int:
     """Bytes held by a KV cache whose layers store the given numbers of positions."""
     return int(sum(2 * length * shape.num_kv_heads * shape.head_dim * bytes_per_value for length in kv_lengths))
+
+
+def prefill_layer_bytes(shape: DecoderShape, tokens: int, bytes_per_value: int = 2) -> float:
+    """The fewest bytes one prefill layer of ``tokens`` tokens moves: its weights once, each matmul's input and
+    output once, attention read and written once (a fused kernel: no score matrix in memory) and its KV written."""
+    n, d, m = tokens, shape.hidden, shape.intermediate
+    attn_width = shape.num_heads * shape.head_dim
+    kv_width = shape.num_kv_heads * shape.head_dim
+    weights = d * (2 * attn_width + 2 * kv_width) + 3 * d * m
+    projections = n * (3 * d + attn_width + 2 * kv_width) + n * (attn_width + d)  # q/k/v read x, write; o in, out
+    attention = n * (attn_width + 2 * kv_width) + n * attn_width  # read q, k, v; write the output
+    mlp = n * (2 * d + 2 * m) + n * (m + d)  # gate and up read x and write m each; down reads m, writes d
+    kv_cache = n * 2 * kv_width
+    return float(bytes_per_value * (weights + projections + attention + mlp + kv_cache))
+
+
+def roofline_seconds(
+    shape: DecoderShape,
+    layers: Sequence[LayerTokens],
+    peak_flops: float,
+    bandwidth: float,
+    *,
+    batch: int = 1,
+    bytes_per_value: int = 2,
+    text_blind_layers: int = 0,
+) -> float:
+    """The roofline time of a prefill: per layer, the larger of its exact FLOPs over ``peak_flops`` (FLOP/s) and its
+    bytes over ``bandwidth`` (B/s), for ``batch`` sequences that share the weights."""
+    if len(layers) != shape.num_layers:
+        raise ValueError(f"need token counts for {shape.num_layers} layers, got {len(layers)}")
+    if peak_flops <= 0 or bandwidth <= 0 or batch < 1:
+        raise ValueError("peak_flops and bandwidth must be positive and batch >= 1")
+    weight_bytes = prefill_layer_bytes(shape, 0, bytes_per_value)
+    total = 0.0
+    for index, tokens in enumerate(layers):
+        flops = batch * exact_layer_flops(shape, tokens, text_sees_image=index >= text_blind_layers)["total"]
+        moved = weight_bytes + batch * (prefill_layer_bytes(shape, tokens.total, bytes_per_value) - weight_bytes)
+        total += max(flops / peak_flops, moved / bandwidth)
+    return total
