@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import save_file
@@ -406,3 +407,50 @@ def test_resume_screen_refuses_a_folder_without_an_organism(tmp_path, capsys) ->
     assert resume_main(["--model", str(tmp_path), "--out", str(tmp_path / "log.jsonl"), "--device", "cpu"]) == 2
     assert "has no config.json" in capsys.readouterr().err
     assert not (tmp_path / "log.jsonl").exists()
+
+
+def test_grounding_adds_where_questions_to_training_only(tmp_path) -> None:
+    """configs/organism-576-grounding.json (run 2's recipe plus region grounding) trains in smoke mode on data that
+    holds "Where is ...?" questions, while its validation scores name only the seven evaluated families."""
+    from analysis.organism.train import train
+
+    config = load_config("smoke", DEFAULT_CONFIG.with_name("organism-576-grounding.json"))
+    assert config.grounding and not load_config("smoke", DEFAULT_CONFIG.with_name("organism-576.json")).grounding
+    train(config, tmp_path / "organism", torch.device("cpu"), preset="smoke")
+    log = [json.loads(line) for line in (tmp_path / "organism" / "training_log.jsonl").read_text().splitlines()]
+    scored = [record["accuracy"] for record in log if "accuracy" in record]
+    assert scored and all(set(scores) <= {*ShapesConfig().families, "overall"} for scores in scored)
+    tokenizer = json.loads((tmp_path / "organism" / "tokenizer.json").read_text())
+    assert "Where" in json.dumps(tokenizer["model"]["vocab"])
+    with pytest.raises(ConfigError, match="grounding must be true or false"):
+        OrganismTrainConfig.from_mapping(
+            {**json.loads(DEFAULT_CONFIG.with_name("organism-576.json").read_text()), "grounding": "yes"}
+        )
+
+
+def test_readout_recovers_a_linear_target_and_not_noise() -> None:
+    """Ridge read-outs score a target that is a linear function of the states near R^2 1 and the answer it
+    thresholds near accuracy 1, and noise near R^2 0 or below."""
+    from analysis.organism.readout import TARGETS, ridge_scores
+
+    generator = np.random.default_rng(0)
+    states = generator.normal(size=(2, 400, 16))
+    targets = generator.normal(size=(400, 7))
+    targets[:, 0] = states[1] @ generator.normal(size=16)
+    targets[:, 6] = targets[:, 0] > 0
+    first, second = ridge_scores(states, targets, strength=1.0)
+    assert second[TARGETS[0]] > 0.99 and second["answer accuracy"] > 0.8
+    assert first[TARGETS[0]] < 0.1 and all(second[name] < 0.1 for name in TARGETS[1:])
+
+
+def test_readout_cli_prints_every_layer_and_refuses_too_few_questions(capsys) -> None:
+    """On the 12-layer organism the table has the embeddings and every layer; fewer than 10 questions is one line."""
+    from analysis.organism.readout import main as readout_main
+
+    assert readout_main(["--model", "shapes-llava", "--questions", "20", "--strengths", "100"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[0].startswith("ridge strength 100") and [line.split()[0] for line in lines[1:]] == [
+        str(layer) for layer in range(13)
+    ]
+    assert readout_main(["--questions", "5"]) == 2
+    assert "at least 10" in capsys.readouterr().err

@@ -287,3 +287,28 @@ def test_draws_ask_a_family_several_distinct_questions_per_train_scene(train_ite
     assert abs(answers["yes"] - answers["no"]) <= 1
     for split in ("validation", "test"):
         assert generate_items(split, 50, config) == generate_items(split, 50, CONFIG)
+
+
+def test_where_questions_name_the_region_of_a_unique_object_and_leave_the_default_splits_alone() -> None:
+    """The training-only grounding family asks where one uniquely named object is and answers its 3 x 3 region;
+    it is in no split unless asked for, so every default split stays as it was."""
+    from analysis.data.shapes import FAMILIES, KNOWN_FAMILIES
+
+    items = generate_items("train", 400, ShapesConfig(families=KNOWN_FAMILIES))
+    where = [item for item in items if item.family == "where"]
+    assert where and len({item.scene.index for item in where}) == len(where)  # one per scene
+    regions = [["top left", "top", "top right"], ["left", "center", "right"], ["bottom left", "bottom", "bottom right"]]
+    for item in where:
+        name = item.question.removeprefix("Where is the ").removesuffix("?")
+        matches = [o for o in item.scene.objects if o.name == name]
+        assert len(matches) == 1
+        row, col = item.scene.region(matches[0])
+        assert item.answer == regions[row][col]
+    assert "Where" in vocabulary(ShapesConfig(families=KNOWN_FAMILIES)) and "Where" not in vocabulary()
+    # An organism trained with grounding is evaluated on exactly the questions of one trained without it.
+    from analysis.organism.train import eval_items
+
+    with_grounding, _ = eval_items("test", 40, ShapesConfig(families=KNOWN_FAMILIES))
+    plain, _ = eval_items("test", 40, ShapesConfig())
+    assert [(i.sample_id, i.question) for i in with_grounding] == [(i.sample_id, i.question) for i in plain]
+    assert {i.family for i in plain} <= set(FAMILIES)

@@ -26,6 +26,10 @@ if TYPE_CHECKING:
 DATASET_NAME = "shapes-vqa"
 SPLITS = ("train", "validation", "test")
 FAMILIES = ("color", "shape", "count", "exist", "spatial", "read", "control")
+# Training-only question families, never in the default rotation (so no split changes): region grounding, as
+# LLaVA-1.5's instruction mix holds region-level data beside its VQA.
+GROUNDING_FAMILIES = ("where",)
+KNOWN_FAMILIES = FAMILIES + GROUNDING_FAMILIES
 PROMPT_SUFFIX = "\nAnswer the question using a single word or phrase."
 
 SHAPES = ("circle", "square", "triangle", "diamond", "cross")
@@ -123,15 +127,18 @@ class ShapesConfig:
         bad_draws = {
             f: n
             for f, n in self.draws.items()
-            if f not in FAMILIES or isinstance(n, bool) or not isinstance(n, int) or n < 1
+            if f not in KNOWN_FAMILIES or isinstance(n, bool) or not isinstance(n, int) or n < 1
         }
         if bad_draws:
             raise DataError(
-                f"ShapesConfig.draws needs positive whole counts keyed by families of {list(FAMILIES)}, got {bad_draws}"
+                f"ShapesConfig.draws needs positive whole counts keyed by families of {list(KNOWN_FAMILIES)}, "
+                f"got {bad_draws}"
             )
-        unknown = sorted(set(self.families) - set(FAMILIES))
+        unknown = sorted(set(self.families) - set(KNOWN_FAMILIES))
         if unknown or not self.families:
-            raise DataError(f"ShapesConfig.families has unknown or no families {unknown}; choose from {list(FAMILIES)}")
+            raise DataError(
+                f"ShapesConfig.families has unknown or no families {unknown}; choose from {list(KNOWN_FAMILIES)}"
+            )
 
     def split_size(self, split: str) -> int:
         """The configured number of samples of ``split``."""
@@ -469,6 +476,16 @@ def _ask_spatial(scene: Scene, rng: random.Random, want_yes: bool, margin: int) 
     return None
 
 
+def _ask_where(scene: Scene, rng: random.Random) -> tuple[str, str] | None:
+    names = [o.name for o in scene.objects]
+    referents = [o for o in scene.objects if names.count(o.name) == 1]
+    if not referents:
+        return None
+    target = rng.choice(referents)
+    row, col = scene.region(target)
+    return f"Where is the {target.name}?", _REGION_NAMES[row][col]
+
+
 def ask(scene: Scene, family: str, config: ShapesConfig, want_yes: bool = True, draw: int = 0) -> ShapesItem | None:
     """The ``family`` question about ``scene`` (its ``draw``-th), or None when its answer would be ambiguous or
     undefined."""
@@ -487,6 +504,8 @@ def ask(scene: Scene, family: str, config: ShapesConfig, want_yes: bool = True, 
     elif family == "spatial":
         margin = max(1, round(config.spatial_margin_fraction * config.image_size))
         qa, answer_type = _ask_spatial(scene, rng, want_yes, margin), "yes_no"
+    elif family == "where":
+        qa = _ask_where(scene, rng)
     elif family == "read":
         tile = scene.tile
         qa = ("What digit is written on the tile?", tile.glyph or "") if tile else None
@@ -494,7 +513,7 @@ def ask(scene: Scene, family: str, config: ShapesConfig, want_yes: bool = True, 
         qa = rng.choice(_CONTROL_FACTS)
         answer_type = "yes_no" if qa[1] in ("yes", "no") else "open"
     else:
-        raise DataError(f"unknown ShapesVQA family {family!r}; choose from {list(FAMILIES)}")
+        raise DataError(f"unknown ShapesVQA family {family!r}; choose from {list(KNOWN_FAMILIES)}")
     if qa is None:
         return None
     return ShapesItem(scene, family, qa[0], qa[1], answer_type, draw)
@@ -615,4 +634,6 @@ def vocabulary(config: ShapesConfig | None = None) -> list[str]:
         texts.append("What digit is written on the tile?")
     if "control" in families:
         texts += [text for fact in _CONTROL_FACTS for text in fact]
+    if "where" in families:
+        texts += ["Where is the ?", TILE]
     return sorted({token for text in texts for token in tokens(text)})

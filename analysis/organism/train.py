@@ -34,7 +34,16 @@ from analysis.cli import run_cli
 from analysis.config import HelpFormatter, from_dict
 from analysis.data.samples import Sample
 from analysis.data.scoring import is_correct
-from analysis.data.shapes import FAMILIES, ShapesConfig, ShapesItem, caption, generate_items, item_sample, render
+from analysis.data.shapes import (
+    FAMILIES,
+    GROUNDING_FAMILIES,
+    ShapesConfig,
+    ShapesItem,
+    caption,
+    generate_items,
+    item_sample,
+    render,
+)
 from analysis.errors import ConfigError, ModelError
 from analysis.models import hf
 from analysis.models.adapters import FamilyAdapter, get_adapter
@@ -131,6 +140,9 @@ class OrganismTrainConfig:
     grad_clip: float
     eval_batch_size: int
     log_every: int
+    # Also train on "Where is the X?" (the object's 3 x 3 region), one per scene: region grounding, as LLaVA-1.5's
+    # mix holds region-level data. Training only: validation and test keep the seven families.
+    grounding: bool = False
 
     def __post_init__(self) -> None:
         unknown = sorted(set(self.family_repeats) - set(FAMILIES))
@@ -140,12 +152,11 @@ class OrganismTrainConfig:
                 "OrganismTrainConfig.family_repeats needs positive whole repeat counts keyed by families of "
                 f"{list(FAMILIES)}, got {self.family_repeats}"
             )
-        if not isinstance(self.compile_finetune, bool):
-            raise ConfigError(
-                f"OrganismTrainConfig.compile_finetune must be true or false, got {self.compile_finetune!r}"
-            )
+        for flag in ("compile_finetune", "grounding"):
+            if not isinstance(getattr(self, flag), bool):
+                raise ConfigError(f"OrganismTrainConfig.{flag} must be true or false, got {getattr(self, flag)!r}")
         for field in dataclasses.fields(self):
-            if field.name in ("family_repeats", "compile_finetune"):
+            if field.name in ("family_repeats", "compile_finetune", "grounding"):
                 continue
             value = getattr(self, field.name)
             expected = float if field.type in ("float", float) else int
@@ -166,7 +177,8 @@ class OrganismTrainConfig:
     @classmethod
     def from_mapping(cls, values: dict[str, Any]) -> OrganismTrainConfig:
         """Build from a mapping that names every field; unknown or missing keys are a ConfigError."""
-        missing = sorted({f.name for f in dataclasses.fields(cls)} - set(values))
+        required = {f.name for f in dataclasses.fields(cls) if f.default is dataclasses.MISSING}
+        missing = sorted(required - set(values))
         if missing:
             raise ConfigError(f"OrganismTrainConfig is missing keys {missing}; configs/organism.json lists them all")
         return from_dict(cls, values)
@@ -314,8 +326,9 @@ class EvalSet:
 
 
 def eval_items(split: str, n: int, shapes_config: ShapesConfig) -> tuple[list[ShapesItem], list[Sample]]:
-    """The first ``n`` questions of ``split`` and their samples (as ``generate_samples`` makes them)."""
-    items = generate_items(split, n, shapes_config) if n else []
+    """The first ``n`` questions of ``split`` and their samples (as ``generate_samples`` makes them), over the seven
+    evaluated families whatever extra families the training data has."""
+    items = generate_items(split, n, dataclasses.replace(shapes_config, families=FAMILIES)) if n else []
     images: dict[int, Image.Image] = {}
     samples = [item_sample(item, images.setdefault(item.scene.index, render(item.scene))) for item in items]
     return items, samples
@@ -409,6 +422,7 @@ def train(config: OrganismTrainConfig, out: Path, device: torch.device, preset: 
         validation_size=config.validation_size,
         test_size=config.test_size,
         draws=config.family_repeats if config.finetune_turns > 1 else {},
+        families=FAMILIES + GROUNDING_FAMILIES if config.grounding else FAMILIES,
     )
     _train_and_save(config, shapes_config, out, log, device)
 
