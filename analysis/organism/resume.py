@@ -26,7 +26,15 @@ from analysis.models.adapters import get_adapter
 from analysis.models.hf import HFModel
 from analysis.organism import ORGANISM_576_DIR, check_organism_files
 from analysis.organism.data import build_training_data, pixel_values
-from analysis.organism.train import TrainingLog, build_eval_set, eval_items, evaluate, question_pool
+from analysis.organism.train import (
+    TrainingLog,
+    adamw,
+    build_eval_set,
+    eval_items,
+    evaluate,
+    question_pool,
+    trainable,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -111,33 +119,14 @@ def resume(args: argparse.Namespace) -> dict[str, Any]:
     if len(pool) < args.batch_size:
         raise ConfigError(f"{len(pool)} training rows cannot fill a batch of {args.batch_size}; raise --questions")
 
-    model.requires_grad_(False)
-    groups = [
-        (
-            list(model.model.multi_modal_projector.parameters())
-            + list(model.model.language_model.parameters())
-            + list(model.lm_head.parameters()),
-            args.lr,
-        )
-    ]
+    language = [model.model.multi_modal_projector, model.model.language_model, model.lm_head]
+    groups = [(trainable(language, model), args.lr)]
     if args.tower_lr > 0:
-        groups.append((list(model.model.vision_tower.parameters()), args.tower_lr))
+        tower = model.model.vision_tower
+        tower.requires_grad_(True)
+        groups.append((list(tower.parameters()), args.tower_lr))
     trained = [p for params, _ in groups for p in params]
-    for parameter in trained:
-        parameter.requires_grad_(True)
-    optimizer = torch.optim.AdamW(
-        [
-            {"params": chosen, "lr": lr, "weight_decay": decay}
-            for params, lr in groups
-            for chosen, decay in (
-                ([p for p in params if p.ndim >= 2], args.weight_decay),
-                ([p for p in params if p.ndim < 2], 0.0),
-            )
-            if chosen
-        ],
-        betas=(0.9, 0.95),
-        **({"fused": True} if device.type == "cuda" else {}),
-    )
+    optimizer = adamw(groups, args.weight_decay, device)
     peaks = [group["lr"] for group in optimizer.param_groups]
 
     def record(step: int, full: bool = False) -> dict[str, Any]:

@@ -237,21 +237,28 @@ class Stage:
         return [parameter for parameters, _ in self.groups for parameter in parameters]
 
 
-def run_stage(stage: Stage, config: OrganismTrainConfig, log: TrainingLog, device: torch.device) -> None:
-    """Train ``stage.parameters`` with AdamW, linear warmup then cosine decay, clipping and bf16 on CUDA."""
+def adamw(
+    groups: Sequence[tuple[list[nn.Parameter], float]], weight_decay: float, device: torch.device
+) -> torch.optim.AdamW:
+    """The organism's AdamW over (parameters, peak rate) groups: matrices decayed, norms and biases not."""
     # Norm weights and biases (the 1-D parameters) are not decayed, as is usual for transformers.
     param_groups = [
         {"params": chosen, "lr": lr, "weight_decay": decay}
-        for parameters, lr in stage.groups
+        for parameters, lr in groups
         for chosen, decay in (
-            ([p for p in parameters if p.ndim >= 2], config.weight_decay),
+            ([p for p in parameters if p.ndim >= 2], weight_decay),
             ([p for p in parameters if p.ndim < 2], 0.0),
         )
         if chosen
     ]
-    optimizer = torch.optim.AdamW(
+    return torch.optim.AdamW(
         param_groups, betas=(0.9, 0.95), eps=1e-8, **({"fused": True} if device.type == "cuda" else {})
     )
+
+
+def run_stage(stage: Stage, config: OrganismTrainConfig, log: TrainingLog, device: torch.device) -> None:
+    """Train ``stage.parameters`` with AdamW, linear warmup then cosine decay, clipping and bf16 on CUDA."""
+    optimizer = adamw(stage.groups, config.weight_decay, device)
     warmup = max(1, round(config.warmup_fraction * stage.steps))
 
     def factor(step: int) -> float:
@@ -394,7 +401,7 @@ def accuracy_by_family(samples: Sequence[Sample], replies: Sequence[str]) -> dic
     return scores
 
 
-def _trainable(modules: Iterable[nn.Module], everything: nn.Module) -> list[nn.Parameter]:
+def trainable(modules: Iterable[nn.Module], everything: nn.Module) -> list[nn.Parameter]:
     """Freeze ``everything`` except ``modules`` and return the parameters left trainable."""
     everything.requires_grad_(False)
     parameters: list[nn.Parameter] = []
@@ -521,7 +528,7 @@ def _train_and_save(
     run_stage(
         Stage(
             "language",
-            [(_trainable(language, model), config.language_lr)],
+            [(trainable(language, model), config.language_lr)],
             chat_loss(text_qa, False),
             text_pool,
             config.language_batch_size,
@@ -536,7 +543,7 @@ def _train_and_save(
     run_stage(
         Stage(
             "alignment",
-            [(_trainable([model.model.multi_modal_projector], model), config.alignment_lr)],
+            [(trainable([model.model.multi_modal_projector], model), config.alignment_lr)],
             chat_loss(data.caption_chat, True),
             torch.arange(len(data.caption_chat)),
             config.alignment_batch_size,
@@ -554,7 +561,7 @@ def _train_and_save(
     # Conversations hold every question of their image once (a repeated family as several distinct questions).
     finetune_pool = questions if config.finetune_turns == 1 else torch.arange(len(data.vqa))
     per_epoch = len(finetune_pool) // config.finetune_batch_size
-    groups = [(_trainable([model.model.multi_modal_projector, *language], model), config.finetune_lr)]
+    groups = [(trainable([model.model.multi_modal_projector, *language], model), config.finetune_lr)]
     # Everything is fine-tuned on VQA, the tower at its own (usually lower) rate; a rate of 0 keeps it frozen
     # as in LLaVA-1.5.
     if config.finetune_vision_lr > 0:

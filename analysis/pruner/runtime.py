@@ -459,7 +459,8 @@ class PrunedRuntime(PruningHooks):
                 if not self.frozen and self.method.reads_hidden(layer):
                     self._observe_hidden(layer, hidden)
                 # Replacement embeddings (merged tokens) are content, kept from the first prefill for later ones.
-                written = self.rewrite_embeddings(hidden, self._image_slots(self._layout)) if layer == 0 else None
+                rewrites = layer == 0 and self.rewritten is not None  # slots are looked up only for a rewrite
+                written = self.rewrite_embeddings(hidden, self._image_slots(self._layout)) if rewrites else None
                 if written is not None:
                     hidden = written
                     args, kwargs = hf.with_layer_hidden_states(args, kwargs, hidden)

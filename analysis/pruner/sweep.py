@@ -29,6 +29,7 @@ BASELINES = tuple(sweep_baselines())
 # The token budgets pruning papers report on LLaVA-1.5 (64, 128 and 192 kept of its 24 x 24 image tokens), as
 # shares of the image so that they scale to any model's token count.
 CLASSIC_BUDGET_SHARES = (1 / 9, 2 / 9, 1 / 3)
+BOOTSTRAP_DRAWS = 2000
 
 
 def baselines_for(adapter: FamilyAdapter, methods: Sequence[str] = BASELINES) -> list[str]:
@@ -42,9 +43,6 @@ def baselines_for(adapter: FamilyAdapter, methods: Sequence[str] = BASELINES) ->
         else:
             logger.info("%s is left out of the sweep on this model: %s", name, reason)
     return runnable
-
-
-BOOTSTRAP_DRAWS = 2000
 
 
 def config_flops_cut(shape: DecoderShape, per_sample: pd.DataFrame, config: PruningConfig) -> float:
