@@ -51,6 +51,22 @@ def test_the_shipped_authors_json_passes_their_validation() -> None:
     assert ours["provenance"]["authors_json"]["differences"]  # what the S = 0 config lost on the way is written down
 
 
+def test_the_shipped_llava_7b_json_is_their_scripts_settings_for_both_7b_models() -> None:
+    """The README's lmms-eval config (their scripts' S = 6, tL = 0.995, tT = 0.2) passes their check at LLaVA-1.5-7B's
+    32 layers and Qwen2.5-VL-7B's 28, and parses for each: their 7B layer-0 rule for LLaVA, none named for Qwen."""
+    shipped = json.loads((CONFIGS / "llava-1.5-7b.visipruner.authors.json").read_text())
+    assert shipped == {
+        "mode": ["shallow", "middle", "deep"],
+        "shallow_mid_layer": 6,
+        "layer_threshold": 0.995,
+        "tokens_threshold": 0.2,
+    }
+    for depth, layer0 in ((32, "authors_7b"), (28, "none")):
+        their_validation(shipped, depth)
+        config = parse_config(shipped, depth, layer0_rule=layer0)
+        assert (config.rule, config.layer0_rule, config.num_layers) == ("authors", layer0, depth)
+
+
 def _result(config: PruningConfig) -> ExportResult:
     """An export result holding ``config`` (as ``choose`` makes it), for ``write``."""
     config.provenance = {"calibration": {}, "target_agreement": 0.9}
