@@ -18,6 +18,7 @@ from analysis.config import LIMIT_HELP, HelpFormatter, add_arguments, from_names
 from analysis.data import DEFAULT_DATASET
 from analysis.data.samples import Sample, batched
 from analysis.data.scoring import is_correct
+from analysis.distributed import current_world
 from analysis.errors import ConfigError
 from analysis.generation import generate_answers
 from analysis.models.adapters import ModelInputs
@@ -88,6 +89,11 @@ class EvalConfig:
     max_new_tokens: int = option(8, "greedy answer length")
     dtype: str = option("auto", "weights dtype", choices=tuple(DTYPES))
     device: str | None = option(None, "torch device; default cuda if available", identity=False)
+    max_memory: str | None = option(
+        None,
+        "with --device auto: memory per device, e.g. 0=70GiB,1=70GiB,cpu=200GiB (the rest is offloaded to disk)",
+        identity=False,
+    )
     out: str | None = option(None, "output folder; default runs/eval/<model>/<dataset>-<split>", identity=False)
     resume: bool = option(False, "continue an interrupted evaluation in --out (same config required)", identity=False)
     # The config's content, not its path, is part of the run's identity (see run_evaluation).
@@ -245,6 +251,8 @@ def main(argv: list[str] | None = None) -> int:
 
     def body() -> int:
         result = run_evaluation(config, progress=True)
+        if not current_world().main:  # under torchrun, rank 0 reports for every rank
+            return 0
         lines = [f"results: {result.out_dir.resolve()} ({len(result.per_sample)} samples, {result.n_new} new)"]
         if config.pruning_config:
             pruning = result.summary["pruning"]

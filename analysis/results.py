@@ -349,12 +349,18 @@ class RunFolder:
         }
         atomic_write_json(self.manifest_path, manifest)
 
-    def write_part(self, tables: dict[str, pa.Table]) -> int:
-        """Commit one batch: every table's part first, the samples part last; returns the part index."""
+    def write_part(self, tables: dict[str, pa.Table], index: int | None = None) -> int:
+        """Commit one batch: every table's part first, the samples part last; returns the part index.
+
+        ``index`` numbers the part (the run driver gives its first sample's dataset position); default: the next.
+        """
         missing = set(self.schemas) - set(tables)
         if missing:
             raise ValueError(f"batch lacks tables {sorted(missing)}")
-        index = max(self.part_indices(self.commit_table), default=-1) + 1
+        if index is None:
+            index = max(self.part_indices(self.commit_table), default=-1) + 1
+        elif index in self.part_indices(self.commit_table):
+            raise ValueError(f"part {index} is already committed")
         for name in [*(t for t in self.schemas if t != self.commit_table), self.commit_table]:
             table = tables[name].cast(self.schemas[name])
             atomic_write_table(self._part_path(name, index), table)

@@ -5,6 +5,13 @@ A command builds a ``RunSpec``, plans it (``plan_run``: samples, identity, folde
 ``start_run``; inside the returned context it may add work of its own to the folder (the probes command fills
 tables added to an earlier run) and then calls ``Run.process`` with its batch function. Everything written goes
 through ``RunFolder``: atomic parts, a manifest, an identity checked on resume.
+
+Under ``torchrun`` every rank runs the command: rank 0 checks the folder (its verdict is every rank's, before any
+model loads) and starts the manifest, which records the world size; the pending samples are cut into the batches a
+single process would make, and each rank computes every N-th of them, writing its parts atomically into the shared
+folder. A part is numbered by its first sample's position in the dataset and holds consecutive samples, so the
+tables read back in dataset order whatever the world size, and a resume (with any number of processes) finds each
+sample in exactly one committed part. Rank 0 marks the run complete once every rank has committed.
 """
 
 from __future__ import annotations
@@ -13,18 +20,21 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import pyarrow as pa
 
 from analysis.config import run_identity, to_dict
-from analysis.data.samples import Sample, batched
-from analysis.errors import DataError
+from analysis.data.samples import Sample
+from analysis.distributed import World, barrier, current_world, from_main, rank_device
+from analysis.errors import ConfigError, DataError
+from analysis.models import hf
 from analysis.models.adapters import ModelInputs
-from analysis.models.registry import LoadedModel, default_device, load_model
+from analysis.models.registry import LoadedModel, default_device, load_model, parse_max_memory
 from analysis.results import SAMPLES_TABLE, RunFolder
 
 BatchFn = Callable[[Sequence[Sample], ModelInputs], dict[str, pa.Table]]
+T = TypeVar("T")
 
 
 @dataclass
@@ -76,16 +86,22 @@ class Run:
     pending: list[Sample]
     prepared: Any = None  # what RunSpec.prepare returned
     progress: Any = None  # the progress bar while processing
+    world: World = field(default_factory=World)
 
     def inputs(self, batch: Sequence[Sample]) -> ModelInputs:
         """A batch tokenised for the run's model, on its device."""
         return self.loaded.adapter.build_inputs(self.loaded.processor, batch, device=self.loaded.device)
 
+    def share(self, items: Sequence[T]) -> list[T]:
+        """This rank's share of work items every rank lists alike: every N-th, from its rank on."""
+        return list(items[self.world.rank :: self.world.size])
+
     def process(self, batch_tables: BatchFn) -> None:
-        """Compute and commit every pending batch (one part each)."""
-        for batch in batched(self.pending, self.spec.config.batch_size):
-            self.folder.write_part(batch_tables(batch, self.inputs(batch)))
+        """Compute and commit this rank's pending batches (one part each), then wait for every rank's."""
+        for first, batch in self.share(pending_batches(self.samples, self.done, self.spec.config.batch_size)):
+            self.folder.write_part(batch_tables(batch, self.inputs(batch)), index=first)
             self.advance(len(batch))
+        barrier(self.world)
 
     def advance(self, n_samples: int) -> None:
         """Count samples on the progress bar."""
@@ -97,6 +113,20 @@ class Run:
         if self.progress is not None:
             self.progress.total += n_samples
             self.progress.refresh()
+
+
+def pending_batches(samples: Sequence[Sample], done: set[str], batch_size: int) -> list[tuple[int, list[Sample]]]:
+    """The samples not yet done, in batches of consecutive dataset positions, each with its first position."""
+    batches: list[tuple[int, list[Sample]]] = []
+    for position, sample in enumerate(samples):
+        if sample.sample_id in done:
+            continue
+        last = batches[-1] if batches else None
+        if last is not None and len(last[1]) < batch_size and last[0] + len(last[1]) == position:
+            last[1].append(sample)
+        else:
+            batches.append((position, [sample]))
+    return batches
 
 
 def load_run_samples(spec: RunSpec) -> tuple[list[Sample], str]:
@@ -148,20 +178,27 @@ def start_run(
         planned.folder,
     )
     config = spec.config
-    folder.check_compatible(spec.check_identity or identity, resume=config.resume, command=spec.command)
+    world = current_world()
+    # Rank 0 judges the folder and every rank stops on its verdict, before any model loads.
+    verdict = None
+    if world.main:
+        try:
+            folder.check_compatible(spec.check_identity or identity, resume=config.resume, command=spec.command)
+        except ConfigError as error:
+            verdict = str(error)
+    verdict = from_main(world, verdict)
+    if verdict is not None:
+        raise ConfigError(verdict)
     if loaded is None:
         loaded = load_model(
             config.model,
             dtype=config.dtype,
-            device=config.device or default_device(),
+            device=rank_device(world, config.device or default_device()),
             attn_implementation=attn_implementation,
             revision=getattr(config, "revision", None),
+            max_memory=parse_max_memory(getattr(config, "max_memory", None)),
         )
     prepared = spec.prepare(loaded, samples) if spec.prepare is not None else None
-    if config.resume:
-        folder.clean_uncommitted()
-    done = set(folder.done_sample_ids())
-    pending = [sample for sample in samples if sample.sample_id not in done]
     adapter = loaded.adapter
     model_record = {
         "name": loaded.name,
@@ -170,24 +207,42 @@ def start_run(
         "model_type": adapter.model_type,
         **{name: getattr(adapter, name) for name in spec.model_fields},
         "dtype": str(next(loaded.model.parameters()).dtype),
+        # Where accelerate placed each module of a sharded model (--device auto), to read a run's memory plan from.
+        **({"device_map": placement} if (placement := hf.device_map(loaded.model)) else {}),
     }
-    folder.start(
-        {
-            "command": spec.command,
-            "config": {**to_dict(config), "split": split},
-            "model": model_record,
-            "dataset": {"name": config.dataset, "split": split, "n_samples": len(samples)},
-            **spec.manifest_extra,
-        },
-        identity,
-    )
-    run = Run(spec, samples, split, folder, loaded, done, pending, prepared)
+    if world.main:
+        if config.resume:
+            folder.clean_uncommitted()
+        folder.start(
+            {
+                "command": spec.command,
+                "config": {**to_dict(config), "split": split},
+                "model": model_record,
+                "dataset": {"name": config.dataset, "split": split, "n_samples": len(samples)},
+                "world_size": world.size,
+                **spec.manifest_extra,
+            },
+            identity,
+        )
+    barrier(world)  # every rank reads the committed parts after rank 0 cleaned the uncommitted ones
+    done = set(folder.done_sample_ids())
+    pending = [sample for sample in samples if sample.sample_id not in done]
+    run = Run(spec, samples, split, folder, loaded, done, pending, prepared, world=world)
     description = spec.description or spec.command.removeprefix("analysis.")
     with (
         folder.interruptible(len(samples)),
-        tqdm(total=len(samples), initial=len(done), desc=description, unit="sample", disable=not progress) as bar,
+        tqdm(
+            total=len(samples),
+            initial=len(done),
+            desc=description,
+            unit="sample",
+            disable=not progress or not world.main,
+        ) as bar,
     ):
         run.progress = bar
         yield run
         run.progress = None
-    folder.finish({"n_samples": len(samples)})
+    barrier(world)
+    if world.main:
+        folder.finish({"n_samples": len(samples)})
+    barrier(world)  # no rank returns before the run is marked complete

@@ -441,3 +441,11 @@ def load_processor_without_video(source: str, revision: str | None, video_proces
     )
     processor.video_processor = video_processor
     return processor
+
+
+def device_map(model: Any) -> dict[str, str] | None:
+    """Where accelerate placed each module of a model loaded with a device map (None: one device)."""
+    placement = getattr(model, "hf_device_map", None)
+    if not placement:
+        return None
+    return {str(module): str(device) for module, device in placement.items()}

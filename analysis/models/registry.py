@@ -196,6 +196,24 @@ def load_text_config(name: str, revision: str | None = None) -> Any:
     return _pretrained_config(local_source(spec), revision).get_text_config()
 
 
+def parse_max_memory(text: str | None) -> dict[int | str, str] | None:
+    """A ``--max-memory`` value (``0=70GiB,1=70GiB,cpu=200GiB``) as accelerate's per-device caps (None: no caps)."""
+    if text is None:
+        return None
+    caps: dict[int | str, str] = {}
+    for item in (part.strip() for part in text.split(",") if part.strip()):
+        device, _, size = item.partition("=")
+        device, size = device.strip(), size.strip()
+        if not size or not (device == "cpu" or device.isdigit()):
+            raise ModelError(
+                f"--max-memory item {item!r}: write DEVICE=SIZE with DEVICE a GPU index or cpu, e.g. 0=70GiB,cpu=200GiB"
+            )
+        caps[int(device) if device.isdigit() else device] = size
+    if not caps:
+        raise ModelError("--max-memory is empty; write DEVICE=SIZE items, e.g. 0=70GiB,cpu=200GiB")
+    return caps
+
+
 def load_model(
     name: str,
     *,
@@ -203,14 +221,18 @@ def load_model(
     device: str = "cpu",
     attn_implementation: str = "sdpa",
     revision: str | None = None,
+    max_memory: dict[int | str, str] | None = None,
 ) -> LoadedModel:
     """Load model, processor and adapter; ``attn_implementation='eager'`` when attention weights are needed.
 
-    ``device`` is a torch device ("cpu", "cuda:0") or "auto" to shard with accelerate's device_map.
+    ``device`` is a torch device ("cpu", "cuda:0") or "auto" to shard with accelerate's device_map, within
+    ``max_memory`` per device when given (what does not fit goes to disk, loaded layer by layer as it runs).
     """
     if dtype not in DTYPES:
         raise ModelError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
     check_device(device)
+    if max_memory is not None and device != "auto":
+        raise ModelError("--max-memory caps what --device auto places on each device; add --device auto")
     spec = resolve(name)
     if spec.source.startswith("builtin:"):
         return _load_tiny(spec, dtype=dtype, device=device, attn_implementation=attn_implementation)
@@ -225,6 +247,8 @@ def load_model(
     adapter_class(config.model_type)  # fails before the weights are read when no adapter fits
     # Sharding across devices needs accelerate; a single device is a plain .to() after loading.
     device_kwargs: dict[str, Any] = {"device_map": "auto"} if device == "auto" else {}
+    if max_memory is not None:
+        device_kwargs.update(max_memory=max_memory, offload_folder=_offload_folder())
     try:
         model: HFModel = AutoModelForImageTextToText.from_pretrained(
             source,
@@ -249,6 +273,17 @@ def load_model(
     check_image_token(adapter, processor)
     commit = getattr(config, "_commit_hash", None)
     return LoadedModel(model, processor, adapter, name, source, revision or commit)
+
+
+def _offload_folder() -> str:
+    """A temporary folder for the weights accelerate offloads to disk, removed when the process ends."""
+    import atexit
+    import shutil
+    import tempfile
+
+    folder = tempfile.mkdtemp(prefix="analysis-offload-")
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    return folder
 
 
 def check_image_token(adapter: FamilyAdapter, processor: Any) -> None:

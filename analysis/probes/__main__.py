@@ -7,6 +7,7 @@ import sys
 
 from analysis.cli import run_cli
 from analysis.config import HelpFormatter, add_arguments, from_namespace
+from analysis.distributed import current_world
 from analysis.probes.run import ProbeConfig, run_probes
 
 
@@ -29,6 +30,8 @@ def main(argv: list[str] | None = None) -> int:
 
     def body() -> int:
         result = run_probes(config, progress=not args.quiet)
+        if not current_world().main:  # under torchrun, rank 0 reports for every rank
+            return 0
         sys.stdout.write(f"results: {result.out_dir.resolve()} ({result.n_samples} samples, {result.n_new} new)\n")
         return 0
 

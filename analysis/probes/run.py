@@ -100,6 +100,11 @@ class ProbeConfig:
     resume: bool = option(False, "continue an interrupted run in --out (same config required)", identity=False)
     dtype: str = option("auto", "weights dtype; probes are computed in float32", choices=tuple(DTYPES))
     device: str | None = option(None, "torch device; default cuda if available", identity=False)
+    max_memory: str | None = option(
+        None,
+        "with --device auto: memory per device, e.g. 0=70GiB,1=70GiB,cpu=200GiB (the rest is offloaded to disk)",
+        identity=False,
+    )
 
     def probe_option(self, name: str, default: str) -> str:
         """The value of a ``--probe-options`` entry (for probes registered outside the built-in ones)."""
@@ -250,8 +255,9 @@ def run_probes(config: ProbeConfig, *, loaded: LoadedModel | None = None, progre
             index: (tables, [by_id[sample_id] for sample_id in run.folder.part_sample_ids(index)])
             for index, tables in run.folder.missing_tables().items()
         }
-        run.add_work(sum(len(batch) for _, batch in incomplete.values()))
-        for index, (tables, batch) in incomplete.items():
+        mine = run.share(list(incomplete.items()))  # under torchrun, every rank completes its share of the parts
+        run.add_work(sum(len(batch) for _, (_, batch) in mine))
+        for index, (tables, batch) in mine:
             needed = [probe for probe in probes if set(_tables_for([probe])) & set(tables)]
             results = probe_batch(model, config, needed, batch, run.inputs(batch))
             run.folder.add_to_part(index, {name: results[name] for name in tables})

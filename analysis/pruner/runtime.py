@@ -103,6 +103,7 @@ class PrunedRuntime(PruningHooks):
             self.prompt_valid[row, layout.pad_offset :] = True
         self.prompt_padded = any(layout.pad_offset for layout in layouts)
         self.frozen = False  # decisions are made in the first prefill and reused by every later pass
+        self._frozen_cuts: set[int] | None = None  # with decisions frozen: the layers before which a row shrinks
         if decisions is not None:
             self._pin(decisions)
         self._prefill = True
@@ -222,9 +223,19 @@ class PrunedRuntime(PruningHooks):
 
     # -- layouts --------------------------------------------------------------------------------
     def _cuts_before(self, layer: int) -> bool:
-        """Whether some sample's token set shrinks between ``layer - 1`` and ``layer``."""
+        """Whether some sample's token set shrinks between ``layer - 1`` and ``layer``.
+
+        With decisions frozen the answer is read back once for every layer, so later prefills (CUDA-graph capture
+        among them) ask the device nothing.
+        """
         if layer == 0:
             return self.before_llm
+        if self.frozen:
+            if self._frozen_cuts is None:
+                layers = (self.selection_layer, self.exit_layer, self.stage_drops)
+                decided = torch.cat([values.flatten().cpu() for values in layers])
+                self._frozen_cuts = {int(value) + 1 for value in decided[decided >= 0].unique().tolist()}
+            return layer in self._frozen_cuts
         if bool(((self.selection_layer == layer - 1) | (self.exit_layer == layer - 1)).any()):
             return True
         return bool((self.stage_drops == layer - 1).any())

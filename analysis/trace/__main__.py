@@ -7,6 +7,7 @@ import sys
 
 from analysis.cli import run_cli
 from analysis.config import HelpFormatter, add_arguments, from_namespace
+from analysis.distributed import current_world
 from analysis.trace.run import TraceConfig, run_trace
 from analysis.trace.summary import format_summary, layer_summary
 
@@ -33,6 +34,8 @@ def main(argv: list[str] | None = None) -> int:
 
     def body() -> int:
         result = run_trace(config, progress=not args.quiet)
+        if not current_world().main:  # under torchrun, rank 0 reports for every rank
+            return 0
         sys.stdout.write(f"results: {result.out_dir.resolve()} ({result.n_samples} samples, {result.n_new} new)\n")
         if not args.quiet:
             sys.stdout.write("per-layer means over samples and heads:\n")

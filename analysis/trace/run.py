@@ -44,6 +44,11 @@ class TraceConfig:
     device: str | None = option(
         None, "torch device (cpu, cuda, cuda:1) or auto (shard); default cuda if available", identity=False
     )
+    max_memory: str | None = option(
+        None,
+        "with --device auto: memory per device, e.g. 0=70GiB,1=70GiB,cpu=200GiB (the rest is offloaded to disk)",
+        identity=False,
+    )
     top_k: int = option(
         5,
         "sink statistics: share of image-directed attention on the top-k image tokens (at most "
