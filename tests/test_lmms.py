@@ -86,14 +86,14 @@ def tasks(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return folder
 
 
-def lmms_run(tasks: Path, task: str, model_args: str, batch_size: int = 1) -> dict[str, Any]:
+def lmms_run(tasks: Path, task: str, model_args: str, batch_size: int = 1, model: str = MODEL) -> dict[str, Any]:
     """lmms-eval's ``simple_evaluate`` with the model named as on its command line (found by our entry point)."""
     from lmms_eval.evaluator import simple_evaluate
     from lmms_eval.tasks import TaskManager
 
     return simple_evaluate(
         model="visipruner",
-        model_args=f"pretrained={MODEL},device=cpu,dtype=float32" + (f",{model_args}" if model_args else ""),
+        model_args=f"pretrained={model},device=cpu,dtype=float32" + (f",{model_args}" if model_args else ""),
         tasks=[task],
         task_manager=TaskManager(include_path=str(tasks)),
         batch_size=batch_size,
@@ -170,6 +170,39 @@ def test_batch_of_four_scores_as_batch_of_one(tasks: Path, pruned: dict[str, Any
     assert batched["throughput"]["avg_pruning/shapes_vqa_lmms/prefill_flops_cut"] == pytest.approx(
         pruned["throughput"]["avg_pruning/shapes_vqa_lmms/prefill_flops_cut"]
     )
+
+
+def test_another_family_batches_as_single_samples(tasks: Path) -> None:
+    """On a Qwen2.5-VL model (tiny, random: its answers are noise, but deterministic) the plugin runs through the same
+    adapter machinery, and DART pruning per sample at batch size 4 gives batch size 1's answers and costs."""
+    args = "method=dart,budget=4,prune_layer=1"
+    one = lmms_run(tasks, "shapes_vqa_lmms", args, model="tiny-qwen2.5-vl")
+    four = lmms_run(tasks, "shapes_vqa_lmms", args, batch_size=4, model="tiny-qwen2.5-vl")
+    assert replies(four, "shapes_vqa_lmms") == replies(one, "shapes_vqa_lmms")
+    key = "avg_pruning/shapes_vqa_lmms/prefill_flops_cut"
+    assert four["throughput"][key] == pytest.approx(one["throughput"][key]) and one["throughput"][key] > 0
+
+
+def test_the_authors_json_runs_as_analysis_evaluate_runs_it(tasks: Path, tmp_path: Path) -> None:
+    """The authors' JSON of the organism's config gives, through lmms-eval, the answers and FLOPs cut of
+    ``python -m analysis.evaluate`` with the same file."""
+    authors = CONFIG.with_name("shapes-llava.visipruner.authors.json")
+    results = lmms_run(tasks, "shapes_vqa_lmms", f"pruning={authors}", batch_size=4)
+    result = run_evaluation(
+        EvalConfig(
+            model=MODEL,
+            split="test",
+            limit=N_QUESTIONS,
+            device="cpu",
+            dtype="float32",
+            pruning_config=str(authors),
+            out=str(tmp_path / "eval"),
+        ),
+        progress=False,
+    )
+    assert replies(results, "shapes_vqa_lmms") == result.per_sample["pruned_answer"].tolist()
+    cut = results["throughput"]["avg_pruning/shapes_vqa_lmms/prefill_flops_cut"]
+    assert cut == pytest.approx(result.summary["summary"]["flops_cut"])
 
 
 def test_baseline_method_by_name_and_budget(tasks: Path) -> None:
