@@ -133,21 +133,26 @@ def test_unpruned_scores_and_answers_equal_analysis_evaluate(unpruned: dict[str,
     assert cost["avg_pruning/shapes_vqa_lmms/rule_fired"] == 0.0
 
 
-def test_pruned_scores_answers_and_costs_equal_analysis_evaluate(pruned: dict[str, Any], tmp_path: Path) -> None:
-    """Under a pruning config the answers, accuracy, FLOPs cut, kept tokens and firing rate are those of
-    ``python -m analysis.evaluate --pruning-config`` with the token-dropping runtime, in lmms-eval's results."""
-    result = run_evaluation(
+def evaluated(pruning: Path, out: Path) -> Any:
+    """``python -m analysis.evaluate`` (token-dropping runtime) on the task's questions under a pruning config."""
+    return run_evaluation(
         EvalConfig(
             model=MODEL,
             split="test",
             limit=N_QUESTIONS,
             device="cpu",
             dtype="float32",
-            pruning_config=str(CONFIG),
-            out=str(tmp_path / "eval"),
+            pruning_config=str(pruning),
+            out=str(out),
         ),
         progress=False,
     )
+
+
+def test_pruned_scores_answers_and_costs_equal_analysis_evaluate(pruned: dict[str, Any], tmp_path: Path) -> None:
+    """Under a pruning config the answers, accuracy, FLOPs cut, kept tokens and firing rate are those of
+    ``python -m analysis.evaluate --pruning-config`` with the token-dropping runtime, in lmms-eval's results."""
+    result = evaluated(CONFIG, tmp_path / "eval")
     per_sample, summary = result.per_sample, result.summary["summary"]
     assert replies(pruned, "shapes_vqa_lmms") == per_sample["pruned_answer"].tolist()
     assert pruned["results"]["shapes_vqa_lmms"]["accuracy,none"] == pytest.approx(summary["accuracy"] / 100)
@@ -188,18 +193,7 @@ def test_the_authors_json_runs_as_analysis_evaluate_runs_it(tasks: Path, tmp_pat
     ``python -m analysis.evaluate`` with the same file."""
     authors = CONFIG.with_name("shapes-llava.visipruner.authors.json")
     results = lmms_run(tasks, "shapes_vqa_lmms", f"pruning={authors}", batch_size=4)
-    result = run_evaluation(
-        EvalConfig(
-            model=MODEL,
-            split="test",
-            limit=N_QUESTIONS,
-            device="cpu",
-            dtype="float32",
-            pruning_config=str(authors),
-            out=str(tmp_path / "eval"),
-        ),
-        progress=False,
-    )
+    result = evaluated(authors, tmp_path / "eval")
     assert replies(results, "shapes_vqa_lmms") == result.per_sample["pruned_answer"].tolist()
     cut = results["throughput"]["avg_pruning/shapes_vqa_lmms/prefill_flops_cut"]
     assert cut == pytest.approx(result.summary["summary"]["flops_cut"])

@@ -209,6 +209,14 @@ class PrunedModel(lmms):
             until = [until]
         return int(gen_kwargs.get("max_new_tokens") or DEFAULT_MAX_NEW_TOKENS), list(until)
 
+    def _inputs(self, samples: Sequence[Sample]) -> ModelInputs:
+        """A batch tokenised by the family adapter, on the model's device; an unusable sample stops the run."""
+        loaded = self.loaded
+        try:
+            return loaded.adapter.build_inputs(loaded.processor, samples, device=loaded.device)
+        except DataError as error:
+            fail(error)
+
     def _run(self, inputs: ModelInputs, forward: Callable[[], Any]) -> tuple[Any, Decisions | None]:
         """``forward()`` on the model, pruned when a config prunes; the batch's decisions with it."""
         if self.pruning is None or not method_for(self.pruning).prunes:
@@ -262,10 +270,7 @@ class PrunedModel(lmms):
     def _generate(self, samples: Sequence[Sample], max_new_tokens: int, task: str) -> list[str]:
         """Greedy answers of a batch, pruned per sample; their costs recorded under ``task``."""
         loaded = self.loaded
-        try:
-            inputs = loaded.adapter.build_inputs(loaded.processor, samples, device=loaded.device)
-        except DataError as error:
-            fail(error)
+        inputs = self._inputs(samples)
         answers, decisions = self._run(inputs, lambda: generate_answers(loaded, inputs, max_new_tokens))
         self._record(task, inputs, decisions, inputs.input_ids.shape[1])
         return [answer or "" for answer in answers]
@@ -369,10 +374,7 @@ class PrunedModel(lmms):
     def _score(self, samples: Sequence[Sample], continuations: Sequence[str], task: str) -> list[tuple[float, bool]]:
         """Teacher-forced log-probabilities and greedy flags of one batch's continuations."""
         loaded = self.loaded
-        try:
-            inputs = loaded.adapter.build_inputs(loaded.processor, samples, device=loaded.device)
-        except DataError as error:
-            fail(error)
+        inputs = self._inputs(samples)
         forced = teacher_forced(loaded.adapter, inputs, continuations, loaded.processor.tokenizer)
 
         def forward() -> torch.Tensor:
