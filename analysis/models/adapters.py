@@ -127,6 +127,10 @@ class FamilyAdapter(ABC):
         """The output projection to vocabulary logits."""
         return self.model.lm_head
 
+    def embed_tokens(self, ids: torch.Tensor) -> torch.Tensor:
+        """The language model's input embeddings of text token ids (B, T) -> (B, T, D)."""
+        return self.language_model().get_input_embeddings()(ids)
+
     # Whether the language model adds visual features to the image positions' hidden states after its first
     # layers (Qwen3-VL's DeepStack), which the token-dropping runtime then adds to the tokens each row keeps.
     deepstack: ClassVar[bool] = False

@@ -375,11 +375,16 @@ def run_language_model(text_model: HFModel, inputs: LanguageModelInputs, cache: 
     return text_model_output_hidden(output)
 
 
+def last_logits_only() -> dict[str, Any]:
+    """Keyword arguments that make a multimodal model's forward compute the last position's logits alone."""
+    return {"logits_to_keep": 1}
+
+
 def embeds_forward(
     model: HFModel, embeds: torch.Tensor, attention_mask: torch.Tensor | None = None, *, cache: bool = True
 ) -> Any:
     """A forward of the whole model from input embeddings, computing only the last position's logits."""
-    options: dict[str, Any] = {"logits_to_keep": 1}
+    options: dict[str, Any] = last_logits_only()
     if attention_mask is not None:
         options["attention_mask"] = attention_mask
     if not cache:

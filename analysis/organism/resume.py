@@ -20,7 +20,7 @@ import torch
 
 from analysis.cli import run_cli
 from analysis.config import HelpFormatter
-from analysis.data.shapes import FAMILIES, ShapesConfig
+from analysis.data.shapes import FAMILIES, KNOWN_FAMILIES, ShapesConfig
 from analysis.errors import ConfigError
 from analysis.models.adapters import get_adapter
 from analysis.models.hf import HFModel
@@ -57,11 +57,11 @@ def _json_counts(text: str) -> dict[str, int]:
 
 
 def _families(text: str) -> tuple[str, ...]:
-    """Comma-separated ShapesVQA families."""
+    """Comma-separated ShapesVQA families, the training-only ones (grounding) included."""
     chosen = tuple(name.strip() for name in text.split(",") if name.strip())
-    unknown = sorted(set(chosen) - set(FAMILIES))
+    unknown = sorted(set(chosen) - set(KNOWN_FAMILIES))
     if unknown or not chosen:
-        raise argparse.ArgumentTypeError(f"unknown or no families {unknown}; choose from {list(FAMILIES)}")
+        raise argparse.ArgumentTypeError(f"unknown or no families {unknown}; choose from {list(KNOWN_FAMILIES)}")
     return chosen
 
 

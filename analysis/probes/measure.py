@@ -154,6 +154,84 @@ class SuffixScorer:
         hf.crop_cache(self.cache, self.split)
 
 
+class PrefixGenerator:
+    """Greedy answers under attention hooks that leave every prompt position before the last as in the clean pass.
+
+    Those positions' keys and values are the clean prompt's in every layer, so they are computed once and kept as a
+    KV cache; each generation runs the last prompt position and the new tokens only, under its hooks, with the
+    positions and padding mask the language model received for the prompt (as ``generate`` does, it stops when
+    every row has ended and pads a row after its end).
+    """
+
+    def __init__(
+        self, adapter: FamilyAdapter, language_inputs: hf.LanguageModelInputs, cache: Any, input_ids: torch.Tensor
+    ) -> None:
+        self.adapter = adapter
+        self.language_inputs = language_inputs  # the prompt's, as the language model received it
+        self.cache = cache  # clean keys/values of positions [0, prompt_length - 1) in every layer
+        self.rows, self.prompt_length = input_ids.shape
+        self.device = input_ids.device
+
+    @classmethod
+    def capture(cls, model: HFModel, adapter: FamilyAdapter, inputs: ModelInputs) -> PrefixGenerator | None:
+        """A clean pass over the prompts keeping their KV cache; None where the language model's inputs cannot be
+        continued a token at a time here (no input embeddings, or a mask it was handed already expanded)."""
+        received: list[hf.LanguageModelInputs] = []
+
+        def keep(_module: Any, _args: Any, kwargs: dict[str, Any]) -> None:
+            received.append(hf.language_model_inputs(kwargs))
+
+        cache = hf.new_cache()
+        handle = adapter.language_model().register_forward_pre_hook(keep, with_kwargs=True)
+        try:
+            with torch.inference_mode():
+                model(**inputs.tensors, **hf.cache_kwargs(model, cache), **hf.last_logits_only())
+        finally:
+            handle.remove()
+        language_inputs = received[0]
+        mask = language_inputs.attention_mask
+        if language_inputs.embeds is None or not (mask is None or (isinstance(mask, torch.Tensor) and mask.dim() == 2)):
+            return None
+        generator = cls(adapter, language_inputs, cache, inputs.input_ids)
+        generator._crop()
+        return generator
+
+    def generate(self, hooks: AttentionHooks, max_new_tokens: int, tokenizer: Any) -> list[str]:
+        """Greedy answers of the batch with ``hooks`` applied, from the kept prompt cache."""
+        last = self.prompt_length - 1
+        step = self.language_inputs.after(last)
+        mask, positions = step.attention_mask, step.positions
+        eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+        text_model, head = self.adapter.language_model(), self.adapter.lm_head()
+        tokens: list[torch.Tensor] = []
+        with route_attention(self.adapter, hooks, last), torch.inference_mode():
+            try:
+                finished = torch.zeros(self.rows, dtype=torch.bool, device=self.device)
+                for _ in range(max_new_tokens):
+                    hidden = hf.run_language_model(text_model, step, self.cache)
+                    token = head(hidden[:, -1]).argmax(-1)
+                    if pad is not None:
+                        token = token.masked_fill(finished, pad)
+                    tokens.append(token)
+                    if eos is not None:
+                        finished = finished | (token == eos)
+                    if bool(finished.all()):
+                        break
+                    if mask is not None:
+                        mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
+                    if positions is not None:
+                        positions = positions[..., -1:] + 1
+                    step = hf.LanguageModelInputs(self.adapter.embed_tokens(token[:, None]), mask, positions)
+            finally:
+                self._crop()
+        generated = torch.stack(tokens, dim=1)
+        return [text.strip() for text in tokenizer.batch_decode(generated, skip_special_tokens=True)]
+
+    def _crop(self) -> None:
+        """Keep the cached prompt positions before the last one, so one generation never reaches the next."""
+        hf.crop_cache(self.cache, self.prompt_length - 1)
+
+
 def kl_divergence(reference: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
     """KL(reference || other) of two batches of log-prob rows."""
     return (reference.exp() * (reference - other)).sum(-1)
