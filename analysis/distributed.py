@@ -9,6 +9,7 @@ Without torchrun the world is one process and nothing here touches torch.distrib
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -24,6 +25,7 @@ class World:
     rank: int = 0
     size: int = 1
     local_rank: int = 0
+    local_size: int = 1  # processes on this node
 
     @property
     def main(self) -> bool:
@@ -38,7 +40,8 @@ def current_world() -> World:
         return World()
     if not dist.is_initialized():
         dist.init_process_group(backend="gloo")
-    return World(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
+    local_size = int(os.environ.get("LOCAL_WORLD_SIZE", str(size)))
+    return World(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")), local_size)
 
 
 def barrier(world: World) -> None:
@@ -61,3 +64,20 @@ def rank_device(world: World, device: str) -> str:
     if world.size > 1 and device == "cuda":
         return f"cuda:{world.local_rank}"
     return device
+
+
+def share_of(world: World, items: Sequence[T]) -> Sequence[T]:
+    """This rank's contiguous share of ``items`` (all of them in one process): the shares in rank order are
+    ``items``, as even as whole items allow."""
+    base, extra = divmod(len(items), world.size)
+    start = world.rank * base + min(world.rank, extra)
+    return items[start : start + base + (world.rank < extra)]
+
+
+def gathered(world: World, value: T) -> list[T]:
+    """Every rank's ``value`` (a picklable object), in rank order, on every rank."""
+    if world.size == 1:
+        return [value]
+    box: list[Any] = [None] * world.size
+    dist.all_gather_object(box, value)
+    return box

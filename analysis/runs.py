@@ -197,6 +197,7 @@ def start_run(
             attn_implementation=attn_implementation,
             revision=getattr(config, "revision", None),
             max_memory=parse_max_memory(getattr(config, "max_memory", None)),
+            replica=(world.local_rank, world.local_size),
         )
     prepared = spec.prepare(loaded, samples) if spec.prepare is not None else None
     adapter = loaded.adapter

@@ -11,10 +11,14 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 import pytest
 
+from analysis.distributed import World, share_of
+from analysis.errors import ModelError
+from analysis.models.registry import replica_memory
 from analysis.results import SAMPLES_TABLE, read_table
 
 MODEL = ["--model", "shapes-llava", "--device", "cpu", "--dtype", "float32", "--quiet"]
@@ -25,7 +29,8 @@ PROBE_TABLES = ("logit_lens", "contributions")
 
 
 def launch(args: list[str], out: Path, processes: int, *extra: str) -> subprocess.Popen[str]:
-    """One command as ``python -m`` (1 process) or under ``torchrun --nproc_per_node`` (several)."""
+    """One command as ``python -m`` (1 process) or under ``torchrun --nproc_per_node`` (several), writing ``out``
+    (``--out``, or ``--output`` for ``pruner sweep``)."""
     module, *rest = args
     if processes == 1:
         command = [sys.executable, "-m", module]
@@ -33,7 +38,7 @@ def launch(args: list[str], out: Path, processes: int, *extra: str) -> subproces
         command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes), "-m", module]
     environment = {**os.environ, "OMP_NUM_THREADS": "1"}
     return subprocess.Popen(
-        [*command, *rest, "--out", str(out), *extra],
+        [*command, *rest, "--output" if "sweep" in rest else "--out", str(out), *extra],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -172,3 +177,49 @@ def test_max_memory_needs_device_auto_and_a_readable_value(tmp_path: Path, capsy
     assert "add --device auto" in capsys.readouterr().err
     assert trace_main([*base, "--device", "auto", "--max-memory", "gpu0:1GB", "--out", str(tmp_path / "b")]) == 2
     assert "write DEVICE=SIZE" in capsys.readouterr().err
+
+
+def test_torchrun_pruner_sweep_equals_a_single_process_sweep(tmp_path: Path) -> None:
+    """Two ranks share the samples of every evaluated config and of the budget table; rank 0 alone reports, and its
+    tables (matched baselines included, which need every sample's FLOPs) equal one process's."""
+    config = Path(__file__).resolve().parents[1] / "configs" / "shapes-llava.visipruner.json"
+    sweep = ["analysis.pruner", "sweep", str(config), "--model", "shapes-llava", "--device", "cpu", "--limit", "9"]
+    sweep += ["--batch-size", "2", "--budgets"]
+    outputs = {}
+    for processes in (1, 2):
+        csv = tmp_path / f"sweep-{processes}.csv"
+        process = launch(sweep, csv, processes)
+        stdout, stderr = process.communicate(timeout=900)
+        assert process.returncode == 0, stderr[-3000:]
+        assert stdout.count("visipruner ") == 1  # one table printed, by rank 0
+        outputs[processes] = [pd.read_csv(csv), pd.read_csv(csv.with_name(f"{csv.stem}-budgets.csv"))]
+    for single, shared in zip(outputs[1], outputs[2], strict=True):
+        pd.testing.assert_frame_equal(shared, single, check_exact=False, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("count", [0, 1, 7, 9, 16])
+@pytest.mark.parametrize("size", [1, 2, 3, 8])
+def test_rank_shares_hold_every_item_once_in_order(count: int, size: int) -> None:
+    """The ranks' shares of a sequence, in rank order, are the sequence; no two differ by more than one item."""
+    items = list(range(count))
+    shares = [list(share_of(World(rank, size, rank), items)) for rank in range(size)]
+    assert [item for share in shares for item in share] == items
+    assert max(map(len, shares)) - min(map(len, shares)) <= 1
+
+
+def test_replicas_on_a_node_each_shard_over_their_own_gpu_group() -> None:
+    """With --device auto under torchrun, 2 processes on a node of 4 GPUs shard over GPUs 0-1 and 2-3, keeping the
+    caps given for their GPUs and the CPU; 3 processes on 8 GPUs take 2 each; more processes than GPUs is refused."""
+    available: dict[int | str, Any] = {0: 100, 1: 100, 2: 100, 3: 100, "cpu": 500}
+    assert replica_memory(None, available, 0, 2) == {0: 100, 1: 100, "cpu": 500}
+    assert replica_memory({3: "70GiB", "cpu": "200GiB"}, available, 1, 2) == {2: 100, 3: "70GiB", "cpu": "200GiB"}
+    eight: dict[int | str, Any] = {gpu: 1 for gpu in range(8)} | {"cpu": 2}
+    assert [sorted(k for k in replica_memory(None, eight, r, 3) or {} if k != "cpu") for r in range(3)] == [
+        [0, 1],
+        [2, 3],
+        [4, 5],
+    ]
+    assert replica_memory({"cpu": "1GiB"}, {"cpu": 500}, 1, 2) == {"cpu": "1GiB"}  # no GPUs: the caps as given
+    assert replica_memory(None, available, 0, 1) is None  # one copy shards over everything visible
+    with pytest.raises(ModelError, match="at most 4"):
+        replica_memory(None, available, 0, 5)

@@ -214,6 +214,30 @@ def parse_max_memory(text: str | None) -> dict[int | str, str] | None:
     return caps
 
 
+def replica_memory(
+    max_memory: dict[int | str, str] | None, available: dict[int | str, Any], replica: int, replicas: int
+) -> dict[int | str, Any] | None:
+    """Per-device caps for copy ``replica`` of ``replicas`` on one node: its contiguous, equal group of the GPUs in
+    ``available`` (what each device can hold), each at its ``max_memory`` cap or all it has, and the CPU's cap.
+
+    GPUs left over by an uneven split stay unused; without GPUs (or with one copy) the caps are ``max_memory``.
+    """
+    gpus = sorted(key for key in available if isinstance(key, int))
+    if replicas <= 1 or not gpus:
+        return max_memory
+    if len(gpus) < replicas:
+        raise ModelError(
+            f"{replicas} processes on this node share {len(gpus)} GPUs with --device auto: each copy of the model "
+            f"needs one or more; start at most {len(gpus)} (torchrun --nproc_per_node)"
+        )
+    width = len(gpus) // replicas
+    caps = dict(max_memory or {})
+    group = gpus[replica * width : (replica + 1) * width]
+    chosen: dict[int | str, Any] = {gpu: caps.get(gpu, available[gpu]) for gpu in group}
+    chosen["cpu"] = caps.get("cpu", available.get("cpu", 0))
+    return chosen
+
+
 def load_model(
     name: str,
     *,
@@ -222,17 +246,24 @@ def load_model(
     attn_implementation: str = "sdpa",
     revision: str | None = None,
     max_memory: dict[int | str, str] | None = None,
+    replica: tuple[int, int] = (0, 1),
 ) -> LoadedModel:
     """Load model, processor and adapter; ``attn_implementation='eager'`` when attention weights are needed.
 
     ``device`` is a torch device ("cpu", "cuda:0") or "auto" to shard with accelerate's device_map, within
     ``max_memory`` per device when given (what does not fit goes to disk, loaded layer by layer as it runs).
+    ``replica`` (index, count) is this process's copy among those on its node: with "auto" each copy shards over its
+    own group of the node's GPUs (``replica_memory``).
     """
     if dtype not in DTYPES:
         raise ModelError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
     check_device(device)
     if max_memory is not None and device != "auto":
         raise ModelError("--max-memory caps what --device auto places on each device; add --device auto")
+    if device == "auto" and replica[1] > 1:
+        from accelerate.utils import get_max_memory
+
+        max_memory = replica_memory(max_memory, get_max_memory(), *replica)
     spec = resolve(name)
     if spec.source.startswith("builtin:"):
         return _load_tiny(spec, dtype=dtype, device=device, attn_implementation=attn_implementation)

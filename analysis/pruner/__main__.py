@@ -105,6 +105,7 @@ def _sweep(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from analysis.data.loaders import load_samples
+    from analysis.distributed import current_world, rank_device
     from analysis.models.registry import default_device, load_model
     from analysis.pruner.config import config_for_model
     from analysis.pruner.sweep import budget_sweep, sweep
@@ -112,8 +113,10 @@ def _sweep(args: argparse.Namespace) -> int:
 
     if not args.configs and not args.budgets:
         raise ConfigError("pruner sweep needs config files to match, --budgets, or both")
+    world = current_world()  # under torchrun the ranks share the samples and rank 0 reports
     samples = load_samples(args.dataset, args.split, args.limit)
-    loaded = load_model(args.model, device=args.device or default_device())
+    device = rank_device(world, args.device or default_device())
+    loaded = load_model(args.model, device=device, replica=(world.local_rank, world.local_size))
     adapter = loaded.adapter
     configs = [
         config_for_model(path, adapter.model_type, adapter.text_config, args.authors_layer0) for path in args.configs
@@ -127,16 +130,21 @@ def _sweep(args: argparse.Namespace) -> int:
             batch_size=args.batch_size,
             authors_rule=args.authors_rule,
             authors_layer0=None if args.authors_layer0 == "auto" else args.authors_layer0,
+            progress=world.main,
         )
         columns = ["method", "settings", "accuracy", "agreement", "flops_cut", "flops_cut_fastv", "kept_tokens"]
-        sys.stdout.write(table[columns].to_string(index=False, float_format=lambda v: f"{v:.2f}") + "\n")
-        if args.output:
+        if world.main:
+            sys.stdout.write(table[columns].to_string(index=False, float_format=lambda v: f"{v:.2f}") + "\n")
+        if args.output and world.main:
             atomic_write_bytes(Path(args.output), table.to_csv(index=False).encode())
     if args.budgets:
-        budgets = budget_sweep(loaded, samples, prune_layer=args.prune_layer, batch_size=args.batch_size)
+        budgets = budget_sweep(
+            loaded, samples, prune_layer=args.prune_layer, batch_size=args.batch_size, progress=world.main
+        )
         columns = ["method", "settings", "accuracy", "accuracy_low", "accuracy_high", "agreement", "flops_cut"]
-        sys.stdout.write(budgets[columns].to_string(index=False, float_format=lambda v: f"{v:.2f}") + "\n")
-        if args.output:
+        if world.main:
+            sys.stdout.write(budgets[columns].to_string(index=False, float_format=lambda v: f"{v:.2f}") + "\n")
+        if args.output and world.main:
             path = Path(args.output)
             atomic_write_bytes(path.with_name(f"{path.stem}-budgets.csv"), budgets.to_csv(index=False).encode())
     return 0

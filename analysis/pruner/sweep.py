@@ -13,6 +13,7 @@ import pandas as pd
 
 from analysis.bootstrap import bootstrap_ci
 from analysis.data.samples import Sample
+from analysis.distributed import World, current_world, gathered, share_of
 from analysis.errors import ConfigError
 from analysis.models.adapters import FamilyAdapter
 from analysis.models.registry import LoadedModel
@@ -129,16 +130,19 @@ def sweep(
     shape = DecoderShape.from_config(loaded.adapter.text_config)
     baselines = baselines_for(loaded.adapter)
     passes = 1 + len(authors_versions) + len(configs) * (1 + len(baselines))
+    world = current_world()
+    mine = share_of(world, samples)  # under torchrun each rank evaluates its share; every rank sees every row
     rows = []
-    with tqdm(total=passes * len(samples), desc="sweep", unit="sample", disable=not progress) as bar:
-        baseline = clean_answers(
-            loaded, samples, batch_size=batch_size, max_new_tokens=max_new_tokens, on_batch=bar.update
+    with tqdm(total=passes * len(mine), desc="sweep", unit="sample", disable=not progress) as bar:
+        baseline = _all_clean_answers(
+            world, loaded, mine, batch_size=batch_size, max_new_tokens=max_new_tokens, on_batch=bar.update
         )
 
         def evaluated(config: PruningConfig) -> pd.DataFrame:
-            return evaluate_pruned(
+            return _all_evaluated(
+                world,
                 loaded,
-                samples,
+                mine,
                 config,
                 batch_size=batch_size,
                 max_new_tokens=max_new_tokens,
@@ -167,6 +171,21 @@ def sweep(
                     {"method": method, "point": index, "settings": _settings(matched), **summarize(evaluated(matched))}
                 )
     return pd.DataFrame(rows)
+
+
+def _all_clean_answers(world: World, loaded: LoadedModel, mine: Sequence[Sample], **options: Any) -> dict[str, Any]:
+    """Unpruned answers of every rank's samples, this rank computing those of ``mine``."""
+    merged: dict[str, Any] = {}
+    for part in gathered(world, clean_answers(loaded, mine, **options)):
+        merged.update(part)
+    return merged
+
+
+def _all_evaluated(
+    world: World, loaded: LoadedModel, mine: Sequence[Sample], config: PruningConfig, **options: Any
+) -> pd.DataFrame:
+    """``evaluate_pruned`` rows of every rank's samples in dataset order, this rank computing those of ``mine``."""
+    return pd.concat(gathered(world, evaluate_pruned(loaded, mine, config, **options)), ignore_index=True)
 
 
 def _authors_layer0(config: PruningConfig, layer0: str | None) -> str:
@@ -331,10 +350,12 @@ def budget_sweep(
     sizes = prompt_sizes(loaded, samples, batch_size)
     image_tokens = int(np.median(sizes["n_image"]))
     passes = 1 + len(shares) * len(methods)
+    world = current_world()
+    mine = share_of(world, samples)
     rows = []
-    with tqdm(total=passes * len(samples), desc="budgets", unit="sample", disable=not progress) as bar:
-        baseline = clean_answers(
-            loaded, samples, batch_size=batch_size, max_new_tokens=max_new_tokens, on_batch=bar.update
+    with tqdm(total=passes * len(mine), desc="budgets", unit="sample", disable=not progress) as bar:
+        baseline = _all_clean_answers(
+            world, loaded, mine, batch_size=batch_size, max_new_tokens=max_new_tokens, on_batch=bar.update
         )
         for share in shares:
             keep = max(1, round(share * image_tokens))
@@ -343,9 +364,10 @@ def budget_sweep(
                 if method_for(config).budget_parameter != "keep_tokens":
                     target = baseline_flops_cut(shape, sizes, "fastv", prune_layer, keep)
                     config = matched_budget(shape, sizes, config, target)
-                per_sample = evaluate_pruned(
+                per_sample = _all_evaluated(
+                    world,
                     loaded,
-                    samples,
+                    mine,
                     config,
                     batch_size=batch_size,
                     max_new_tokens=max_new_tokens,
