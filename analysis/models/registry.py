@@ -196,6 +196,37 @@ def load_text_config(name: str, revision: str | None = None) -> Any:
     return _pretrained_config(local_source(spec), revision).get_text_config()
 
 
+@dataclass(frozen=True)
+class ModelSize:
+    """A model's parameter counts, and its language model's config."""
+
+    parameters: int  # everything: vision tower, projector, language model, LM head
+    language: int  # the language model (embeddings, decoder layers, final norm) and the LM head
+    dtype_bytes: int  # bytes per parameter of the dtype its config names (2 when it names none)
+    text_config: Any
+
+
+def model_size(name: str, revision: str | None = None) -> ModelSize:
+    """Parameter counts of a named model, built from its config on the meta device: no weights are read."""
+    spec = resolve(name)
+    if spec.source.startswith("builtin:"):
+        model: HFModel = adapter_class(spec.model_type).tiny_model(seed=0)
+    else:
+        from transformers import AutoModelForImageTextToText
+
+        config = _pretrained_config(local_source(spec), revision)
+        adapter_class(config.model_type)  # an unsupported family fails here, as it would at loading
+        with torch.device("meta"):
+            model = AutoModelForImageTextToText.from_config(config)
+    adapter = get_adapter(model)
+    language = {id(p): p.numel() for part in (adapter.language_model(), adapter.lm_head()) for p in part.parameters()}
+    dtype = getattr(model.config, "dtype", None) or getattr(model.config.get_text_config(), "dtype", None)
+    dtype_bytes = dtype.itemsize if isinstance(dtype, torch.dtype) else 2
+    return ModelSize(
+        sum(p.numel() for p in model.parameters()), sum(language.values()), dtype_bytes, adapter.text_config
+    )
+
+
 def parse_max_memory(text: str | None) -> dict[int | str, str] | None:
     """A ``--max-memory`` value (``0=70GiB,1=70GiB,cpu=200GiB``) as accelerate's per-device caps (None: no caps)."""
     if text is None:
