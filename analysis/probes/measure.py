@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+import functools
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -74,7 +76,8 @@ class SuffixScorer:
     A query before ``split`` sees only earlier keys, so while the hooks block no edge from such a query its
     hidden states and keys/values in every layer are those of the clean pass: they are kept as a KV cache
     and only the rest of the sequence goes through the language model again. Hooks that do touch those
-    queries get a full forward pass.
+    queries get a full forward pass. Below the first layer the hooks act in, the rest of the sequence is as in the
+    clean pass too: those layers hand back their clean outputs instead of computing them.
     """
 
     def __init__(
@@ -95,6 +98,9 @@ class SuffixScorer:
         # What the language model received for the whole sequence.
         self.language_inputs = language_inputs
         self.cache = cache  # clean keys/values of positions [0, split) in every layer
+        # Per decoder layer, its clean output at positions [split, end) (empty when a layer's output is not a
+        # plain tensor, which the skipping below does not rebuild).
+        self.clean_outputs: list[torch.Tensor] = []
 
     @classmethod
     def capture(
@@ -110,14 +116,26 @@ class SuffixScorer:
             # cache length, as they are again in the suffix pass) or Qwen2.5-VL's M-RoPE ids.
             received.append(hf.language_model_inputs(kwargs))
 
+        outputs: dict[int, Any] = {}
+
+        def keep_output(_module: Any, _args: Any, output: Any, layer: int) -> None:
+            outputs[layer] = output[:, split:] if isinstance(output, torch.Tensor) else None
+
         cache = hf.new_cache()
-        handle = adapter.language_model().register_forward_pre_hook(keep, with_kwargs=True)
+        handles = [adapter.language_model().register_forward_pre_hook(keep, with_kwargs=True)]
+        handles += [
+            layer.register_forward_hook(functools.partial(keep_output, layer=index))
+            for index, layer in enumerate(adapter.decoder_layers())
+        ]
         try:
             with torch.inference_mode():
                 logits = model(**batch.tensors, **hf.cache_kwargs(model, cache)).logits
         finally:
-            handle.remove()
+            for handle in handles:
+                handle.remove()
         scorer = cls(model, adapter, batch, split, received[0], cache)
+        clean = [outputs.get(index) for index in range(adapter.num_layers)]
+        scorer.clean_outputs = [output for output in clean if output is not None] if None not in clean else []
         scorer._crop()
         return scorer, answer_scores(logits, batch)
 
@@ -129,7 +147,7 @@ class SuffixScorer:
         # Only the logits that are scored go through the LM head.
         first = self.batch.prompt_length - 1
         width = self.batch.answer_ids.shape[1]
-        with route_attention(self.adapter, hooks, first), torch.inference_mode():
+        with route_attention(self.adapter, hooks, first), torch.inference_mode(), self._clean_below(hooks):
             try:
                 suffix = self.language_inputs.after(self.split)
                 hidden = hf.run_language_model(self.adapter.language_model(), suffix, self.cache)
@@ -137,6 +155,32 @@ class SuffixScorer:
                 self._crop()
             logits = self.adapter.lm_head()(hidden[:, first - self.split : first - self.split + width])
         return answer_scores(logits, self.batch, offset=first)
+
+    @contextlib.contextmanager
+    def _clean_below(self, hooks: AttentionHooks) -> Iterator[None]:
+        """Inside the block, the decoder layers below the first one the hooks act in return their clean outputs."""
+        layers = self.adapter.decoder_layers()
+        skipped = layers[: self._first_layer_acted_in(hooks)] if self.clean_outputs else []
+        for layer, output in zip(skipped, self.clean_outputs, strict=False):
+            layer.forward = functools.partial(_clean_output, output)
+        try:
+            yield
+        finally:
+            for layer in skipped:
+                del layer.forward
+
+    def _first_layer_acted_in(self, hooks: AttentionHooks) -> int:
+        """The first layer in which the hooks block, zero or watch anything of the positions from ``split`` on."""
+        end = self.split + self.clean_outputs[0].shape[1] if self.clean_outputs else self.split
+        queries = end - self.split
+        for layer in range(self.adapter.num_layers):
+            if hooks.wants_last_row(layer, self.split, queries) or hooks.wants_call(layer, self.split, queries):
+                return layer
+            zeroed = hooks.zeroed(layer, self.split, queries, end)
+            for edges in (hooks.blocked(layer, self.split, queries, end), None if zeroed is None else zeroed.edges):
+                if edges is not None and bool(edges.any()):
+                    return layer
+        return self.adapter.num_layers
 
     def _spares_prefix(self, hooks: AttentionHooks) -> bool:
         """Whether the hooks leave every query before ``split`` as in the clean pass."""
@@ -230,6 +274,11 @@ class PrefixGenerator:
     def _crop(self) -> None:
         """Keep the cached prompt positions before the last one, so one generation never reaches the next."""
         hf.crop_cache(self.cache, self.prompt_length - 1)
+
+
+def _clean_output(output: torch.Tensor, *_args: Any, **_kwargs: Any) -> torch.Tensor:
+    """A decoder layer's forward that returns its clean-pass output (it receives what the layer would)."""
+    return output
 
 
 def kl_divergence(reference: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
