@@ -50,6 +50,12 @@ NONE_WORDS = ("all", "none")
 
 
 LIMIT_HELP = "{verb} the first N samples of the split, or all; default: all"
+DEVICE_HELP = (
+    "torch device (cpu, cuda, cuda:1), or auto to shard the model over every visible GPU through accelerate "
+    "(--device-map auto is the same flag); default cuda if available"
+)
+# accelerate and lmms-eval users write --device-map auto for a sharded model.
+DEVICE_ALIASES = ("--device-map",)
 
 
 def optional_type(base: type) -> Any:

@@ -14,7 +14,16 @@ import pandas as pd
 import pyarrow as pa
 
 from analysis.cli import run_cli
-from analysis.config import LIMIT_HELP, HelpFormatter, add_arguments, from_namespace, option, to_dict
+from analysis.config import (
+    DEVICE_ALIASES,
+    DEVICE_HELP,
+    LIMIT_HELP,
+    HelpFormatter,
+    add_arguments,
+    from_namespace,
+    option,
+    to_dict,
+)
 from analysis.data import DEFAULT_DATASET
 from analysis.data.samples import Sample, batched
 from analysis.data.scoring import is_correct
@@ -88,7 +97,7 @@ class EvalConfig:
     batch_size: int = option(16, "samples per generate call (answers do not depend on it)", identity=False)
     max_new_tokens: int = option(8, "greedy answer length")
     dtype: str = option("auto", "weights dtype", choices=tuple(DTYPES))
-    device: str | None = option(None, "torch device; default cuda if available", identity=False)
+    device: str | None = option(None, DEVICE_HELP, identity=False, aliases=DEVICE_ALIASES)
     max_memory: str | None = option(
         None,
         "with --device auto: memory per device, e.g. 0=70GiB,1=70GiB,cpu=200GiB (the rest is offloaded to disk)",

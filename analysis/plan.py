@@ -23,7 +23,7 @@ from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING
 
 from analysis.cli import run_cli
-from analysis.config import HelpFormatter
+from analysis.config import DEVICE_ALIASES, HelpFormatter
 from analysis.errors import ConfigError
 from analysis.pruner.flops import DecoderShape, kv_cache_bytes
 
@@ -209,7 +209,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--headroom", type=float, default=0.9, help="share of each GPU's memory planned on")
     parser.add_argument("--peak-tflops", type=float, default=None, help="one GPU's dense peak, for the compute bound")
     parser.add_argument("--calibrate", type=int, default=0, help="time this many questions here first (0: none)")
-    parser.add_argument("--device", default="cpu", help="device of the calibration (cuda, auto for a sharded copy)")
+    parser.add_argument(
+        "--device", *DEVICE_ALIASES, default="cpu", help="device of the calibration (cuda, auto for a sharded copy)"
+    )
     parser.add_argument("--json", action="store_true", help="print the plan as JSON")
     return parser
 

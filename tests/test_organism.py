@@ -409,23 +409,31 @@ def test_resume_screen_refuses_a_folder_without_an_organism(tmp_path, capsys) ->
     assert not (tmp_path / "log.jsonl").exists()
 
 
-def test_grounding_adds_where_questions_to_training_only(tmp_path) -> None:
-    """configs/organism-576-grounding.json (run 2's recipe plus region grounding) trains in smoke mode on data that
-    holds "Where is ...?" questions, while its validation scores name only the seven evaluated families."""
+@pytest.mark.parametrize(
+    ("config_name", "question"), [("organism-576-grounding.json", "Where"), ("organism-576-box.json", "box")]
+)
+def test_grounding_adds_its_questions_to_training_only(tmp_path, config_name: str, question: str) -> None:
+    """The grounding configs (region: run 4; box: run 6) train in smoke mode with their grounding family's words
+    in the tokenizer, while validation scores name only the seven evaluated families."""
     from analysis.organism.train import train
 
-    config = load_config("smoke", DEFAULT_CONFIG.with_name("organism-576-grounding.json"))
+    config = load_config("smoke", DEFAULT_CONFIG.with_name(config_name))
     assert config.grounding and not load_config("smoke", DEFAULT_CONFIG.with_name("organism-576.json")).grounding
     train(config, tmp_path / "organism", torch.device("cpu"), preset="smoke")
     log = [json.loads(line) for line in (tmp_path / "organism" / "training_log.jsonl").read_text().splitlines()]
     scored = [record["accuracy"] for record in log if "accuracy" in record]
     assert scored and all(set(scores) <= {*ShapesConfig().families, "overall"} for scores in scored)
     tokenizer = json.loads((tmp_path / "organism" / "tokenizer.json").read_text())
-    assert "Where" in json.dumps(tokenizer["model"]["vocab"])
+    assert f'"{question}"' in json.dumps(tokenizer["model"]["vocab"])
+
+
+def test_grounding_settings_are_checked() -> None:
+    """A grounding flag that is not a bool, or a grounding family the data does not know, is a ConfigError."""
+    base = json.loads(DEFAULT_CONFIG.with_name("organism-576.json").read_text())
     with pytest.raises(ConfigError, match="grounding must be true or false"):
-        OrganismTrainConfig.from_mapping(
-            {**json.loads(DEFAULT_CONFIG.with_name("organism-576.json").read_text()), "grounding": "yes"}
-        )
+        OrganismTrainConfig.from_mapping({**base, "grounding": "yes"})
+    with pytest.raises(ConfigError, match=r"grounding_family must be one of \['where', 'box'\], got 'color'"):
+        OrganismTrainConfig.from_mapping({**base, "grounding": True, "grounding_family": "color"})
 
 
 def test_readout_recovers_a_linear_target_and_not_noise() -> None:

@@ -271,3 +271,22 @@ def test_a_saved_model_traces_by_path(tmp_path: Path, family: str) -> None:
         builtin = read_table(tmp_path / "builtin", table).to_pandas()
         saved = read_table(tmp_path / "saved", table).to_pandas()
         assert builtin.equals(saved), table
+
+
+def test_device_map_is_the_device_flag_under_its_accelerate_name() -> None:
+    """``--device-map auto`` (as accelerate and lmms-eval users write it) sets the same field as ``--device auto``,
+    on every command that loads a model."""
+    import argparse
+
+    from analysis.config import add_arguments, from_namespace
+    from analysis.evaluate import EvalConfig
+    from analysis.plan import build_parser
+    from analysis.probes.run import ProbeConfig
+
+    for config_cls in (TraceConfig, ProbeConfig, EvalConfig):
+        parser = argparse.ArgumentParser()
+        add_arguments(parser, config_cls)
+        for flag in ("--device", "--device-map"):
+            assert from_namespace(config_cls, parser.parse_args([flag, "auto"])).device == "auto"
+    plan_args = build_parser().parse_args(["--model", "qwen2.5-vl-72b", "--questions", "10", "--device-map", "auto"])
+    assert plan_args.device == "auto"

@@ -17,6 +17,7 @@ from analysis.data.shapes import (
     PROMPT_SUFFIX,
     SHAPES,
     SPLITS,
+    SceneObject,
     ShapesConfig,
     as_hf_dataset,
     caption,
@@ -312,3 +313,26 @@ def test_where_questions_name_the_region_of_a_unique_object_and_leave_the_defaul
     plain, _ = eval_items("test", 40, ShapesConfig())
     assert [(i.sample_id, i.question) for i in with_grounding] == [(i.sample_id, i.question) for i in plain]
     assert {i.family for i in plain} <= set(FAMILIES)
+
+
+def test_box_questions_give_a_unique_objects_edges_in_tenths_of_the_image() -> None:
+    """The box grounding family answers four digits (left, top, right, bottom), each the tenth of the image its
+    edge's last pixel lies in; it too stays out of every default split."""
+    from analysis.data.shapes import box_digits
+
+    items = generate_items("train", 400, ShapesConfig(families=(*ShapesConfig().families, "box")))
+    boxes = [item for item in items if item.family == "box"]
+    assert boxes and len({item.scene.index for item in boxes}) == len(boxes)
+    for item in boxes:
+        name = item.question.removeprefix("What is the box of the ").removesuffix("?")
+        (target,) = [o for o in item.scene.objects if o.name == name]
+        left, top, right, bottom = (int(digit) for digit in item.answer.split())
+        size = item.scene.image_size
+        x0, y0, x1, y1 = target.box
+        assert (left, top) == (x0 * 10 // size, y0 * 10 // size)
+        assert (right, bottom) == (min(9, (x1 - 1) * 10 // size), min(9, (y1 - 1) * 10 // size))
+        assert left <= right and top <= bottom
+    scene = boxes[0].scene
+    corner = SceneObject("circle", "red", "small", (0, 0, scene.image_size, scene.image_size))
+    assert box_digits(scene, corner) == "0 0 9 9"
+    assert "box" in vocabulary(ShapesConfig(families=("box",))) and "box" not in vocabulary()

@@ -27,8 +27,11 @@ DATASET_NAME = "shapes-vqa"
 SPLITS = ("train", "validation", "test")
 FAMILIES = ("color", "shape", "count", "exist", "spatial", "read", "control")
 # Training-only question families, never in the default rotation (so no split changes): region grounding, as
-# LLaVA-1.5's instruction mix holds region-level data beside its VQA.
-GROUNDING_FAMILIES = ("where",)
+# LLaVA-1.5's instruction mix holds region-level data beside its VQA: an object's 3 x 3 region ("where") or its
+# bounding box in tenths of the image ("box", as LLaVA-1.5's RefCOCO / Visual Genome prompts ask for coordinates).
+GROUNDING_FAMILIES = ("where", "box")
+# Each box coordinate is a digit: which tenth of the image the edge falls in.
+BOX_BINS = 10
 KNOWN_FAMILIES = FAMILIES + GROUNDING_FAMILIES
 PROMPT_SUFFIX = "\nAnswer the question using a single word or phrase."
 
@@ -486,6 +489,23 @@ def _ask_where(scene: Scene, rng: random.Random) -> tuple[str, str] | None:
     return f"Where is the {target.name}?", _REGION_NAMES[row][col]
 
 
+def box_digits(scene: Scene, obj: SceneObject) -> str:
+    """``obj``'s bounding box as four digits (left, top, right, bottom): the tenth of the image each edge is in."""
+    x0, y0, x1, y1 = obj.box
+    # x1 and y1 are exclusive, so the last pixel row or column inside the object names the far edge's tenth.
+    edges = (x0, y0, x1 - 1, y1 - 1)
+    return " ".join(str(min(BOX_BINS - 1, edge * BOX_BINS // scene.image_size)) for edge in edges)
+
+
+def _ask_box(scene: Scene, rng: random.Random) -> tuple[str, str] | None:
+    names = [o.name for o in scene.objects]
+    referents = [o for o in scene.objects if names.count(o.name) == 1]
+    if not referents:
+        return None
+    target = rng.choice(referents)
+    return f"What is the box of the {target.name}?", box_digits(scene, target)
+
+
 def ask(scene: Scene, family: str, config: ShapesConfig, want_yes: bool = True, draw: int = 0) -> ShapesItem | None:
     """The ``family`` question about ``scene`` (its ``draw``-th), or None when its answer would be ambiguous or
     undefined."""
@@ -506,6 +526,8 @@ def ask(scene: Scene, family: str, config: ShapesConfig, want_yes: bool = True, 
         qa, answer_type = _ask_spatial(scene, rng, want_yes, margin), "yes_no"
     elif family == "where":
         qa = _ask_where(scene, rng)
+    elif family == "box":
+        qa = _ask_box(scene, rng)
     elif family == "read":
         tile = scene.tile
         qa = ("What digit is written on the tile?", tile.glyph or "") if tile else None
@@ -636,4 +658,6 @@ def vocabulary(config: ShapesConfig | None = None) -> list[str]:
         texts += [text for fact in _CONTROL_FACTS for text in fact]
     if "where" in families:
         texts += ["Where is the ?", TILE]
+    if "box" in families:
+        texts += ["What is the box of the ?", TILE]
     return sorted({token for text in texts for token in tokens(text)})

@@ -140,9 +140,11 @@ class OrganismTrainConfig:
     grad_clip: float
     eval_batch_size: int
     log_every: int
-    # Also train on "Where is the X?" (the object's 3 x 3 region), one per scene: region grounding, as LLaVA-1.5's
-    # mix holds region-level data. Training only: validation and test keep the seven families.
+    # Also train on one grounding question per scene, as LLaVA-1.5's mix holds region-level data: "where" asks
+    # "Where is the X?" (the object's 3 x 3 region), "box" its bounding box in tenths of the image. Training only:
+    # validation and test keep the seven families.
     grounding: bool = False
+    grounding_family: str = "where"
 
     def __post_init__(self) -> None:
         unknown = sorted(set(self.family_repeats) - set(FAMILIES))
@@ -152,11 +154,16 @@ class OrganismTrainConfig:
                 "OrganismTrainConfig.family_repeats needs positive whole repeat counts keyed by families of "
                 f"{list(FAMILIES)}, got {self.family_repeats}"
             )
+        if self.grounding_family not in GROUNDING_FAMILIES:
+            raise ConfigError(
+                f"OrganismTrainConfig.grounding_family must be one of {list(GROUNDING_FAMILIES)}, "
+                f"got {self.grounding_family!r}"
+            )
         for flag in ("compile_finetune", "grounding"):
             if not isinstance(getattr(self, flag), bool):
                 raise ConfigError(f"OrganismTrainConfig.{flag} must be true or false, got {getattr(self, flag)!r}")
         for field in dataclasses.fields(self):
-            if field.name in ("family_repeats", "compile_finetune", "grounding"):
+            if field.name in ("family_repeats", "compile_finetune", "grounding", "grounding_family"):
                 continue
             value = getattr(self, field.name)
             expected = float if field.type in ("float", float) else int
@@ -429,7 +436,7 @@ def train(config: OrganismTrainConfig, out: Path, device: torch.device, preset: 
         validation_size=config.validation_size,
         test_size=config.test_size,
         draws=config.family_repeats if config.finetune_turns > 1 else {},
-        families=FAMILIES + GROUNDING_FAMILIES if config.grounding else FAMILIES,
+        families=(*FAMILIES, config.grounding_family) if config.grounding else FAMILIES,
     )
     _train_and_save(config, shapes_config, out, log, device)
 

@@ -11,7 +11,7 @@ from typing import Any
 import pyarrow as pa
 import torch
 
-from analysis.config import LIMIT_HELP, command_line, option
+from analysis.config import DEVICE_ALIASES, DEVICE_HELP, LIMIT_HELP, command_line, option
 from analysis.data import DEFAULT_DATASET
 from analysis.data.samples import Sample
 from analysis.errors import ConfigError
@@ -99,7 +99,7 @@ class ProbeConfig:
     out: str | None = option(None, "output folder; default runs/probe/<model>/<dataset>-<split>", identity=False)
     resume: bool = option(False, "continue an interrupted run in --out (same config required)", identity=False)
     dtype: str = option("auto", "weights dtype; probes are computed in float32", choices=tuple(DTYPES))
-    device: str | None = option(None, "torch device; default cuda if available", identity=False)
+    device: str | None = option(None, DEVICE_HELP, identity=False, aliases=DEVICE_ALIASES)
     max_memory: str | None = option(
         None,
         "with --device auto: memory per device, e.g. 0=70GiB,1=70GiB,cpu=200GiB (the rest is offloaded to disk)",

@@ -10,7 +10,15 @@ import argparse
 import sys
 
 from analysis.cli import run_cli
-from analysis.config import LIMIT_HELP, HelpFormatter, add_arguments, from_namespace, optional_type
+from analysis.config import (
+    DEVICE_ALIASES,
+    DEVICE_HELP,
+    LIMIT_HELP,
+    HelpFormatter,
+    add_arguments,
+    from_namespace,
+    optional_type,
+)
 from analysis.errors import ConfigError
 from analysis.models.registry import DEFAULT_MODEL
 from analysis.pruner.ceiling import CeilingConfig
@@ -59,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
         help="also run every one-shot method at the classic token budgets (64 / 128 / 192 of LLaVA-1.5's 576 image "
         "tokens, scaled to the model's), with bootstrap intervals and per-family scores",
     )
-    sweep.add_argument("--device", default=None, help="torch device; default cuda if available")
+    sweep.add_argument("--device", *DEVICE_ALIASES, default=None, help=DEVICE_HELP)
     sweep.add_argument(
         "-o", "--output", default=None, help="also write the table as CSV (the budget table beside it, -budgets.csv)"
     )
