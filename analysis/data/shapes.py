@@ -464,9 +464,14 @@ def relation_holds(a: SceneObject, b: SceneObject, relation: str, margin: int) -
     return b.box[3] + margin <= a.box[1]
 
 
-def _ask_spatial(scene: Scene, rng: random.Random, want_yes: bool, margin: int) -> tuple[str, str] | None:
+def _referents(scene: Scene) -> list[SceneObject]:
+    """The objects a question can name unambiguously: those whose name no other object in the scene shares."""
     names = [o.name for o in scene.objects]
-    referents = [o for o in scene.objects if names.count(o.name) == 1]
+    return [o for o in scene.objects if names.count(o.name) == 1]
+
+
+def _ask_spatial(scene: Scene, rng: random.Random, want_yes: bool, margin: int) -> tuple[str, str] | None:
+    referents = _referents(scene)
     relations = list(RELATIONS)
     rng.shuffle(relations)
     for relation in relations:
@@ -480,8 +485,7 @@ def _ask_spatial(scene: Scene, rng: random.Random, want_yes: bool, margin: int) 
 
 
 def _ask_where(scene: Scene, rng: random.Random) -> tuple[str, str] | None:
-    names = [o.name for o in scene.objects]
-    referents = [o for o in scene.objects if names.count(o.name) == 1]
+    referents = _referents(scene)
     if not referents:
         return None
     target = rng.choice(referents)
@@ -498,8 +502,7 @@ def box_digits(scene: Scene, obj: SceneObject) -> str:
 
 
 def _ask_box(scene: Scene, rng: random.Random) -> tuple[str, str] | None:
-    names = [o.name for o in scene.objects]
-    referents = [o for o in scene.objects if names.count(o.name) == 1]
+    referents = _referents(scene)
     if not referents:
         return None
     target = rng.choice(referents)
