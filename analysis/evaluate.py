@@ -120,7 +120,8 @@ class EvalConfig:
     )
     pruning_runtime: str = option(
         "drop",
-        "how the pruned model runs: drop (tokens leave hidden states and KV cache) or mask (same outputs, no saving)",
+        "how the pruned model runs: drop (tokens leave hidden states and KV cache), mask (same outputs, no saving) "
+        "or latency (drop, from static buffers replayed as CUDA graphs; unpruned answers too)",
         choices=PRUNING_RUNTIMES,
     )
 
@@ -136,8 +137,10 @@ class EvalConfig:
         return Path(self.out) if self.out else default_run_dir("eval", self.model, self.dataset, split)
 
 
-def _prediction_rows(loaded: LoadedModel, batch: Sequence[Sample], max_new_tokens: int) -> list[dict[str, Any]]:
-    """Greedy answers of the unpruned model for one batch, scored."""
+def _prediction_rows(
+    loaded: LoadedModel, batch: Sequence[Sample], max_new_tokens: int, latency: bool = False
+) -> list[dict[str, Any]]:
+    """Greedy answers of the unpruned model for one batch, scored (``latency``: in the latency mode)."""
     device = loaded.device
     inputs = loaded.adapter.build_inputs(loaded.processor, batch, device=device)
     return [
@@ -149,7 +152,7 @@ def _prediction_rows(loaded: LoadedModel, batch: Sequence[Sample], max_new_token
             "prediction": answer,
             "correct": is_correct(answer or "", sample),
         }
-        for sample, answer in zip(batch, generate_answers(loaded, inputs, max_new_tokens), strict=True)
+        for sample, answer in zip(batch, generate_answers(loaded, inputs, max_new_tokens, latency=latency), strict=True)
     ]
 
 
@@ -166,7 +169,7 @@ def evaluate(config: EvalConfig, *, loaded: LoadedModel | None = None, progress:
     rows = []
     with tqdm(total=len(samples), desc="evaluate", unit="sample", disable=not progress) as bar:
         for batch in batched(samples, config.batch_size):
-            rows += _prediction_rows(loaded, batch, config.max_new_tokens)
+            rows += _prediction_rows(loaded, batch, config.max_new_tokens, config.pruning_runtime == "latency")
             bar.update(len(batch))
     return pd.DataFrame(rows, columns=PREDICTIONS_SCHEMA.names)
 
@@ -215,7 +218,8 @@ def run_evaluation(config: EvalConfig, *, loaded: LoadedModel | None = None, pro
 
         def rows(batch: Sequence[Sample], inputs: ModelInputs) -> dict[str, pa.Table]:
             if pruning is None:
-                return {table: pa.Table.from_pylist(_prediction_rows(model, batch, config.max_new_tokens))}
+                latency = config.pruning_runtime == "latency"
+                return {table: pa.Table.from_pylist(_prediction_rows(model, batch, config.max_new_tokens, latency))}
             per_sample = evaluate_pruned(
                 model,
                 batch,

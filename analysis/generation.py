@@ -13,11 +13,20 @@ from analysis.models.adapters import ModelInputs
 from analysis.models.registry import LoadedModel
 
 
-def generate_answers(loaded: LoadedModel, inputs: ModelInputs, max_new_tokens: int) -> list[str | None]:
-    """Greedy answers of the unmodified model for a batch (None when generation is off)."""
+def generate_answers(
+    loaded: LoadedModel, inputs: ModelInputs, max_new_tokens: int, *, latency: bool = False
+) -> list[str | None]:
+    """Greedy answers of the unmodified model for a batch (None when generation is off); ``latency``: in the
+    latency mode (``analysis.pruner.latency``), eagerly where it cannot run."""
     if max_new_tokens == 0:
         return [None] * inputs.input_ids.shape[0]
     tokenizer = loaded.processor.tokenizer
+    if latency:
+        from analysis.pruner.latency import latency_generate
+
+        result = latency_generate(loaded, inputs, max_new_tokens)
+        if result is not None:
+            return decode_answers(tokenizer, result.tokens)
     with torch.inference_mode():
         # A cache that keeps every key: interventions and the pruned runtime index keys from position 0, which a
         # sliding-window cache (Gemma 3's local layers) breaks.
@@ -29,7 +38,11 @@ def generate_answers(loaded: LoadedModel, inputs: ModelInputs, max_new_tokens: i
             pad_token_id=tokenizer.pad_token_id,
             eos_token_id=tokenizer.eos_token_id,
         )
-    new_tokens = generated[:, inputs.input_ids.shape[1] :]
+    return decode_answers(tokenizer, generated[:, inputs.input_ids.shape[1] :])
+
+
+def decode_answers(tokenizer: Any, new_tokens: torch.Tensor) -> list[str | None]:
+    """The answer texts of generated token ids (B, N), special tokens (padding, end of sequence) left out."""
     return [text.strip() for text in tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
 
 

@@ -241,8 +241,12 @@ class AttentionRoute:
         hooks: AttentionHooks,
         last_position: int,
         base: Callable[..., tuple[torch.Tensor, torch.Tensor | None]],
+        static_cache: bool = False,
     ) -> None:
         self.hooks = hooks
+        # A cache of fixed size (the latency mode's) hands every decoding step the same number of keys, the unused
+        # ones masked: there is no growing key count to check.
+        self.static_cache = static_cache
         self.last_position = last_position
         self.base = base
         self.layers = {adapter.attention(layer): index for index, layer in enumerate(adapter.decoder_layers())}
@@ -276,7 +280,7 @@ class AttentionRoute:
         # A continuation of a pass this route saw must bring every earlier key back (a first call may continue a
         # cache filled elsewhere, as the probes' partial passes do).
         expected = self.seen.get(layer, 0) + query_length
-        if query_start and layer in self.seen and key_length != expected:
+        if query_start and layer in self.seen and key_length != expected and not self.static_cache:
             raise CompatibilityError(
                 f"layer {layer} received {key_length} keys where {expected} were seen: a sliding-window KV cache "
                 "dropped the oldest, which interventions index from position 0; generate with a cache that keeps "
@@ -447,16 +451,19 @@ def _last_row(
 
 
 @contextmanager
-def route_attention(adapter: FamilyAdapter, hooks: AttentionHooks, last_position: int) -> Iterator[AttentionRoute]:
+def route_attention(
+    adapter: FamilyAdapter, hooks: AttentionHooks, last_position: int, *, static_cache: bool = False
+) -> Iterator[AttentionRoute]:
     """Route the language model's attention through ``hooks`` inside the block; restore it on exit.
 
     ``last_position`` is the padded index of the last prompt position (the same for every row of a
     left-padded batch). Routes do not nest: one set of hooks decides a model's attention at a time.
+    ``static_cache``: decoding steps read a fixed-size KV buffer (analysis.pruner.latency), unused keys masked.
     """
     previous = hf.attention_implementation(adapter.text_config)
     if previous.startswith(ROUTE_PREFIX):
         raise ConfigError("interventions cannot be nested; apply one intervention at a time")
     base = eager_attention if previous == "eager" else hf.attention_function(previous)
-    route = AttentionRoute(adapter, hooks, last_position, base)
+    route = AttentionRoute(adapter, hooks, last_position, base, static_cache)
     with hf.attention_routed(adapter.text_config, f"{ROUTE_PREFIX}_{next(_ROUTE_NUMBERS)}", route):
         yield route

@@ -179,6 +179,15 @@ class FamilyAdapter(ABC):
         """Position ids a batch needs when its padding is given as a 4-D attention mask (None: plain 1-D RoPE)."""
         return None
 
+    def rope_positions(self, inputs: ModelInputs) -> torch.Tensor:
+        """The rotary position ids of a left-padded batch's prompts as ``generate`` gives them: (B, T) counting real
+        tokens from 0 (pads at 0), or the family's own (Qwen2.5-VL's M-RoPE (3, B, T))."""
+        explicit = self.explicit_positions(inputs)
+        if explicit is not None:
+            return explicit
+        mask = inputs.attention_mask.long()
+        return (mask.cumsum(-1) - 1).clamp(min=0)
+
     @property
     def num_layers(self) -> int:
         """Number of decoder layers."""

@@ -454,3 +454,154 @@ def device_map(model: Any) -> dict[str, str] | None:
     if not placement:
         return None
     return {str(module): str(device) for module, device in placement.items()}
+
+
+# --- the latency mode's own decoder loop (analysis.pruner.latency) --------------------------------------------------
+class _Captured(Exception):
+    """Raised by a pre-hook to stop a forward once the language model's inputs are known."""
+
+
+def language_model_embeddings(model: HFModel, text_model: nn.Module, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The merged input embeddings (B, T, D) a multimodal model hands its language model (vision tower included),
+    without running the language model."""
+    received: list[torch.Tensor] = []
+
+    def stop(_module: Any, _args: Any, kwargs: dict[str, Any]) -> None:
+        embeds = kwargs.get("inputs_embeds")
+        if isinstance(embeds, torch.Tensor):
+            received.append(embeds)
+        raise _Captured
+
+    handle = text_model.register_forward_pre_hook(stop, with_kwargs=True)
+    try:
+        model(**tensors, use_cache=False)
+    except _Captured:
+        pass
+    finally:
+        handle.remove()
+    if not received:
+        raise compatibility_error("the multimodal model called its language model without input embeddings")
+    return received[0]
+
+
+def rotary_embeddings(text_model: HFModel, hidden: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """The rotary (cos, sin) the text model gives its decoder layers for ``positions`` ((B, T), or (3, B, T) M-RoPE)."""
+    return tuple(text_model.rotary_emb(hidden, positions))
+
+
+def decoder_layer_kwargs(
+    layer: nn.Module,
+    cache: Any,
+    attention_mask: torch.Tensor | None,
+    position_embeddings: tuple[torch.Tensor, ...],
+) -> dict[str, Any]:
+    """Keyword arguments of one decoder layer's call with our mask, positions and KV store."""
+    return {
+        "attention_mask": attention_mask,
+        "position_embeddings": position_embeddings,
+        "position_ids": None,
+        **cache_kwargs(layer, cache),
+    }
+
+
+def call_decoder_layer(layer: nn.Module, hidden: torch.Tensor, kwargs: dict[str, Any]) -> torch.Tensor:
+    """One decoder layer's output hidden states."""
+    return layer_output_hidden(layer(hidden, **kwargs))
+
+
+class StaticKV:
+    """Per-layer key and value buffers of fixed size that decoder layers write into: the KV cache of the latency mode.
+
+    Decoder layers call ``update`` as they would a transformers cache's. In a prefill a layer's keys go to the front
+    of its buffers and the pass attends to those keys alone; in a decoding step the new key goes to the slot
+    ``prefill width + step`` (``step`` a device tensor, so a CUDA graph can replay it) and the step attends to the
+    layer's whole window of ``prefill width + new tokens`` slots, unused ones masked by the caller.
+    """
+
+    def __init__(self, num_layers: int) -> None:
+        self.keys: list[torch.Tensor | None] = [None] * num_layers
+        self.values: list[torch.Tensor | None] = [None] * num_layers
+        self.prefill_width = [0] * num_layers
+        self.window = [0] * num_layers
+        self.decoding = False
+        self.step: torch.Tensor | None = None  # (1,) long: the decoding step (0 for the first generated token)
+
+    def reserve(self, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> bool:
+        """Buffers of at least ``shape`` (B, H_kv, slots, d) in every layer; True when new ones were allocated."""
+        current = self.keys[0]
+        if (
+            current is not None
+            and current.shape[:2] == shape[:2]
+            and current.shape[3] == shape[3]
+            and current.shape[2] >= shape[2]
+            and current.dtype == dtype
+            and current.device == device
+        ):
+            return False
+        for layer in range(len(self.keys)):
+            self.keys[layer] = torch.zeros(shape, dtype=dtype, device=device)
+            self.values[layer] = torch.zeros(shape, dtype=dtype, device=device)
+        return True
+
+    @property
+    def slots(self) -> int:
+        """Slots per layer buffer."""
+        return 0 if self.keys[0] is None else int(self.keys[0].shape[2])
+
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args: Any, **kwargs: Any
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store a layer's new keys and values; return the keys and values its attention reads."""
+        keys, values = self.keys[layer_idx], self.values[layer_idx]
+        if keys is None or values is None:
+            raise RuntimeError("StaticKV.update before its buffers were reserved")
+        if not self.decoding:
+            width = key_states.shape[2]
+            keys[:, :, :width].copy_(key_states)
+            values[:, :, :width].copy_(value_states)
+            self.prefill_width[layer_idx] = width
+            return key_states, value_states
+        if self.step is None:
+            raise RuntimeError("StaticKV decoding without a step")
+        slot = self.step + self.prefill_width[layer_idx]
+        keys.index_copy_(2, slot, key_states)
+        values.index_copy_(2, slot, value_states)
+        window = self.window[layer_idx]
+        return keys[:, :, :window], values[:, :, :window]
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        """Prefill keys held by a layer (decoding steps are counted by ``step``)."""
+        return self.prefill_width[layer_idx]
+
+
+# Generation-config settings that change greedy decoding (a logits processor or a stopping rule besides EOS), with
+# the value that leaves it off.
+_GREEDY_NEUTRAL: dict[str, Any] = {
+    "repetition_penalty": 1.0,
+    "encoder_repetition_penalty": 1.0,
+    "no_repeat_ngram_size": 0,
+    "bad_words_ids": None,
+    "suppress_tokens": None,
+    "begin_suppress_tokens": None,
+    "forced_bos_token_id": None,
+    "forced_eos_token_id": None,
+    "sequence_bias": None,
+    "exponential_decay_length_penalty": None,
+    "min_new_tokens": None,
+    "stop_strings": None,
+}
+
+
+def greedy_processors(model: HFModel) -> list[str]:
+    """The settings of a model's generation config that make its greedy ``generate`` more than an argmax loop."""
+    config = getattr(model, "generation_config", None)
+    if config is None:
+        return []
+    found = []
+    for name, neutral in _GREEDY_NEUTRAL.items():
+        value = getattr(config, name, neutral)
+        if value not in (neutral, None, 0, [], {}) and not (name.endswith("penalty") and value == 1.0):
+            found.append(f"{name}={value!r}")
+    if (getattr(config, "min_length", 0) or 0) > 0:
+        found.append(f"min_length={config.min_length!r}")
+    return found

@@ -26,7 +26,7 @@ _ONE_SHOT = RandomConfig()
 # LLaVA-1.5's decoders (Vicuna-7B and -13B): the shapes the authors' two layer-0 rules were written for.
 AUTHORS_ARCHITECTURES = {(32, 4096, 32, 11008): "authors_7b", (40, 5120, 40, 13824): "authors_13b"}
 # How a pruned model runs: tokens dropped from hidden states and KV cache, or hidden by attention masks.
-PRUNING_RUNTIMES = ("drop", "mask")
+PRUNING_RUNTIMES = ("drop", "mask", "latency")
 
 
 @dataclass

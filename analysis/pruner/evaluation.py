@@ -10,11 +10,12 @@ import torch
 from analysis.data.samples import Sample, batched
 from analysis.data.scoring import is_correct
 from analysis.errors import ConfigError
-from analysis.generation import generate_answers
+from analysis.generation import decode_answers, generate_answers
 from analysis.hooks.attention import RegionMasks
 from analysis.models.registry import LoadedModel
 from analysis.pruner.config import PRUNING_RUNTIMES, PruningConfig
 from analysis.pruner.flops import DecoderShape
+from analysis.pruner.latency import latency_generate
 from analysis.pruner.methods import method_for
 from analysis.pruner.runtime import pruned_runtime
 from analysis.pruner.simulate import PruningHooks, full_flops, masked_pruning, sample_flops
@@ -35,7 +36,9 @@ def evaluate_pruned(
 
     ``baseline`` maps sample ids to unpruned answers already computed (they are generated otherwise).
     ``runtime`` "drop" runs the pruned model with tokens really dropped (``runtime.py``), "mask" with attention
-    masks (``simulate.py``); their outputs are the same (tested), only the compute differs. ``on_batch`` is
+    masks (``simulate.py``), "latency" drops them in the latency mode (``latency.py``: static buffers, CUDA graphs;
+    the unpruned answers too, eager where the mode cannot run); their outputs are the same (tested), only the
+    compute differs. ``on_batch`` is
     called with each batch's sample count (progress bars).
     """
     if runtime not in PRUNING_RUNTIMES:
@@ -50,10 +53,14 @@ def evaluate_pruned(
         if baseline is not None and all(s.sample_id in baseline for s in batch):
             clean = [baseline[s.sample_id] for s in batch]
         else:
-            clean = generate_answers(loaded, inputs, max_new_tokens)
+            clean = generate_answers(loaded, inputs, max_new_tokens, latency=runtime == "latency")
         prompt_length = inputs.input_ids.shape[1]
         hooks: PruningHooks
-        if runtime == "drop":
+        latency = latency_generate(loaded, inputs, max_new_tokens, config) if runtime == "latency" else None
+        if latency is not None:
+            hooks = latency.runtime
+            pruned = decode_answers(loaded.processor.tokenizer, latency.tokens)
+        elif runtime in ("drop", "latency"):
             with pruned_runtime(loaded.model, config, inputs.layouts) as hooks:
                 pruned = generate_answers(loaded, inputs, max_new_tokens) if prunes else clean
         else:

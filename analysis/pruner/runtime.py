@@ -103,6 +103,7 @@ class PrunedRuntime(PruningHooks):
             self.prompt_valid[row, layout.pad_offset :] = True
         self.prompt_padded = any(layout.pad_offset for layout in layouts)
         self.frozen = False  # decisions are made in the first prefill and reused by every later pass
+        self.width_bucket = 1  # layer widths are rounded up to a multiple of this (the latency mode's graphs)
         self._frozen_cuts: set[int] | None = None  # with decisions frozen: the layers before which a row shrinks
         if decisions is not None:
             self._pin(decisions)
@@ -257,6 +258,9 @@ class PrunedRuntime(PruningHooks):
         selected = layout.valid & self._kept_positions(layer).gather(1, layout.positions)
         counts = selected.sum(1)
         width, narrowest = (int(value) for value in torch.stack([counts.max(), counts.min()]).tolist())
+        # Rounded up to a multiple of ``width_bucket`` (pad slots, masked): the latency mode replays one CUDA graph
+        # per width, so near widths share one.
+        width = min(layout.length, -(-width // self.width_bucket) * self.width_bucket)
         # A stable sort puts dropped and pad slots first and kept ones last, in order: left padding for free.
         order = torch.argsort(selected.to(torch.int32), dim=1, stable=True)
         slots = order[:, layout.length - width :]
@@ -294,12 +298,14 @@ class PrunedRuntime(PruningHooks):
         query_length: int,
         dtype: torch.dtype,
         rule: AttentionRule,
+        explicit: bool = False,
     ) -> torch.Tensor | None:
         """The attention mask of queries that are the last ``query_length`` keys (``layout_positions``: each key's
-        input position): causal, pad keys hidden, and the layer's own rule (a window, bidirectional images)."""
+        input position): causal, pad keys hidden, and the layer's own rule (a window, bidirectional images).
+        ``explicit``: a boolean mask even where SDPA's own causal path would do (edges are added to it)."""
         batch, key_length = key_valid.shape
         plain = rule.window is None and not rule.bidirectional_images
-        if plain and not self.eager and not padded and query_length in (1, key_length):
+        if plain and not self.eager and not padded and query_length in (1, key_length) and not explicit:
             return None  # SDPA's own causal path (or full attention for one query) is exact and fastest
         keys = torch.arange(key_length, device=key_valid.device)
         queries = keys[key_length - query_length :]
@@ -319,7 +325,7 @@ class PrunedRuntime(PruningHooks):
                 allowed = allowed & ((query_pos[:, :, None] - key_pos[:, None, :]) < rule.window)
         allowed |= (keys[None, :] == queries[:, None])[None]  # a pad query sees itself: no empty softmax row
         allowed = allowed[:, None]
-        if not self.eager:
+        if not self.eager or explicit:
             return allowed
         return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(
             ~allowed, torch.finfo(dtype).min
@@ -396,12 +402,8 @@ class PrunedRuntime(PruningHooks):
                     f"input of {length} tokens is shorter than the {self.prompt_length}-token prompts "
                     "the runtime was built for; build the runtime from this batch's layouts"
                 )
-            self._input_length, self._generated = length, 0
             self._check_mask(mask, length)
-            batch = self.prompt_valid.shape[0]
-            positions = torch.arange(length, device=self.prompt_valid.device).expand(batch, -1)
-            self._layout_or_none = _Layout(positions, self._input_valid(), identity=True, padded=self.prompt_padded)
-            self._layer_layouts = []
+            self.begin_prefill(length)
             # DeepStack (Qwen3-VL) adds visual features to the image positions after the first layers; the model
             # would add them to its full sequence, so the runtime adds them to the tokens each layer kept instead.
             self._deepstack = hf.deepstack_inputs(kwargs) if self.adds_deepstack else None
@@ -414,6 +416,18 @@ class PrunedRuntime(PruningHooks):
             seen = self._input_length + self._generated
             return args, hf.with_position_ids(kwargs, torch.arange(seen, seen + length, device=call.device)[None])
         return None
+
+    def begin_prefill(self, length: int) -> None:
+        """Start a prefill of ``length`` tokens (the prompt, or the prompt and a continuation): every layer's layout
+        is made anew."""
+        self._prefill = True
+        self._query_length = length
+        self._prepared = {}
+        self._input_length, self._generated = length, 0
+        batch = self.prompt_valid.shape[0]
+        positions = torch.arange(length, device=self.prompt_valid.device).expand(batch, -1)
+        self._layout_or_none = _Layout(positions, self._input_valid(), identity=True, padded=self.prompt_padded)
+        self._layer_layouts = []
 
     def _is_prefill(self, call: hf.TextModelCall, arguments: list[str]) -> bool:
         """Whether a text-model call starts a new prompt (empty or no cache) or continues the one this block ran.

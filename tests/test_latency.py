@@ -1,0 +1,154 @@
+"""The latency mode (static buffers, CUDA graphs where available) against eager generation, on both families."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+from conftest import FAMILIES, LAYER_THRESHOLDS, TOKENS_THRESHOLDS
+
+from analysis.models import hf
+from analysis.models.adapters import ModelInputs
+from analysis.models.registry import LoadedModel, load_model
+from analysis.pruner.config import PruningConfig, load_config
+from analysis.pruner.latency import LatencyEngine, LatencyUnsupported
+from analysis.pruner.runtime import pruned_runtime
+
+NEW_TOKENS = 6
+LATENCY_FAMILIES = ("llava", "qwen2_5_vl")
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(scope="module", params=LATENCY_FAMILIES)
+def tiny(request: pytest.FixtureRequest) -> LoadedModel:
+    """A tiny random model of each family the latency mode is tested on (SDPA, float32, CPU)."""
+    return load_model(FAMILIES[request.param])
+
+
+def _configs(loaded: LoadedModel) -> dict[str, PruningConfig | None]:
+    """Unpruned, VisiPruner with and without its shallow stage, the authors' rule, and FastV."""
+    layers = loaded.adapter.num_layers
+    family = loaded.adapter.model_type
+    thresholds = {"layer_threshold": LAYER_THRESHOLDS[family], "tokens_threshold": TOKENS_THRESHOLDS[family]}
+    return {
+        "unpruned": None,
+        "visipruner": PruningConfig(num_layers=layers, shallow_mid_layer=0, **thresholds),
+        "shallow": PruningConfig(num_layers=layers, shallow_mid_layer=1, **thresholds),
+        "authors": PruningConfig(num_layers=layers, shallow_mid_layer=1, **thresholds).with_authors_rule("authors_7b"),
+        "fastv": PruningConfig(method="fastv", num_layers=layers, prune_layer=2, keep_tokens=3),
+    }
+
+
+def _eager(
+    loaded: LoadedModel, inputs: ModelInputs, config: PruningConfig | None, eos: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Greedy new tokens (B, N) and each step's logits (N, B, V) of transformers' generate, pruned by the eager
+    runtime."""
+    config = config or PruningConfig(method="none", num_layers=loaded.adapter.num_layers)
+    with torch.no_grad(), pruned_runtime(loaded.model, config, inputs.layouts):
+        out = loaded.model.generate(
+            **inputs.tensors,
+            **hf.cache_kwargs(loaded.model, hf.new_cache()),
+            max_new_tokens=NEW_TOKENS,
+            do_sample=False,
+            eos_token_id=eos,
+            pad_token_id=loaded.processor.tokenizer.pad_token_id,
+            output_logits=True,
+            return_dict_in_generate=True,
+        )
+    return out.sequences[:, inputs.input_ids.shape[1] :], torch.stack(out.logits).float()
+
+
+@pytest.mark.parametrize("name", ["unpruned", "visipruner", "shallow", "authors", "fastv"])
+def test_latency_mode_gives_the_eager_tokens(tiny: LoadedModel, samples, name: str) -> None:
+    """Same greedy tokens and decisions as eager generation, on a left-padded batch with several images."""
+    config = _configs(tiny)[name]
+    inputs = tiny.adapter.build_inputs(tiny.processor, samples)
+    expected, expected_logits = _eager(tiny, inputs, config)
+    engine = LatencyEngine(tiny.model, width_bucket=4)
+    pad = tiny.processor.tokenizer.pad_token_id
+    result = engine.generate(inputs, NEW_TOKENS, config, pad_token_id=pad, return_logits=True)
+    assert torch.equal(result.tokens, expected)
+    assert result.logits is not None
+    torch.testing.assert_close(result.logits, expected_logits, rtol=1e-4, atol=1e-4)
+    if config is not None:
+        with torch.no_grad(), pruned_runtime(tiny.model, config, inputs.layouts) as eager:
+            tiny.model(**inputs.tensors)
+        ours, theirs = result.decisions(inputs), eager.decisions(inputs.layouts)
+        assert ours.kept == theirs.kept
+        assert (ours.selection_layer == theirs.selection_layer).all() and (ours.exit_layer == theirs.exit_layer).all()
+    # A second call reuses the engine's buffers and gives the same tokens.
+    again = engine.generate(inputs, NEW_TOKENS, config, pad_token_id=pad)
+    assert torch.equal(again.tokens, expected)
+
+
+def test_latency_mode_on_the_organism_answers_as_eager(samples) -> None:
+    """The trained organism (real answers, end of sequence inside the budget): same tokens, pruned and unpruned,
+    with padding after a row's end of sequence as transformers writes it."""
+    from analysis.data.loaders import load_samples
+
+    loaded = load_model("shapes-llava")
+    batch = load_samples("shapes-vqa", "test", 6)
+    inputs = loaded.adapter.build_inputs(loaded.processor, batch)
+    tokenizer = loaded.processor.tokenizer
+    config = load_config("configs/shapes-llava.visipruner.json")
+    engine = LatencyEngine(loaded.model)
+    for pruning in (None, config):
+        expected, _ = _eager(loaded, inputs, pruning, eos=tokenizer.eos_token_id)
+        result = engine.generate(
+            inputs, NEW_TOKENS, pruning, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id
+        )
+        width = expected.shape[1]
+        assert torch.equal(result.tokens[:, :width], expected)
+        assert (result.tokens[:, width:] == tokenizer.pad_token_id).all()
+        assert (expected == tokenizer.eos_token_id).any()  # the answers end inside the budget
+
+
+def test_cuda_graphs_off_cuda_fall_back_with_a_message(tiny: LoadedModel, caplog) -> None:
+    """Asking for graphs on the CPU logs why the static-buffer path runs uncaptured."""
+    with caplog.at_level(logging.WARNING, logger="analysis.pruner.latency"):
+        engine = LatencyEngine(tiny.model, graphs=True)
+    assert not engine.graphs
+    assert "CUDA graphs need a CUDA device" in caplog.text
+
+
+def test_logits_processors_are_refused_and_callers_generate_eagerly(tiny: LoadedModel, samples, caplog) -> None:
+    """A repetition penalty is not greedy argmax: the engine refuses, generate_answers falls back with the reason."""
+    from analysis.generation import generate_answers
+
+    inputs = tiny.adapter.build_inputs(tiny.processor, samples)
+    previous = tiny.model.generation_config.repetition_penalty
+    tiny.model.generation_config.repetition_penalty = 1.3
+    try:
+        with pytest.raises(LatencyUnsupported, match="repetition_penalty"):
+            LatencyEngine(tiny.model).generate(inputs, NEW_TOKENS)
+        with caplog.at_level(logging.WARNING, logger="analysis.pruner.latency"):
+            answers = generate_answers(tiny, inputs, NEW_TOKENS, latency=True)
+        assert answers == generate_answers(tiny, inputs, NEW_TOKENS)
+        assert "generating eagerly" in caplog.text
+    finally:
+        tiny.model.generation_config.repetition_penalty = previous
+
+
+def test_deepstack_family_is_refused(samples) -> None:
+    """Qwen3-VL adds DeepStack features inside its decoder: the latency mode says so instead of running wrong."""
+    loaded = load_model(FAMILIES["qwen3_vl"])
+    inputs = loaded.adapter.build_inputs(loaded.processor, samples)
+    with pytest.raises(LatencyUnsupported, match="DeepStack"):
+        LatencyEngine(loaded.model).generate(inputs, NEW_TOKENS)
+
+
+def test_pruned_evaluation_in_latency_mode_equals_drop(samples) -> None:
+    """evaluate_pruned with runtime "latency": the same answers and decisions as the eager token-dropping runtime."""
+    from analysis.data.loaders import load_samples
+    from analysis.pruner.evaluation import evaluate_pruned
+
+    loaded = load_model("shapes-llava")
+    batch = load_samples("shapes-vqa", "test", 8)
+    config = load_config("configs/shapes-llava.visipruner.json")
+    drop = evaluate_pruned(loaded, batch, config, batch_size=4, runtime="drop")
+    latency = evaluate_pruned(loaded, batch, config, batch_size=4, runtime="latency")
+    columns = ["baseline_answer", "pruned_answer", "selection_layer", "exit_layer", "n_kept", "flops"]
+    assert drop[columns].equals(latency[columns])
