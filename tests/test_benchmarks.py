@@ -144,3 +144,17 @@ def test_compile_around_attention_leaves_attention_eager() -> None:
             getattr(layer, name)._compiled_call_impl is not None
             for name in ("mlp", "input_layernorm", "post_attention_layernorm")
         )
+
+
+def test_pruned_speed_latency_rows(capsys: pytest.CaptureFixture[str]) -> None:
+    """--latency adds one row per variant in the latency mode, VisiPruner's rule live near the pinned schedule."""
+    from analysis.benchmarks import pruned_speed
+
+    argv = "--preset tiny --batch-sizes 1 --repeats 2 --rounds 1 --warmup 0 --new-tokens 3 --device cpu"
+    assert pruned_speed.main([*argv.split(), "--dtype", "float32", "--latency"]) == 0
+    rows = [line for line in capsys.readouterr().out.splitlines() if "latency mode" in line]
+    assert len(rows) == 3
+    assert "unpruned" in rows[0] and "x1.000" in rows[0]
+    assert "visipruner live: kept" in rows[1] and "@1.0" in rows[1] and "fastv live" in rows[2]
+    kept = float(rows[1].split("kept ")[1].split()[0])
+    assert 1 <= kept <= 8  # about the pinned 4 of the tiny preset's image tokens

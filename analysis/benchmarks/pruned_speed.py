@@ -26,7 +26,7 @@ import time
 import warnings
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import pandas as pd
@@ -316,6 +316,14 @@ def main(argv: list[str] | None = None) -> int:
         "runtime's hooks live there",
     )
     parser.add_argument(
+        "--latency",
+        action="store_true",
+        help="also time the latency mode (analysis.pruner.latency: static buffers, CUDA graphs on CUDA) end to end, "
+        "unpruned, VisiPruner with its rule live (thresholds calibrated so that on these random weights it selects "
+        "at --selection-layer keeping about --keep tokens and exits near --exit-layer) and FastV at VisiPruner's "
+        "measured prefill FLOPs, its rule live too",
+    )
+    parser.add_argument(
         "--cuda-graphs",
         action="store_true",
         help="time the prefill as a CUDA-graph replay (every variant, the unpruned one too), which "
@@ -515,6 +523,114 @@ def _benchmark_batch(
     sys.stdout.write(f"{batch_size:>5} vision tower alone (inside every generate): {tower.seconds:.4f} s\n")
     if args.rule_cost:
         _rule_cost(model, inputs, prefill(length), shape.num_layers, batch_size, device, args)
+    if args.latency:
+        _latency_rows(model, inputs, shape, pinned, batch_size, device, args, roofline)
+
+
+def _mean_decisions(model: HFModel, inputs: ModelInputs, config: PruningConfig) -> tuple[float, float, float]:
+    """Mean kept image tokens, selection layer and exit layer (exits past the last layer for none) of the live rule
+    in one eager prefill."""
+    with torch.inference_mode(), pruned_runtime(model, config, inputs.layouts) as runtime:
+        hf.embeds_forward(model, model.get_input_embeddings()(inputs.input_ids), inputs.attention_mask)
+    decisions = runtime.decisions(inputs.layouts)
+    kept = float(np.mean([decisions.n_kept(row) for row in range(len(decisions.kept))]))
+    exits = np.where(decisions.exit_layer >= 0, decisions.exit_layer, config.num_layers)
+    return kept, float(np.mean(decisions.selection_layer)), float(np.mean(exits))
+
+
+def live_visipruner(
+    model: HFModel, inputs: ModelInputs, num_layers: int, selection: int, keep: int, exit_layer: int
+) -> PruningConfig:
+    """A VisiPruner config whose live rule on this model and batch selects at ``selection`` keeping about ``keep``
+    image tokens and exits near ``exit_layer``: the token and deep thresholds found by bisection (random weights
+    give the rule no meaning of its own, so its thresholds are set to reproduce a paper-like schedule)."""
+    base = PruningConfig(
+        num_layers=num_layers,
+        stages=["middle", "deep"],
+        shallow_mid_layer=max(selection - 1, 0),
+        layer_threshold=1.0,  # fires at the first observed layer
+        deep_cosine=1.0,
+        provenance={"source": "live rule, thresholds calibrated on random weights (pruned_speed --latency)"},
+    )
+
+    def bisect(low: float, high: float, measure: Callable[[float], float], target: float, rising: bool) -> float:
+        for _ in range(14):
+            middle = (low + high) / 2
+            above = measure(middle) > target
+            if above == rising:
+                high = middle
+            else:
+                low = middle
+        return (low + high) / 2
+
+    largest = 1.0
+    while _mean_decisions(model, inputs, replace(base, tokens_threshold=largest))[0] > keep and largest < 1e6:
+        largest *= 4
+    threshold = bisect(
+        0.0, largest, lambda t: _mean_decisions(model, inputs, replace(base, tokens_threshold=t))[0], keep, False
+    )
+    selected = replace(base, tokens_threshold=threshold)
+    cosine = bisect(
+        0.0, 1.0, lambda c: _mean_decisions(model, inputs, replace(selected, deep_cosine=c))[2], exit_layer, True
+    )
+    return replace(selected, deep_cosine=cosine)
+
+
+def _latency_rows(
+    model: HFModel,
+    inputs: ModelInputs,
+    shape: DecoderShape,
+    pinned: dict[str, int],
+    batch_size: int,
+    device: torch.device,
+    args: argparse.Namespace,
+    roofline: DevicePeaks,
+) -> None:
+    """Time the latency mode end to end, every rule live, and print one row per variant."""
+    from analysis.pruner.latency import LatencyEngine
+
+    layers = shape.num_layers
+    length, n_image = inputs.input_ids.shape[1], inputs.layouts[0].n_image_tokens
+    ours = live_visipruner(model, inputs, layers, pinned["selection_layer"], pinned["keep"], pinned["exit_layer"])
+    kept, selection, exit_mean = _mean_decisions(model, inputs, ours)
+    exit_at = int(round(exit_mean)) if exit_mean < layers else -1
+    ours_tokens = pinned_tokens(layers, length, n_image, int(round(kept)), int(round(selection)), exit_at)
+    target = prefill_flops(shape, ours_tokens)["exact"]
+    fastv = matched_variant("fastv", shape, length, n_image, target, pinned["fastv_layer"])
+    engine = LatencyEngine(model)
+    configs: list[tuple[str, PruningConfig | None, list[LayerTokens]]] = [
+        ("unpruned", None, [LayerTokens(length, n_image)] * layers),
+        (f"visipruner live: kept {kept:.1f} @{selection:.1f} exit @{exit_mean:.1f}", ours, ours_tokens),
+        (f"fastv live {method_for(fastv.config).settings()}" if fastv.config else "fastv", fastv.config, fastv.tokens),
+    ]
+
+    def call(config: PruningConfig | None, new_tokens: int) -> Callable[[], object]:
+        return lambda: engine.generate(inputs, new_tokens, config)
+
+    entries = []
+    for name, config, _ in configs:
+        entries.append(Timed(f"{name} ttft", call(config, 1)))
+        entries.append(Timed(f"{name} generate", call(config, args.new_tokens)))
+    timed = interleaved(entries, device, max(args.warmup, 1), args.repeats, args.rounds)
+    limits = (roofline.matmul_flops, roofline.copy_bandwidth)
+    base_roof = roofline_seconds(
+        shape, configs[0][2], *limits, batch=batch_size, bytes_per_value=roofline.bytes_per_value
+    )
+    full = prefill_flops(shape, configs[0][2])["exact"]
+    base_ttft = timed["unpruned ttft"].seconds
+    mode = "CUDA graphs" if engine.graphs else "static buffers, uncaptured"
+    for name, _, tokens in configs:
+        ttft, generate_s = timed[f"{name} ttft"].seconds, timed[f"{name} generate"].seconds
+        roof = base_roof / roofline_seconds(
+            shape, tokens, *limits, batch=batch_size, bytes_per_value=roofline.bytes_per_value
+        )
+        ideal = full / prefill_flops(shape, tokens)["exact"]
+        rate = batch_size * (args.new_tokens - 1) / (generate_s - ttft) if generate_s > ttft else float("nan")
+        sys.stdout.write(
+            f"{batch_size:>5} latency mode ({mode}), {name:<52} TTFT {ttft:.4f} s x{base_ttft / ttft:.3f} "
+            f"(FLOPs ideal {ideal:.3f}, roofline ideal {roof:.3f}); generate {generate_s:.4f} s, "
+            f"decode {rate:.1f} tok/s\n"
+        )
 
 
 def _rule_cost(
