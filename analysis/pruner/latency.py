@@ -28,18 +28,19 @@ import weakref
 from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
 
 from analysis.errors import ConfigError, ToolkitError
-from analysis.hooks.attention import route_attention
+from analysis.hooks.attention import AttentionCall, _last_row, route_attention
 from analysis.models import hf
 from analysis.models.adapters import ModelInputs, get_adapter
 from analysis.models.hf import HFModel
 from analysis.models.registry import LoadedModel
 from analysis.pruner.config import PruningConfig
+from analysis.pruner.methods.base import SelectionState
 from analysis.pruner.runtime import ATTENTION_IMPLEMENTATIONS, PrunedRuntime, _Layout
 from analysis.pruner.simulate import Decisions
 
@@ -53,15 +54,46 @@ class LatencyUnsupported(ToolkitError):
 
 
 class _LatencyRuntime(PrunedRuntime):
-    """The pruned runtime with the shallow stage's edges folded into masks the engine passes (graph inputs)."""
+    """The pruned runtime with the shallow stage's edges folded into masks the engine passes (graph inputs), and
+    the rule's observation deferred: the routed attention only copies the last row's query out for the engine."""
 
     folded = False  # while True the routed attention adds no edges: the engine's masks already hold them
+    defer = False  # while True the routed attention copies the last prompt row's query into ``query_row``
+    query_row: torch.Tensor | None = None  # (B, H, d) in the model's dtype, a buffer of the engine's
+    scaling = 1.0  # the attention's score scale, noted when the query is copied
 
     def blocked(self, layer: int, query_start: int, query_length: int, key_length: int) -> torch.Tensor | None:
         """The shallow edges, unless the engine folded them into the layer's mask."""
         if self.folded:
             return None
         return super().blocked(layer, query_start, query_length, key_length)
+
+    def wants_last_row(self, layer: int, query_start: int, query_length: int) -> bool:
+        """No observation inside the layer while deferred (the engine observes after it)."""
+        return not self.defer and super().wants_last_row(layer, query_start, query_length)
+
+    def wants_call(self, layer: int, query_start: int, query_length: int) -> bool:
+        """The prefill's calls while deferred, to copy the last row's query."""
+        return self.defer and self._prefill
+
+    def inspect(self, call: AttentionCall) -> None:
+        """Copy the last prompt row's query (after RoPE) into the engine's buffer."""
+        if self.query_row is None:
+            raise RuntimeError("a deferred observation without the engine's query buffer")
+        row = self.last_row_position(call.layer, 0) - call.query_start
+        self.query_row.copy_(call.query[:, :, row])
+        self.scaling = call.scaling
+
+
+class _StateView:
+    """The runtime's selection state with some tensors swapped for a graph's input buffers."""
+
+    def __init__(self, state: PrunedRuntime, **tensors: torch.Tensor) -> None:
+        self._state = state
+        self.__dict__.update(tensors)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._state, name)
 
 
 @dataclass
@@ -70,9 +102,9 @@ class _Graph:
 
     graph: Any
     inputs: list[torch.Tensor]
-    output: torch.Tensor
+    output: Any  # a tensor, or a dict of tensors: buffers the replay refills
 
-    def replay(self, values: list[torch.Tensor]) -> torch.Tensor:
+    def replay(self, values: list[torch.Tensor]) -> Any:
         """Copy ``values`` into the first input buffers (the rest keep theirs), replay, return the output buffer."""
         for buffer, value in zip(self.inputs, values, strict=False):
             buffer.copy_(value)
@@ -142,6 +174,7 @@ class LatencyEngine:
         self._pool = torch.cuda.graph_pool_handle() if self.graphs else None
         self._reported: set[str] = set()
         self._masks: dict[tuple[int, str], torch.Tensor | None] = {}  # the identity layout's mask per attention kind
+        self._query_row: torch.Tensor | None = None  # the observed layer's last-row query, copied out in the layer
 
     # -- support -----------------------------------------------------------------------------------
     def unsupported(self, config: PruningConfig) -> str | None:
@@ -212,10 +245,13 @@ class LatencyEngine:
         return self.adapter.lm_head()(self.adapter.final_norm()(hidden))[:, -1].float()
 
     # -- prefill -----------------------------------------------------------------------------------
+    @staticmethod
+    def _observed(runtime: _LatencyRuntime, layer: int) -> bool:
+        """Whether the rule reads ``layer``'s last row in this prefill."""
+        return not runtime.method.reads_hidden(layer) and runtime.wants_last_row(layer, 0, runtime.prompt_length)
+
     def _eager_reason(self, runtime: _LatencyRuntime, layer: int) -> str | None:
-        """Why ``layer`` must run eagerly in this prefill (None: it can be captured)."""
-        if not self.graphs:
-            return "no CUDA graphs"
+        """Why ``layer`` must run eagerly in this prefill (None: it can be captured, alone when observed)."""
         method = runtime.method
         if method.reads_hidden(layer) and not runtime.frozen:
             return f"{method.name} reads the hidden states entering layer {layer} on the host"
@@ -223,8 +259,8 @@ class LatencyEngine:
             return "merged image embeddings are written into layer 0's input"
         if runtime.shallow_rule(layer, 0) == "zero":
             return "the zeroed-weight shallow rule finds its rows on the host"
-        if runtime.wants_last_row(layer, 0, runtime.prompt_length):
-            return f"the selection rule reads layer {layer}'s last row back to the host"
+        if not method.splits_decision and runtime.wants_last_row(layer, 0, runtime.prompt_length):
+            return f"{method.name}'s rule reads layer {layer}'s last row on the host"
         return None
 
     def _prefill(
@@ -240,9 +276,19 @@ class LatencyEngine:
         hidden = embeds
         layer = 0
         while layer < len(layers):
-            if self._eager_reason(runtime, layer) is not None:
+            reason = self._eager_reason(runtime, layer)
+            if reason is not None:
+                if self.graphs:
+                    self.report(f"{reason}: that layer runs eagerly")
                 args, kwargs = self._layer_inputs(runtime, layers[layer], layer, hidden, rotary, fold=False)
                 hidden = hf.call_decoder_layer(layers[layer], args[0], kwargs)
+                layer += 1
+                continue
+            if self._observed(runtime, layer):
+                # The layer alone (copying out its last query row), then the rule's arithmetic as a graph of its
+                # own, then one read-back of its tests.
+                args, kwargs = self._layer_inputs(runtime, layers[layer], layer, hidden, rotary, fold=True)
+                hidden = self._run_observed(runtime, layer, layers[layer], args[0], kwargs)
                 layer += 1
                 continue
             # A run of layers with one layout, none needing the host: one graph.
@@ -250,6 +296,7 @@ class LatencyEngine:
             while (
                 end < len(layers)
                 and self._eager_reason(runtime, end) is None
+                and not self._observed(runtime, end)
                 and not runtime._cuts_before(end)
                 and runtime.rules[end] == runtime.rules[layer]
                 and runtime.shallow_rule(end, 0) == runtime.shallow_rule(layer, 0)
@@ -325,17 +372,69 @@ class LatencyEngine:
 
         runtime.folded = True
         try:
+            if not self.graphs:
+                return run([hidden, *leaves])
             return self._replay_or_capture(key, run, [hidden, *leaves])
         finally:
             runtime.folded = False
 
+    def _run_observed(
+        self, runtime: _LatencyRuntime, layer: int, module: nn.Module, hidden: torch.Tensor, kwargs: dict[str, Any]
+    ) -> torch.Tensor:
+        """Run an observed layer, then the rule from its last row: the layer and the rule's device arithmetic as
+        graphs, the rule's host update after one read-back."""
+        heads, dim = self.adapter.num_heads, self.adapter.head_dim
+        shape = (hidden.shape[0], heads, dim)
+        if self._query_row is None or tuple(self._query_row.shape) != shape or self._query_row.dtype != hidden.dtype:
+            self._query_row = torch.zeros(shape, dtype=hidden.dtype, device=self.device)
+            self._graphs.clear()  # graphs that copy into the old buffer
+        runtime.query_row = self._query_row
+        runtime.defer = True
+        try:
+            hidden = self._run_graphed(("observed", layer, layer + 1), [module], hidden, kwargs, runtime)
+        finally:
+            runtime.defer = False
+        layout = runtime._layout
+        width = layout.length
+        keys, values = self.kv.keys[layer], self.kv.values[layer]
+        assert keys is not None and values is not None
+        mask = kwargs.get("attention_mask")
+        if mask is None:  # SDPA's causal path: the last row sees every key
+            row_mask = torch.zeros(hidden.shape[0], 1, width, device=self.device)
+        elif mask.dtype == torch.bool:
+            row_mask = torch.zeros(mask[:, :, -1].shape, device=self.device).masked_fill(
+                ~mask[:, :, -1], torch.finfo(torch.float32).min
+            )
+        else:
+            row_mask = mask[:, :, -1].float().clamp(min=torch.finfo(torch.float32).min)
+        method, scaling = runtime.method, runtime.scaling
+        inputs = [row_mask, runtime._image_slots(layout), runtime.image_valid, runtime.keep]
+
+        def measure(tensors: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+            row, slots, valid, keep = tensors
+            query = self._query_row
+            assert query is not None
+            observation = _last_row(
+                layer, query[:, :, None], keys[:, :, :width], values[:, :, :width], row[:, :, None], scaling, 0
+            )
+            observation.image_index = slots
+            view = cast(SelectionState, _StateView(runtime, image_valid=valid, keep=keep))
+            return method.measure(view, observation)
+
+        if self.graphs:
+            measured = self._replay_or_capture(("rule", layer, _signature(inputs)), measure, inputs)
+        else:
+            measured = measure(inputs)
+        method.apply(runtime, layer, measured)
+        return hidden
+
     def _replay_or_capture(
         self,
         key: tuple[Any, ...],
-        run: Callable[[list[torch.Tensor]], torch.Tensor],
+        run: Callable[[list[torch.Tensor]], Any],
         values: list[torch.Tensor],
         changed: int | None = None,
-    ) -> torch.Tensor:
+    ) -> Any:
         """``run(values)`` as a replay of its graph (captured on first use), or eagerly where capture failed;
         ``changed``: only the first that many values differ from the previous replay's."""
         if key not in self._graphs:
@@ -347,7 +446,7 @@ class LatencyEngine:
         return graph.replay(values if changed is None else values[:changed])
 
     def _capture(
-        self, key: tuple[Any, ...], run: Callable[[list[torch.Tensor]], torch.Tensor], values: list[torch.Tensor]
+        self, key: tuple[Any, ...], run: Callable[[list[torch.Tensor]], Any], values: list[torch.Tensor]
     ) -> _Graph | None:
         """Capture ``run`` on copies of ``values`` (after warm-up on a side stream); None where capture fails."""
         inputs = [value.clone() for value in values]

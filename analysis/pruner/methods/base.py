@@ -114,6 +114,18 @@ class PruningMethod:
         """Update the decisions from one observed layer's last-row attention (its ``image_index`` says which of its
         keys are each sample's image tokens)."""
 
+    # A method may split ``decide`` into ``measure``, device work that reads nothing back (so the latency mode can
+    # replay it as a CUDA graph), and ``apply``, the host's update from what was measured.
+    splits_decision: ClassVar[bool] = False
+
+    def measure(self, state: SelectionState, observation: LastRowObservation) -> dict[str, torch.Tensor]:
+        """The device-side part of ``decide`` (methods with ``splits_decision``)."""
+        raise NotImplementedError(f"{self.name} does not split its decision")
+
+    def apply(self, state: SelectionState, layer: int, measured: dict[str, torch.Tensor]) -> None:
+        """The host-side part of ``decide``, from ``measure``'s tensors (methods with ``splits_decision``)."""
+        raise NotImplementedError(f"{self.name} does not split its decision")
+
     def reads_hidden(self, layer: int) -> bool:
         """Whether the rule reads the hidden states entering ``layer`` in the prefill (before the layer runs, so a
         selection made there applies from ``layer`` on: set ``selection_layer`` to ``layer - 1``)."""

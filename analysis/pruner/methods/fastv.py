@@ -63,13 +63,23 @@ class FastV(PruningMethod):
         """Layer K-1, whose attention ranks the tokens."""
         return layer == self.params.prune_layer - 1
 
+    splits_decision = True
+
     def decide(self, state: SelectionState, observation: LastRowObservation) -> None:
         """Keep the most attended image tokens of each sample."""
+        self.apply(state, observation.layer, self.measure(state, observation))
+
+    def measure(self, state: SelectionState, observation: LastRowObservation) -> dict[str, torch.Tensor]:
+        """Each image token's head-mean attention from the last row (-1 on padding)."""
         weights = torch.gather(observation.weights.mean(1), 1, image_keys(observation))
-        weights = weights.masked_fill(~state.image_valid, -1.0)
+        return {"weights": weights.masked_fill(~state.image_valid, -1.0)}
+
+    def apply(self, state: SelectionState, layer: int, measured: dict[str, torch.Tensor]) -> None:
+        """Keep each sample's most attended tokens."""
+        weights = measured["weights"]
         counts = state.image_valid.sum(1).tolist()
         chosen = [weights[row].topk(min(self.params.keep_tokens, n)).indices for row, n in enumerate(counts)]
-        keep_chosen(state, observation.layer, chosen)
+        keep_chosen(state, layer, chosen)
 
     def first_pruned_layer(self) -> int | None:
         """K."""

@@ -158,8 +158,15 @@ class VisiPruner(PruningMethod):
             return False
         return layer > self.params.shallow_mid_layer and bool((state.exit_layer < 0).any())
 
+    splits_decision = True
+
     def decide(self, state: SelectionState, observation: LastRowObservation) -> None:
         """Select where a token's removal turns the output; exit where the kept tokens stop mattering."""
+        self.apply(state, observation.layer, self.measure(state, observation))
+
+    def measure(self, state: SelectionState, observation: LastRowObservation) -> dict[str, torch.Tensor]:
+        """Every row's tests of this layer on the device: whether the selection fires, whether the kept tokens are
+        negligible, whether the selection keeps every token, and the tokens a selection here would keep."""
         p = self.params
         authors = p.rule == "authors"
         if p.rule_precision == "model":
@@ -176,21 +183,25 @@ class VisiPruner(PruningMethod):
             observation, image_keys(observation), state.image_valid, authors_formulas=authors
         )
         cosine, norm = recorded["cosine"], recorded["norm"]
-        layer = observation.layer
         valid = state.image_valid
-        # Every row's tests at once, read back in one transfer: a read-back per row and test stalled the GPU's queue
-        # twice per sample in every observed layer.
         fires = ((cosine < p.layer_threshold) & valid).any(1)
         # A selection keeping no token counts as negligible, as an empty set's "all" does.
         negligible = ((cosine >= p.deep_cosine) | ~state.keep).all(1)
         keeps_all = (state.keep | ~valid).all(1)
-        fires, negligible, keeps_all = torch.stack([fires, negligible, keeps_all]).cpu()
+        return {"tests": torch.stack([fires, negligible, keeps_all]), "candidates": (norm > p.tokens_threshold) & valid}
+
+    def apply(self, state: SelectionState, layer: int, measured: dict[str, torch.Tensor]) -> None:
+        """Select the rows whose test fired; count the quiet layers of selected rows and exit them after enough."""
+        p = self.params
+        authors = p.rule == "authors"
+        # Every row's tests at once, read back in one transfer: a read-back per row and test stalled the GPU's queue
+        # twice per sample in every observed layer.
+        fires, negligible, keeps_all = measured["tests"].cpu()
         undecided = state.selection_layer < 0
         selected = undecided & fires
         if selected.any():
-            state.keep = torch.where(
-                selected.to(valid.device)[:, None], (norm > p.tokens_threshold) & valid, state.keep
-            )
+            candidates = measured["candidates"]
+            state.keep = torch.where(selected.to(candidates.device)[:, None], candidates, state.keep)
             state.selection_layer[selected] = layer
         if authors:
             # A selection that kept every image token never shortens their sequence, so their exit (which looks for
