@@ -71,6 +71,8 @@ def test_latency_mode_gives_the_eager_tokens(tiny: LoadedModel, samples, name: s
     pad = tiny.processor.tokenizer.pad_token_id
     result = engine.generate(inputs, NEW_TOKENS, config, pad_token_id=pad, return_logits=True)
     assert torch.equal(result.tokens, expected)
+    # The tower's features were merged by the engine (checked against the model's own merge), not by the model.
+    assert list(engine._tower_matches.values()) == [True]
     assert result.logits is not None
     torch.testing.assert_close(result.logits, expected_logits, rtol=1e-4, atol=1e-4)
     if config is not None:

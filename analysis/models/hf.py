@@ -605,3 +605,15 @@ def greedy_processors(model: HFModel) -> list[str]:
     if (getattr(config, "min_length", 0) or 0) > 0:
         found.append(f"min_length={config.min_length!r}")
     return found
+
+
+def flat_image_features(output: Any) -> torch.Tensor:
+    """The projected image features of a ``get_image_features`` call as one (image tokens, D) tensor, in the order
+    the model scatters them into its image positions (releases return a tensor, a list per image, or an output
+    object holding either)."""
+    features = getattr(output, "pooler_output", output)
+    if isinstance(features, (list, tuple)):
+        features = torch.cat([part.reshape(-1, part.shape[-1]) for part in features])
+    if not isinstance(features, torch.Tensor):
+        raise compatibility_error(f"get_image_features returned {type(output).__name__}, not image features")
+    return features.reshape(-1, features.shape[-1])

@@ -26,7 +26,6 @@ from __future__ import annotations
 import logging
 import weakref
 from collections.abc import Callable
-from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -175,6 +174,7 @@ class LatencyEngine:
         self._reported: set[str] = set()
         self._masks: dict[tuple[int, str], torch.Tensor | None] = {}  # the identity layout's mask per attention kind
         self._query_row: torch.Tensor | None = None  # the observed layer's last-row query, copied out in the layer
+        self._tower_matches: dict[tuple[Any, ...], bool] = {}  # per input shape: the tower path merges as the model
 
     # -- support -----------------------------------------------------------------------------------
     def unsupported(self, config: PruningConfig) -> str | None:
@@ -221,10 +221,7 @@ class LatencyEngine:
         runtime = _LatencyRuntime(adapter, config, inputs.layouts, implementation)
         runtime.width_bucket = self.width_bucket
         text_model = adapter.language_model()
-        vision = adapter.vision_attention() if runtime.method.reads_vision else nullcontext(runtime.vision_passes)
-        with vision as passes:
-            runtime.vision_passes = passes
-            embeds = hf.language_model_embeddings(self.model, text_model, inputs.tensors)
+        embeds = self._embeddings(runtime, text_model, inputs)
         positions = adapter.rope_positions(inputs).to(self.device)
         batch, length = embeds.shape[:2]
         slots = -(-(length + max_new_tokens) // self.width_bucket) * self.width_bucket
@@ -239,6 +236,47 @@ class LatencyEngine:
                 runtime, text_model, logits, positions, max_new_tokens, eos_token_id, pad_token_id, return_logits
             )
         return LatencyResult(tokens, runtime, torch.stack(logits) if return_logits else None)
+
+    def _embeddings(self, runtime: _LatencyRuntime, text_model: nn.Module, inputs: ModelInputs) -> torch.Tensor:
+        """The language model's input embeddings: text embeddings with the tower's features at the image positions
+        (the tower a graph where it can be), checked once per input shape against the model's own merge."""
+        adapter = self.adapter
+        if runtime.method.reads_vision:
+            # The rule reads the tower's attention as it runs: the model's own pass, with the tower observed.
+            with adapter.vision_attention() as passes:
+                runtime.vision_passes = passes
+                return hf.language_model_embeddings(self.model, text_model, inputs.tensors)
+        tensors = inputs.tensors
+        names = [name for name in adapter.image_input_keys if isinstance(tensors.get(name), torch.Tensor)]
+        image_inputs = [tensors[name] for name in names]
+        key = ("tower", _signature([inputs.input_ids, *image_inputs]))
+        if self._tower_matches.get(key) is False:
+            return hf.language_model_embeddings(self.model, text_model, tensors)
+
+        def tower(values: list[torch.Tensor]) -> torch.Tensor:
+            return hf.flat_image_features(adapter.image_features({**tensors, **dict(zip(names, values, strict=True))}))
+
+        features = self._replay_or_capture(key, tower, image_inputs) if self.graphs else tower(image_inputs)
+        merged = adapter.embed_tokens(inputs.input_ids).clone()
+        rows = torch.cat(
+            [torch.full((layout.n_image_tokens,), row, dtype=torch.long) for row, layout in enumerate(inputs.layouts)]
+        ).to(self.device)
+        columns = torch.cat(
+            [torch.as_tensor(layout.padded(layout.image_positions), dtype=torch.long) for layout in inputs.layouts]
+        ).to(self.device)
+        if features.shape[0] != rows.shape[0]:
+            self._tower_matches[key] = False
+            self.report(f"the tower gives {features.shape[0]} features for {rows.shape[0]} image tokens")
+            return hf.language_model_embeddings(self.model, text_model, tensors)
+        merged[rows, columns] = features.to(merged.dtype)
+        if key not in self._tower_matches:
+            # Once per shape: the merge must be the model's own, or the model's pass is used from then on.
+            reference = hf.language_model_embeddings(self.model, text_model, tensors)
+            self._tower_matches[key] = bool(torch.allclose(merged, reference, rtol=1e-3, atol=1e-3))
+            if not self._tower_matches[key]:
+                self.report("the tower's features merged here differ from the model's merge; using the model's pass")
+                return reference
+        return merged
 
     def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """(B, V) float32 next-token logits from the last position's hidden states (B, 1, D)."""
