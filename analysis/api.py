@@ -162,9 +162,12 @@ def generate(
     *,
     pruning: PruningConfig | str | Path | dict[str, Any] | None = None,
     max_new_tokens: int = 8,
+    latency: bool = False,
 ) -> PrunedAnswers:
-    """The greedy answer to one image and question, pruned by ``pruning`` (None: the unpruned model)."""
-    from analysis.generation import generate_answers
+    """The greedy answer to one image and question, pruned by ``pruning`` (None: the unpruned model); ``latency``:
+    in the latency mode (static buffers, CUDA graphs on CUDA; eager, with the reason logged, where it cannot run)."""
+    from analysis.generation import decode_answers, generate_answers
+    from analysis.pruner.latency import latency_generate
     from analysis.pruner.runtime import pruned_runtime
 
     config = (
@@ -173,9 +176,14 @@ def generate(
         else PruningConfig(method="none", num_layers=loaded.adapter.num_layers)
     )
     _, inputs = _inputs(loaded, images, question)
-    with pruned_runtime(loaded.model, config, inputs.layouts) as runtime:
-        answers = generate_answers(loaded, inputs, max_new_tokens)
-    decisions = runtime.decisions(inputs.layouts)
+    fast = latency_generate(loaded, inputs, max_new_tokens, config) if latency else None
+    if fast is not None:
+        answers = decode_answers(loaded.processor.tokenizer, fast.tokens)
+        decisions = fast.decisions(inputs)
+    else:
+        with pruned_runtime(loaded.model, config, inputs.layouts) as runtime:
+            answers = generate_answers(loaded, inputs, max_new_tokens)
+        decisions = runtime.decisions(inputs.layouts)
     return PrunedAnswers(
         answers,
         [list(map(int, kept)) for kept in decisions.kept],

@@ -83,6 +83,10 @@ def test_generate_pruned_and_unpruned(tmp_path: Path, loaded) -> None:
     pruned = api.generate(loaded, image, RECORD["prompt"], pruning=values, max_new_tokens=3)
     # FastV reads layer K-1's attention and drops tokens from layer K on: the rule fired in layer 0.
     assert pruned.selection_layer == [0] and len(pruned.kept_tokens[0]) == 4 < n_image
+    # The latency mode answers and decides as the eager runtime, pruned and unpruned.
+    fast = api.generate(loaded, image, RECORD["prompt"], pruning=values, max_new_tokens=3, latency=True)
+    assert fast == pruned
+    assert api.generate(loaded, image, RECORD["prompt"], max_new_tokens=3, latency=True).answers == plain.answers
 
 
 def plain_image_tokens(loaded, image: Image.Image) -> int:

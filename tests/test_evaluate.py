@@ -93,3 +93,22 @@ def test_cli_evaluates_a_pruning_config(tmp_path: Path, capsys: pytest.CaptureFi
     )
     assert "32-layer model but this model has 12 layers" in capsys.readouterr().err
     assert not (tmp_path / "bad").exists()
+
+
+def test_cli_latency_runtime_answers_as_drop(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """``--pruning-runtime latency``: the same pruned and unpruned answers and decisions as the eager runtime."""
+    config = str(Path(__file__).resolve().parent.parent / "configs" / "shapes-llava.visipruner.json")
+    tables = {}
+    for runtime in ("drop", "latency"):
+        out = tmp_path / runtime
+        argv = ["--split", "validation", "--limit", "12", "--config", config, "--out", str(out), "--device", "cpu"]
+        assert main([*argv, "--pruning-runtime", runtime]) == 0
+        tables[runtime] = pd.read_parquet(out / "pruned_predictions").sort_values("sample_id", ignore_index=True)
+    capsys.readouterr()
+    columns = ["baseline_answer", "pruned_answer", "selection_layer", "exit_layer", "n_kept", "flops"]
+    pd.testing.assert_frame_equal(tables["drop"][columns], tables["latency"][columns])
+    plain = tmp_path / "plain"
+    argv = ["--split", "validation", "--limit", "12", "--out", str(plain), "--device", "cpu"]
+    assert main([*argv, "--pruning-runtime", "latency"]) == 0
+    predictions = pd.read_parquet(plain / "predictions").sort_values("sample_id", ignore_index=True)
+    assert predictions["prediction"].tolist() == tables["drop"]["baseline_answer"].tolist()
