@@ -604,11 +604,15 @@ def _latency_rows(
         (f"fastv live {method_for(fastv.config).settings()}" if fastv.config else "fastv", fastv.config, fastv.tokens),
     ]
 
-    def call(config: PruningConfig | None, new_tokens: int) -> Callable[[], object]:
-        return lambda: engine.generate(inputs, new_tokens, config)
+    with torch.inference_mode():
+        embeds = hf.language_model_embeddings(model, get_adapter(model).language_model(), inputs.tensors)
+
+    def call(config: PruningConfig | None, new_tokens: int, merged: torch.Tensor | None = None) -> Callable[[], object]:
+        return lambda: engine.generate(inputs, new_tokens, config, embeds=merged)
 
     entries = []
     for name, config, _ in configs:
+        entries.append(Timed(f"{name} prefill", call(config, 1, embeds)))
         entries.append(Timed(f"{name} ttft", call(config, 1)))
         entries.append(Timed(f"{name} generate", call(config, args.new_tokens)))
     timed = interleaved(entries, device, max(args.warmup, 1), args.repeats, args.rounds)
@@ -617,19 +621,21 @@ def _latency_rows(
         shape, configs[0][2], *limits, batch=batch_size, bytes_per_value=roofline.bytes_per_value
     )
     full = prefill_flops(shape, configs[0][2])["exact"]
-    base_ttft = timed["unpruned ttft"].seconds
+    base_ttft, base_prefill = timed["unpruned ttft"].seconds, timed["unpruned prefill"].seconds
     mode = "CUDA graphs" if engine.graphs else "static buffers, uncaptured"
     for name, _, tokens in configs:
         ttft, generate_s = timed[f"{name} ttft"].seconds, timed[f"{name} generate"].seconds
-        roof = base_roof / roofline_seconds(
-            shape, tokens, *limits, batch=batch_size, bytes_per_value=roofline.bytes_per_value
-        )
+        prefill_s = timed[f"{name} prefill"].seconds
+        roof_time = roofline_seconds(shape, tokens, *limits, batch=batch_size, bytes_per_value=roofline.bytes_per_value)
+        roof = base_roof / roof_time
         ideal = full / prefill_flops(shape, tokens)["exact"]
+        speedup = base_prefill / prefill_s
         rate = batch_size * (args.new_tokens - 1) / (generate_s - ttft) if generate_s > ttft else float("nan")
         sys.stdout.write(
-            f"{batch_size:>5} latency mode ({mode}), {name:<52} TTFT {ttft:.4f} s x{base_ttft / ttft:.3f} "
-            f"(FLOPs ideal {ideal:.3f}, roofline ideal {roof:.3f}); generate {generate_s:.4f} s, "
-            f"decode {rate:.1f} tok/s\n"
+            f"{batch_size:>5} latency mode ({mode}), {name:<52} prefill {prefill_s:.4f} s x{speedup:.3f} "
+            f"(FLOPs ideal {ideal:.3f}, roofline ideal {roof:.3f}, x / roofline ideal {speedup / roof:.3f}, "
+            f"roofline time / prefill {roof_time / prefill_s:.3f}); TTFT {ttft:.4f} s x{base_ttft / ttft:.3f}; "
+            f"generate {generate_s:.4f} s, decode {rate:.1f} tok/s\n"
         )
 
 

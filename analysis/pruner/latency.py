@@ -206,9 +206,11 @@ class LatencyEngine:
         eos_token_id: int | None = None,
         pad_token_id: int | None = None,
         return_logits: bool = False,
+        embeds: torch.Tensor | None = None,
     ) -> LatencyResult:
         """Greedy tokens for a left-padded batch, pruned by ``config`` (None: unpruned); ``return_logits`` keeps
-        every step's logits too."""
+        every step's logits too; ``embeds``: the language model's input embeddings already made (benchmarks time
+        the decoder alone with it; a rule that reads the vision tower needs the tower's pass)."""
         adapter = self.adapter
         if max_new_tokens < 1:
             raise ConfigError(f"max_new_tokens must be >= 1, not {max_new_tokens}")
@@ -221,7 +223,8 @@ class LatencyEngine:
         runtime = _LatencyRuntime(adapter, config, inputs.layouts, implementation)
         runtime.width_bucket = self.width_bucket
         text_model = adapter.language_model()
-        embeds = self._embeddings(runtime, text_model, inputs)
+        if embeds is None or runtime.method.reads_vision:
+            embeds = self._embeddings(runtime, text_model, inputs)
         positions = adapter.rope_positions(inputs).to(self.device)
         batch, length = embeds.shape[:2]
         slots = -(-(length + max_new_tokens) // self.width_bucket) * self.width_bucket
