@@ -177,6 +177,14 @@ def test_batch_of_four_scores_as_batch_of_one(tasks: Path, pruned: dict[str, Any
     )
 
 
+def test_latency_mode_answers_as_eager(tasks: Path, pruned: dict[str, Any]) -> None:
+    """``latency=true`` (static buffers, CUDA graphs on CUDA) gives the eager runtime's answers and costs."""
+    fast = lmms_run(tasks, "shapes_vqa_lmms", f"pruning={CONFIG},latency=true", batch_size=4)
+    assert replies(fast, "shapes_vqa_lmms") == replies(pruned, "shapes_vqa_lmms")
+    key = "avg_pruning/shapes_vqa_lmms/prefill_flops_cut"
+    assert fast["throughput"][key] == pytest.approx(pruned["throughput"][key])
+
+
 def test_another_family_batches_as_single_samples(tasks: Path) -> None:
     """On a Qwen2.5-VL model (tiny, random: its answers are noise, but deterministic) the plugin runs through the same
     adapter machinery, and DART pruning per sample at batch size 4 gives batch size 1's answers and costs."""

@@ -35,12 +35,13 @@ from PIL import Image
 
 from analysis.data.samples import Sample, batched
 from analysis.errors import ConfigError, DataError, ToolkitError
-from analysis.generation import generate_answers
+from analysis.generation import decode_answers, generate_answers
 from analysis.models.adapters import ModelInputs
 from analysis.models.registry import DEFAULT_MODEL, LoadedModel, default_device, load_model
 from analysis.probes.measure import answer_scores, teacher_forced
 from analysis.pruner.config import PruningConfig, config_for_model
 from analysis.pruner.flops import DecoderShape, LayerTokens, prefill_flops
+from analysis.pruner.latency import latency_generate
 from analysis.pruner.methods import METHODS, method_for
 from analysis.pruner.runtime import pruned_runtime
 from analysis.pruner.simulate import Decisions, sample_flops
@@ -60,6 +61,7 @@ MODEL_ARGS = (
     "budget",
     "prune_layer",
     "authors_layer0",
+    "latency",
 )
 
 
@@ -131,6 +133,7 @@ class PrunedModel(lmms):
         budget: float | None = None,
         prune_layer: int | None = None,
         authors_layer0: str = "auto",
+        latency: bool | str = False,
         **unknown: Any,
     ) -> None:
         super().__init__()
@@ -143,6 +146,9 @@ class PrunedModel(lmms):
                 raise ConfigError(f"batch_size must be a whole number >= 1, not {batch_size!r}")
             if method is not None and method not in METHODS:
                 raise ConfigError(f"unknown pruning method {method!r}; choose from {', '.join(METHODS.names())}")
+            if str(latency).lower() not in ("true", "false", "1", "0"):
+                raise ConfigError(f"latency must be true or false, not {latency!r}")
+            self.latency = str(latency).lower() in ("true", "1")
             self.loaded = load_model(str(pretrained), dtype=str(dtype), device=device or default_device())
             self.pruning = pruning_config(self.loaded, pruning, method, budget, prune_layer, str(authors_layer0))
         except ToolkitError as error:
@@ -271,7 +277,13 @@ class PrunedModel(lmms):
         """Greedy answers of a batch, pruned per sample; their costs recorded under ``task``."""
         loaded = self.loaded
         inputs = self._inputs(samples)
-        answers, decisions = self._run(inputs, lambda: generate_answers(loaded, inputs, max_new_tokens))
+        fast = latency_generate(loaded, inputs, max_new_tokens, self.pruning) if self.latency else None
+        if fast is not None:
+            answers = decode_answers(loaded.processor.tokenizer, fast.tokens)
+            prunes = self.pruning is not None and method_for(self.pruning).prunes
+            decisions = fast.decisions(inputs) if prunes else None
+        else:
+            answers, decisions = self._run(inputs, lambda: generate_answers(loaded, inputs, max_new_tokens))
         self._record(task, inputs, decisions, inputs.input_ids.shape[1])
         return [answer or "" for answer in answers]
 
