@@ -46,6 +46,7 @@ from analysis.pruner.simulate import Decisions
 logger = logging.getLogger(__name__)
 
 WIDTH_BUCKET = 16
+MAX_GRAPHS = 512  # captured graphs kept per engine (a batch's live rule picks widths, so their number grows)
 
 
 class LatencyUnsupported(ToolkitError):
@@ -479,6 +480,9 @@ class LatencyEngine:
         """``run(values)`` as a replay of its graph (captured on first use), or eagerly where capture failed;
         ``changed``: only the first that many values differ from the previous replay's."""
         if key not in self._graphs:
+            if len(self._graphs) >= MAX_GRAPHS:
+                # Oldest first: each graph holds its output buffer, and widths vary from batch to batch.
+                del self._graphs[next(iter(self._graphs))]
             self._graphs[key] = self._capture(key, run, values)
             changed = None
         graph = self._graphs[key]
