@@ -239,7 +239,8 @@ class PrunedRuntime(PruningHooks):
             return layer in self._frozen_cuts
         if bool(((self.selection_layer == layer - 1) | (self.exit_layer == layer - 1)).any()):
             return True
-        return bool((self.stage_drops == layer - 1).any())
+        # The staged drops live on the device: reading them is a sync, only worth it for a staged rule.
+        return self.method.drops_in_stages and bool((self.stage_drops == layer - 1).any())
 
     def _kept_positions(self, layer: int) -> torch.Tensor:
         """(B, input length) bool: the input positions ``layer`` processes."""

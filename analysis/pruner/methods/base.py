@@ -117,6 +117,8 @@ class PruningMethod:
     # A method may split ``decide`` into ``measure``, device work that reads nothing back (so the latency mode can
     # replay it as a CUDA graph), and ``apply``, the host's update from what was measured.
     splits_decision: ClassVar[bool] = False
+    # Whether the rule drops tokens in stages (``stage_drops``); executors skip looking there otherwise.
+    drops_in_stages: ClassVar[bool] = False
 
     def measure(self, state: SelectionState, observation: LastRowObservation) -> dict[str, torch.Tensor]:
         """The device-side part of ``decide`` (methods with ``splits_decision``)."""

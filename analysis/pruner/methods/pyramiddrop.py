@@ -48,6 +48,8 @@ class PyramidDropConfig(MethodConfig):
 class PyramidDrop(PruningMethod):
     """Stage by stage, keep lambda of the image tokens by the last row's head-mean attention."""
 
+    drops_in_stages = True
+
     name = "pyramiddrop"
     config_type = PyramidDropConfig
     label = "PyramidDrop"
