@@ -134,6 +134,17 @@ def test_logits_processors_are_refused_and_callers_generate_eagerly(tiny: Loaded
         tiny.model.generation_config.repetition_penalty = previous
 
 
+def test_a_model_split_over_devices_is_refused(tiny: LoadedModel, samples) -> None:
+    """A device map over several devices: the engine's buffers live on one, so it refuses with the reason."""
+    inputs = tiny.adapter.build_inputs(tiny.processor, samples)
+    tiny.model.hf_device_map = {"model.vision_tower": "cpu", "model.language_model": "disk"}
+    try:
+        with pytest.raises(LatencyUnsupported, match="several devices"):
+            LatencyEngine(tiny.model).generate(inputs, NEW_TOKENS)
+    finally:
+        del tiny.model.hf_device_map
+
+
 def test_deepstack_family_is_refused(samples) -> None:
     """Qwen3-VL adds DeepStack features inside its decoder: the latency mode says so instead of running wrong."""
     loaded = load_model(FAMILIES["qwen3_vl"])

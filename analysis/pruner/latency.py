@@ -185,6 +185,9 @@ class LatencyEngine:
         implementation = hf.attention_implementation(self.adapter.text_config)
         if implementation not in ATTENTION_IMPLEMENTATIONS:
             return f"attention implementation {implementation!r} (load with attn_implementation='sdpa')"
+        placement = hf.device_map(self.model)
+        if placement is not None and len(set(placement.values())) > 1:
+            return "the model is split over several devices by a device map; the engine keeps one device's buffers"
         processors = hf.greedy_processors(self.model)
         if processors:
             return f"the generation config sets {', '.join(processors)}, which greedy decoding here does not apply"
