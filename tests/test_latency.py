@@ -7,6 +7,8 @@ import logging
 import pytest
 import torch
 from conftest import FAMILIES, LAYER_THRESHOLDS, TOKENS_THRESHOLDS
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 from analysis.models import hf
 from analysis.models.adapters import ModelInputs
@@ -165,3 +167,80 @@ def test_pruned_evaluation_in_latency_mode_equals_drop(samples) -> None:
     latency = evaluate_pruned(loaded, batch, config, batch_size=4, runtime="latency")
     columns = ["baseline_answer", "pruned_answer", "selection_layer", "exit_layer", "n_kept", "flops"]
     assert drop[columns].equals(latency[columns])
+
+
+class _ReadsOnly(TorchDispatchMode):
+    """Records every tensor an operation reads that is neither allowed (weights, the engine's buffers, the graph's
+    inputs) nor made by an earlier operation of the same run: what a CUDA-graph replay would read stale."""
+
+    def __init__(self, allowed: set[int]) -> None:
+        super().__init__()
+        self.allowed = allowed
+        self.strays: list[tuple[str, tuple[int, ...]]] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        kwargs = kwargs or {}
+        for value in tree_leaves((args, kwargs)):
+            if isinstance(value, torch.Tensor) and value.numel() and _storage(value) not in self.allowed:
+                self.strays.append((str(func), tuple(value.shape)))
+        out = func(*args, **kwargs)
+        self.allowed |= {_storage(value) for value in tree_leaves(out) if isinstance(value, torch.Tensor)}
+        return out
+
+
+def _storage(tensor: torch.Tensor) -> int:
+    """The address of a tensor's storage (views share it)."""
+    return tensor.untyped_storage().data_ptr()
+
+
+class _Rerun:
+    """A stand-in for a captured graph on the CPU: a replay runs the step again on the same input buffers and
+    refills the same output buffers, as a replay would."""
+
+    def __init__(self, run, inputs, output) -> None:  # type: ignore[no-untyped-def]
+        self.run, self.inputs, self.output = run, inputs, output
+
+    def replay(self) -> None:
+        fresh = self.run(self.inputs)
+        for buffer, value in zip(tree_leaves(self.output), tree_leaves(fresh), strict=True):
+            buffer.copy_(value)
+
+
+@pytest.mark.parametrize("name", ["unpruned", "visipruner", "shallow", "authors", "fastv"])
+def test_graph_steps_read_only_their_inputs(tiny: LoadedModel, samples, name: str, monkeypatch) -> None:
+    """Every step the engine would capture (tower, layer runs, observed layers, the rule, a decoding step) reads only
+    its input buffers, the weights and the engine's own buffers, so a replay in a later call reads that call's
+    values; with replays standing in for graphs, two calls give the eager tokens."""
+    from analysis.pruner import latency
+
+    strays: dict[tuple, list] = {}
+    captured: list[tuple] = []
+
+    def capture(self, key, run, values):  # type: ignore[no-untyped-def]
+        inputs = [value.clone() for value in values]
+        allowed = {_storage(t) for t in (*self.model.parameters(), *self.model.buffers(), *inputs)}
+        allowed |= {_storage(t) for t in (*self.kv.keys, *self.kv.values) if t is not None}
+        if self._query_row is not None:
+            allowed.add(_storage(self._query_row))
+        mode = _ReadsOnly(allowed)
+        with mode:
+            output = run(inputs)
+        strays[key] = mode.strays
+        captured.append(key[:2])
+        return latency._Graph(_Rerun(run, inputs, output), inputs, output)
+
+    monkeypatch.setattr(LatencyEngine, "_capture", capture)
+    config = _configs(tiny)[name]
+    engine = LatencyEngine(tiny.model, width_bucket=4)
+    engine.graphs = True  # the capture path, with the stand-in above
+    pad = tiny.processor.tokenizer.pad_token_id
+    first = tiny.adapter.build_inputs(tiny.processor, samples)
+    second = tiny.adapter.build_inputs(tiny.processor, samples[::-1])  # same shapes, other values
+    for inputs in (first, second):
+        expected, _ = _eager(tiny, inputs, config)
+        assert torch.equal(engine.generate(inputs, NEW_TOKENS, config, pad_token_id=pad).tokens, expected)
+    tower = {"tower"} if tiny.adapter.static_vision_tower else set()
+    assert {kind for kind, *_ in captured} >= {"prefill", "decode", *tower}
+    if name in ("visipruner", "shallow", "authors"):
+        assert "rule" in {kind for kind, *_ in captured} and "observed" in {kind for kind, *_ in captured}
+    assert {key: found for key, found in strays.items() if found} == {}

@@ -134,6 +134,9 @@ class FamilyAdapter(ABC):
     # Whether the language model adds visual features to the image positions' hidden states after its first
     # layers (Qwen3-VL's DeepStack), which the token-dropping runtime then adds to the tokens each row keeps.
     deepstack: ClassVar[bool] = False
+    # Whether the vision tower's work is fixed by its input shapes (a CUDA graph can replay it); a tower that plans
+    # its work from the inputs' values on the host (Qwen2.5-VL's windows from the image grid) is not.
+    static_vision_tower: ClassVar[bool] = True
     # Processor outputs the vision tower reads (the rest are sequence-aligned: ids, mask).
     image_input_keys: ClassVar[tuple[str, ...]] = ("pixel_values",)
     # Processor outputs laid out along the sequence besides ids and mask, and what extends them on the right.

@@ -36,6 +36,7 @@ class Qwen25VLAdapter(FamilyAdapter):
     model_type = "qwen2_5_vl"
     description = "Qwen2.5-VL: dynamic image-token count from image size, multimodal RoPE"
     image_input_keys = ("pixel_values", "image_grid_thw")
+    static_vision_tower = False  # its tower plans attention windows and positions from image_grid_thw on the host
     checkpoints = {
         f"qwen2.5-vl-{size}": (f"Qwen/Qwen2.5-VL-{size.upper()}-Instruct", f"Qwen2.5-VL {size.upper()} Instruct")
         for size in ("3b", "7b", "32b", "72b")

@@ -263,7 +263,12 @@ class LatencyEngine:
         def tower(values: list[torch.Tensor]) -> torch.Tensor:
             return hf.flat_image_features(adapter.image_features({**tensors, **dict(zip(names, values, strict=True))}))
 
-        features = self._replay_or_capture(key, tower, image_inputs) if self.graphs else tower(image_inputs)
+        if self.graphs and adapter.static_vision_tower:
+            features = self._replay_or_capture(key, tower, image_inputs)
+        else:
+            if self.graphs:
+                self.report(f"the {adapter.model_type} vision tower plans its work on the host: it runs eagerly")
+            features = tower(image_inputs)
         merged = adapter.embed_tokens(inputs.input_ids).clone()
         rows = torch.cat(
             [torch.full((layout.n_image_tokens,), row, dtype=torch.long) for row, layout in enumerate(inputs.layouts)]
