@@ -158,3 +158,17 @@ def test_pruned_speed_latency_rows(capsys: pytest.CaptureFixture[str]) -> None:
     assert "visipruner live: kept" in rows[1] and "@1.0" in rows[1] and "fastv live" in rows[2]
     kept = float(rows[1].split("kept ")[1].split()[0])
     assert 1 <= kept <= 8  # about the pinned 4 of the tiny preset's image tokens
+
+
+def test_mean_layer_tokens_averages_each_samples_schedule() -> None:
+    """Two samples' schedules (one selects at layer 0 keeping 2 of 4 and exits after 1, one never selects) give
+    their per-layer means, by hand."""
+    import numpy as np
+
+    from analysis.benchmarks.pruned_speed import mean_layer_tokens
+    from analysis.pruner.flops import LayerTokens
+    from analysis.pruner.simulate import Decisions
+
+    decisions = Decisions(np.array([0, -1]), np.array([1, -1]), [[0, 3], [0, 1, 2, 3]], [4, 4])
+    # sample 0: layer 0 sees 4 image tokens, layer 1 sees 2, layer 2 none; sample 1 sees 4 everywhere.
+    assert mean_layer_tokens(decisions, 10, 3) == [LayerTokens(10, 4), LayerTokens(9, 3), LayerTokens(8, 2)]

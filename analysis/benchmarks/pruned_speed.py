@@ -527,12 +527,29 @@ def _benchmark_batch(
         _latency_rows(model, inputs, shape, pinned, batch_size, device, args, roofline)
 
 
+def _live_decisions(model: HFModel, inputs: ModelInputs, config: PruningConfig) -> Decisions:
+    """The live rule's decisions in one eager prefill."""
+    with torch.inference_mode(), pruned_runtime(model, config, inputs.layouts) as runtime:
+        hf.embeds_forward(model, model.get_input_embeddings()(inputs.input_ids), inputs.attention_mask)
+    return runtime.decisions(inputs.layouts)
+
+
+def mean_layer_tokens(decisions: Decisions, length: int, num_layers: int) -> list[LayerTokens]:
+    """Per layer, the samples' mean tokens (rounded) under their own decisions: one sample standing for the batch."""
+    rows = [decisions.tokens_per_layer(row, length, num_layers) for row in range(len(decisions.kept))]
+    return [
+        LayerTokens(
+            int(round(np.mean([row[layer].total for row in rows]))),
+            int(round(np.mean([row[layer].image for row in rows]))),
+        )
+        for layer in range(num_layers)
+    ]
+
+
 def _mean_decisions(model: HFModel, inputs: ModelInputs, config: PruningConfig) -> tuple[float, float, float]:
     """Mean kept image tokens, selection layer and exit layer (exits past the last layer for none) of the live rule
     in one eager prefill."""
-    with torch.inference_mode(), pruned_runtime(model, config, inputs.layouts) as runtime:
-        hf.embeds_forward(model, model.get_input_embeddings()(inputs.input_ids), inputs.attention_mask)
-    decisions = runtime.decisions(inputs.layouts)
+    decisions = _live_decisions(model, inputs, config)
     kept = float(np.mean([decisions.n_kept(row) for row in range(len(decisions.kept))]))
     exits = np.where(decisions.exit_layer >= 0, decisions.exit_layer, config.num_layers)
     return kept, float(np.mean(decisions.selection_layer)), float(np.mean(exits))
@@ -593,8 +610,8 @@ def _latency_rows(
     length, n_image = inputs.input_ids.shape[1], inputs.layouts[0].n_image_tokens
     ours = live_visipruner(model, inputs, layers, pinned["selection_layer"], pinned["keep"], pinned["exit_layer"])
     kept, selection, exit_mean = _mean_decisions(model, inputs, ours)
-    exit_at = int(round(exit_mean)) if exit_mean < layers else -1
-    ours_tokens = pinned_tokens(layers, length, n_image, int(round(kept)), int(round(selection)), exit_at)
+    # The ideals count what each sample's own decisions leave (the engine pads a batch to its widest row).
+    ours_tokens = mean_layer_tokens(_live_decisions(model, inputs, ours), length, layers)
     target = prefill_flops(shape, ours_tokens)["exact"]
     fastv = matched_variant("fastv", shape, length, n_image, target, pinned["fastv_layer"])
     engine = LatencyEngine(model)
