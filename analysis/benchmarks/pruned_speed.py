@@ -549,9 +549,13 @@ def mean_layer_tokens(decisions: Decisions, length: int, num_layers: int) -> lis
 def _mean_decisions(model: HFModel, inputs: ModelInputs, config: PruningConfig) -> tuple[float, float, float]:
     """Mean kept image tokens, selection layer and exit layer (exits past the last layer for none) of the live rule
     in one eager prefill."""
-    decisions = _live_decisions(model, inputs, config)
+    return decision_means(_live_decisions(model, inputs, config), config.num_layers)
+
+
+def decision_means(decisions: Decisions, num_layers: int) -> tuple[float, float, float]:
+    """Mean kept image tokens, selection layer and exit layer (``num_layers`` for a sample that never exits)."""
     kept = float(np.mean([decisions.n_kept(row) for row in range(len(decisions.kept))]))
-    exits = np.where(decisions.exit_layer >= 0, decisions.exit_layer, config.num_layers)
+    exits = np.where(decisions.exit_layer >= 0, decisions.exit_layer, num_layers)
     return kept, float(np.mean(decisions.selection_layer)), float(np.mean(exits))
 
 
@@ -609,9 +613,10 @@ def _latency_rows(
     layers = shape.num_layers
     length, n_image = inputs.input_ids.shape[1], inputs.layouts[0].n_image_tokens
     ours = live_visipruner(model, inputs, layers, pinned["selection_layer"], pinned["keep"], pinned["exit_layer"])
-    kept, selection, exit_mean = _mean_decisions(model, inputs, ours)
+    live = _live_decisions(model, inputs, ours)
+    kept, selection, exit_mean = decision_means(live, layers)
     # The ideals count what each sample's own decisions leave (the engine pads a batch to its widest row).
-    ours_tokens = mean_layer_tokens(_live_decisions(model, inputs, ours), length, layers)
+    ours_tokens = mean_layer_tokens(live, length, layers)
     target = prefill_flops(shape, ours_tokens)["exact"]
     fastv = matched_variant("fastv", shape, length, n_image, target, pinned["fastv_layer"])
     engine = LatencyEngine(model)

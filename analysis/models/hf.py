@@ -543,11 +543,6 @@ class StaticKV:
             self.values[layer] = torch.zeros(shape, dtype=dtype, device=device)
         return True
 
-    @property
-    def slots(self) -> int:
-        """Slots per layer buffer."""
-        return 0 if self.keys[0] is None else int(self.keys[0].shape[2])
-
     def update(
         self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args: Any, **kwargs: Any
     ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -568,10 +563,6 @@ class StaticKV:
         values.index_copy_(2, slot, value_states)
         window = self.window[layer_idx]
         return keys[:, :, :window], values[:, :, :window]
-
-    def get_seq_length(self, layer_idx: int = 0) -> int:
-        """Prefill keys held by a layer (decoding steps are counted by ``step``)."""
-        return self.prefill_width[layer_idx]
 
 
 # Generation-config settings that change greedy decoding (a logits processor or a stopping rule besides EOS), with

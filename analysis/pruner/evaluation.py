@@ -38,8 +38,7 @@ def evaluate_pruned(
     ``runtime`` "drop" runs the pruned model with tokens really dropped (``runtime.py``), "mask" with attention
     masks (``simulate.py``), "latency" drops them in the latency mode (``latency.py``: static buffers, CUDA graphs;
     the unpruned answers too, eager where the mode cannot run); their outputs are the same (tested), only the
-    compute differs. ``on_batch`` is
-    called with each batch's sample count (progress bars).
+    compute differs. ``on_batch`` is called with each batch's sample count (progress bars).
     """
     if runtime not in PRUNING_RUNTIMES:
         raise ConfigError(f"unknown pruning runtime {runtime!r}; choose {' or '.join(PRUNING_RUNTIMES)}")

@@ -33,7 +33,7 @@ import torch
 from torch import nn
 
 from analysis.errors import ConfigError, ToolkitError
-from analysis.hooks.attention import AttentionCall, _last_row, route_attention
+from analysis.hooks.attention import AttentionCall, _last_row, additive_mask, route_attention
 from analysis.models import hf
 from analysis.models.adapters import ModelInputs, get_adapter
 from analysis.models.hf import HFModel
@@ -448,15 +448,10 @@ class LatencyEngine:
         width = layout.length
         keys, values = self.kv.keys[layer], self.kv.values[layer]
         assert keys is not None and values is not None
-        mask = kwargs.get("attention_mask")
-        if mask is None:  # SDPA's causal path: the last row sees every key
-            row_mask = torch.zeros(hidden.shape[0], 1, width, device=self.device)
-        elif mask.dtype == torch.bool:
-            row_mask = torch.zeros(mask[:, :, -1].shape, device=self.device).masked_fill(
-                ~mask[:, :, -1], torch.finfo(torch.float32).min
-            )
-        else:
-            row_mask = mask[:, :, -1].float().clamp(min=torch.finfo(torch.float32).min)
+        # The last row's additive float32 mask (B, 1, K), from the layer's boolean, additive or absent (causal) mask;
+        # the hidden states (B, 1, S, D) stand for the layer's queries, of which only the count and device are read.
+        last = slice(width - 1, width)
+        row_mask = additive_mask(kwargs.get("attention_mask"), hidden[:, None], width, 0, last, torch.float32)[:, :, 0]
         method, scaling = runtime.method, runtime.scaling
         inputs = [row_mask, runtime._image_slots(layout), runtime.image_valid, runtime.keep]
 
