@@ -355,8 +355,8 @@ class LatencyEngine:
             args, kwargs = self._layer_inputs(runtime, layers[layer], layer, hidden, rotary, fold=True)
             hidden = args[0]
             for later in range(layer + 1, end):
-                # The same layout: these hooks only record it (and hand back the same prepared inputs).
-                self._layer_inputs(runtime, layers[later], later, hidden, rotary, fold=True)
+                # The same layout: these hooks only record it (the first layer's folded inputs serve the run).
+                self._layer_inputs(runtime, layers[later], later, hidden, rotary, fold=False)
             hidden = self._run_graphed(("prefill", layer, end), layers[layer:end], hidden, kwargs, runtime)
             layer = end
         return hidden
