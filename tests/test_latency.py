@@ -206,15 +206,10 @@ class _Rerun:
             buffer.copy_(value)
 
 
-@pytest.mark.parametrize("name", ["unpruned", "visipruner", "shallow", "authors", "fastv"])
-def test_graph_steps_read_only_their_inputs(tiny: LoadedModel, samples, name: str, monkeypatch) -> None:
-    """Every step the engine would capture (tower, layer runs, observed layers, the rule, a decoding step) reads only
-    its input buffers, the weights and the engine's own buffers, so a replay in a later call reads that call's
-    values; with replays standing in for graphs, two calls give the eager tokens."""
+def _stand_in_capture(strays: dict[tuple, list], captured: list[tuple]):  # type: ignore[no-untyped-def]
+    """LatencyEngine._capture on the CPU: run the step once under _ReadsOnly, noting its key and stray reads, and
+    return a _Rerun standing in for its graph."""
     from analysis.pruner import latency
-
-    strays: dict[tuple, list] = {}
-    captured: list[tuple] = []
 
     def capture(self, key, run, values):  # type: ignore[no-untyped-def]
         inputs = [value.clone() for value in values]
@@ -229,7 +224,17 @@ def test_graph_steps_read_only_their_inputs(tiny: LoadedModel, samples, name: st
         captured.append(key[:2])
         return latency._Graph(_Rerun(run, inputs, output), inputs, output)
 
-    monkeypatch.setattr(LatencyEngine, "_capture", capture)
+    return capture
+
+
+@pytest.mark.parametrize("name", ["unpruned", "visipruner", "shallow", "authors", "fastv"])
+def test_graph_steps_read_only_their_inputs(tiny: LoadedModel, samples, name: str, monkeypatch) -> None:
+    """Every step the engine would capture (tower, layer runs, observed layers, the rule, a decoding step) reads only
+    its input buffers, the weights and the engine's own buffers, so a replay in a later call reads that call's
+    values; with replays standing in for graphs, two calls give the eager tokens."""
+    strays: dict[tuple, list] = {}
+    captured: list[tuple] = []
+    monkeypatch.setattr(LatencyEngine, "_capture", _stand_in_capture(strays, captured))
     config = _configs(tiny)[name]
     engine = LatencyEngine(tiny.model, width_bucket=4)
     engine.graphs = True  # the capture path, with the stand-in above
@@ -244,3 +249,17 @@ def test_graph_steps_read_only_their_inputs(tiny: LoadedModel, samples, name: st
     if name in ("visipruner", "shallow", "authors"):
         assert "rule" in {kind for kind, *_ in captured} and "observed" in {kind for kind, *_ in captured}
     assert {key: found for key, found in strays.items() if found} == {}
+
+
+def test_one_engine_serves_every_config(tiny: LoadedModel, samples, monkeypatch) -> None:
+    """Configs in turn through one engine (graphs standing in): each gives its eager tokens, none replays a graph
+    another config captured with other code (FastV's rule after VisiPruner's at the same layer and shapes)."""
+    monkeypatch.setattr(LatencyEngine, "_capture", _stand_in_capture({}, []))
+    engine = LatencyEngine(tiny.model, width_bucket=4)
+    engine.graphs = True
+    pad = tiny.processor.tokenizer.pad_token_id
+    inputs = tiny.adapter.build_inputs(tiny.processor, samples)
+    configs = _configs(tiny)
+    for name in [*configs, *reversed(configs)]:
+        expected, _ = _eager(tiny, inputs, configs[name])
+        assert torch.equal(engine.generate(inputs, NEW_TOKENS, configs[name], pad_token_id=pad).tokens, expected), name

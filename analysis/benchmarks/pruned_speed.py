@@ -563,8 +563,9 @@ def live_visipruner(
     model: HFModel, inputs: ModelInputs, num_layers: int, selection: int, keep: int, exit_layer: int
 ) -> PruningConfig:
     """A VisiPruner config whose live rule on this model and batch selects at ``selection`` keeping about ``keep``
-    image tokens and exits near ``exit_layer``: the token and deep thresholds found by bisection (random weights
-    give the rule no meaning of its own, so its thresholds are set to reproduce a paper-like schedule)."""
+    image tokens and exits near ``exit_layer``: the token threshold found by bisection, the exit by the deep stage's
+    patience (random weights give the rule no meaning of its own, so its thresholds reproduce a paper-like
+    schedule)."""
     base = PruningConfig(
         num_layers=num_layers,
         stages=["middle", "deep"],
@@ -574,27 +575,29 @@ def live_visipruner(
         provenance={"source": "live rule, thresholds calibrated on random weights (pruned_speed --latency)"},
     )
 
-    def bisect(low: float, high: float, measure: Callable[[float], float], target: float, rising: bool) -> float:
-        for _ in range(14):
-            middle = (low + high) / 2
-            above = measure(middle) > target
-            if above == rising:
-                high = middle
-            else:
-                low = middle
-        return (low + high) / 2
+    def kept(threshold: float) -> float:
+        """Mean image tokens the rule keeps at this norm threshold."""
+        return _mean_decisions(model, inputs, replace(base, tokens_threshold=threshold))[0]
 
-    largest = 1.0
-    while _mean_decisions(model, inputs, replace(base, tokens_threshold=largest))[0] > keep and largest < 1e6:
-        largest *= 4
-    threshold = bisect(
-        0.0, largest, lambda t: _mean_decisions(model, inputs, replace(base, tokens_threshold=t))[0], keep, False
-    )
+    # Fewer tokens pass a higher norm threshold: bisect for the one keeping ``keep``.
+    low, high = 0.0, 1.0
+    while kept(high) > keep and high < 1e6:
+        high *= 4
+    for _ in range(14):
+        middle = (low + high) / 2
+        low, high = (middle, high) if kept(middle) > keep else (low, middle)
+    threshold = (low + high) / 2
     selected = replace(base, tokens_threshold=threshold)
-    cosine = bisect(
-        0.0, 1.0, lambda c: _mean_decisions(model, inputs, replace(selected, deep_cosine=c))[2], exit_layer, True
-    )
-    return replace(selected, deep_cosine=cosine)
+    # Random weights' cosines jump past any one deep threshold, which a bisection over it cannot place: count every
+    # layer whose kept tokens do not point against the output as negligible and scan the patience instead.
+    quiet = replace(selected, deep_cosine=1e-6)
+
+    def distance(patience: int) -> float:
+        """How far the mean exit at this patience lies from ``exit_layer``."""
+        return abs(_mean_decisions(model, inputs, replace(quiet, deep_patience=patience))[2] - exit_layer)
+
+    patience = min(range(1, num_layers), key=distance)
+    return replace(quiet, deep_patience=patience)
 
 
 def _latency_rows(

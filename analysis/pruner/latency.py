@@ -171,7 +171,7 @@ class LatencyEngine:
         self.graphs = wanted
         self.kv = hf.StaticKV(self.adapter.num_layers)
         self._graphs: dict[tuple[Any, ...], _Graph | None] = {}  # None: capture failed, run eagerly
-        self._pool = torch.cuda.graph_pool_handle() if self.graphs else None
+        self._pool: Any = None  # the memory pool the graphs share, made at the first capture
         self._reported: set[str] = set()
         self._masks: dict[tuple[int, str], torch.Tensor | None] = {}  # the identity layout's mask per attention kind
         self._query_row: torch.Tensor | None = None  # the observed layer's last-row query, copied out in the layer
@@ -234,7 +234,7 @@ class LatencyEngine:
         slots = -(-(length + max_new_tokens) // self.width_bucket) * self.width_bucket
         shape = (batch, adapter.num_kv_heads, slots, adapter.head_dim)
         if self.kv.reserve(shape, embeds.dtype, self.device):
-            self._graphs.clear()  # captured graphs write into the buffers they were captured with
+            self._drop_graphs()  # captured graphs write into the buffers they were captured with
         with route_attention(adapter, runtime, runtime.prompt_length - 1, static_cache=True):
             hidden = self._prefill(runtime, text_model, embeds, positions)
             logits = [self._logits(hidden[:, -1:])]
@@ -437,7 +437,7 @@ class LatencyEngine:
         shape = (hidden.shape[0], heads, dim)
         if self._query_row is None or tuple(self._query_row.shape) != shape or self._query_row.dtype != hidden.dtype:
             self._query_row = torch.zeros(shape, dtype=hidden.dtype, device=self.device)
-            self._graphs.clear()  # graphs that copy into the old buffer
+            self._drop_graphs()  # graphs that copy into the old buffer
         runtime.query_row = self._query_row
         runtime.defer = True
         try:
@@ -467,11 +467,20 @@ class LatencyEngine:
             return method.measure(view, observation)
 
         if self.graphs:
-            measured = self._replay_or_capture(("rule", layer, _signature(inputs)), measure, inputs)
+            # The rule's code and constants are baked into its graph: one graph per config, not per shape alone.
+            key = ("rule", layer, _signature(inputs), repr(runtime.config))
+            measured = self._replay_or_capture(key, measure, inputs)
         else:
             measured = measure(inputs)
         method.apply(runtime, layer, measured)
         return hidden
+
+    def _drop_graphs(self) -> None:
+        """Forget every captured graph and capture later ones into a new memory pool."""
+        self._graphs.clear()
+        # Outputs of the dropped graphs may still be alive (the tower's features, a layer's hidden states): their
+        # pool then outlives its graphs, and the allocator refuses to capture into a pool no graph holds.
+        self._pool = None
 
     def _replay_or_capture(
         self,
@@ -507,6 +516,8 @@ class LatencyEngine:
                     run(inputs)
             current.wait_stream(side)
             graph = torch.cuda.CUDAGraph()
+            if self._pool is None:
+                self._pool = torch.cuda.graph_pool_handle()
             with torch.cuda.graph(graph, pool=self._pool):
                 output = run(inputs)
         except RuntimeError as error:
