@@ -30,7 +30,8 @@ def tiny(request: pytest.FixtureRequest) -> LoadedModel:
 
 
 def _configs(loaded: LoadedModel) -> dict[str, PruningConfig | None]:
-    """Unpruned, VisiPruner with and without its shallow stage, the authors' rule, and FastV."""
+    """Unpruned, VisiPruner with and without its shallow stage, the authors' rule, FastV, and VisiPruner exiting as
+    soon as its patience allows."""
     layers = loaded.adapter.num_layers
     family = loaded.adapter.model_type
     thresholds = {"layer_threshold": LAYER_THRESHOLDS[family], "tokens_threshold": TOKENS_THRESHOLDS[family]}
@@ -40,6 +41,8 @@ def _configs(loaded: LoadedModel) -> dict[str, PruningConfig | None]:
         "shallow": PruningConfig(num_layers=layers, shallow_mid_layer=1, **thresholds),
         "authors": PruningConfig(num_layers=layers, shallow_mid_layer=1, **thresholds).with_authors_rule("authors_7b"),
         "fastv": PruningConfig(method="fastv", num_layers=layers, prune_layer=2, keep_tokens=3),
+        # Every layer after the selection negligible: the deep test's read-backs are deferred until the exit's.
+        "patient": PruningConfig(num_layers=layers, shallow_mid_layer=0, deep_cosine=1e-6, **thresholds),
     }
 
 
@@ -63,7 +66,7 @@ def _eager(
     return out.sequences[:, inputs.input_ids.shape[1] :], torch.stack(out.logits).float()
 
 
-@pytest.mark.parametrize("name", ["unpruned", "visipruner", "shallow", "authors", "fastv"])
+@pytest.mark.parametrize("name", ["unpruned", "visipruner", "shallow", "authors", "fastv", "patient"])
 def test_latency_mode_gives_the_eager_tokens(tiny: LoadedModel, samples, name: str) -> None:
     """Same greedy tokens and decisions as eager generation, on a left-padded batch with several images."""
     config = _configs(tiny)[name]
@@ -215,8 +218,7 @@ def _stand_in_capture(strays: dict[tuple, list], captured: list[tuple]):  # type
         inputs = [value.clone() for value in values]
         allowed = {_storage(t) for t in (*self.model.parameters(), *self.model.buffers(), *inputs)}
         allowed |= {_storage(t) for t in (*self.kv.keys, *self.kv.values) if t is not None}
-        if self._query_row is not None:
-            allowed.add(_storage(self._query_row))
+        allowed |= {_storage(t) for t in (self._query_row, self._pending) if t is not None}
         mode = _ReadsOnly(allowed)
         with mode:
             output = run(inputs)
@@ -227,7 +229,7 @@ def _stand_in_capture(strays: dict[tuple, list], captured: list[tuple]):  # type
     return capture
 
 
-@pytest.mark.parametrize("name", ["unpruned", "visipruner", "shallow", "authors", "fastv"])
+@pytest.mark.parametrize("name", ["unpruned", "visipruner", "shallow", "authors", "fastv", "patient"])
 def test_graph_steps_read_only_their_inputs(tiny: LoadedModel, samples, name: str, monkeypatch) -> None:
     """Every step the engine would capture (tower, layer runs, observed layers, the rule, a decoding step) reads only
     its input buffers, the weights and the engine's own buffers, so a replay in a later call reads that call's
@@ -246,8 +248,10 @@ def test_graph_steps_read_only_their_inputs(tiny: LoadedModel, samples, name: st
         assert torch.equal(engine.generate(inputs, NEW_TOKENS, config, pad_token_id=pad).tokens, expected)
     tower = {"tower"} if tiny.adapter.static_vision_tower else set()
     assert {kind for kind, *_ in captured} >= {"prefill", "decode", *tower}
-    if name in ("visipruner", "shallow", "authors"):
+    if name in ("visipruner", "shallow", "authors", "patient"):
         assert "rule" in {kind for kind, *_ in captured} and "observed" in {kind for kind, *_ in captured}
+    if name == "patient":
+        assert "deferred" in {kind for kind, *_ in captured}
     assert {key: found for key, found in strays.items() if found} == {}
 
 

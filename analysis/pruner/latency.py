@@ -175,6 +175,8 @@ class LatencyEngine:
         self._reported: set[str] = set()
         self._masks: dict[tuple[int, str], torch.Tensor | None] = {}  # the identity layout's mask per attention kind
         self._query_row: torch.Tensor | None = None  # the observed layer's last-row query, copied out in the layer
+        self._pending: torch.Tensor | None = None  # (B,) deferred layers' tests, summed on the device
+        self._deferred = 0  # observed layers whose tests ``_pending`` holds, unread by the host
         self._tower_matches: dict[tuple[Any, ...], bool] = {}  # per input shape: the tower path merges as the model
 
     # -- support -----------------------------------------------------------------------------------
@@ -322,6 +324,9 @@ class LatencyEngine:
         length = embeds.shape[1]
         runtime.begin_prefill(length)
         self._masks = {}
+        if self._pending is not None:
+            self._pending.zero_()  # tests deferred past the last observed layer of the previous call
+        self._deferred = 0
         rotary = hf.rotary_embeddings(text_model, embeds, positions)
         hidden = embeds
         layer = 0
@@ -335,23 +340,23 @@ class LatencyEngine:
                 layer += 1
                 continue
             if self._observed(runtime, layer):
+                args, kwargs = self._layer_inputs(runtime, layers[layer], layer, hidden, rotary, fold=True)
+                ahead = runtime.method.deferrable(runtime, layer, self._deferred)
+                if ahead > 0:
+                    # Layers whose tests cannot change a decision: one graph, no read-back until a later layer's.
+                    end = self._same_layout_end(runtime, layer, min(layer + ahead, len(layers)), observed=True)
+                    for later in range(layer + 1, end):
+                        self._layer_inputs(runtime, layers[later], later, hidden, rotary, fold=False)
+                    hidden = self._run_deferred(runtime, layer, layers[layer:end], args[0], kwargs)
+                    layer = end
+                    continue
                 # The layer alone (copying out its last query row), then the rule's arithmetic as a graph of its
                 # own, then one read-back of its tests.
-                args, kwargs = self._layer_inputs(runtime, layers[layer], layer, hidden, rotary, fold=True)
                 hidden = self._run_observed(runtime, layer, layers[layer], args[0], kwargs)
                 layer += 1
                 continue
             # A run of layers with one layout, none needing the host: one graph.
-            end = layer + 1
-            while (
-                end < len(layers)
-                and self._eager_reason(runtime, end) is None
-                and not self._observed(runtime, end)
-                and not runtime._cuts_before(end)
-                and runtime.rules[end] == runtime.rules[layer]
-                and runtime.shallow_rule(end, 0) == runtime.shallow_rule(layer, 0)
-            ):
-                end += 1
+            end = self._same_layout_end(runtime, layer, len(layers), observed=False)
             args, kwargs = self._layer_inputs(runtime, layers[layer], layer, hidden, rotary, fold=True)
             hidden = args[0]
             for later in range(layer + 1, end):
@@ -360,6 +365,21 @@ class LatencyEngine:
             hidden = self._run_graphed(("prefill", layer, end), layers[layer:end], hidden, kwargs, runtime)
             layer = end
         return hidden
+
+    def _same_layout_end(self, runtime: _LatencyRuntime, layer: int, limit: int, *, observed: bool) -> int:
+        """The end (before ``limit``) of the run of layers from ``layer`` that share its layout, attention rule and
+        shallow rule, need no eager step and are all observed (``observed``) or all not."""
+        end = layer + 1
+        while (
+            end < limit
+            and self._eager_reason(runtime, end) is None
+            and self._observed(runtime, end) == observed
+            and not runtime._cuts_before(end)
+            and runtime.rules[end] == runtime.rules[layer]
+            and runtime.shallow_rule(end, 0) == runtime.shallow_rule(layer, 0)
+        ):
+            end += 1
+        return end
 
     def _layer_inputs(
         self,
@@ -428,43 +448,60 @@ class LatencyEngine:
         finally:
             runtime.folded = False
 
-    def _run_observed(
-        self, runtime: _LatencyRuntime, layer: int, module: nn.Module, hidden: torch.Tensor, kwargs: dict[str, Any]
-    ) -> torch.Tensor:
-        """Run an observed layer, then the rule from its last row: the layer and the rule's device arithmetic as
-        graphs, the rule's host update after one read-back."""
+    def _observer_buffers(self, hidden: torch.Tensor) -> None:
+        """The observed layers' buffers for this batch: the last-row query and the deferred tests' counter."""
         heads, dim = self.adapter.num_heads, self.adapter.head_dim
         shape = (hidden.shape[0], heads, dim)
         if self._query_row is None or tuple(self._query_row.shape) != shape or self._query_row.dtype != hidden.dtype:
             self._query_row = torch.zeros(shape, dtype=hidden.dtype, device=self.device)
-            self._drop_graphs()  # graphs that copy into the old buffer
+            self._pending = torch.zeros(hidden.shape[0], dtype=torch.long, device=self.device)
+            self._drop_graphs()  # graphs that copy into the old buffers
+
+    def _rule_inputs(
+        self, runtime: _LatencyRuntime, hidden: torch.Tensor, kwargs: dict[str, Any]
+    ) -> list[torch.Tensor]:
+        """What the rule's device arithmetic reads besides the engine's buffers: the last row's additive float32 mask
+        (B, 1, K), each row's image slots, which are valid and which are kept."""
+        layout = runtime._layout
+        width = layout.length
+        # From the layer's boolean, additive or absent (causal) mask; the hidden states (B, 1, S, D) stand for the
+        # layer's queries, of which only the count and device are read.
+        last = slice(width - 1, width)
+        row_mask = additive_mask(kwargs.get("attention_mask"), hidden[:, None], width, 0, last, torch.float32)[:, :, 0]
+        return [row_mask, runtime._image_slots(layout), runtime.image_valid, runtime.keep]
+
+    def _measure(
+        self, runtime: _LatencyRuntime, layer: int, width: int, tensors: list[torch.Tensor]
+    ) -> dict[str, torch.Tensor]:
+        """The rule's device arithmetic on ``layer``'s last row of ``width`` keys (the query copied out by the layer
+        just run)."""
+        row, slots, valid, keep = tensors
+        keys, values, query = self.kv.keys[layer], self.kv.values[layer], self._query_row
+        assert keys is not None and values is not None and query is not None
+        observation = _last_row(
+            layer, query[:, :, None], keys[:, :, :width], values[:, :, :width], row[:, :, None], runtime.scaling, 0
+        )
+        observation.image_index = slots
+        view = cast(SelectionState, _StateView(runtime, image_valid=valid, keep=keep))
+        return runtime.method.measure(view, observation)
+
+    def _run_observed(
+        self, runtime: _LatencyRuntime, layer: int, module: nn.Module, hidden: torch.Tensor, kwargs: dict[str, Any]
+    ) -> torch.Tensor:
+        """Run an observed layer, then the rule from its last row: the layer and the rule's device arithmetic as
+        graphs, the rule's host update after one read-back (of the deferred layers' tests too)."""
+        self._observer_buffers(hidden)
         runtime.query_row = self._query_row
         runtime.defer = True
         try:
             hidden = self._run_graphed(("observed", layer, layer + 1), [module], hidden, kwargs, runtime)
         finally:
             runtime.defer = False
-        layout = runtime._layout
-        width = layout.length
-        keys, values = self.kv.keys[layer], self.kv.values[layer]
-        assert keys is not None and values is not None
-        # The last row's additive float32 mask (B, 1, K), from the layer's boolean, additive or absent (causal) mask;
-        # the hidden states (B, 1, S, D) stand for the layer's queries, of which only the count and device are read.
-        last = slice(width - 1, width)
-        row_mask = additive_mask(kwargs.get("attention_mask"), hidden[:, None], width, 0, last, torch.float32)[:, :, 0]
-        method, scaling = runtime.method, runtime.scaling
-        inputs = [row_mask, runtime._image_slots(layout), runtime.image_valid, runtime.keep]
+        inputs = self._rule_inputs(runtime, hidden, kwargs)
+        width = runtime._layout.length  # fixed at capture, as a graph fixes it
 
         def measure(tensors: list[torch.Tensor]) -> dict[str, torch.Tensor]:
-            row, slots, valid, keep = tensors
-            query = self._query_row
-            assert query is not None
-            observation = _last_row(
-                layer, query[:, :, None], keys[:, :, :width], values[:, :, :width], row[:, :, None], scaling, 0
-            )
-            observation.image_index = slots
-            view = cast(SelectionState, _StateView(runtime, image_valid=valid, keep=keep))
-            return method.measure(view, observation)
+            return self._measure(runtime, layer, width, tensors)
 
         if self.graphs:
             # The rule's code and constants are baked into its graph: one graph per config, not per shape alone.
@@ -472,7 +509,48 @@ class LatencyEngine:
             measured = self._replay_or_capture(key, measure, inputs)
         else:
             measured = measure(inputs)
-        method.apply(runtime, layer, measured)
+        if self._deferred:
+            measured = {**measured, "pending": self._pending}
+            self._deferred = 0
+        runtime.method.apply(runtime, layer, measured)
+        return hidden
+
+    def _run_deferred(
+        self,
+        runtime: _LatencyRuntime,
+        start: int,
+        modules: list[nn.Module],
+        hidden: torch.Tensor,
+        kwargs: dict[str, Any],
+    ) -> torch.Tensor:
+        """Observed layers whose tests cannot change a decision yet, as one graph: each layer, then the rule's
+        arithmetic, its tests folded into the engine's counter on the device for the next read-back."""
+        self._observer_buffers(hidden)
+        runtime.query_row = self._query_row
+        method, pending = runtime.method, self._pending
+        assert pending is not None
+        leaves = _tensor_leaves(kwargs)
+        rule_inputs = self._rule_inputs(runtime, hidden, kwargs)
+        width = runtime._layout.length
+
+        def run(values: list[torch.Tensor]) -> torch.Tensor:
+            state, call = values[0], _with_leaves(kwargs, values[1 : 1 + len(leaves)])
+            for offset, module in enumerate(modules):
+                state = hf.call_decoder_layer(module, state, call)
+                method.defer(self._measure(runtime, start + offset, width, values[1 + len(leaves) :]), pending)
+            return state
+
+        values = [hidden, *leaves, *rule_inputs]
+        runtime.folded = runtime.defer = True
+        try:
+            if self.graphs:
+                key = ("deferred", start, start + len(modules), _signature(values), repr(runtime.config))
+                hidden = self._replay_or_capture(key, run, values)
+            else:
+                hidden = run(values)
+        finally:
+            runtime.folded = runtime.defer = False
+        self._deferred += len(modules)
         return hidden
 
     def _drop_graphs(self) -> None:

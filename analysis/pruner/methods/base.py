@@ -128,6 +128,17 @@ class PruningMethod:
         """The host-side part of ``decide``, from ``measure``'s tensors (methods with ``splits_decision``)."""
         raise NotImplementedError(f"{self.name} does not split its decision")
 
+    def deferrable(self, state: SelectionState, layer: int, deferred: int) -> int:
+        """How many observed layers from ``layer`` on can leave their host update to a later layer's ``apply``, with
+        ``deferred`` layers already left since the last: their tests cannot change a decision before then (0: apply
+        at this layer)."""
+        return 0
+
+    def defer(self, measured: dict[str, torch.Tensor], pending: torch.Tensor) -> None:
+        """Fold a deferred layer's measured tests into ``pending`` (B,) on the device; the next ``apply`` receives it
+        as ``measured["pending"]`` (methods whose ``deferrable`` can be positive)."""
+        raise NotImplementedError(f"{self.name} does not defer its decision")
+
     def reads_hidden(self, layer: int) -> bool:
         """Whether the rule reads the hidden states entering ``layer`` in the prefill (before the layer runs, so a
         selection made there applies from ``layer`` on: set ``selection_layer`` to ``layer - 1``)."""

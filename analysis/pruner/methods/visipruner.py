@@ -196,7 +196,17 @@ class VisiPruner(PruningMethod):
         authors = p.rule == "authors"
         # Every row's tests at once, read back in one transfer: a read-back per row and test stalled the GPU's queue
         # twice per sample in every observed layer.
-        fires, negligible, keeps_all = measured["tests"].cpu()
+        tests, pending = measured["tests"], measured.get("pending")
+        if pending is None:
+            fires, negligible, keeps_all = tests.cpu()
+        else:
+            # The deferred layers' counts come back in the same transfer. They were all after every row's selection
+            # and before any exit (``deferrable``), so each counted for every row still running.
+            read = torch.cat([tests.long(), pending[None]]).cpu()
+            fires, negligible, keeps_all = read[:3].bool()
+            running = state.exit_layer < 0
+            state.negligible[running] += read[3][running]
+            pending.zero_()
         undecided = state.selection_layer < 0
         selected = undecided & fires
         if selected.any():
@@ -211,6 +221,24 @@ class VisiPruner(PruningMethod):
             quiet = ~undecided & (state.exit_layer < 0) & (layer > state.selection_layer) & negligible
             state.negligible[quiet] += 1
             state.exit_layer[quiet & (state.negligible >= p.deep_patience)] = layer
+
+    def deferrable(self, state: SelectionState, layer: int, deferred: int) -> int:
+        """Once every row has selected, the layers in which no running row can reach the deep stage's patience (each
+        observed layer adds at most one to a row's count)."""
+        p = self.params
+        running = state.exit_layer < 0
+        if "deep" not in p.stages or not running.any() or (state.selection_layer < 0).any():
+            return 0
+        if (state.selection_layer >= layer).any():
+            return 0
+        return max(int((p.deep_patience - 1 - deferred - state.negligible[running]).min()), 0)
+
+    def defer(self, measured: dict[str, torch.Tensor], pending: torch.Tensor) -> None:
+        """Count this layer's negligible rows into ``pending`` (as ``apply`` would count them)."""
+        _, negligible, keeps_all = measured["tests"]
+        if self.params.rule == "authors":
+            negligible = negligible & ~keeps_all
+        pending += negligible
 
     # -- the shallow stage ---------------------------------------------------------------------------
     def shallow_rule(self, layer: int, decoding: bool) -> str | None:
