@@ -77,9 +77,12 @@ class FastV(PruningMethod):
     def apply(self, state: SelectionState, layer: int, measured: dict[str, torch.Tensor]) -> None:
         """Keep each sample's most attended tokens."""
         weights = measured["weights"]
-        counts = state.image_valid.sum(1).tolist()
-        chosen = [weights[row].topk(min(self.params.keep_tokens, n)).indices for row, n in enumerate(counts)]
-        keep_chosen(state, layer, chosen)
+        # One top-k for the batch, nothing read back: padding weighs -1 below every real token, so a row with fewer
+        # tokens than the budget picks all of them and some padding, which the valid mask drops.
+        top = weights.topk(min(self.params.keep_tokens, weights.shape[1]), dim=1).indices
+        keep = torch.zeros_like(state.image_valid).scatter_(1, top, True)
+        state.keep = keep & state.image_valid
+        state.selection_layer[:] = layer
 
     def first_pruned_layer(self) -> int | None:
         """K."""
