@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 import pytest
 import torch
@@ -196,22 +197,33 @@ def _storage(tensor: torch.Tensor) -> int:
     return tensor.untyped_storage().data_ptr()
 
 
-class _Rerun:
-    """A stand-in for a captured graph on the CPU: a replay runs the step again on the same input buffers and
-    refills the same output buffers, as a replay would."""
+class _Tape(TorchDispatchMode):
+    """A stand-in for a captured graph on the CPU: records every operation of the captured step with its tensors,
+    and a replay runs those operations again on the same tensors (refilling each recorded output), running none of
+    the step's Python, as a CUDA-graph replay would not."""
 
-    def __init__(self, run, inputs, output) -> None:  # type: ignore[no-untyped-def]
-        self.run, self.inputs, self.output = run, inputs, output
+    def __init__(self) -> None:
+        super().__init__()
+        self.operations: list[tuple[Any, Any, Any, Any]] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        self.operations.append((func, args, kwargs, out))
+        return out
 
     def replay(self) -> None:
-        fresh = self.run(self.inputs)
-        for buffer, value in zip(tree_leaves(self.output), tree_leaves(fresh), strict=True):
-            buffer.copy_(value)
+        for func, args, kwargs, out in self.operations:
+            fresh = func(*args, **kwargs)
+            for recorded, value in zip(tree_leaves(out), tree_leaves(fresh), strict=True):
+                # In-place operations and views refill the recorded tensor themselves.
+                if isinstance(recorded, torch.Tensor) and recorded.data_ptr() != value.data_ptr():
+                    recorded.copy_(value)
 
 
 def _stand_in_capture(strays: dict[tuple, list], captured: list[tuple]):  # type: ignore[no-untyped-def]
     """LatencyEngine._capture on the CPU: run the step once under _ReadsOnly, noting its key and stray reads, and
-    return a _Rerun standing in for its graph."""
+    return its _Tape standing in for its graph."""
     from analysis.pruner import latency
 
     def capture(self, key, run, values):  # type: ignore[no-untyped-def]
@@ -219,12 +231,12 @@ def _stand_in_capture(strays: dict[tuple, list], captured: list[tuple]):  # type
         allowed = {_storage(t) for t in (*self.model.parameters(), *self.model.buffers(), *inputs)}
         allowed |= {_storage(t) for t in (*self.kv.keys, *self.kv.values) if t is not None}
         allowed |= {_storage(t) for t in (self._query_row, self._pending) if t is not None}
-        mode = _ReadsOnly(allowed)
-        with mode:
+        mode, tape = _ReadsOnly(allowed), _Tape()
+        with mode, tape:
             output = run(inputs)
         strays[key] = mode.strays
         captured.append(key[:2])
-        return latency._Graph(_Rerun(run, inputs, output), inputs, output)
+        return latency._Graph(tape, inputs, output)
 
     return capture
 
@@ -265,5 +277,9 @@ def test_one_engine_serves_every_config(tiny: LoadedModel, samples, monkeypatch)
     inputs = tiny.adapter.build_inputs(tiny.processor, samples)
     configs = _configs(tiny)
     for name in [*configs, *reversed(configs)]:
-        expected, _ = _eager(tiny, inputs, configs[name])
-        assert torch.equal(engine.generate(inputs, NEW_TOKENS, configs[name], pad_token_id=pad).tokens, expected), name
+        expected, expected_logits = _eager(tiny, inputs, configs[name])
+        result = engine.generate(inputs, NEW_TOKENS, configs[name], pad_token_id=pad, return_logits=True)
+        assert torch.equal(result.tokens, expected), name
+        assert result.logits is not None
+        # Logits too: a rule graph reading another runtime's constants (the score scale) can keep the tokens.
+        torch.testing.assert_close(result.logits, expected_logits, rtol=1e-4, atol=1e-4, msg=name)

@@ -60,7 +60,9 @@ class _LatencyRuntime(PrunedRuntime):
     folded = False  # while True the routed attention adds no edges: the engine's masks already hold them
     defer = False  # while True the routed attention copies the last prompt row's query into ``query_row``
     query_row: torch.Tensor | None = None  # (B, H, d) in the model's dtype, a buffer of the engine's
-    scaling = 1.0  # the attention's score scale, noted when the query is copied
+    # Each observed layer's score scale, noted when its query is copied: the engine's dict, so that a runtime whose
+    # observed layers are replays (which copy without running Python) finds what an earlier runtime's capture noted.
+    scalings: dict[int, float]
 
     def blocked(self, layer: int, query_start: int, query_length: int, key_length: int) -> torch.Tensor | None:
         """The shallow edges, unless the engine folded them into the layer's mask."""
@@ -82,7 +84,7 @@ class _LatencyRuntime(PrunedRuntime):
             raise RuntimeError("a deferred observation without the engine's query buffer")
         row = self.last_row_position(call.layer, 0) - call.query_start
         self.query_row.copy_(call.query[:, :, row])
-        self.scaling = call.scaling
+        self.scalings[call.layer] = call.scaling
 
 
 class _StateView:
@@ -177,6 +179,7 @@ class LatencyEngine:
         self._query_row: torch.Tensor | None = None  # the observed layer's last-row query, copied out in the layer
         self._pending: torch.Tensor | None = None  # (B,) deferred layers' tests, summed on the device
         self._deferred = 0  # observed layers whose tests ``_pending`` holds, unread by the host
+        self._scalings: dict[int, float] = {}  # per observed layer, its attention's score scale
         self._tower_matches: dict[tuple[Any, ...], bool] = {}  # per input shape: the tower path merges as the model
 
     # -- support -----------------------------------------------------------------------------------
@@ -228,6 +231,7 @@ class LatencyEngine:
         implementation = hf.attention_implementation(adapter.text_config)
         runtime = _LatencyRuntime(adapter, config, inputs.layouts, implementation)
         runtime.width_bucket = self.width_bucket
+        runtime.scalings = self._scalings
         text_model = adapter.language_model()
         if embeds is None or runtime.method.reads_vision:
             embeds = self._embeddings(runtime, text_model, inputs)
@@ -479,7 +483,13 @@ class LatencyEngine:
         keys, values, query = self.kv.keys[layer], self.kv.values[layer], self._query_row
         assert keys is not None and values is not None and query is not None
         observation = _last_row(
-            layer, query[:, :, None], keys[:, :, :width], values[:, :, :width], row[:, :, None], runtime.scaling, 0
+            layer,
+            query[:, :, None],
+            keys[:, :, :width],
+            values[:, :, :width],
+            row[:, :, None],
+            runtime.scalings[layer],
+            0,
         )
         observation.image_index = slots
         view = cast(SelectionState, _StateView(runtime, image_valid=valid, keep=keep))
