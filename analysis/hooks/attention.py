@@ -25,6 +25,7 @@ from analysis.layout import REGION_IMAGE, REGION_INSTRUCTION, REGION_SYSTEM, Tok
 from analysis.models import hf
 from analysis.models.adapters import FamilyAdapter
 from analysis.models.hf import CompatibilityError
+from analysis.transfer import to_device
 
 ROUTE_PREFIX = "visipruner_route"
 QUERY_REGIONS = ("system", "image", "instruction", "last")
@@ -77,7 +78,8 @@ class RegionMasks:
                 queries[name][row, positions] = True
                 keys[name][row, positions] = True
             queries["last"][row, layout.padded(layout.last)] = True
-        return cls({k: v.to(device) for k, v in queries.items()}, {k: v.to(device) for k, v in keys.items()}, seq_len)
+        queries = {name: to_device(value, device) for name, value in queries.items()}
+        return cls(queries, {name: to_device(value, device) for name, value in keys.items()}, seq_len)
 
     def with_keys(self, name: str, keys: torch.Tensor) -> RegionMasks:
         """These masks plus a named key subset (B, T) (e.g. some image tokens); the original is left as it was."""

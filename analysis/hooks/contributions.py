@@ -6,6 +6,7 @@ import torch
 
 from analysis.hooks.attention import LastRowObservation
 from analysis.layout import TokenLayout
+from analysis.transfer import to_device
 
 
 def image_contributions(
@@ -55,4 +56,4 @@ def image_index_tensors(layouts: list[TokenLayout], device: torch.device) -> tup
         positions = torch.as_tensor(layout.padded(layout.image_positions))
         index[row, : len(positions)] = positions
         valid[row, : len(positions)] = True
-    return index.to(device), valid.to(device)
+    return to_device(index, device), to_device(valid, device)

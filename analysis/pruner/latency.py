@@ -39,9 +39,11 @@ from analysis.models.adapters import ModelInputs, get_adapter
 from analysis.models.hf import HFModel
 from analysis.models.registry import LoadedModel
 from analysis.pruner.config import PruningConfig
+from analysis.pruner.methods import METHODS
 from analysis.pruner.methods.base import SelectionState
 from analysis.pruner.runtime import ATTENTION_IMPLEMENTATIONS, PrunedRuntime, _Layout
 from analysis.pruner.simulate import Decisions
+from analysis.transfer import to_device
 
 logger = logging.getLogger(__name__)
 
@@ -112,6 +114,16 @@ class _Graph:
             buffer.copy_(value)
         self.graph.replay()
         return self.output
+
+
+@dataclass
+class _Tower:
+    """The vision tower's features for a batch, queued on the device, and the image positions they go to."""
+
+    key: tuple[Any, ...]  # the tower graph's key (input shapes)
+    features: torch.Tensor  # (image tokens, D): a graph's output buffer where the tower was replayed
+    rows: torch.Tensor  # (image tokens,) batch row of each feature
+    columns: torch.Tensor  # (image tokens,) its padded input position
 
 
 @dataclass
@@ -229,13 +241,16 @@ class LatencyEngine:
         if reason is not None:
             raise LatencyUnsupported(reason)
         implementation = hf.attention_implementation(adapter.text_config)
+        text_model = adapter.language_model()
+        reads_vision = METHODS.get(config.method).reads_vision
+        # The tower first: the runtime's host work below overlaps its replay.
+        tower = self._queue_tower(inputs) if embeds is None and not reads_vision else None
         runtime = _LatencyRuntime(adapter, config, inputs.layouts, implementation)
         runtime.width_bucket = self.width_bucket
         runtime.scalings = self._scalings
-        text_model = adapter.language_model()
-        if embeds is None or runtime.method.reads_vision:
-            embeds = self._embeddings(runtime, text_model, inputs)
-        positions = adapter.rope_positions(inputs).to(self.device)
+        positions = to_device(adapter.rope_positions(inputs), self.device)
+        if embeds is None or reads_vision:
+            embeds = self._embeddings(runtime, text_model, inputs, tower)
         batch, length = embeds.shape[:2]
         slots = -(-(length + max_new_tokens) // self.width_bucket) * self.width_bucket
         shape = (batch, adapter.num_kv_heads, slots, adapter.head_dim)
@@ -250,21 +265,21 @@ class LatencyEngine:
             )
         return LatencyResult(tokens, runtime, torch.stack(logits) if return_logits else None)
 
-    def _embeddings(self, runtime: _LatencyRuntime, text_model: nn.Module, inputs: ModelInputs) -> torch.Tensor:
-        """The language model's input embeddings: text embeddings with the tower's features at the image positions
-        (the tower a graph where it can be), checked once per input shape against the model's own merge."""
-        adapter = self.adapter
-        if runtime.method.reads_vision:
-            # The rule reads the tower's attention as it runs: the model's own pass, with the tower observed.
-            with adapter.vision_attention() as passes:
-                runtime.vision_passes = passes
-                return hf.language_model_embeddings(self.model, text_model, inputs.tensors)
-        tensors = inputs.tensors
+    def _queue_tower(self, inputs: ModelInputs) -> _Tower | None:
+        """The vision tower and projector queued on the device (a graph where they can be), with the image
+        positions their features go to; None where the model's own pass makes the embeddings instead."""
+        adapter, tensors = self.adapter, inputs.tensors
         names = [name for name in adapter.image_input_keys if isinstance(tensors.get(name), torch.Tensor)]
         image_inputs = [tensors[name] for name in names]
         key = ("tower", _signature([inputs.input_ids, *image_inputs]))
         if self._tower_matches.get(key) is False:
-            return hf.language_model_embeddings(self.model, text_model, tensors)
+            return None
+        rows = torch.cat(
+            [torch.full((layout.n_image_tokens,), row, dtype=torch.long) for row, layout in enumerate(inputs.layouts)]
+        )
+        columns = torch.cat(
+            [torch.as_tensor(layout.padded(layout.image_positions), dtype=torch.long) for layout in inputs.layouts]
+        )
 
         def tower(values: list[torch.Tensor]) -> torch.Tensor:
             return hf.flat_image_features(adapter.image_features({**tensors, **dict(zip(names, values, strict=True))}))
@@ -275,23 +290,32 @@ class LatencyEngine:
             if self.graphs:
                 self.report(f"the {adapter.model_type} vision tower plans its work on the host: it runs eagerly")
             features = tower(image_inputs)
-        merged = adapter.embed_tokens(inputs.input_ids).clone()
-        rows = torch.cat(
-            [torch.full((layout.n_image_tokens,), row, dtype=torch.long) for row, layout in enumerate(inputs.layouts)]
-        ).to(self.device)
-        columns = torch.cat(
-            [torch.as_tensor(layout.padded(layout.image_positions), dtype=torch.long) for layout in inputs.layouts]
-        ).to(self.device)
-        if features.shape[0] != rows.shape[0]:
-            self._tower_matches[key] = False
-            self.report(f"the tower gives {features.shape[0]} features for {rows.shape[0]} image tokens")
+        return _Tower(key, features, to_device(rows, self.device), to_device(columns, self.device))
+
+    def _embeddings(
+        self, runtime: _LatencyRuntime, text_model: nn.Module, inputs: ModelInputs, tower: _Tower | None
+    ) -> torch.Tensor:
+        """The language model's input embeddings: text embeddings with the queued tower's features at the image
+        positions, checked once per input shape against the model's own merge (the model's pass without a tower)."""
+        adapter, tensors = self.adapter, inputs.tensors
+        if runtime.method.reads_vision:
+            # The rule reads the tower's attention as it runs: the model's own pass, with the tower observed.
+            with adapter.vision_attention() as passes:
+                runtime.vision_passes = passes
+                return hf.language_model_embeddings(self.model, text_model, tensors)
+        if tower is None:
             return hf.language_model_embeddings(self.model, text_model, tensors)
-        merged[rows, columns] = features.to(merged.dtype)
-        if key not in self._tower_matches:
+        merged = adapter.embed_tokens(inputs.input_ids).clone()
+        if tower.features.shape[0] != tower.rows.shape[0]:
+            self._tower_matches[tower.key] = False
+            self.report(f"the tower gives {tower.features.shape[0]} features for {tower.rows.shape[0]} image tokens")
+            return hf.language_model_embeddings(self.model, text_model, tensors)
+        merged[tower.rows, tower.columns] = tower.features.to(merged.dtype)
+        if tower.key not in self._tower_matches:
             # Once per shape: the merge must be the model's own, or the model's pass is used from then on.
             reference = hf.language_model_embeddings(self.model, text_model, tensors)
-            self._tower_matches[key] = bool(torch.allclose(merged, reference, rtol=1e-3, atol=1e-3))
-            if not self._tower_matches[key]:
+            self._tower_matches[tower.key] = bool(torch.allclose(merged, reference, rtol=1e-3, atol=1e-3))
+            if not self._tower_matches[tower.key]:
                 self.report("the tower's features merged here differ from the model's merge; using the model's pass")
                 return reference
         return merged
@@ -397,12 +421,16 @@ class LatencyEngine:
     ) -> tuple[tuple[Any, ...], dict[str, Any]]:
         """The runtime's layer hook applied to a call of ``layer``; with ``fold`` the shallow edges are in the mask."""
         layout, rule = runtime._layout, runtime.rules[layer]
-        cached = (id(layout), rule.kind)
-        if cached not in self._masks:
-            self._masks[cached] = runtime._mask(
-                layout.positions, layout.valid, layout.padded, layout.length, hidden.dtype, rule
-            )
-        kwargs = hf.decoder_layer_kwargs(module, self.kv, self._masks[cached], rotary)
+        mask = None
+        if layout.identity:
+            # The model's own sequence; a compacted layout (now or made by the hook) gets its mask from the hook.
+            cached = (id(layout), rule.kind)
+            if cached not in self._masks:
+                self._masks[cached] = runtime._mask(
+                    layout.positions, layout.valid, layout.padded, layout.length, hidden.dtype, rule
+                )
+            mask = self._masks[cached]
+        kwargs = hf.decoder_layer_kwargs(module, self.kv, mask, rotary)
         result = runtime.layer_hook(layer)(module, (hidden,), kwargs)
         args, kwargs = result if result is not None else ((hidden,), kwargs)
         if fold:
@@ -522,7 +550,7 @@ class LatencyEngine:
         if self._deferred:
             measured = {**measured, "pending": self._pending}
             self._deferred = 0
-        runtime.method.apply(runtime, layer, measured)
+        runtime.apply_measured(layer, measured)
         return hidden
 
     def _run_deferred(

@@ -50,6 +50,7 @@ from analysis.models.adapters import AttentionRule, FamilyAdapter, get_adapter
 from analysis.models.hf import HFModel
 from analysis.pruner.config import PruningConfig
 from analysis.pruner.simulate import Decisions, PruningHooks, ShallowRegions
+from analysis.transfer import to_device
 
 logger = logging.getLogger(__name__)
 
@@ -98,13 +99,20 @@ class PrunedRuntime(PruningHooks):
         self.layouts = list(layouts)
         self.num_layers = adapter.num_layers
         self.eager = attn_implementation == "eager"
-        self.prompt_valid = torch.zeros(len(layouts), prompt_length, dtype=torch.bool, device=device)
+        # Made on the host and copied once each: a copy from pageable memory, or a write per row, would wait for the
+        # device's queued work (a vision tower's replay) or launch a kernel per sample.
+        prompt_valid = torch.zeros(len(layouts), prompt_length, dtype=torch.bool)
         for row, layout in enumerate(layouts):
-            self.prompt_valid[row, layout.pad_offset :] = True
+            prompt_valid[row, layout.pad_offset :] = True
+        self.prompt_valid = to_device(prompt_valid, device)
         self.prompt_padded = any(layout.pad_offset for layout in layouts)
         self.frozen = False  # decisions are made in the first prefill and reused by every later pass
         self.width_bucket = 1  # layer widths are rounded up to a multiple of this (the latency mode's graphs)
         self._frozen_cuts: set[int] | None = None  # with decisions frozen: the layers before which a row shrinks
+        # Made while the rule runs, from the decisions as they stand; dropped whenever the rule may have changed them
+        # (``_decisions_changed``), so the executors' per-layer questions cost no tensor work in between.
+        self._live_cuts: set[int] | None = None
+        self._observes: dict[int, bool] = {}  # per layer: whether the rule reads its last row, as decisions stand
         if decisions is not None:
             self._pin(decisions)
         self._prefill = True
@@ -121,12 +129,11 @@ class PrunedRuntime(PruningHooks):
         self.rules = [adapter.attention_rule(layer) for layer in range(self.num_layers)]
         self._final_norm = adapter.final_norm()
         # (B, prompt length) the image each position belongs to (-1: text), for bidirectional image attention.
-        self.image_blocks = torch.full((len(layouts), prompt_length), -1, dtype=torch.long, device=device)
+        image_blocks = torch.full((len(layouts), prompt_length), -1, dtype=torch.long)
         for row, layout in enumerate(layouts):
             image_of_token, _ = layout.image_token_coordinates
-            self.image_blocks[row, layout.padded(layout.image_positions)] = torch.as_tensor(
-                image_of_token, device=device
-            )
+            image_blocks[row, layout.padded(layout.image_positions)] = torch.as_tensor(image_of_token)
+        self.image_blocks = to_device(image_blocks, device)
 
     # -- decisions ------------------------------------------------------------------------------
     def _pin(self, decisions: Decisions) -> None:
@@ -168,7 +175,21 @@ class PrunedRuntime(PruningHooks):
 
     def wants_last_row(self, layer: int, query_start: int, query_length: int) -> bool:
         """Observe only in the first prefill, where the rule can still decide something."""
-        return self._prefill and not self.frozen and super().wants_last_row(layer, 0, self.prompt_length)
+        if not self._prefill or self.frozen:
+            return False
+        if layer not in self._observes:
+            self._observes[layer] = super().wants_last_row(layer, 0, self.prompt_length)
+        return self._observes[layer]
+
+    def _decisions_changed(self) -> None:
+        """Forget what was derived from the decisions: the rule has just had a chance to change them."""
+        self._live_cuts = None
+        self._observes = {}
+
+    def apply_measured(self, layer: int, measured: dict[str, torch.Tensor]) -> None:
+        """The rule's host update from ``layer``'s measured tests (a split decision: the latency mode)."""
+        self.method.apply(self, layer, measured)
+        self._decisions_changed()
 
     def last_row_position(self, layer: int, default: int) -> int:
         """The last prompt position's slot: the prompt ends where the continuation (if any) begins."""
@@ -179,6 +200,7 @@ class PrunedRuntime(PruningHooks):
     def observe(self, observation: LastRowObservation) -> None:
         """Apply the rule with image tokens addressed by their slots in this layer."""
         super().observe(replace(observation, image_index=self._image_slots(self._layout)))
+        self._decisions_changed()
 
     def blocked(self, layer: int, query_start: int, query_length: int, key_length: int) -> torch.Tensor | None:
         """Shallow stage only (under our rule); pruned tokens are gone, not masked."""
@@ -233,14 +255,19 @@ class PrunedRuntime(PruningHooks):
             return self.before_llm
         if self.frozen:
             if self._frozen_cuts is None:
-                layers = (self.selection_layer, self.exit_layer, self.stage_drops)
-                decided = torch.cat([values.flatten().cpu() for values in layers])
-                self._frozen_cuts = {int(value) + 1 for value in decided[decided >= 0].unique().tolist()}
+                self._frozen_cuts = self._decided_cuts(staged=True)
             return layer in self._frozen_cuts
-        if bool(((self.selection_layer == layer - 1) | (self.exit_layer == layer - 1)).any()):
-            return True
-        # The staged drops live on the device: reading them is a sync, only worth it for a staged rule.
-        return self.method.drops_in_stages and bool((self.stage_drops == layer - 1).any())
+        if self._live_cuts is None:
+            # The staged drops live on the device: reading them is a sync, only worth it for a staged rule.
+            self._live_cuts = self._decided_cuts(staged=self.method.drops_in_stages)
+        return layer in self._live_cuts
+
+    def _decided_cuts(self, *, staged: bool) -> set[int]:
+        """The layers before which some sample's token set shrinks under the decisions made so far (its selection
+        or exit layer plus one; with ``staged``, its staged drops' too)."""
+        layers = [self.selection_layer, self.exit_layer, *([self.stage_drops] if staged else [])]
+        decided = torch.cat([values.flatten().cpu() for values in layers])
+        return {int(value) + 1 for value in decided[decided >= 0].unique().tolist()}
 
     def _kept_positions(self, layer: int) -> torch.Tensor:
         """(B, input length) bool: the input positions ``layer`` processes."""
@@ -429,6 +456,7 @@ class PrunedRuntime(PruningHooks):
         positions = torch.arange(length, device=self.prompt_valid.device).expand(batch, -1)
         self._layout_or_none = _Layout(positions, self._input_valid(), identity=True, padded=self.prompt_padded)
         self._layer_layouts = []
+        self._decisions_changed()
 
     def _is_prefill(self, call: hf.TextModelCall, arguments: list[str]) -> bool:
         """Whether a text-model call starts a new prompt (empty or no cache) or continues the one this block ran.
@@ -514,6 +542,7 @@ class PrunedRuntime(PruningHooks):
         text = extend_membership(self.text_after_image, 0, self._input_length, fill=False)
         text = text.gather(1, layout.positions) & layout.valid
         self.observe_hidden(layer, hidden, self._image_slots(layout), text, self._final_norm)
+        self._decisions_changed()
 
     def model_call(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         """Model pre-hook: keep the 2-D padding mask the model was given, for families whose text model gets masks

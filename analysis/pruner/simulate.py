@@ -33,6 +33,7 @@ from analysis.models.adapters import FamilyAdapter, VisionAttention
 from analysis.pruner.config import PruningConfig
 from analysis.pruner.flops import DecoderShape, LayerTokens, prefill_flops
 from analysis.pruner.methods import HiddenObservation, method_for
+from analysis.transfer import to_device
 
 
 @dataclass
@@ -104,9 +105,12 @@ class PruningHooks(AttentionHooks):
         self.rewritten: torch.Tensor | None = None
         self.vision_passes: list[VisionAttention] = []  # filled by the executor while a vision-reading rule runs
         # (B, prompt length) the first half of each sample's image tokens (the authors' 13B layer-0 rule), made once.
-        self.first_half_keys = torch.zeros(batch, prompt_length, dtype=torch.bool, device=self.image_valid.device)
-        for row, count in enumerate(self.image_valid.sum(1).tolist()):
-            self.first_half_keys[row, self.image_index[row, : count // 2]] = True
+        # From the layouts on the host: counting the image tokens on the device would wait for its queued work.
+        first_half = torch.zeros(batch, prompt_length, dtype=torch.bool)
+        for row, layout in enumerate(layouts):
+            positions = layout.padded(layout.image_positions)
+            first_half[row, torch.as_tensor(positions[: len(positions) // 2], dtype=torch.long)] = True
+        self.first_half_keys = to_device(first_half, self.image_valid.device)
         self.method.start(self)
 
     # -- decisions ------------------------------------------------------------------------------
@@ -157,7 +161,8 @@ class PruningHooks(AttentionHooks):
         exited = (self.exit_layer >= 0) & (self.exit_layer < layer)
         device = self.keep.device
         staged = (self.stage_drops >= 0) & (self.stage_drops < layer)
-        return self.image_valid & (exited.to(device)[:, None] | (active.to(device)[:, None] & ~self.keep) | staged)
+        rows = to_device(torch.stack([exited, active]), device)
+        return self.image_valid & (rows[0][:, None] | (rows[1][:, None] & ~self.keep) | staged)
 
     # -- masks ----------------------------------------------------------------------------------
     def decoding(self, query_start: int) -> bool:
@@ -244,7 +249,7 @@ def text_after_image(layouts: list[TokenLayout], prompt_length: int, device: tor
     for row, layout in enumerate(layouts):
         first = int(layout.image_positions[-1]) + 1 if layout.n_image_tokens else layout.length
         text[row, torch.as_tensor(layout.padded(np.arange(first, layout.length)), dtype=torch.long)] = True
-    return text.to(device)
+    return to_device(text, device)
 
 
 @contextmanager

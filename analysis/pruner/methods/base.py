@@ -63,7 +63,7 @@ class SelectionState(Protocol):
     stage_drops: torch.Tensor  # (B, N) long: layer after which a staged rule (PyramidDrop) dropped a token; -1 never
     selection_layer: torch.Tensor  # (B,) layer whose attention the rule read (tokens go from the next); -1: never
     exit_layer: torch.Tensor  # (B,) layer after which every image token goes; -1: never
-    negligible: torch.Tensor  # (B,) consecutive observed layers in which the kept tokens changed nothing
+    negligible: torch.Tensor  # (B,) observed layers so far in which the kept tokens changed nothing
     before_llm: bool  # the selection applies from layer 0 on (made before the language model)
     # Replacement input embeddings of kept image tokens (merged tokens, VisionZip), written into layer 0's input.
     image_embeddings: torch.Tensor | None  # (B, N, D) float32, or None: no token's embedding changes

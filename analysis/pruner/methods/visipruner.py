@@ -3,8 +3,8 @@
 - shallow: text queries skip the image keys below ``shallow_mid_layer`` (the image is an attention sink there);
 - middle: from the first layer where removing some image token turns the last row's attention output away
   (cosine below ``layer_threshold``), keep only the tokens whose contribution norm exceeds ``tokens_threshold``;
-- deep: once the kept tokens change nothing (cosine >= ``deep_cosine``) in ``deep_patience`` observed layers in a
-  row, every image token goes.
+- deep: once the kept tokens have changed nothing (cosine >= ``deep_cosine``) in ``deep_patience`` observed layers,
+  not necessarily consecutive (as the authors count them), every image token goes.
 
 ``rule`` "authors" follows the authors' code instead of the paper where they differ (README: the differences).
 """
