@@ -172,3 +172,29 @@ def test_mean_layer_tokens_averages_each_samples_schedule() -> None:
     decisions = Decisions(np.array([0, -1]), np.array([1, -1]), [[0, 3], [0, 1, 2, 3]], [4, 4])
     # sample 0: layer 0 sees 4 image tokens, layer 1 sees 2, layer 2 none; sample 1 sees 4 everywhere.
     assert mean_layer_tokens(decisions, 10, 3) == [LayerTokens(10, 4), LayerTokens(9, 3), LayerTokens(8, 2)]
+
+
+def test_latency_host_counts_the_host_work_outside_the_stand_in_replays(capsys: pytest.CaptureFixture[str]) -> None:
+    """One row per variant; the rules' host work after their read-backs is counted, the unpruned model has none."""
+    from analysis.benchmarks import latency_host
+
+    assert latency_host.main(["--preset", "tiny", "--batch-sizes", "1", "--repeats", "1"]) == 0
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("    1 ")]
+    assert [row.split()[1] for row in rows] == ["unpruned", "visipruner", "fastv"]
+    counts = [int(row.split("operations")[1].split()[0]) for row in rows]
+    after = [int(row.split("after reads")[1].split()[0].rstrip(",")) for row in rows]
+    assert all(count > 0 for count in counts) and after[0] == 0 and after[1] > 0
+    assert "x1.00" in rows[0]
+
+
+def test_a_recorded_replay_reruns_the_step_on_new_inputs() -> None:
+    """The stand-in for a graph: after recording, changing the input and replaying refills the recorded output."""
+    from analysis.benchmarks.latency_host import RecordedReplay
+
+    values = torch.arange(4.0)
+    recording = RecordedReplay()
+    with recording:
+        out = (values * 2).sum()
+    values.copy_(torch.ones(4))
+    recording.replay()
+    assert out.item() == 8.0

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-from typing import Any
 
 import pytest
 import torch
@@ -11,6 +10,7 @@ from conftest import FAMILIES, LAYER_THRESHOLDS, TOKENS_THRESHOLDS
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
+from analysis.benchmarks.latency_host import RecordedReplay
 from analysis.models import hf
 from analysis.models.adapters import ModelInputs
 from analysis.models.registry import LoadedModel, load_model
@@ -197,33 +197,9 @@ def _storage(tensor: torch.Tensor) -> int:
     return tensor.untyped_storage().data_ptr()
 
 
-class _Tape(TorchDispatchMode):
-    """A stand-in for a captured graph on the CPU: records every operation of the captured step with its tensors,
-    and a replay runs those operations again on the same tensors (refilling each recorded output), running none of
-    the step's Python, as a CUDA-graph replay would not."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.operations: list[tuple[Any, Any, Any, Any]] = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
-        kwargs = kwargs or {}
-        out = func(*args, **kwargs)
-        self.operations.append((func, args, kwargs, out))
-        return out
-
-    def replay(self) -> None:
-        for func, args, kwargs, out in self.operations:
-            fresh = func(*args, **kwargs)
-            for recorded, value in zip(tree_leaves(out), tree_leaves(fresh), strict=True):
-                # In-place operations and views refill the recorded tensor themselves.
-                if isinstance(recorded, torch.Tensor) and recorded.data_ptr() != value.data_ptr():
-                    recorded.copy_(value)
-
-
 def _stand_in_capture(strays: dict[tuple, list], captured: list[tuple]):  # type: ignore[no-untyped-def]
     """LatencyEngine._capture on the CPU: run the step once under _ReadsOnly, noting its key and stray reads, and
-    return its _Tape standing in for its graph."""
+    return its recorded replay standing in for its graph."""
     from analysis.pruner import latency
 
     def capture(self, key, run, values):  # type: ignore[no-untyped-def]
@@ -231,7 +207,7 @@ def _stand_in_capture(strays: dict[tuple, list], captured: list[tuple]):  # type
         allowed = {_storage(t) for t in (*self.model.parameters(), *self.model.buffers(), *inputs)}
         allowed |= {_storage(t) for t in (*self.kv.keys, *self.kv.values) if t is not None}
         allowed |= {_storage(t) for t in (self._query_row, self._pending) if t is not None}
-        mode, tape = _ReadsOnly(allowed), _Tape()
+        mode, tape = _ReadsOnly(allowed), RecordedReplay()
         with mode, tape:
             output = run(inputs)
         strays[key] = mode.strays

@@ -78,7 +78,33 @@ TINY = {
     "system_tokens": 8,
     "instruction_tokens": 10,
 }
-PRESETS = {"llava-1.5-7b": LLAVA_15_7B, "tiny": TINY}
+# LLaVA-1.5-7B's depth, heads and token layout (576 image tokens among 651) with narrow layers: the host's work per
+# call is the 7B model's, the arithmetic is not (the latency mode's host-work count on a CPU).
+LLAVA_15_7B_NARROW = {
+    "vision": dict(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        image_size=336,
+        patch_size=14,
+        projection_dim=32,
+    ),
+    "text": dict(
+        hidden_size=256,
+        intermediate_size=256,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=32,
+        vocab_size=1000,
+        max_position_embeddings=4096,
+        pad_token_id=901,
+    ),
+    "image_token_id": 900,
+    "system_tokens": LLAVA_15_7B["system_tokens"],
+    "instruction_tokens": LLAVA_15_7B["instruction_tokens"],
+}
+PRESETS = {"llava-1.5-7b": LLAVA_15_7B, "llava-1.5-7b-narrow": LLAVA_15_7B_NARROW, "tiny": TINY}
 
 
 @dataclass
