@@ -92,6 +92,35 @@ def test_latency_mode_gives_the_eager_tokens(tiny: LoadedModel, samples, name: s
     assert torch.equal(again.tokens, expected)
 
 
+def test_pinned_decisions_give_the_live_rules_tokens_with_no_rule_run(tiny: LoadedModel, samples, monkeypatch) -> None:
+    """The live rule's decisions pinned (graphs standing in): the same tokens, logits and decisions with no layer
+    observed (what ``pruned_speed --latency`` times as the rule's schedule without its cost)."""
+    monkeypatch.setattr(LatencyEngine, "_capture", _stand_in_capture({}, []))
+    config = _configs(tiny)["visipruner"]
+    inputs = tiny.adapter.build_inputs(tiny.processor, samples)
+    engine = LatencyEngine(tiny.model, width_bucket=4)
+    engine.graphs = True
+    pad = tiny.processor.tokenizer.pad_token_id
+    live = engine.generate(inputs, NEW_TOKENS, config, pad_token_id=pad, return_logits=True)
+    decisions = live.decisions(inputs)
+    assert (decisions.selection_layer >= 0).any()  # the rule fired, so the pinned run prunes
+    observed: list[int] = []
+    for name in ("_run_observed", "_run_deferred"):
+        original = getattr(engine, name)
+        monkeypatch.setattr(
+            engine,
+            name,
+            lambda runtime, layer, *rest, run=original: observed.append(layer) or run(runtime, layer, *rest),
+        )
+    pinned = engine.generate(inputs, NEW_TOKENS, config, pad_token_id=pad, return_logits=True, decisions=decisions)
+    assert torch.equal(pinned.tokens, live.tokens)
+    assert pinned.logits is not None and live.logits is not None
+    torch.testing.assert_close(pinned.logits, live.logits, rtol=1e-4, atol=1e-4)
+    again = pinned.decisions(inputs)
+    assert again.kept == decisions.kept and (again.exit_layer == decisions.exit_layer).all()
+    assert observed == []
+
+
 def test_latency_mode_on_the_organism_answers_as_eager(samples) -> None:
     """The trained organism (real answers, end of sequence inside the budget): same tokens, pruned and unpruned,
     with padding after a row's end of sequence as transformers writes it."""

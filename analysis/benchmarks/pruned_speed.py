@@ -624,23 +624,32 @@ def _latency_rows(
     target = prefill_flops(shape, ours_tokens)["exact"]
     fastv = matched_variant("fastv", shape, length, n_image, target, pinned["fastv_layer"])
     engine = LatencyEngine(model)
-    configs: list[tuple[str, PruningConfig | None, list[LayerTokens]]] = [
-        ("unpruned", None, [LayerTokens(length, n_image)] * layers),
-        (f"visipruner live: kept {kept:.1f} @{selection:.1f} exit @{exit_mean:.1f}", ours, ours_tokens),
-        (f"fastv live {method_for(fastv.config).settings()}" if fastv.config else "fastv", fastv.config, fastv.tokens),
+    # The live rule's own decisions pinned: the same schedule without the rule, so live minus pinned is its cost.
+    configs: list[tuple[str, PruningConfig | None, list[LayerTokens], Decisions | None]] = [
+        ("unpruned", None, [LayerTokens(length, n_image)] * layers, None),
+        (f"visipruner live: kept {kept:.1f} @{selection:.1f} exit @{exit_mean:.1f}", ours, ours_tokens, None),
+        ("visipruner, its live decisions pinned", ours, ours_tokens, live),
+        (
+            f"fastv live {method_for(fastv.config).settings()}" if fastv.config else "fastv",
+            fastv.config,
+            fastv.tokens,
+            None,
+        ),
     ]
 
     with torch.inference_mode():
         embeds = hf.language_model_embeddings(model, get_adapter(model).language_model(), inputs.tensors)
 
-    def call(config: PruningConfig | None, new_tokens: int, merged: torch.Tensor | None = None) -> Callable[[], object]:
-        return lambda: engine.generate(inputs, new_tokens, config, embeds=merged)
+    def call(
+        config: PruningConfig | None, new_tokens: int, pinned: Decisions | None, merged: torch.Tensor | None = None
+    ) -> Callable[[], object]:
+        return lambda: engine.generate(inputs, new_tokens, config, embeds=merged, decisions=pinned)
 
     entries = []
-    for name, config, _ in configs:
-        entries.append(Timed(f"{name} prefill", call(config, 1, embeds)))
-        entries.append(Timed(f"{name} ttft", call(config, 1)))
-        entries.append(Timed(f"{name} generate", call(config, args.new_tokens)))
+    for name, config, _, decisions in configs:
+        entries.append(Timed(f"{name} prefill", call(config, 1, decisions, embeds)))
+        entries.append(Timed(f"{name} ttft", call(config, 1, decisions)))
+        entries.append(Timed(f"{name} generate", call(config, args.new_tokens, decisions)))
     timed = interleaved(entries, device, max(args.warmup, 1), args.repeats, args.rounds)
     limits = (roofline.matmul_flops, roofline.copy_bandwidth)
     base_roof = roofline_seconds(
@@ -649,7 +658,7 @@ def _latency_rows(
     full = prefill_flops(shape, configs[0][2])["exact"]
     base_ttft, base_prefill = timed["unpruned ttft"].seconds, timed["unpruned prefill"].seconds
     mode = "CUDA graphs" if engine.graphs else "static buffers, uncaptured"
-    for name, _, tokens in configs:
+    for name, _, tokens, _ in configs:
         ttft, generate_s = timed[f"{name} ttft"].seconds, timed[f"{name} generate"].seconds
         prefill_s = timed[f"{name} prefill"].seconds
         roof_time = roofline_seconds(shape, tokens, *limits, batch=batch_size, bytes_per_value=roofline.bytes_per_value)

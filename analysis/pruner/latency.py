@@ -228,10 +228,12 @@ class LatencyEngine:
         pad_token_id: int | None = None,
         return_logits: bool = False,
         embeds: torch.Tensor | None = None,
+        decisions: Decisions | None = None,
     ) -> LatencyResult:
         """Greedy tokens for a left-padded batch, pruned by ``config`` (None: unpruned); ``return_logits`` keeps
         every step's logits too; ``embeds``: the language model's input embeddings already made (benchmarks time
-        the decoder alone with it; a rule that reads the vision tower needs the tower's pass)."""
+        the decoder alone with it; a rule that reads the vision tower needs the tower's pass); ``decisions``: pinned
+        instead of the rule's (benchmarks time the same schedule without its rule)."""
         adapter = self.adapter
         if max_new_tokens < 1:
             raise ConfigError(f"max_new_tokens must be >= 1, not {max_new_tokens}")
@@ -245,7 +247,7 @@ class LatencyEngine:
         reads_vision = METHODS.get(config.method).reads_vision
         # The tower first: the runtime's host work below overlaps its replay.
         tower = self._queue_tower(inputs) if embeds is None and not reads_vision else None
-        runtime = _LatencyRuntime(adapter, config, inputs.layouts, implementation)
+        runtime = _LatencyRuntime(adapter, config, inputs.layouts, implementation, decisions)
         runtime.width_bucket = self.width_bucket
         runtime.scalings = self._scalings
         positions = to_device(adapter.rope_positions(inputs), self.device)
