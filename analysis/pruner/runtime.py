@@ -271,10 +271,14 @@ class PrunedRuntime(PruningHooks):
 
     def _kept_positions(self, layer: int) -> torch.Tensor:
         """(B, input length) bool: the input positions ``layer`` processes."""
-        rows, ordinals = self.dropped_image_tokens(layer).nonzero(as_tuple=True)
         kept = self._input_valid()
-        kept[rows, self.image_index[rows, ordinals]] = False
-        return kept
+        batch, length = kept.shape
+        # Scattered rather than indexed by the dropped tokens' coordinates, which would be read back from the device;
+        # pad ordinals (no image token) go to a spare column, so every real position is written once.
+        target = torch.where(self.image_valid, self.image_index, length)
+        dropped = torch.zeros(batch, length + 1, dtype=torch.bool, device=kept.device)
+        dropped.scatter_(1, target, self.dropped_image_tokens(layer))
+        return kept & ~dropped[:, :length]
 
     def _input_valid(self) -> torch.Tensor:
         """(B, input length) bool: real tokens of the current input (prompt and continuation)."""
