@@ -658,7 +658,7 @@ def _latency_rows(
     full = prefill_flops(shape, configs[0][2])["exact"]
     base_ttft, base_prefill = timed["unpruned ttft"].seconds, timed["unpruned prefill"].seconds
     mode = "CUDA graphs" if engine.graphs else "static buffers, uncaptured"
-    for name, _, tokens, _ in configs:
+    for name, config, tokens, decisions in configs:
         ttft, generate_s = timed[f"{name} ttft"].seconds, timed[f"{name} generate"].seconds
         prefill_s = timed[f"{name} prefill"].seconds
         roof_time = roofline_seconds(shape, tokens, *limits, batch=batch_size, bytes_per_value=roofline.bytes_per_value)
@@ -666,11 +666,15 @@ def _latency_rows(
         ideal = full / prefill_flops(shape, tokens)["exact"]
         speedup = base_prefill / prefill_s
         rate = batch_size * (args.new_tokens - 1) / (generate_s - ttft) if generate_s > ttft else float("nan")
+        # The kernels' time in one profiled prefill: the rest of the wall time the device waited for the host (the
+        # rule's read-backs and the host work after them).
+        busy = device_busy_seconds(call(config, 1, decisions, embeds), None, device)
+        busy_cell = f"; GPU busy {busy:.4f} s ({busy / prefill_s:.0%} of the prefill)" if busy else ""
         sys.stdout.write(
             f"{batch_size:>5} latency mode ({mode}), {name:<52} prefill {prefill_s:.4f} s x{speedup:.3f} "
             f"(FLOPs ideal {ideal:.3f}, roofline ideal {roof:.3f}, x / roofline ideal {speedup / roof:.3f}, "
-            f"roofline time / prefill {roof_time / prefill_s:.3f}); TTFT {ttft:.4f} s x{base_ttft / ttft:.3f}; "
-            f"generate {generate_s:.4f} s, decode {rate:.1f} tok/s\n"
+            f"roofline time / prefill {roof_time / prefill_s:.3f}){busy_cell}; TTFT {ttft:.4f} s "
+            f"x{base_ttft / ttft:.3f}; generate {generate_s:.4f} s, decode {rate:.1f} tok/s\n"
         )
 
 
