@@ -17,6 +17,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -66,20 +67,24 @@ class RegionMasks:
     def from_layouts(cls, layouts: list[TokenLayout], seq_len: int, device: torch.device) -> RegionMasks:
         """Build the masks of a left-padded batch."""
         batch = len(layouts)
-        queries = {name: torch.zeros(batch, seq_len, dtype=torch.bool) for name in QUERY_REGIONS}
-        keys = {name: torch.zeros(batch, seq_len, dtype=torch.bool) for name in KEY_REGIONS}
+        # Built in numpy on the host (a tensor operation per row and region costs more) and copied once each.
+        queries = {name: np.zeros((batch, seq_len), dtype=bool) for name in QUERY_REGIONS}
+        keys = {name: np.zeros((batch, seq_len), dtype=bool) for name in KEY_REGIONS}
         for row, layout in enumerate(layouts):
             for region, name in (
                 (REGION_SYSTEM, "system"),
                 (REGION_IMAGE, "image"),
                 (REGION_INSTRUCTION, "instruction"),
             ):
-                positions = torch.as_tensor(layout.padded((layout.regions == region).nonzero()[0]))
+                positions = layout.padded(np.flatnonzero(layout.regions == region))
                 queries[name][row, positions] = True
                 keys[name][row, positions] = True
             queries["last"][row, layout.padded(layout.last)] = True
-        queries = {name: to_device(value, device) for name, value in queries.items()}
-        return cls(queries, {name: to_device(value, device) for name, value in keys.items()}, seq_len)
+        return cls(
+            {name: to_device(torch.from_numpy(value), device) for name, value in queries.items()},
+            {name: to_device(torch.from_numpy(value), device) for name, value in keys.items()},
+            seq_len,
+        )
 
     def with_keys(self, name: str, keys: torch.Tensor) -> RegionMasks:
         """These masks plus a named key subset (B, T) (e.g. some image tokens); the original is left as it was."""

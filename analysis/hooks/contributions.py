@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from analysis.hooks.attention import LastRowObservation
@@ -50,10 +51,10 @@ def image_contributions(
 def image_index_tensors(layouts: list[TokenLayout], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """(B, N) padded positions of each sample's image tokens and their validity."""
     n_max = max(layout.n_image_tokens for layout in layouts)
-    index = torch.zeros(len(layouts), n_max, dtype=torch.long)
-    valid = torch.zeros(len(layouts), n_max, dtype=torch.bool)
+    index = np.zeros((len(layouts), n_max), dtype=np.int64)
+    valid = np.zeros((len(layouts), n_max), dtype=bool)
     for row, layout in enumerate(layouts):
-        positions = torch.as_tensor(layout.padded(layout.image_positions))
+        positions = layout.padded(layout.image_positions)
         index[row, : len(positions)] = positions
         valid[row, : len(positions)] = True
-    return to_device(index, device), to_device(valid, device)
+    return to_device(torch.from_numpy(index), device), to_device(torch.from_numpy(valid), device)

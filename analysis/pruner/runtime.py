@@ -101,10 +101,10 @@ class PrunedRuntime(PruningHooks):
         self.eager = attn_implementation == "eager"
         # Made on the host and copied once each: a copy from pageable memory, or a write per row, would wait for the
         # device's queued work (a vision tower's replay) or launch a kernel per sample.
-        prompt_valid = torch.zeros(len(layouts), prompt_length, dtype=torch.bool)
+        prompt_valid = np.zeros((len(layouts), prompt_length), dtype=bool)
         for row, layout in enumerate(layouts):
             prompt_valid[row, layout.pad_offset :] = True
-        self.prompt_valid = to_device(prompt_valid, device)
+        self.prompt_valid = to_device(torch.from_numpy(prompt_valid), device)
         self.prompt_padded = any(layout.pad_offset for layout in layouts)
         self.frozen = False  # decisions are made in the first prefill and reused by every later pass
         self.width_bucket = 1  # layer widths are rounded up to a multiple of this (the latency mode's graphs)
@@ -129,11 +129,11 @@ class PrunedRuntime(PruningHooks):
         self.rules = [adapter.attention_rule(layer) for layer in range(self.num_layers)]
         self._final_norm = adapter.final_norm()
         # (B, prompt length) the image each position belongs to (-1: text), for bidirectional image attention.
-        image_blocks = torch.full((len(layouts), prompt_length), -1, dtype=torch.long)
+        image_blocks = np.full((len(layouts), prompt_length), -1, dtype=np.int64)
         for row, layout in enumerate(layouts):
             image_of_token, _ = layout.image_token_coordinates
-            image_blocks[row, layout.padded(layout.image_positions)] = torch.as_tensor(image_of_token)
-        self.image_blocks = to_device(image_blocks, device)
+            image_blocks[row, layout.padded(layout.image_positions)] = image_of_token
+        self.image_blocks = to_device(torch.from_numpy(image_blocks), device)
 
     # -- decisions ------------------------------------------------------------------------------
     def _pin(self, decisions: Decisions) -> None:

@@ -106,11 +106,11 @@ class PruningHooks(AttentionHooks):
         self.vision_passes: list[VisionAttention] = []  # filled by the executor while a vision-reading rule runs
         # (B, prompt length) the first half of each sample's image tokens (the authors' 13B layer-0 rule), made once.
         # From the layouts on the host: counting the image tokens on the device would wait for its queued work.
-        first_half = torch.zeros(batch, prompt_length, dtype=torch.bool)
+        first_half = np.zeros((batch, prompt_length), dtype=bool)
         for row, layout in enumerate(layouts):
             positions = layout.padded(layout.image_positions)
-            first_half[row, torch.as_tensor(positions[: len(positions) // 2], dtype=torch.long)] = True
-        self.first_half_keys = to_device(first_half, self.image_valid.device)
+            first_half[row, positions[: len(positions) // 2]] = True
+        self.first_half_keys = to_device(torch.from_numpy(first_half), self.image_valid.device)
         self.method.start(self)
 
     # -- decisions ------------------------------------------------------------------------------
@@ -245,11 +245,11 @@ class PruningHooks(AttentionHooks):
 def text_after_image(layouts: list[TokenLayout], prompt_length: int, device: torch.device) -> torch.Tensor:
     """(B, prompt length) bool: each sample's prompt tokens after its last image token (the question and the
     template's tail)."""
-    text = torch.zeros(len(layouts), prompt_length, dtype=torch.bool)
+    text = np.zeros((len(layouts), prompt_length), dtype=bool)
     for row, layout in enumerate(layouts):
         first = int(layout.image_positions[-1]) + 1 if layout.n_image_tokens else layout.length
-        text[row, torch.as_tensor(layout.padded(np.arange(first, layout.length)), dtype=torch.long)] = True
-    return to_device(text, device)
+        text[row, layout.padded(np.arange(first, layout.length))] = True
+    return to_device(torch.from_numpy(text), device)
 
 
 @contextmanager
