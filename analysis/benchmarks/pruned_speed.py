@@ -48,9 +48,10 @@ from analysis.pruner.sweep import matched_budget
 # Pinned selections per preset: LLaVA-1.5-7B's keep selection near layer 9 with ~10-60 tokens (the paper's FLOPs cut).
 PINNED = {
     "llava-1.5-7b": {"selection_layer": 8, "keep": 58, "exit_layer": 20, "fastv_layer": 2},
-    "llava-1.5-7b-narrow": {"selection_layer": 8, "keep": 58, "exit_layer": 20, "fastv_layer": 2},
     "tiny": {"selection_layer": 1, "keep": 4, "exit_layer": 2, "fastv_layer": 1},
 }
+# The narrow preset has the 7B's depth and token layout, so it takes the 7B's schedule.
+PINNED["llava-1.5-7b-narrow"] = PINNED["llava-1.5-7b"]
 
 
 @dataclass

@@ -15,6 +15,7 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -27,7 +28,7 @@ from analysis.trace.run import batch_tables
 from analysis.trace.tracer import build_plan, trace_batch
 
 # The shape of llava-hf/llava-1.5-7b-hf's config.json (CLIP ViT-L/14-336 + Vicuna-7B).
-LLAVA_15_7B = {
+LLAVA_15_7B: dict[str, Any] = {
     "vision": dict(
         hidden_size=1024,
         intermediate_size=4096,
@@ -54,7 +55,7 @@ LLAVA_15_7B = {
     "system_tokens": 35,
     "instruction_tokens": 40,
 }
-TINY = {
+TINY: dict[str, Any] = {
     "vision": dict(
         hidden_size=32,
         intermediate_size=64,
@@ -81,28 +82,19 @@ TINY = {
 # LLaVA-1.5-7B's depth, heads and token layout (576 image tokens among 651) with narrow layers: the host's work per
 # call is the 7B model's, the arithmetic is not (the latency mode's host-work count on a CPU).
 LLAVA_15_7B_NARROW = {
-    "vision": dict(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        image_size=336,
-        patch_size=14,
-        projection_dim=32,
-    ),
-    "text": dict(
-        hidden_size=256,
-        intermediate_size=256,
-        num_hidden_layers=32,
-        num_attention_heads=32,
-        num_key_value_heads=32,
-        vocab_size=1000,
-        max_position_embeddings=4096,
-        pad_token_id=901,
-    ),
+    # The tiny tower on the 7B's patch grid (576 image tokens).
+    "vision": {**TINY["vision"], **{key: LLAVA_15_7B["vision"][key] for key in ("image_size", "patch_size")}},
+    "text": {
+        **{key: LLAVA_15_7B["text"][key] for key in ("num_hidden_layers", "num_attention_heads")},
+        "num_key_value_heads": LLAVA_15_7B["text"]["num_key_value_heads"],
+        "hidden_size": 256,  # 8 dimensions per head
+        "intermediate_size": 256,
+        "vocab_size": 1000,
+        "max_position_embeddings": LLAVA_15_7B["text"]["max_position_embeddings"],
+        "pad_token_id": 901,
+    },
     "image_token_id": 900,
-    "system_tokens": LLAVA_15_7B["system_tokens"],
-    "instruction_tokens": LLAVA_15_7B["instruction_tokens"],
+    **{key: LLAVA_15_7B[key] for key in ("system_tokens", "instruction_tokens")},
 }
 PRESETS = {"llava-1.5-7b": LLAVA_15_7B, "llava-1.5-7b-narrow": LLAVA_15_7B_NARROW, "tiny": TINY}
 
