@@ -163,6 +163,17 @@ def test_pruned_speed_latency_rows(capsys: pytest.CaptureFixture[str]) -> None:
     assert 1 <= kept <= 8  # about the pinned 4 of the tiny preset's image tokens
 
 
+def test_pruned_speed_latency_only_leaves_the_eager_rows_out(capsys: pytest.CaptureFixture[str]) -> None:
+    """--latency-only prints the latency mode's four rows and none of the eager table's."""
+    from analysis.benchmarks import pruned_speed
+
+    argv = "--preset tiny --batch-sizes 1 --repeats 1 --rounds 1 --warmup 0 --new-tokens 2 --device cpu"
+    assert pruned_speed.main([*argv.split(), "--dtype", "float32", "--latency-only"]) == 0
+    out = capsys.readouterr().out
+    assert len([line for line in out.splitlines() if "latency mode" in line]) == 4
+    assert "vision tower alone" not in out and "visipruner generate" not in out
+
+
 def test_mean_layer_tokens_averages_each_samples_schedule() -> None:
     """Two samples' schedules (one selects at layer 0 keeping 2 of 4 and exits after 1, one never selects) give
     their per-layer means, by hand."""
