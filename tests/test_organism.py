@@ -303,6 +303,39 @@ def test_an_organism_in_llava_15s_regime_trains_in_smoke_mode(tmp_path) -> None:
         dataclasses.replace(config, image_size=330)
 
 
+def test_fine_tuning_leaves_a_loadable_checkpoint_of_each_epoch_until_the_end(tmp_path, monkeypatch) -> None:
+    """While fine-tuning runs, out/checkpoint holds the organism after the last finished epoch (a run cut off still
+    leaves a model); the final save removes it."""
+    import dataclasses
+
+    from transformers import AutoModelForImageTextToText
+
+    from analysis.organism import train as training
+
+    out = tmp_path / "organism"
+    seen: list[dict] = []
+    real_save = training.save_organism
+
+    def save(model, processor, folder):
+        if folder == out:  # the final save: epoch 1's checkpoint is there, complete, and loads
+            info = json.loads((out / training.CHECKPOINT_NAME / training.CHECKPOINT_INFO).read_text())
+            check_organism_files(out / training.CHECKPOINT_NAME)
+            AutoModelForImageTextToText.from_pretrained(out / training.CHECKPOINT_NAME)
+            seen.append(info)
+        real_save(model, processor, folder)
+
+    monkeypatch.setattr(training, "save_organism", save)
+    config = dataclasses.replace(load_config("smoke"), finetune_epochs=2)
+    training.train(config, out, torch.device("cpu"), preset="smoke")
+    assert [(info["epoch"], set(info["validation"])) for info in seen] == [(1, FAMILY_KEYS)]
+    log = [json.loads(line) for line in (out / "training_log.jsonl").read_text().splitlines()]
+    epoch_one = next(r for r in log if r.get("stage") == "finetune" and r.get("epoch") == 1)
+    assert seen[0]["validation"] == epoch_one["accuracy"] and seen[0]["step"] == epoch_one["step"]
+    assert not (out / training.CHECKPOINT_NAME).exists()
+    assert not (out / (training.CHECKPOINT_NAME + ".partial")).exists()
+    check_organism_files(out)
+
+
 def test_packing_keeps_every_question_once_with_its_labels() -> None:
     """Packed rows hold the chosen rows' real tokens and labels, in order, each exactly once, within the context."""
     from analysis.organism.data import IGNORE_INDEX, SequenceSet, pack_sequences

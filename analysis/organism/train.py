@@ -18,6 +18,7 @@ import dataclasses
 import json
 import logging
 import math
+import shutil
 import sys
 import time
 from collections import defaultdict
@@ -65,6 +66,10 @@ logger = logging.getLogger(__name__)
 DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "organism.json"
 LOG_NAME = "training_log.jsonl"
 CONFIG_NAME = "training_config.json"
+# While fine-tuning runs, the organism as of the last finished epoch, so that a run cut off (a lent machine taken
+# back) still leaves a loadable model; removed once the final organism is saved.
+CHECKPOINT_NAME = "checkpoint"
+CHECKPOINT_INFO = "checkpoint.json"
 MAX_NEW_TOKENS = 3
 # Fewer, smaller everything so the whole pipeline runs on a CPU in seconds; the architecture stays the full one
 # so the smoke output loads exactly like the real organism.
@@ -563,7 +568,11 @@ def _train_and_save(
     record_eval(log, "alignment", 0, config.alignment_steps, model, tokenizer, validation)
 
     def epoch_end(epoch: int, step: int) -> None:
-        record_eval(log, "finetune", epoch, step, model, tokenizer, validation)
+        scores = record_eval(log, "finetune", epoch, step, model, tokenizer, validation)
+        if epoch < config.finetune_epochs:
+            save_checkpoint(
+                model, processor, out / CHECKPOINT_NAME, {"epoch": epoch, "step": step, "validation": scores}
+            )
 
     # Conversations hold every question of their image once (a repeated family as several distinct questions).
     finetune_pool = questions if config.finetune_turns == 1 else torch.arange(len(data.vqa))
@@ -592,6 +601,7 @@ def _train_and_save(
         device,
     )
     save_organism(model, processor, out)
+    shutil.rmtree(out / CHECKPOINT_NAME, ignore_errors=True)
 
 
 def _pretrain_vision(
@@ -689,6 +699,17 @@ def save_organism(model: HFModel, processor: Any, out: Path) -> None:
     check_organism_files(out)
     size = (out / "model.safetensors").stat().st_size / 2**20
     logger.info("saved the organism to %s (model.safetensors %.1f MiB)", out, size)
+
+
+def save_checkpoint(model: HFModel, processor: Any, folder: Path, info: dict[str, Any]) -> None:
+    """Replace ``folder`` with the organism as it is now and ``info`` (epoch, step, validation accuracy) beside it."""
+    staging = folder.with_name(folder.name + ".partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    save_organism(model, processor, staging)
+    (staging / CHECKPOINT_INFO).write_text(json.dumps(info) + "\n")
+    # Renamed only when complete, so a run cut off mid-save leaves the previous epoch's checkpoint or none.
+    shutil.rmtree(folder, ignore_errors=True)
+    staging.rename(folder)
 
 
 def build_parser() -> argparse.ArgumentParser:
