@@ -297,11 +297,18 @@ def build_training_data(
     image_of_sample = [scene_of_image[item.scene.index] for item in items]
     logger.info("generated %d train questions over %d scenes", len(samples), len(images))
 
-    # PIL resizes without the GIL, so the scenes are brought to the tower's size on every core.
+    # PIL resizes without the GIL, so the scenes are brought to the tower's size on every core, each written into
+    # one preallocated array: stacking a list afterwards copied all of them once more (600k questions: 81.7k scenes,
+    # 27.7 GB of uint8 at 336 px, twice that at the peak).
+    side = int(processor.image_processor.crop_size["height"])
+    stacked = np.empty((len(images), side, side, 3), dtype=np.uint8)
+
+    def resize_into(index: int) -> None:
+        stacked[index] = tower_input(images[index], processor.image_processor)
+
     with ThreadPoolExecutor() as pool:
-        resized = list(pool.map(lambda image: tower_input(image, processor.image_processor), images))
-    pixels = torch.from_numpy(np.stack(resized))
-    pixels = pixels.permute(0, 3, 1, 2)
+        list(pool.map(resize_into, range(len(images))))
+    pixels = torch.from_numpy(stacked).permute(0, 3, 1, 2)
     tokenizer = processor.tokenizer
     caption_ids, caption_mask = encode_captions(tokenizer, captions)
 
