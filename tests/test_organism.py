@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -334,6 +336,67 @@ def test_fine_tuning_leaves_a_loadable_checkpoint_of_each_epoch_until_the_end(tm
     assert not (out / training.CHECKPOINT_NAME).exists()
     assert not (out / (training.CHECKPOINT_NAME + ".partial")).exists()
     check_organism_files(out)
+
+
+def test_fine_tuning_resumed_from_the_after_alignment_folder_gives_the_continuous_runs_organism(
+    smoke_dir, tmp_path
+) -> None:
+    """A run keeps its float32 organism after alignment; --resume-from fine-tunes from it to the very weights of
+    the uninterrupted run, its log holding the skipped stages' records, and a fine-tuning setting may change."""
+    from safetensors.torch import load_file
+
+    from analysis.organism import train as training
+
+    stage = smoke_dir / training.STAGE_NAME
+    info = json.loads((stage / training.STAGE_INFO).read_text())
+    assert info["stage"] == "alignment" and info["config"] == dataclasses.asdict(load_config("smoke"))
+    assert {t.dtype for t in load_file(stage / "model.safetensors").values()} == {torch.float32}
+    resumed = tmp_path / "resumed"
+    assert main(["--out", str(resumed), "--preset", "smoke", "--device", "cpu", "--resume-from", str(stage)]) == 0
+    continuous, again = load_file(smoke_dir / "model.safetensors"), load_file(resumed / "model.safetensors")
+    assert continuous.keys() == again.keys()
+    assert all(torch.equal(continuous[name], again[name]) for name in continuous)
+    records = [json.loads(line) for line in (resumed / training.LOG_NAME).read_text().splitlines()]
+    assert {r["stage"] for r in records if "loss" in r} == {"vision", "language", "alignment", "finetune"}
+    aligned = next(r for r in records if r["stage"] == "alignment" and "accuracy" in r)
+    assert next(r for r in records if r["stage"] == "resumed" and "accuracy" in r)["accuracy"] == aligned["accuracy"]
+    saved = json.loads((resumed / training.CONFIG_NAME).read_text())
+    assert saved["resumed_from"] == str(stage)
+    longer = tmp_path / "longer"
+    config = dataclasses.replace(load_config("smoke"), finetune_epochs=2, finetune_lr=1e-4)
+    training.train(config, longer, torch.device("cpu"), preset="smoke", resume_from=stage)
+    epochs = [json.loads(line) for line in (longer / training.LOG_NAME).read_text().splitlines()]
+    assert max(r.get("epoch", 0) for r in epochs if r["stage"] == "finetune") == 2
+
+
+@pytest.mark.parametrize(
+    ("damage", "message"),
+    [
+        ("no_info", "is not a complete after-alignment folder"),
+        ("other_config", "trained with other settings than this config \\(vision_steps\\)"),
+    ],
+)
+def test_resuming_refuses_a_folder_it_cannot_continue_in_one_line(smoke_dir, tmp_path, capsys, damage, message):
+    """A folder without its stage record, or trained with other pre-fine-tuning settings, is one clear line and no
+    half-written organism."""
+    import shutil
+
+    from analysis.organism import train as training
+
+    stage = tmp_path / "stage"
+    shutil.copytree(smoke_dir / training.STAGE_NAME, stage)
+    arguments = ["--preset", "smoke", "--device", "cpu", "--resume-from", str(stage)]
+    if damage == "no_info":
+        (stage / training.STAGE_INFO).unlink()
+    else:
+        info = json.loads((stage / training.STAGE_INFO).read_text())
+        info["config"]["vision_steps"] += 1
+        (stage / training.STAGE_INFO).write_text(json.dumps(info))
+    out = tmp_path / "out"
+    assert main(["--out", str(out), *arguments]) == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and re.search(message, errors[0]), errors
+    assert not out.exists()
 
 
 def test_packing_keeps_every_question_once_with_its_labels() -> None:

@@ -9,6 +9,9 @@ Stages, each on the ShapesVQA train split only (validation is for monitoring, te
 2. alignment: only the projector trains, on image -> caption in the Vicuna prompt (LLaVA's feature alignment).
 3. finetune: everything trains on the VQA questions (the tower at ``finetune_vision_lr``; 0 keeps it frozen as
    LLaVA-1.5 does), with a loss on the answer and EOS only, using the prompt LlavaAdapter renders at inference.
+
+After stage 2 the float32 organism is kept in ``OUT/after-alignment``; ``--resume-from`` runs stage 3 alone from
+it, so a run cut off while fine-tuning goes on later and gives the organism a continuous run would.
 """
 
 from __future__ import annotations
@@ -70,6 +73,15 @@ CONFIG_NAME = "training_config.json"
 # back) still leaves a loadable model; removed once the final organism is saved.
 CHECKPOINT_NAME = "checkpoint"
 CHECKPOINT_INFO = "checkpoint.json"
+# The organism in float32 when the stages before fine-tuning are done (each stage starts its own optimiser, so the
+# weights are the whole state): ``--resume-from`` fine-tunes from it, in a later session or with another schedule.
+STAGE_NAME = "after-alignment"
+STAGE_INFO = "stage.json"
+# Settings read only by fine-tuning (or by logging): a resumed run may change them, and nothing else.
+FINETUNE_ONLY = frozenset(
+    {"finetune_epochs", "finetune_batch_size", "finetune_lr", "finetune_vision_lr", "compile_finetune"}
+    | {"eval_batch_size", "log_every"}
+)
 MAX_NEW_TOKENS = 3
 # Fewer, smaller everything so the whole pipeline runs on a CPU in seconds; the architecture stays the full one
 # so the smoke output loads exactly like the real organism.
@@ -423,17 +435,30 @@ def trainable(modules: Iterable[nn.Module], everything: nn.Module) -> list[nn.Pa
     return parameters
 
 
-def train(config: OrganismTrainConfig, out: Path, device: torch.device, preset: str = "full") -> dict[str, float]:
-    """Run all four stages, save model and processor to ``out`` and return the reloaded model's test accuracy."""
+def train(
+    config: OrganismTrainConfig,
+    out: Path,
+    device: torch.device,
+    preset: str = "full",
+    resume_from: Path | None = None,
+) -> dict[str, float]:
+    """Run all four stages (or fine-tune from ``resume_from``, a run's after-alignment folder), save model and
+    processor to ``out`` and return the reloaded model's test accuracy."""
     import transformers
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
+    earlier_log = check_resume_folder(resume_from, config) if resume_from is not None else None
     out.mkdir(parents=True, exist_ok=True)
     log = TrainingLog(out / LOG_NAME)
     environment = {"device": str(device), "torch": torch.__version__, "transformers": transformers.__version__}
+    resumed = {"resumed_from": str(resume_from)} if resume_from is not None else {}
     (out / CONFIG_NAME).write_text(
-        json.dumps({"preset": preset, "config": dataclasses.asdict(config), **environment}, indent=2) + "\n"
+        json.dumps({"preset": preset, "config": dataclasses.asdict(config), **resumed, **environment}, indent=2) + "\n"
     )
+    if earlier_log is not None:
+        # The stages the resumed run skips keep their records, so the log tells the organism's whole training.
+        with log.path.open("a") as handle:
+            handle.write(earlier_log)
     torch.manual_seed(config.seed)
     # Multi-turn rows weight a family by asking it several distinct questions per image instead of repeating rows.
     shapes_config = ShapesConfig(
@@ -443,7 +468,7 @@ def train(config: OrganismTrainConfig, out: Path, device: torch.device, preset: 
         draws=config.family_repeats if config.finetune_turns > 1 else {},
         families=(*FAMILIES, config.grounding_family) if config.grounding else FAMILIES,
     )
-    _train_and_save(config, shapes_config, out, log, device)
+    _train_and_save(config, shapes_config, out, log, device, resume_from)
 
     # Score what was written, as a user would load it: float32 from the float16 file.
     reloaded: HFModel = AutoModelForImageTextToText.from_pretrained(out, dtype=torch.float32)
@@ -461,11 +486,57 @@ def train(config: OrganismTrainConfig, out: Path, device: torch.device, preset: 
     return scores
 
 
+def check_resume_folder(folder: Path, config: OrganismTrainConfig) -> str:
+    """The training log kept in a run's after-alignment ``folder``, once it is checked to hold a complete stage
+    trained with ``config`` (fine-tuning settings apart)."""
+    try:
+        info = json.loads((folder / STAGE_INFO).read_text())
+        earlier_log = (folder / LOG_NAME).read_text()
+        check_organism_files(folder)
+    except (OSError, json.JSONDecodeError, ModelError) as error:
+        raise ConfigError(
+            f"{folder} is not a complete {STAGE_NAME} folder ({error}); pass OUT/{STAGE_NAME} of a run that "
+            "finished its alignment stage"
+        ) from None
+    saved = info.get("config", {})
+    differing = sorted(
+        name
+        for name, value in dataclasses.asdict(config).items()
+        if name not in FINETUNE_ONLY and saved.get(name) != value
+    )
+    if info.get("stage") != "alignment" or differing:
+        raise ConfigError(
+            f"{folder} was trained with other settings than this config ({', '.join(differing) or 'stage'}); "
+            f"only {sorted(FINETUNE_ONLY)} may change when resuming: pass the config of the run that wrote it"
+        )
+    return earlier_log
+
+
+def save_stage(model: HFModel, processor: Any, folder: Path, info: dict[str, Any], log: TrainingLog) -> None:
+    """Write ``folder`` with the float32 organism, ``info`` and the training log so far, complete or not at all."""
+    staging = folder.with_name(folder.name + ".partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    model.save_pretrained(staging, state_dict={name: t.detach().to("cpu") for name, t in model.state_dict().items()})
+    processor.save_pretrained(staging)
+    shutil.copyfile(log.path, staging / LOG_NAME)
+    (staging / STAGE_INFO).write_text(json.dumps(info, indent=2) + "\n")
+    shutil.rmtree(folder, ignore_errors=True)
+    staging.rename(folder)
+    logger.info("saved the organism after alignment to %s (float32, for --resume-from)", folder)
+
+
 def _train_and_save(
-    config: OrganismTrainConfig, shapes_config: ShapesConfig, out: Path, log: TrainingLog, device: torch.device
+    config: OrganismTrainConfig,
+    shapes_config: ShapesConfig,
+    out: Path,
+    log: TrainingLog,
+    device: torch.device,
+    resume_from: Path | None = None,
 ) -> None:
-    """Stages 0-3 (vision pretraining, language, alignment, VQA fine-tuning), then the organism saved to ``out``."""
-    from transformers import LlavaForConditionalGeneration
+    """Stages 0-3 (vision pretraining, language, alignment, VQA fine-tuning), or stage 3 alone from
+    ``resume_from``, then the organism saved to ``out``."""
+    from transformers import AutoModelForImageTextToText, LlavaForConditionalGeneration
 
     processor = build_processor(shapes_config, config.image_size, config.patch_size)
     tokenizer = processor.tokenizer
@@ -505,67 +576,19 @@ def _train_and_save(
     log.write({"stage": "data", "train_questions": len(data.vqa), "train_images": len(data.pixels)})
     logger.info("data ready: %d questions, %d images (%.0f s)", len(data.vqa), len(data.pixels), log.elapsed)
     image_processor = processor.image_processor
-
-    # Stage 0: the vision tower, pretrained on its own and then frozen for good.
-    _pretrain_vision(model, tokenizer, data, image_processor, config, log, device)
-    model.train()
-
-    def chat_loss(sequences: SequenceSet, with_images: bool, forward: Callable[..., Any] = model) -> LossFn:
-        def loss(rows: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-            # A compiled forward sees one shape for the whole stage instead of recompiling per batch width.
-            inputs = sequences.batch(rows, full_width=forward is not model)
-            if with_images:
-                inputs["pixel_values"] = pixel_values(data.pixels[sequences.image_index[rows]], image_processor)
-            return forward(**inputs).loss, {}
-
-        return loss
-
     language = [model.model.language_model, model.lm_head]
     # Both question stages see the same mixture; repeating a family gives its harder questions more updates.
     questions = question_pool(data.families, config.family_repeats if config.finetune_turns == 1 else {})
-    text_qa, text_pool = data.text_qa, questions
-    if config.language_context:
-        shuffle = torch.Generator().manual_seed(config.seed)
-        order = questions[torch.randperm(len(questions), generator=shuffle)]
-        text_qa = pack_sequences(
-            data.text_qa.to(torch.device("cpu")), order, config.language_context, tokenizer.pad_token_id
-        ).to(device)
-        text_pool = torch.arange(len(text_qa))
-        logger.info(
-            "text-only stage: %d questions packed into %d rows of %d tokens",
-            len(order),
-            len(text_qa),
-            config.language_context,
-        )
-    run_stage(
-        Stage(
-            "language",
-            [(trainable(language, model), config.language_lr)],
-            chat_loss(text_qa, False),
-            text_pool,
-            config.language_batch_size,
-            config.language_steps,
-        ),
-        config,
-        log,
-        device,
-    )
-    # The language model alone, reading captions: what it can answer once the image is described in words.
-    record_eval(log, "language", 0, config.language_steps, model, tokenizer, validation_text)
-    run_stage(
-        Stage(
-            "alignment",
-            [(trainable([model.model.multi_modal_projector], model), config.alignment_lr)],
-            chat_loss(data.caption_chat, True),
-            torch.arange(len(data.caption_chat)),
-            config.alignment_batch_size,
-            config.alignment_steps,
-        ),
-        config,
-        log,
-        device,
-    )
-    record_eval(log, "alignment", 0, config.alignment_steps, model, tokenizer, validation)
+
+    if resume_from is None:
+        _pretrain_and_align(model, processor, data, questions, validation, validation_text, config, out, log, device)
+    else:
+        saved: HFModel = AutoModelForImageTextToText.from_pretrained(resume_from, dtype=torch.float32)
+        model.load_state_dict(saved.state_dict())
+        model.train()
+        del saved
+        log.write({"stage": "resumed", "from": str(resume_from)})
+        record_eval(log, "resumed", 0, 0, model, tokenizer, validation)
 
     def epoch_end(epoch: int, step: int) -> None:
         scores = record_eval(log, "finetune", epoch, step, model, tokenizer, validation)
@@ -586,11 +609,12 @@ def _train_and_save(
         groups.append((list(tower.parameters()), config.finetune_vision_lr))
     # Compiling pays for itself only on the long fine-tune (about 1.6x per step on an H200, after about 80 s).
     compiled = config.compile_finetune and device.type == "cuda"
+    forward = torch.compile(model, dynamic=False) if compiled else model
     run_stage(
         Stage(
             "finetune",
             groups,
-            chat_loss(data.vqa, True, torch.compile(model, dynamic=False) if compiled else model),
+            chat_loss(model, data, image_processor, data.vqa, True, forward),
             finetune_pool,
             config.finetune_batch_size,
             config.finetune_epochs * per_epoch,
@@ -602,6 +626,90 @@ def _train_and_save(
     )
     save_organism(model, processor, out)
     shutil.rmtree(out / CHECKPOINT_NAME, ignore_errors=True)
+
+
+def chat_loss(
+    model: HFModel,
+    data: TrainingData,
+    image_processor: Any,
+    sequences: SequenceSet,
+    with_images: bool,
+    forward: Callable[..., Any],
+) -> LossFn:
+    """The language-modelling loss of ``forward`` (``model`` or its compiled form) on rows of ``sequences``."""
+
+    def loss(rows: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        # A compiled forward sees one shape for the whole stage instead of recompiling per batch width.
+        inputs = sequences.batch(rows, full_width=forward is not model)
+        if with_images:
+            inputs["pixel_values"] = pixel_values(data.pixels[sequences.image_index[rows]], image_processor)
+        return forward(**inputs).loss, {}
+
+    return loss
+
+
+def _pretrain_and_align(
+    model: HFModel,
+    processor: Any,
+    data: TrainingData,
+    questions: torch.Tensor,
+    validation: EvalSet,
+    validation_text: EvalSet,
+    config: OrganismTrainConfig,
+    out: Path,
+    log: TrainingLog,
+    device: torch.device,
+) -> None:
+    """Stages 0-2 (vision pretraining, text-only language, alignment), then the after-alignment folder saved."""
+    tokenizer = processor.tokenizer
+    # Stage 0: the vision tower, pretrained on its own and then frozen for good.
+    _pretrain_vision(model, tokenizer, data, processor.image_processor, config, log, device)
+    model.train()
+    language = [model.model.language_model, model.lm_head]
+    text_qa, text_pool = data.text_qa, questions
+    if config.language_context:
+        shuffle = torch.Generator().manual_seed(config.seed)
+        order = questions[torch.randperm(len(questions), generator=shuffle)]
+        text_qa = pack_sequences(
+            data.text_qa.to(torch.device("cpu")), order, config.language_context, tokenizer.pad_token_id
+        ).to(device)
+        text_pool = torch.arange(len(text_qa))
+        logger.info(
+            "text-only stage: %d questions packed into %d rows of %d tokens",
+            len(order),
+            len(text_qa),
+            config.language_context,
+        )
+    run_stage(
+        Stage(
+            "language",
+            [(trainable(language, model), config.language_lr)],
+            chat_loss(model, data, processor.image_processor, text_qa, False, model),
+            text_pool,
+            config.language_batch_size,
+            config.language_steps,
+        ),
+        config,
+        log,
+        device,
+    )
+    # The language model alone, reading captions: what it can answer once the image is described in words.
+    record_eval(log, "language", 0, config.language_steps, model, tokenizer, validation_text)
+    run_stage(
+        Stage(
+            "alignment",
+            [(trainable([model.model.multi_modal_projector], model), config.alignment_lr)],
+            chat_loss(model, data, processor.image_processor, data.caption_chat, True, model),
+            torch.arange(len(data.caption_chat)),
+            config.alignment_batch_size,
+            config.alignment_steps,
+        ),
+        config,
+        log,
+        device,
+    )
+    record_eval(log, "alignment", 0, config.alignment_steps, model, tokenizer, validation)
+    save_stage(model, processor, out / STAGE_NAME, {"stage": "alignment", "config": dataclasses.asdict(config)}, log)
 
 
 def _pretrain_vision(
@@ -724,6 +832,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=None, help="training seed (default: the preset's)")
     parser.add_argument("--config", type=Path, default=DEFAULT_CONFIG, help="JSON with the full preset")
     parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    parser.add_argument(
+        "--resume-from",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help=f"skip to fine-tuning from DIR, the {STAGE_NAME} folder of an earlier run with the same config "
+        "(its fine-tuning settings may differ): a run cut off while fine-tuning goes on in a later session",
+    )
     return parser
 
 
@@ -734,7 +850,7 @@ def main(argv: list[str] | None = None) -> int:
     def body() -> int:
         config = load_config(args.preset, args.config, args.seed)
         device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        train(config, args.out, device, args.preset)
+        train(config, args.out, device, args.preset, resume_from=args.resume_from)
         return 0
 
     return run_cli(body)
