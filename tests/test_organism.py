@@ -282,8 +282,6 @@ def test_an_organism_in_llava_15s_regime_trains_in_smoke_mode(tmp_path) -> None:
     """configs/organism-576.json, in smoke mode, trains a 336 px tower (576 image tokens) over a 16-layer decoder
     with its text stage packed; the image is >= 85% of every prompt, and the saved model loads through the
     registry like the shipped one (issue 16's architecture)."""
-    import dataclasses
-
     from analysis.models.registry import load_model
     from analysis.organism.train import train
 
@@ -308,8 +306,6 @@ def test_an_organism_in_llava_15s_regime_trains_in_smoke_mode(tmp_path) -> None:
 def test_fine_tuning_leaves_a_loadable_checkpoint_of_each_epoch_until_the_end(tmp_path, monkeypatch) -> None:
     """While fine-tuning runs, out/checkpoint holds the organism after the last finished epoch (a run cut off still
     leaves a model); the final save removes it."""
-    import dataclasses
-
     from transformers import AutoModelForImageTextToText
 
     from analysis.organism import train as training

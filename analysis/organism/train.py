@@ -514,15 +514,15 @@ def check_resume_folder(folder: Path, config: OrganismTrainConfig) -> str:
 
 def save_stage(model: HFModel, processor: Any, folder: Path, info: dict[str, Any], log: TrainingLog) -> None:
     """Write ``folder`` with the float32 organism, ``info`` and the training log so far, complete or not at all."""
-    staging = folder.with_name(folder.name + ".partial")
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
-    model.save_pretrained(staging, state_dict={name: t.detach().to("cpu") for name, t in model.state_dict().items()})
-    processor.save_pretrained(staging)
-    shutil.copyfile(log.path, staging / LOG_NAME)
-    (staging / STAGE_INFO).write_text(json.dumps(info, indent=2) + "\n")
-    shutil.rmtree(folder, ignore_errors=True)
-    staging.rename(folder)
+
+    def write(staging: Path) -> None:
+        state = {name: t.detach().to("cpu") for name, t in model.state_dict().items()}
+        model.save_pretrained(staging, state_dict=state)
+        processor.save_pretrained(staging)
+        shutil.copyfile(log.path, staging / LOG_NAME)
+        (staging / STAGE_INFO).write_text(json.dumps(info, indent=2) + "\n")
+
+    replace_folder(folder, write)
     logger.info("saved the organism after alignment to %s (float32, for --resume-from)", folder)
 
 
@@ -811,11 +811,21 @@ def save_organism(model: HFModel, processor: Any, out: Path) -> None:
 
 def save_checkpoint(model: HFModel, processor: Any, folder: Path, info: dict[str, Any]) -> None:
     """Replace ``folder`` with the organism as it is now and ``info`` (epoch, step, validation accuracy) beside it."""
+
+    def write(staging: Path) -> None:
+        save_organism(model, processor, staging)
+        (staging / CHECKPOINT_INFO).write_text(json.dumps(info) + "\n")
+
+    replace_folder(folder, write)
+
+
+def replace_folder(folder: Path, write: Callable[[Path], None]) -> None:
+    """Fill a staging folder beside ``folder`` with ``write`` and only then put it in ``folder``'s place."""
     staging = folder.with_name(folder.name + ".partial")
     shutil.rmtree(staging, ignore_errors=True)
-    save_organism(model, processor, staging)
-    (staging / CHECKPOINT_INFO).write_text(json.dumps(info) + "\n")
-    # Renamed only when complete, so a run cut off mid-save leaves the previous epoch's checkpoint or none.
+    staging.mkdir(parents=True)
+    write(staging)
+    # Renamed only when complete, so a run cut off mid-save leaves the previous folder or none, never half of one.
     shutil.rmtree(folder, ignore_errors=True)
     staging.rename(folder)
 
