@@ -12,6 +12,7 @@ COMMANDS = {
     "analysis.trace": "per-layer attention statistics of a model over a dataset, to a run folder",
     "analysis.probes": "causal probes (knockouts, masking, KV removal, logit lens, contributions, token ablation)",
     "analysis.stages": "stage boundaries S and D with bootstrap intervals, and critical tokens, from a probe run",
+    "analysis.findings": "the paper's findings (sinks, S and D, masking, logit lens, critical tokens) as one table",
     "analysis.evaluate": "accuracy per question family, optionally under a pruning config",
     "analysis.pruner": "export a VisiPruner config from a probe run; sweep configs against baselines; ceiling",
     "analysis.organism.train": "train the model organism",
