@@ -61,6 +61,9 @@ def _layer_range(series: pd.Series, fmt: str, unit: str = "") -> str:
 
 def image_share(samples: pd.DataFrame) -> str:
     """Mean share of the prompt's tokens that are image tokens."""
+    samples = samples[samples["image_starts"].notna() & samples["n_tokens"].notna()]
+    if samples.empty:
+        return "not recorded (the samples table holds no token layout)"
     spans = samples.apply(lambda row: sum(e - s for s, e in zip(row.image_starts, row.image_ends, strict=True)), 1)
     share = spans / samples["n_tokens"]
     return f"{share.mean():.0%} ({spans.median():.0f} of {samples['n_tokens'].median():.0f} tokens, median)"
@@ -151,6 +154,11 @@ def critical_findings(run: Path, threshold: float) -> list[tuple[str, str]]:
     ]
 
 
+def _layer(value: object) -> str:
+    """A boundary layer as text; 'none' where the curve never settles within the tolerance."""
+    return "none" if value is None or pd.isna(value) else str(int(value))  # type: ignore[call-overload]
+
+
 def stage_findings(run: Path, config: StageConfig) -> list[tuple[str, str]]:
     """S, D (and the KV-removal check) with their bootstrap intervals, abruptness and per-family boundaries."""
     report = analyse(run, config)
@@ -162,8 +170,8 @@ def stage_findings(run: Path, config: StageConfig) -> list[tuple[str, str]]:
         return f" [{intervals.loc[name, 'low']:.0f}-{intervals.loc[name, 'high']:.0f}]"
 
     rows = [
-        ("S: image access starts to matter at layer", f"{b.shallow_end}{ci('shallow_end')}"),
-        ("D: image access no longer matters from layer", f"{b.deep_start}{ci('deep_start')}"),
+        ("S: image access starts to matter at layer", f"{_layer(b.shallow_end)}{ci('shallow_end')}"),
+        ("D: image access no longer matters from layer", f"{_layer(b.deep_start)}{ci('deep_start')}"),
         (
             f"abruptness: layers holding {config.mass:.0%} of the rise",
             f"{b.layers_holding_mass}{ci('layers_holding_mass')}",
@@ -173,13 +181,16 @@ def stage_findings(run: Path, config: StageConfig) -> list[tuple[str, str]]:
         rows.append(
             (
                 "KV-removal check: removing image KV from layer L on changes nothing from",
-                f"{b.kv_deep_start}{ci('kv_deep_start')}",
+                f"{_layer(b.kv_deep_start)}{ci('kv_deep_start')}",
             )
         )
     if not report.by_family.empty:
         families = report.by_family.iterrows()
         rows.append(
-            ("per family S / D", ", ".join(f"{name} {row.shallow_end}/{row.deep_start}" for name, row in families))
+            (
+                "per family S / D",
+                ", ".join(f"{name} {_layer(row.shallow_end)}/{_layer(row.deep_start)}" for name, row in families),
+            )
         )
     return rows
 

@@ -135,3 +135,12 @@ def test_not_a_run_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str
     assert main([str(tmp_path)]) == 2
     error = capsys.readouterr().err.strip().splitlines()
     assert len(error) == 1 and error[0].startswith("error:") and "python -m analysis.probes" in error[0]
+
+
+def test_boundary_that_never_settles_reads_none(tmp_path: Path) -> None:
+    """With answers flipping outside the fusion band too, D is 'none', not a number or NaN."""
+    run = write_synthetic_run(tmp_path / "run", 40, noise=0.3)
+    values = _values(findings([run], StageConfig(n_bootstrap=0)))
+    assert values["D: image access no longer matters from layer"] == "none"
+    assert all(part.endswith("/none") for part in values["per family S / D"].split(", "))
+    assert values["image share of the prompt"] == "not recorded (the samples table holds no token layout)"
