@@ -166,6 +166,24 @@ def test_conversations_tokenise_as_the_chat_template_renders_them(processor, ada
         assert int(data.vqa.image_index[row]) == int(single.vqa.image_index[group[0]])
 
 
+def test_followup_pieces_render_each_answer_once_and_refuse_rewriting_templates(processor, adapter):
+    """The reply piece is rendered once per distinct answer and equals a fresh rendering; a template that rewrites
+    earlier turns when one is added (here: it counts the messages up front) is refused with the reason."""
+    import copy
+
+    from analysis.errors import ModelError
+
+    turns = [("What color is it?", "red"), ("What shape is it?", "red"), ("How many?", "2")]
+    pieces = adapter.followup_texts(processor, turns)
+    assert pieces[0][0] == pieces[1][0] != pieces[2][0]
+    assert [piece[1] for piece in pieces[:2]] != [pieces[0][1]] * 2  # the user turn carries its own prompt
+    assert pieces == [adapter.followup_texts(processor, [turn])[0] for turn in turns]
+    rewriting = copy.deepcopy(processor)
+    rewriting.chat_template = "{{ messages | length }}" + processor.chat_template
+    with pytest.raises(ModelError, match="rewrites earlier turns"):
+        adapter.followup_texts(rewriting, turns[:1])
+
+
 def test_question_pool_repeats_families():
     pool = question_pool(["color", "spatial", "read"], {"spatial": 3})
     assert pool.tolist() == [0, 1, 1, 1, 2]

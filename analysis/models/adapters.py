@@ -318,9 +318,10 @@ class FamilyAdapter(ABC):
             raise ModelError("the chat template renders a different preamble per message; set a fixed template")
         return RenderedPrompt(text=text, content_start=len(prefix))
 
-    def followup_texts(self, processor: Any, prompt: str, answer: str) -> tuple[str, str]:
-        """What the chat template appends for an assistant reply ``answer`` (with its end of turn) and then for
-        a later, text-only user turn ``prompt`` up to the next reply: the pieces of a multi-turn conversation."""
+    def followup_texts(self, processor: Any, turns: Sequence[tuple[str, str]]) -> list[tuple[str, str]]:
+        """Per (prompt, answer): what the chat template appends for an assistant reply ``answer`` (with its end of
+        turn) and then for a later, text-only user turn ``prompt`` up to the next reply: the pieces of a
+        multi-turn conversation."""
         first = {"role": "user", "content": [{"type": "text", "text": _CONTENT_SENTINEL}]}
 
         def reply(text: str) -> dict[str, Any]:
@@ -330,15 +331,23 @@ class FamilyAdapter(ABC):
             return str(processor.apply_chat_template(messages, add_generation_prompt=generation, tokenize=False))
 
         asked = render([first], True)
-        answered = render([first, reply(answer)], False)
-        user = {"role": "user", "content": [{"type": "text", "text": prompt}]}
-        followed = render([first, reply(answer), user], True)
-        if not (answered.startswith(asked) and followed.startswith(answered)):
-            raise ModelError(
-                "the chat template rewrites earlier turns when a turn is added; multi-turn training needs "
-                "a template that only appends"
-            )
-        return answered[len(asked) :], followed[len(answered) :]
+        # The reply's rendering involves only the answer, so each distinct answer is rendered once (training data
+        # holds far fewer answers than (prompt, answer) pairs, and rendering dominates building it).
+        answered_by_answer = {
+            answer: render([first, reply(answer)], False) for answer in dict.fromkeys(a for _, a in turns)
+        }
+        pieces = []
+        for prompt, answer in turns:
+            answered = answered_by_answer[answer]
+            user = {"role": "user", "content": [{"type": "text", "text": prompt}]}
+            followed = render([first, reply(answer), user], True)
+            if not (answered.startswith(asked) and followed.startswith(answered)):
+                raise ModelError(
+                    "the chat template rewrites earlier turns when a turn is added; multi-turn training needs "
+                    "a template that only appends"
+                )
+            pieces.append((answered[len(asked) :], followed[len(answered) :]))
+        return pieces
 
     # --- tests -----------------------------------------------------------------------------
     @classmethod

@@ -164,7 +164,7 @@ def encode_conversations(
     tokenizer: Any,
     conversations: Sequence[Sequence[tuple[str, str]]],
     image_index: Sequence[int],
-    followup_texts: Callable[[str, str], tuple[str, str]],
+    followup_texts: Callable[[Sequence[tuple[str, str]]], list[tuple[str, str]]],
     *,
     image_tokens: int,
 ) -> SequenceSet:
@@ -186,7 +186,7 @@ def encode_conversations(
     for prompt, ids in zip(first_ids, tokenizer(list(first_ids))["input_ids"], strict=True):
         first_ids[prompt] = expand_marker_ids(ids, image_id, image_tokens)
     keys = list(pieces)
-    texts = [followup_texts(prompt or " ", answer) for prompt, answer in keys]
+    texts = followup_texts([(prompt or " ", answer) for prompt, answer in keys])
     replies = tokenizer([reply for reply, _ in texts], add_special_tokens=False)["input_ids"]
     asks = tokenizer([ask for _, ask in texts], add_special_tokens=False)["input_ids"]
     for key, reply_ids, ask_ids in zip(keys, replies, asks, strict=True):
@@ -352,7 +352,7 @@ def build_training_data(
                 for first, *rest in groups
             ],
             [image_of_sample[group[0]] for group in groups],
-            lambda prompt, answer: adapter.followup_texts(processor, prompt, answer),
+            lambda turns: adapter.followup_texts(processor, turns),
             image_tokens=n_image,
         )
     families = [sample.family for sample in samples]
